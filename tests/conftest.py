@@ -21,8 +21,12 @@ def smollm2_tokenizer(smollm2_hf):
 
 
 @pytest.fixture(scope="session")
-def smollm2_bridge(smollm2_hf):
+def smollm2_bridge():
+    """A TransformerBridge around its own copy of SmolLM2 (booting a bridge rewires the HF module tree,
+    so it must not share the model that the nnsight tests trace)."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    model, tokenizer = smollm2_hf
+    from lens_plugins.models import default_model_dir, load_hf_model
+
+    model, tokenizer = load_hf_model(default_model_dir())
     return TransformerBridge.boot_transformers("SmolLM2-135M-Instruct", hf_model=model, tokenizer=tokenizer).eval()

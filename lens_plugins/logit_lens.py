@@ -7,7 +7,8 @@ actual next token, then the user's), stream the decoder over the stack, and labe
 """
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -50,6 +51,28 @@ def resolve_positions(positions: Optional[Sequence[int]], seq_len: int) -> list[
     if not resolved:
         raise ValueError("positions is empty: pass None for all positions, or a list of indices")
     return sorted(resolved)
+
+
+def resolve_rows(layers: Optional[Sequence[Union[int, str]]], labels: list[str]) -> list[int]:
+    """Stack indices to decode, in stream order; ``None`` means all. The final row is always kept: it is
+    the reference every divergence and the final top-1 refer to."""
+    n = len(labels)
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    chosen = set()
+    for layer in layers:
+        if isinstance(layer, str):
+            if layer not in labels:
+                raise KeyError(f"no row labelled {layer!r}; the rows are {labels}")
+            chosen.add(labels.index(layer))
+        elif -n <= layer < n:
+            chosen.add(layer % n)
+        else:
+            raise IndexError(f"layer {layer} is out of range: the stack has rows 0..{n - 1} "
+                             f"({labels[0]} .. {labels[-1]}), negative indices count from the end")
+    return sorted(chosen | {n - 1})
 
 
 def prepare(
@@ -121,19 +144,25 @@ def logit_lens_from_stack(
     token_ids: Int[Tensor, "batch seq"],
     tokenizer,
     *,
+    layers: Optional[Sequence[Union[int, str]]] = None,
     positions: Optional[Sequence[int]] = None,
     top_k: int = 5,
     targets: Sequence[tokens.TargetSpec] = (),
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
 ) -> LensResult:
-    """The logit lens of a residual stack whose last row is the model's final residual stream."""
+    """The logit lens of a residual stack whose last row is the model's final residual stream.
+
+    ``layers`` picks rows by index or label (the final row is always included); ``positions`` picks
+    prompt positions; ``targets`` are single-token strings or ids scored at every row and position.
+    """
     if len(labels) != stack.shape[0]:
         raise ValueError(f"{len(labels)} labels for a stack of {stack.shape[0]} rows")
-    if torch.isnan(stack).any():
-        raise ValueError("the residual stack contains NaN; the lens would only propagate it")
+    rows = resolve_rows(layers, labels)
     request = prepare(token_ids, tokenizer, decoder.d_vocab, positions, targets)
-    rows, batch, _, d_model = stack.shape
-    flat = stack[:, :, request.positions].reshape(rows, batch * len(request.positions), d_model)
+    batch, d_model = stack.shape[1], stack.shape[3]
+    flat = stack[rows][:, :, request.positions].reshape(len(rows), batch * len(request.positions), d_model)
+    if torch.isnan(flat).any():
+        raise ValueError("the residual stream contains NaN at the decoded rows/positions; the lens would only propagate it")
     stats = decoder.statistics(flat, request.per_token_targets, top_k, vocab_chunk, token_chunk)
-    return assemble(stats, request, labels, token_ids, tokenizer)
+    return assemble(stats, request, [labels[i] for i in rows], token_ids, tokenizer)

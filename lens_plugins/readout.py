@@ -184,14 +184,24 @@ def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, so
     s = torch.zeros(rows, n)
     sum_el = torch.zeros(rows, n)  # running sum of e * (own logit)
     sum_e_ref = torch.zeros(rows, n)  # running sum of e * (reference logit)
-    sum_pref_l = torch.zeros(rows, n)  # sum of p_reference * (own logit): needs no rescaling
+    # E_ref[own logit] = sum_v p_ref(v) l(v). Without a soft-cap the logits are affine in the normed
+    # residual, so it is normed . (W_U p_ref) + b_U . p_ref: one [tokens, d_model] vector per vocabulary
+    # chunk instead of a pass over every row's logits. With a soft-cap it is summed tile by tile.
+    affine = softcap is None
+    W_p_ref = torch.zeros(n, normed.shape[-1])
+    b_p_ref = torch.zeros(n)
+    sum_pref_l = torch.zeros(rows, n)
     counts = torch.zeros(rows, n, ids.shape[1], dtype=torch.long)
     top_vals = torch.full((rows, n, k), float("-inf"))
     top_ids = torch.zeros(rows, n, k, dtype=torch.long)
     width = min(vocab_chunk, vocab)
     exp_buffer = torch.empty(n, width)
     pref_buffer = torch.empty(n, width)
+    product = torch.empty(n, width)
     above = torch.empty(n, width, dtype=torch.bool)
+
+    def dot(a, b):  # row-wise dot product through a reused buffer: no 4 MB allocation per tile
+        return torch.mul(a, b, out=product[:, : a.shape[1]]).sum(-1)
 
     for v0 in range(0, vocab, vocab_chunk):
         v1 = min(v0 + vocab_chunk, vocab)
@@ -200,17 +210,24 @@ def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, so
         b_chunk = None if b_U is None else b_U[v0:v1].float()
         ref_tile = _logit_tile(normed[-1], W_chunk, b_chunk, softcap)
         p_ref = torch.exp(torch.sub(ref_tile, lse_ref.unsqueeze(-1), out=pref_buffer[:, :w]), out=pref_buffer[:, :w])
+        if affine:
+            W_p_ref += p_ref @ W_chunk.T
+            if b_chunk is not None:
+                b_p_ref += p_ref @ b_chunk
         in_chunk = (ids >= v0) & (ids < v1)
         for r in range(rows):
             tile = ref_tile if r == rows - 1 else _logit_tile(normed[r], W_chunk, b_chunk, softcap)
             e = exp_buffer[:, :w]
             tile_max, m_new, rescale, s[r] = _softmax_update(tile, m[r], s[r], e)
-            sum_el[r] = sum_el[r] * rescale + torch.linalg.vecdot(e, tile)
-            sum_e_ref[r] = sum_e_ref[r] * rescale + torch.linalg.vecdot(e, ref_tile)
-            sum_pref_l[r] += torch.linalg.vecdot(p_ref, tile)
+            sum_el[r] = sum_el[r] * rescale + dot(e, tile)
+            sum_e_ref[r] = sum_e_ref[r] * rescale + dot(e, ref_tile)
+            if not affine:
+                sum_pref_l[r] += dot(p_ref, tile)
             m[r] = m_new
             _merge_top_k(tile, tile_max, v0, top_vals[r], top_ids[r])
             _count_above(tile, tile_max, thresholds[r], in_chunk, ids, v0, counts[r], above[:, :w])
+    if affine:
+        sum_pref_l = (normed * W_p_ref).sum(-1) + b_p_ref
 
     lse = m + torch.log(s)
     sum_pref_lref = sum_pref_l[-1]

@@ -1,6 +1,7 @@
 """Token bookkeeping shared by the adapters: targets as ids, ids as readable strings."""
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from jaxtyping import Int

@@ -8,7 +8,8 @@
 itself decodes, so the last row reproduces the model's own log-probabilities.
 """
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -137,6 +138,7 @@ def logit_lens(
     *,
     tokens: Optional[Int[Tensor, "batch seq"]] = None,
     resid_mid: bool = False,
+    layers: Optional[Sequence[Union[int, str]]] = None,
     positions: Optional[Union[int, Sequence[int]]] = None,
     top_k: int = 5,
     targets: Sequence[token_utils.TargetSpec] = (),
@@ -145,7 +147,8 @@ def logit_lens(
 ) -> LensResult:
     """The logit lens of a TransformerLens ``ActivationCache`` (the function behind ``cache.lens.logit_lens``).
 
-    ``tokens`` defaults to the ids recovered from ``hook_embed``; ``positions`` (prompt indices, negative
+    ``tokens`` defaults to the ids recovered from ``hook_embed``; ``layers`` picks rows by index or label
+    (the final row is always kept as the reference); ``positions`` (prompt indices, negative
     allowed) defaults to all; ``targets`` are single-token strings or ids whose log-prob and rank are
     reported at every row and position.
     """
@@ -161,7 +164,7 @@ def logit_lens(
         raise ValueError(f"tokens have shape {tuple(tokens.shape)} but the cache holds [batch, seq] = {tuple(stack.shape[1:3])}")
     return logit_lens_from_stack(
         stack, labels, decoder_for(model), tokens.to(torch.long).cpu(), model.tokenizer,
-        positions=positions, top_k=top_k, targets=targets, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        layers=layers, positions=positions, top_k=top_k, targets=targets, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
     )
 
 

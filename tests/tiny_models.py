@@ -2,6 +2,8 @@
 
 Each family is one entry: ``(config class name, config kwargs)``. Weights come from a fixed seed; the
 vocabulary is 1000 ids, which the SmolLM2 tokenizer decodes (its first 1000 ids are ordinary tokens).
+Every family of ``lens_plugins.architectures.ARCHITECTURES`` has an entry here, so the architecture
+tests cover the whole table.
 """
 
 import torch
@@ -9,13 +11,33 @@ import transformers
 
 VOCAB = 1000
 
-COMMON = dict(vocab_size=VOCAB)
+COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
 
 FAMILIES = {
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=3, n_head=4, n_positions=128)),
-    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                  tie_word_embeddings=False)),
+    "gpt_neo": ("GPTNeoConfig", dict(hidden_size=64, num_layers=3, num_heads=4, max_position_embeddings=128,
+                                     attention_types=[[["global", "local"], 1], [["global"], 1]], window_size=4)),
+    "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=3, n_head=4, n_positions=128, rotary_dim=8)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=4, max_position_embeddings=128)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                              max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=1)),
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=3, n_head=4)),
+    "llama": ("LlamaConfig", dict(_LLAMA_LIKE)),
+    "mistral": ("MistralConfig", dict(_LLAMA_LIKE, sliding_window=None)),
+    "mixtral": ("MixtralConfig", dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("Qwen2Config", dict(_LLAMA_LIKE)),
+    "qwen3": ("Qwen3Config", dict(_LLAMA_LIKE, head_dim=16)),
+    "gemma": ("GemmaConfig", dict(_LLAMA_LIKE, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(_LLAMA_LIKE, head_dim=16, final_logit_softcapping=3.0,
+                                    query_pre_attn_scalar=16)),
+    "gemma3_text": ("Gemma3TextConfig", dict(_LLAMA_LIKE, head_dim=16, final_logit_softcapping=3.0,
+                                             query_pre_attn_scalar=16, sliding_window=4)),
+    "phi3": ("Phi3Config", dict(_LLAMA_LIKE, pad_token_id=0)),
+    "olmo2": ("Olmo2Config", dict(_LLAMA_LIKE)),
 }
 
 
@@ -24,10 +46,11 @@ def tiny_model(family: str, seed: int = 0):
     config = getattr(transformers, config_class)(**COMMON, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    # Random init leaves norms at weight 1 / bias 0, which would hide a lens that skips them.
+    # Random init leaves norms at weight 1 / bias 0 (Gemma: 0 for its 1 + w), which would hide a lens that
+    # skips them or forgets Gemma's + 1; biases at 0 would hide a forgotten lm_head bias (GPT-J).
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or "ln" in name:
+            if "norm" in name or "ln" in name or name.startswith(("lm_head.bias", "embed_out.bias")):
                 param.add_(torch.randn_like(param) * 0.2)
     return model.eval()
 

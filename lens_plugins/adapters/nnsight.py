@@ -1,0 +1,136 @@
+"""The logit lens inside nnsight traces, local or on NDIF.
+
+Usage (the same code for ``remote=False``, ``remote="local"`` and ``remote=True``)::
+
+    import lens_plugins as lp
+    from lens_plugins.adapters.nnsight import logit_lens   # a name the trace body can ship
+
+    model = lp.load_default_model(backend="nnsight")       # or lp.nnsight.wrap_model(hf_model, tokenizer)
+    with model.trace("The capital of France is"):
+        lens = logit_lens(model, top_k=10, targets=[" Paris"])
+    result = lp.nnsight.result(lens, model)                 # a LensResult, as from TransformerLens
+
+``logit_lens`` runs inside the trace, on whatever machine runs it: it reads each layer's input and the last
+layer's output, decodes them with the model's own final norm and ``lm_head`` (never uploaded), and saves only
+the reductions (top-k, entropy, KL, ranks). ``result`` labels them locally. With several prompts, call it in
+each ``tracer.invoke(prompt)`` (that prompt's rows), or once in an empty ``tracer.invoke()`` (the whole batch,
+after every invoke's edits: the way to lens a patched run, since the lens must read layer 0 before anything
+later in its own block). ``lp.nnsight.logit_lens`` also works for local traces; a remote trace body must not
+name the ``lens_plugins`` package (it would be pickled, and the server cannot import it), hence the import.
+
+Importing this module registers ``lens_plugins.remote``, ``.architectures`` and ``.readout`` with
+``nnsight.register``: they ship by source and import only torch, so the server needs nothing of ours.
+"""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import nnsight
+import torch
+from torch import Tensor
+
+from lens_plugins import architectures, readout, remote
+from lens_plugins.decoder import Decoder
+from lens_plugins.logit_lens import LensRequest, assemble
+from lens_plugins.remote import logit_lens
+from lens_plugins.result import LensResult
+from lens_plugins.typecheck import typechecked
+
+SHIPPED_MODULES = (remote, architectures, readout)
+for _module in SHIPPED_MODULES:
+    nnsight.register(_module)
+
+__all__ = ["logit_lens", "result", "run_logit_lens", "wrap_model", "decoder_for", "RemoteLensError"]
+
+
+class RemoteLensError(RuntimeError):
+    """A remote lens did not come back: the server was unreachable, the job failed, or it timed out."""
+
+
+def wrap_model(model: torch.nn.Module, tokenizer, **kwargs):
+    """An nnsight ``TransformersModel`` (task ``text-generation``) around an already-loaded HF causal LM."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    return TransformersModel(model, tokenizer=tokenizer, task="text-generation", **kwargs)
+
+
+@typechecked
+def decoder_for(
+    model, layers: Optional[str] = None, final_norm: Optional[str] = None, lm_head: Optional[str] = None
+) -> Decoder:
+    """The lens decoder of an HF model or nnsight model, outside any trace (the same tensors the in-trace
+    lens reads), e.g. to decode a saved activation with ``Decoder.logits``."""
+    hf = getattr(model, "_module", model)
+    spec = architectures.resolve(hf, layers, final_norm, lm_head)
+    tensors = architectures.decoder_tensors(hf, spec)
+    detached = {k: v.detach().float() if isinstance(v, Tensor) else v for k, v in tensors.items()}
+    return Decoder(**detached)
+
+
+@typechecked
+def result(lens: dict, model) -> LensResult:
+    """The ``LensResult`` of a lens saved inside a trace (``model`` supplies the tokenizer for labels).
+
+    Positions where every prompt of the batch is padding are kept; a padded position of one prompt has
+    no next token (NaN log-prob, rank -1); compare prompts of different lengths at their real positions
+    (``lens["attention_mask"]``).
+    """
+    if not isinstance(lens, dict) or lens.get("format") != remote.FORMAT:
+        raise TypeError(
+            f"expected what logit_lens(model, ...) returned inside a trace, got {type(lens).__name__}; "
+            "did the trace run (a remote job that failed leaves nothing)?"
+        )
+    tokenizer = getattr(model, "tokenizer", model)
+    names = [n if n is not None else tokenizer.decode([i]) for n, i in zip(lens["target_names"], lens["target_ids"])]
+    request = LensRequest(lens["positions"], names, list(lens["target_ids"]), lens["per_token_targets"])
+    return assemble(lens["stats"], request, lens["labels"], lens["token_ids"].to(torch.long), tokenizer)
+
+
+@typechecked
+def run_logit_lens(
+    model,
+    prompt: Union[str, list[str]],
+    *,
+    remote: Union[bool, str] = False,
+    top_k: int = 10,
+    targets: Sequence[Union[str, int]] = (),
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    backend=None,
+    **paths,
+) -> LensResult:
+    """Trace ``prompt`` (one string or a batch) and return its lens: the one-call form.
+
+    ``remote``/``backend`` go to ``model.trace``. A remote failure raises ``RemoteLensError`` naming what
+    happened (unreachable host, job error, timeout); the model, prompt and arguments are untouched, so the
+    call can simply be retried, or run with ``remote=False``.
+    """
+    if isinstance(prompt, str) and not prompt.strip() or isinstance(prompt, list) and not prompt:
+        raise ValueError(f"the prompt is empty ({prompt!r}): give the model some text to predict from")
+    trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
+    try:
+        with model.trace(prompt, **trace_kwargs):
+            lens = logit_lens(model, top_k=top_k, targets=list(targets), positions=positions, **paths)
+    except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours
+        raise _remote_error(error, remote, backend) from error
+    return result(lens, model)
+
+
+def _remote_error(error: Exception, remote, backend) -> Exception:
+    """Name a remote failure; leave a local error (a bad target, a wrong path) as it is."""
+    if remote is False and backend is None:
+        return error
+    from nnsight.intervention.backends.remote import RemoteError
+
+    kind = type(error).__name__
+    if isinstance(error, TimeoutError) or "timed out" in str(error).lower() or "Timeout" in kind:
+        what = "the remote job timed out"
+    elif isinstance(error, RemoteError) and "Failed to send request" in str(error) or isinstance(error, OSError):
+        what = "the NDIF server could not be reached"
+    elif isinstance(error, RemoteError):
+        what = "the remote job failed on the server"
+    else:
+        return error
+    return RemoteLensError(
+        f"{what}: {kind}: {error}. Nothing local was changed; retry later, check nnsight.CONFIG.API.HOST and "
+        "your API key, or run the same lens locally with remote=False."
+    )

@@ -1,0 +1,182 @@
+"""Where the lens finds things in a Hugging Face causal LM, family by family.
+
+The logit lens needs, per model: the decoder layers (their inputs are the lens rows), the final norm and
+the unembedding (the decoder), and, for the quirks, what each family does between them. Rather than an
+``isinstance`` ladder, ``ARCHITECTURES`` is a table keyed by ``config.model_type``: a new family is one
+entry, and a family the table does not know is one call with the paths by hand
+(``logit_lens(model, layers="model.layers", final_norm="model.norm", lm_head="lm_head")``).
+
+Quirks are data, not code paths:
+
+- Gemma's RMSNorm multiplies by ``1 + w`` (``norm_one_plus``); the decoder stores ``1 + w``.
+- Gemma 2/3 soft-cap the final logits; the cap is read from ``config.final_logit_softcapping``.
+- OPT may project the final residual down before ``lm_head`` (``project_out``); it is folded into the
+  unembedding, ``W_U = P^T @ lm_head.weight^T``, so the lens decodes ``d_model``-wide residuals.
+- Gemma scales the embeddings by ``sqrt(d_model)`` and BLOOM layer-norms them before layer 0; neither needs
+  an entry, because the "embed" row is read at layer 0's input, after both.
+
+Like ``readout``, this module imports only torch and carries no decorators: the in-trace lens
+(``lens_plugins.remote``) calls it on the NDIF server, where it arrives by source.
+"""
+
+import torch
+
+_LLAMA_LIKE = {
+    "layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head", "embed": "model.embed_tokens",
+    "attn": "self_attn", "mlp": "mlp",
+}
+_GPT2_LIKE = {
+    "layers": "transformer.h", "final_norm": "transformer.ln_f", "lm_head": "lm_head", "embed": "transformer.wte",
+    "attn": "attn", "mlp": "mlp",
+}
+
+# model_type -> module paths (``attn`` / ``mlp`` are relative to one decoder layer) and quirks.
+ARCHITECTURES = {
+    "gpt2": dict(_GPT2_LIKE),
+    "gpt_neo": dict(_GPT2_LIKE),
+    "gptj": dict(_GPT2_LIKE),
+    "gpt_neox": {
+        "layers": "gpt_neox.layers", "final_norm": "gpt_neox.final_layer_norm",
+        "lm_head": ("lm_head", "embed_out"),  # transformers 5 renamed Pythia's embed_out
+        "embed": "gpt_neox.embed_in", "attn": "attention", "mlp": "mlp",
+    },
+    "opt": {
+        "layers": "model.decoder.layers", "final_norm": "model.decoder.final_layer_norm", "lm_head": "lm_head",
+        "embed": "model.decoder.embed_tokens", "attn": "self_attn", "mlp": "fc2",
+        "project_out": "model.decoder.project_out",
+    },
+    "bloom": {
+        "layers": "transformer.h", "final_norm": "transformer.ln_f", "lm_head": "lm_head",
+        "embed": "transformer.word_embeddings", "attn": "self_attention", "mlp": "mlp",
+    },
+    "llama": dict(_LLAMA_LIKE),
+    "mistral": dict(_LLAMA_LIKE),
+    "mixtral": dict(_LLAMA_LIKE),
+    "qwen2": dict(_LLAMA_LIKE),
+    "qwen3": dict(_LLAMA_LIKE),
+    "phi3": dict(_LLAMA_LIKE),
+    "olmo2": dict(_LLAMA_LIKE),
+    "gemma": dict(_LLAMA_LIKE, norm_one_plus=True),
+    "gemma2": dict(_LLAMA_LIKE, norm_one_plus=True, softcap_attr="final_logit_softcapping"),
+    "gemma3_text": dict(_LLAMA_LIKE, norm_one_plus=True, softcap_attr="final_logit_softcapping"),
+}
+
+ROLES = ("layers", "final_norm", "lm_head", "embed", "attn", "mlp")
+
+
+class UnknownArchitectureError(KeyError):
+    """The model's family is not in ``ARCHITECTURES`` and no paths were given by hand."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+def model_type(model):
+    """``config.model_type`` of an HF model or of an nnsight envoy around one (``None`` if it has none)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def resolve(model, layers=None, final_norm=None, lm_head=None):
+    """The family spec of ``model``, with any hand-given path overriding the table's.
+
+    With all three of ``layers``, ``final_norm`` and ``lm_head`` given, the table is not consulted, so an
+    unknown family works; ``final_norm=""`` means the model has no final norm.
+    """
+    kind = model_type(model)
+    by_hand = {k: v for k, v in (("layers", layers), ("final_norm", final_norm), ("lm_head", lm_head)) if v is not None}
+    if kind in ARCHITECTURES:
+        return dict(ARCHITECTURES[kind], **by_hand)
+    if len(by_hand) == 3:
+        return by_hand
+    missing = [k for k in ("layers", "final_norm", "lm_head") if k not in by_hand]
+    raise UnknownArchitectureError(
+        f"lens_plugins does not know the architecture {kind!r} ({type(model).__name__}); known: "
+        f"{sorted(ARCHITECTURES)}. Pass the module paths by hand (missing: {missing}), e.g. "
+        "lp.nnsight.logit_lens(model, layers='model.layers', final_norm='model.norm', lm_head='lm_head') "
+        "(final_norm='' if the model has none), or add an entry to lens_plugins.architectures.ARCHITECTURES."
+    )
+
+
+def get_path(root, path, optional=False):
+    """The submodule at a dotted ``path`` (``"model.layers"``, ``"transformer.h.0.attn"``); a tuple of
+    paths means "the first that exists" (a family renamed across transformers releases). ``optional``
+    returns ``None`` for a module the model may lack (OPT without ``project_out``)."""
+    candidates = path if isinstance(path, tuple) else (path,)
+    for candidate in candidates:
+        node = root
+        for part in candidate.split("."):
+            node = node[int(part)] if part.isdigit() else getattr(node, part, None)
+            if node is None:
+                break
+        if node is not None:
+            return node
+    if optional:
+        return None
+    raise AttributeError(
+        f"{type(root).__name__} has no submodule at {' or '.join(map(repr, candidates))}; check the path "
+        "(print(model) shows the module tree) and pass it by hand"
+    )
+
+
+def component(model, spec, role, layer=None):
+    """The module playing ``role`` (one of ``ROLES``): for ``attn``/``mlp``, the one inside ``layer``."""
+    if role in ("attn", "mlp"):
+        return get_path(get_path(model, spec["layers"])[layer], spec[role])
+    return get_path(model, spec[role])
+
+
+def norm_params(norm, one_plus):
+    """``(kind, weight, bias, eps)`` of a final-norm module as plain tensors, ``weight`` already ``1 + w``
+    for Gemma-style norms; ``norm=None`` (no final norm) is ``("none", None, None, 0.0)``."""
+    if norm is None:
+        return "none", None, None, 0.0
+    norm = getattr(norm, "_module", norm)  # an nnsight envoy wraps the module
+    name = type(norm).__name__
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    if isinstance(norm, torch.nn.LayerNorm) or name.endswith("LayerNorm"):
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5))
+        return "layernorm", weight, bias, float(eps)
+    if name.endswith("RMSNorm"):
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if eps is None:
+            raise TypeError(f"{name} has neither `variance_epsilon` nor `eps`; pass the final norm by hand")
+        if weight is not None and one_plus:
+            weight = 1.0 + weight.float()
+        return "rmsnorm", weight, None, float(eps)
+    raise TypeError(f"unknown final norm class {name!r}: expected a LayerNorm or an RMSNorm")
+
+
+def decoder_tensors(model, spec):
+    """The decoder as keyword arguments of ``readout.lens_statistics`` / ``Decoder``, read from the model's
+    own modules (inside a trace, the server's weights: nothing is uploaded).
+
+    ``W_U`` is ``[d_model, vocab]``; OPT's ``project_out`` is folded into it (and into ``b_U``).
+    """
+    head = get_path(model, spec["lm_head"])
+    W_U = head.weight.T
+    b_U = getattr(head, "bias", None)
+    project = get_path(model, spec["project_out"], optional=True) if spec.get("project_out") else None
+    if project is not None:
+        if getattr(project, "bias", None) is not None:
+            b_U = project.bias @ W_U + (0 if b_U is None else b_U)
+        W_U = project.weight.T @ W_U
+    norm = get_path(model, spec["final_norm"], optional=True) if spec["final_norm"] else None
+    kind, weight, bias, eps = norm_params(norm, spec.get("norm_one_plus", False))
+    softcap = getattr(getattr(model, "config", None), spec["softcap_attr"], None) if spec.get("softcap_attr") else None
+    return {
+        "norm_kind": kind, "norm_weight": weight, "norm_bias": bias, "norm_eps": eps,
+        "W_U": W_U, "b_U": b_U, "softcap": float(softcap) if softcap else None,
+    }
+
+
+def layer_output(output):
+    """A decoder layer's residual output: a tensor in transformers 5, the first element of a tuple in 4."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def layer_input(inputs):
+    """A decoder layer's residual input from its ``(args, kwargs)``: ``hidden_states``, positional or not."""
+    args, kwargs = inputs
+    return args[0] if args else kwargs["hidden_states"]

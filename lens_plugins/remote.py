@@ -1,0 +1,142 @@
+"""The logit lens inside an nnsight trace: the part that runs where the model runs.
+
+``logit_lens(model, ...)`` is called in the body of ``with model.trace(...)`` (or of a ``tracer.invoke``).
+On an NDIF server the body runs remotely, so this module obeys the server's rules, like ``readout`` and
+``architectures``: it imports only torch (and nnsight, which the server has), reads every tensor from the
+model's own modules inside the trace (``lm_head.weight`` never leaves the server), carries no decorators,
+and returns only plain dicts, lists and small tensors (a class of ours would not unpickle on the far
+side). ``lens_plugins.adapters.nnsight`` registers these three modules with ``nnsight.register`` so they
+ship by source; type checks and labelling stay on the caller's machine.
+
+What comes back is ``save``d: the reductions of ``readout.lens_statistics`` (``O(rows x tokens x top_k)``),
+the prompt's token ids and mask, and the bookkeeping to label them; never a per-layer distribution.
+"""
+
+import torch
+
+from lens_plugins.architectures import decoder_tensors, get_path, layer_input, layer_output, resolve
+from lens_plugins.readout import NO_TARGET, lens_statistics
+
+FORMAT = "lens_plugins.nnsight/1"  # marks a saved lens, so the local side can refuse anything else
+
+
+def logit_lens(
+    model,
+    top_k=10,
+    targets=(),
+    positions=None,
+    layers=None,
+    final_norm=None,
+    lm_head=None,
+    vocab_chunk=4096,
+    token_chunk=256,
+):
+    """Run the logit lens on this invoke's rows; call it inside the trace, turn it into a ``LensResult``
+    after the trace with ``lp.nnsight.result(lens, model)``.
+
+    Reads, in forward order, the prompt's ids (the model's input), every decoder layer's input (row ``l``;
+    row 0, "embed", is what enters layer 0, so Gemma's embedding scale and BLOOM's embedding norm are in
+    it) and the last layer's output (the final row). So it must be called before this block reads or
+    edits anything later than the model's input; to lens a patched run, patch in one
+    ``tracer.invoke(prompt)`` and lens in an empty ``tracer.invoke()``, which sees the whole batch after
+    every invoke's edits. ``targets`` are single-token strings (encoded by the model's tokenizer) or ids;
+    ``positions`` are prompt indices (default all); ``layers`` / ``final_norm`` / ``lm_head`` are module
+    paths for a family ``lens_plugins.architectures`` does not know.
+    """
+    import nnsight
+    from nnsight.intervention.interleaver import OutOfOrderError
+
+    spec = resolve(model, layers, final_norm, lm_head)
+    try:
+        token_ids, mask = _prompt(model)
+        stack, labels = _residual_stack(model, spec)
+    except OutOfOrderError as error:
+        raise OutOfOrderError(
+            f"{error}: the logit lens reads the model's input and then every layer, so it must come before "
+            "anything later in its block. To lens a patched run, patch inside `with tracer.invoke(prompt):` "
+            "and call logit_lens(model) inside a separate, empty `with tracer.invoke():` after it"
+        ) from error
+    chosen = _positions(positions, token_ids.shape[1])
+    target_ids = [_target_id(model.tokenizer, t) for t in targets]
+    per_token = _per_token_targets(token_ids, mask, chosen, target_ids)
+    rows, batch, _, d_model = stack.shape
+    flat = stack[:, :, chosen].reshape(rows, batch * len(chosen), d_model)
+    with torch.no_grad():
+        stats = lens_statistics(
+            flat.detach(), **decoder_tensors(model, spec), top_k=top_k, target_ids=per_token,
+            vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        )
+    return nnsight.save({
+        "format": FORMAT,
+        "stats": {name: value.cpu() for name, value in stats.items()},
+        "labels": labels,
+        "positions": chosen,
+        "token_ids": token_ids.cpu(),
+        "attention_mask": mask.cpu(),
+        "target_names": [t if isinstance(t, str) else None for t in targets],
+        "target_ids": target_ids,
+        "per_token_targets": per_token.cpu(),
+    })
+
+
+def _prompt(model):
+    """This invoke's ``input_ids`` and ``attention_mask`` (all ones without one), read from the model's
+    input; the mask tells left padding from the prompt."""
+    args, kwargs = model.inputs
+    token_ids = kwargs.get("input_ids", args[0] if args else None)
+    if token_ids is None:
+        raise ValueError("the lens needs input_ids: trace token ids or text, not inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    return token_ids, torch.ones_like(token_ids) if mask is None else mask
+
+
+def _residual_stack(model, spec):
+    """``[rows, batch, seq, d_model]``: each layer's input, then the last layer's output; and row labels
+    ("embed", "1_pre", ..., "<L-1>_pre", "<L-1>_post") matching the TransformerLens adapter."""
+    blocks = get_path(model, spec["layers"])
+    n = len(blocks)
+    rows = [layer_input(blocks[layer].inputs) for layer in range(n)]
+    rows.append(layer_output(blocks[n - 1].output))
+    labels = ["embed"] + [f"{layer}_pre" for layer in range(1, n)] + [f"{n - 1}_post"]
+    return torch.stack([row.float() for row in rows]), labels
+
+
+def _positions(positions, seq_len):
+    """Absolute, sorted, de-duplicated prompt positions (``None``: all); negative counts from the end."""
+    if positions is None:
+        return list(range(seq_len))
+    if isinstance(positions, int):
+        positions = [positions]
+    chosen = set()
+    for pos in positions:
+        if not -seq_len <= pos < seq_len:
+            raise IndexError(f"position {pos} is out of range for a prompt of {seq_len} tokens")
+        chosen.add(pos % seq_len)
+    if not chosen:
+        raise ValueError("positions is empty: pass None for all positions, or a list of indices")
+    return sorted(chosen)
+
+
+def _target_id(tokenizer, target):
+    """A target's single token id; a string that is several tokens is refused with its tokenisation."""
+    if isinstance(target, int):
+        return target
+    ids = tokenizer.encode(target, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"target {target!r} is {len(ids)} tokens, not one (ids {ids}): pass a single-token string "
+            "(mind the leading space, e.g. ' Paris') or a token id"
+        )
+    return ids[0]
+
+
+def _per_token_targets(token_ids, mask, chosen, target_ids):
+    """``[batch * positions, 1 + T]``: the next prompt token (``NO_TARGET`` at the last position and on
+    padding), then the user's targets."""
+    nxt = torch.full_like(token_ids, NO_TARGET)
+    nxt[:, :-1] = token_ids[:, 1:]
+    nxt = torch.where(mask.bool(), nxt, torch.full_like(nxt, NO_TARGET))[:, chosen]
+    batch = token_ids.shape[0]
+    user = torch.tensor(target_ids, dtype=torch.long).reshape(1, 1, -1).expand(batch, len(chosen), -1)
+    per_token = torch.cat([nxt.cpu().unsqueeze(-1), user], dim=-1)
+    return per_token.reshape(batch * len(chosen), 1 + len(target_ids))

@@ -1,0 +1,141 @@
+"""The ``lens-plugins`` command: its table, its HTML file, and a one-line error for each bad input."""
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lens_plugins import cli
+
+pytestmark = pytest.mark.slow
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture
+def run(smollm2_bridge, monkeypatch, tmp_path, capsys):
+    """``main(argv)`` in a scratch directory on the session's bridge (loading is tested separately, by
+    the console-script test); returns ``(status, stdout, stderr, model paths asked for)``."""
+    monkeypatch.chdir(tmp_path)
+    asked = []
+
+    def load(path):
+        asked.append(path)
+        return smollm2_bridge
+
+    monkeypatch.setattr(cli, "load_model", load)
+
+    def invoke(*argv):
+        status = cli.main(list(argv))
+        out, err = capsys.readouterr()
+        return status, out, err, asked
+
+    return invoke
+
+
+def final_row(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("29_post"))
+
+
+def test_default_prompt_table_and_html(tmp_path, monkeypatch, capsys):
+    """The real default model, loaded the way the command loads it (the other tests share a bridge)."""
+    monkeypatch.chdir(tmp_path)
+    status = cli.main([PROMPT, "--targets", " Paris"])
+    out, err = capsys.readouterr()
+    assert status == 0
+    header = out.splitlines()[1]
+    assert header.split()[:3] == ["row", "0", "'<|im_start|>'"] and header.endswith("5 ' is'")
+    assert re.search(r"' Paris' 0\.7\d$", final_row(out))  # the model's answer, last position
+    assert out.splitlines()[32].startswith("embed")  # final row first, embedding last
+    assert "rank ' Paris'" in out
+    html = (tmp_path / "lens.html").read_text(encoding="utf-8")
+    assert "plotly.js v" in html and html.count("Plotly.newPlot(") == 6
+    assert '"y":["embed","1_pre"' in html and "<h2>rank[ Paris]</h2>" in html
+    assert err == "heatmaps written to lens.html\n"  # no weight-loading progress bar, no warnings
+
+
+def test_rich_table_on_a_terminal(run, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    status = cli.main([PROMPT, "--no-html"])
+    out = re.sub(r"\x1b\[[0-9;]*m", "", sys.stdout.getvalue())  # rich styles a terminal's output
+    assert status == 0
+    assert "┃ row" in out and re.search(r"│ 29_post │.*' Paris' 0\.7\d │", out)
+
+
+def test_plain_flag_and_html_options(run, tmp_path):
+    status, out, _, _ = run(PROMPT, "--plain", "--html", "", "--top-k", "2", "--metric", "entropy")
+    assert status == 0 and not (tmp_path / "lens.html").exists()
+    assert "┃" not in out and "#3" not in out and "#2" in out
+    status, _, _, _ = run(PROMPT, "--html", "out.html", "--metric", "entropy", "kl_row_final")
+    html = (tmp_path / "out.html").read_text(encoding="utf-8")
+    assert status == 0 and html.count("Plotly.newPlot(") == 2 and "<h2>kl_row_final</h2>" in html
+
+
+@pytest.mark.parametrize("argv, columns", [
+    (["--positions", "0", "3", "5"], ["0 '<|im_start|>'", "3 ' of'", "5 ' is'"]),
+    (["--positions", "-2:"], ["4 ' France'", "5 ' is'"]),
+    (["--positions=::2"], ["0 '<|im_start|>'", "2 ' capital'", "4 ' France'"]),
+    (["--positions", "5", "-1", "4:"], ["4 ' France'", "5 ' is'"]),  # duplicates collapse
+])
+def test_positions(run, argv, columns):
+    status, out, _, _ = run(PROMPT, "--no-html", *argv)
+    assert status == 0
+    header = out.splitlines()[1]
+    assert re.split(r"\s{2,}", header) == ["row", *columns]
+
+
+def test_model_path_is_passed_through(run):
+    _, _, _, asked = run(PROMPT, "--no-html", "--model", "some/dir")
+    assert asked == ["some/dir"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["  "], "the prompt is empty ('  ')"),
+    ([PROMPT, "--positions", "6"], "position 6 is out of range for a prompt of 6 tokens (valid: -6 .. 5"),
+    ([PROMPT, "--positions", "-7"], "position -7 is out of range"),
+    ([PROMPT, "--positions", "10:"], "positions 10: select nothing in a prompt of 6 tokens"),
+    ([PROMPT, "--targets", " Parisian"], "target ' Parisian' is 2 tokens, not one"),
+    ([PROMPT, "--top-k", "0"], "--top-k must be at least 1, got 0"),
+    ([PROMPT, "--metric", "probability"], "unknown metric 'probability'"),
+    ([PROMPT, "--html", "no/such/dir/x.html"], "cannot write no/such/dir/x.html: directory "),
+    ([PROMPT, "--metric", "rank[ Paris]"], "target metrics need targets=[...]"),
+])
+def test_bad_input_is_one_line_on_stderr(run, argv, message):
+    status, _, err, asked = run(*argv)
+    assert status == 1
+    assert err.startswith("lens-plugins: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    if "position" not in message and "target " not in message:
+        assert asked == []  # refused before spending seconds on loading the model
+
+
+def test_bad_position_syntax_is_a_usage_error(run):
+    status, _, err, asked = run(PROMPT, "--positions", "last")
+    assert status == 2 and "'last' is not a position" in err and asked == []
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, "is not a Hugging Face model directory (no config.json)"),
+    ({"config.json": json.dumps({"model_type": "bert", "architectures": ["BertModel"]})}, "not a causal language model"),
+])
+def test_bad_model_dir(tmp_path, capsys, files, message):
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    status = cli.main([PROMPT, "--model", str(tmp_path), "--no-html"])
+    err = capsys.readouterr().err
+    assert status == 1 and message in err and err.count("\n") == 1
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    """The installed entry point, in a fresh interpreter: exit status 1 and one line, no traceback."""
+    script = Path(sys.executable).with_name("lens-plugins")
+    proc = subprocess.run([str(script), PROMPT, "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("lens-plugins: error: ") and "Traceback" not in proc.stderr

@@ -1,0 +1,98 @@
+"""What an NDIF server does with a lens request, without a server: serialise the trace with nnsight's own
+request model, then deserialise and run it in a fresh process where lens_plugins, jaxtyping, beartype,
+plotly and pandas cannot be imported (the server has none of them), and compare with the local run.
+
+``remote="local"`` alone would not catch a shipped helper that imports jaxtyping at run time: it hides
+our modules only while deserialising, in a process where site-packages still imports them.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+from nnsight.schema.request import RequestModel
+from nnsight.tracing.backend import Backend
+
+from lens_plugins.adapters import nnsight as lpn
+from lens_plugins.adapters.nnsight import logit_lens  # the body must name a function, not our package
+from lens_plugins.models import default_model_dir
+from tiny_models import tiny_model
+
+SERVER = textwrap.dedent("""
+    import sys
+
+    BLOCKED = {"lens_plugins", "jaxtyping", "beartype", "plotly", "pandas"}
+
+    class Blocker:
+        # Makes the blocked packages absent: `import` raises ModuleNotFoundError and
+        # importlib.util.find_spec (which torch probes with) answers None.
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                sys.modules[name] = None  # the import system's "known to be missing"
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+
+    import torch
+    from nnsight.modeling.transformers import TransformersModel
+    from nnsight.schema.request import RequestModel
+    from nnsight.tracing.tracer import dec, inc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, tokenizer_dir, request, out = sys.argv[1:]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    model = TransformersModel(hf, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), task="text-generation")
+    with open(request, "rb") as f:
+        tracer = RequestModel.deserialize(f.read(), model._remoteable_persistent_objects())
+    inc()  # run it as the outermost trace, as the server's worker does: only saved values come back
+    try:
+        tracer.execute(tracer.info.code)
+        saved = tracer.info.frame.f_locals
+    finally:
+        dec()
+    imported = [n for n, m in sys.modules.items() if m is not None and n.split(".")[0] in BLOCKED]
+    assert not imported, f"imported on the server: {imported}"
+    torch.save(saved["lens"], out)  # plain pickle: no class of ours may be in it
+""")
+
+
+class SerializeThenRunLocally(Backend):
+    """Keep the request blob the remote backend would send, then run the trace here as usual."""
+
+    def __call__(self, tracer):
+        self.blob = RequestModel.serialize(tracer)
+        tracer.execute(tracer.info.code)
+
+
+def test_request_runs_where_lens_plugins_cannot_be_imported(tmp_path, smollm2_tokenizer):
+    hf = tiny_model("gemma2")  # the most quirks: (1 + w) norm, embedding scale, soft-cap
+    hf.save_pretrained(tmp_path / "model")
+    model = lpn.wrap_model(hf, smollm2_tokenizer)
+    backend = SerializeThenRunLocally()
+    with model.trace("in it is the", backend=backend):
+        lens = logit_lens(model, top_k=5, targets=[" the", 17], positions=[0, -1])
+    assert len(backend.blob) < 100_000, "the request must not carry weights"
+    (tmp_path / "request").write_bytes(backend.blob)
+
+    subprocess.run(
+        [sys.executable, "-c", SERVER, str(tmp_path / "model"), str(default_model_dir()), str(tmp_path / "request"),
+         str(tmp_path / "out.pt")],
+        check=True, timeout=240,
+    )
+    served = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert served.keys() == lens.keys()
+    for name, value in lens["stats"].items():
+        torch.testing.assert_close(served["stats"][name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert lpn.result(served, model).top_ids.shape == (4, 1, 2, 5)
+
+
+def test_remote_local_simulation_matches_local(smollm2_tokenizer):
+    model = lpn.wrap_model(tiny_model("opt"), smollm2_tokenizer)
+    with model.trace("in it is the"):
+        local = logit_lens(model, top_k=5, targets=[" the"])
+    with model.trace("in it is the", remote="local"):
+        simulated = logit_lens(model, top_k=5, targets=[" the"])
+    for name, value in local["stats"].items():
+        torch.testing.assert_close(simulated["stats"][name], value, rtol=0, atol=0, equal_nan=True, msg=name)

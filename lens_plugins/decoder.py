@@ -4,6 +4,7 @@ Adapters build a ``Decoder`` from whatever model they see (a TransformerLens mod
 Hugging Face model); everything downstream of it is shared, which is why the two backends agree.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -57,6 +58,7 @@ class Decoder:
         top_k: int,
         vocab_chunk: int,
         token_chunk: int,
+        reductions: Sequence[str] = readout.DEFAULT_REDUCTIONS,
     ) -> dict[str, Tensor]:
         """The streamed reductions of ``readout.lens_statistics`` (its docstring lists them)."""
         self.check_width(resid)
@@ -66,6 +68,7 @@ class Decoder:
             return readout.lens_statistics(
                 resid, self.norm_kind, self.norm_weight, self.norm_bias, self.norm_eps, self.W_U, self.b_U,
                 self.softcap, top_k, target_ids, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+                reductions=tuple(reductions),
             )
 
     def check_width(self, resid: Tensor) -> None:

@@ -1,26 +1,27 @@
 """From a residual stack to a ``LensResult``: the backend-free middle of every adapter.
 
-An adapter's job ends at ``(stack, labels, decoder, token_ids, tokenizer)``; what happens next
-is the same for TransformerLens and nnsight: choose positions, build the per-token targets (the
-actual next token, then the user's), stream the decoder over the stack, and label the result.
-``prepare`` and ``assemble`` are split so that a remote trace can run the streamed part on the server.
+An adapter's job ends at ``(stack, labels, decoder, token_ids, tokenizer)``; what happens next is the same
+for TransformerLens and nnsight: choose rows and positions, build the per-token targets (next token, input
+token, the user's targets and token-set members), stream the decoder over the stack, and label the
+result. ``prepare`` and ``assemble`` are split so that a remote trace can run the streamed part on the server.
 """
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins import readout, tokens
+from lens_plugins import prompt, tokens
 from lens_plugins.decoder import Decoder
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
 DEFAULT_VOCAB_CHUNK = 4096
 DEFAULT_TOKEN_CHUNK = 256
+TokenSets = Mapping[str, Sequence[tokens.TargetSpec]]
 
 
 @dataclass(frozen=True)
@@ -28,29 +29,16 @@ class LensRequest:
     """Everything about a lens call that is known before any activation is read."""
 
     positions: list[int]
+    reductions: tuple[str, ...]
     target_names: list[str]
     target_ids: list[int]
-    per_token_targets: Int[Tensor, "token n_targets"]  # next token, then the user's targets
+    set_names: list[str]
+    set_ids: list[list[int]]
 
-
-def resolve_positions(positions: Optional[Sequence[int]], seq_len: int) -> list[int]:
-    """Absolute, de-duplicated positions in prompt order; ``None`` means all of them."""
-    if seq_len == 0:
-        raise ValueError("the prompt is empty: there is no position to decode")
-    if positions is None:
-        return list(range(seq_len))
-    if isinstance(positions, int):
-        positions = [positions]
-    resolved = []
-    for pos in positions:
-        if not -seq_len <= pos < seq_len:
-            raise IndexError(f"position {pos} is out of range for a prompt of {seq_len} tokens "
-                             f"(valid: {-seq_len} .. {seq_len - 1})")
-        if pos % seq_len not in resolved:
-            resolved.append(pos % seq_len)
-    if not resolved:
-        raise ValueError("positions is empty: pass None for all positions, or a list of indices")
-    return sorted(resolved)
+    @property
+    def user_ids(self) -> list[int]:
+        """The scored ids after the next/input-token columns: targets, then every set's members."""
+        return self.target_ids + [i for members in self.set_ids for i in members]
 
 
 def resolve_rows(layers: Optional[Sequence[Union[int, str]]], labels: list[str]) -> list[int]:
@@ -76,23 +64,35 @@ def resolve_rows(layers: Optional[Sequence[Union[int, str]]], labels: list[str])
 
 
 def prepare(
-    token_ids: Int[Tensor, "batch seq"],
+    seq_len: int,
     tokenizer,
     d_vocab: int,
-    positions: Optional[Sequence[int]],
+    positions: Optional[Union[int, Sequence[int]]],
     targets: Sequence[tokens.TargetSpec],
+    reductions: Sequence[str] = prompt.DEFAULT_LENS_REDUCTIONS,
+    token_sets: Optional[TokenSets] = None,
 ) -> LensRequest:
-    """Validate positions and targets against the prompt and vocabulary, before any decoding."""
+    """Validate positions, reductions, targets and token sets against the prompt and vocabulary, before
+    any decoding."""
     if isinstance(targets, (str, int)):
         targets = [targets]
-    batch, seq = token_ids.shape
-    chosen = resolve_positions(positions, seq)
-    ids = tokens.target_ids(tokenizer, targets, d_vocab)
+    reductions = prompt.check_reductions(reductions)
+    ids = [prompt.single_token_id(tokenizer, t, d_vocab) for t in targets]
     names = [t if isinstance(t, str) else tokenizer.decode([t]) for t in targets]
-    nxt = tokens.next_token_ids(token_ids, readout.NO_TARGET)[:, chosen]  # [batch, pos]
-    user = torch.tensor(ids, dtype=torch.long).expand(batch, len(chosen), len(ids))
-    per_token = torch.cat([nxt.unsqueeze(-1), user], dim=-1).reshape(batch * len(chosen), 1 + len(ids))
-    return LensRequest(chosen, names, ids, per_token)
+    sets = dict(token_sets or {})
+    return LensRequest(
+        positions=prompt.resolve_positions(positions, seq_len),
+        reductions=reductions,
+        target_names=names,
+        target_ids=ids,
+        set_names=list(sets),
+        set_ids=[tokens.set_ids(tokenizer, members, d_vocab) for members in sets.values()],
+    )
+
+
+def per_token_targets(request: LensRequest, token_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    mask = torch.ones_like(token_ids) if attention_mask is None else attention_mask
+    return prompt.target_columns(token_ids, mask, request.positions, request.reductions, request.user_ids)
 
 
 def assemble(
@@ -101,38 +101,61 @@ def assemble(
     labels: list[str],
     token_ids: Int[Tensor, "batch seq"],
     tokenizer,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
 ) -> LensResult:
     """Label the flat ``[row, token, ...]`` statistics as ``[row, batch, pos, ...]``."""
     batch = token_ids.shape[0]
     n_pos = len(request.positions)
 
     def unflatten(x: Tensor) -> Tensor:
+        x = x.cpu()
         if x.dim() == 1:
             return x.reshape(batch, n_pos)
         return x.reshape(x.shape[0], batch, n_pos, *x.shape[2:])
 
     s = {name: unflatten(value) for name, value in stats.items()}
-    shown = torch.cat([s["top_ids"].reshape(-1), s["final_top1"].reshape(-1), token_ids.reshape(-1),
-                       torch.tensor(request.target_ids, dtype=torch.long)])
+    fields = {name: s.get(name) for name in (
+        "top_ids", "top_logprobs", "entropy", "kl_final_row", "kl_row_final", "js_final", "tv_final",
+        "kl_input_row", "kl_next_row", "final_top1", "final_top1_logprob", "final_top1_rank")}
+    rows = len(labels)
+    empty_f = torch.zeros(rows, batch, n_pos, 0)
+    logprobs = s.get("target_logprobs", empty_f)
+    ranks = s.get("target_ranks", empty_f.long())
+    column = 0
+    for name in prompt.COLUMN_REDUCTIONS:
+        if name in request.reductions:
+            fields[f"{name}_logprob"] = logprobs[..., column]
+            fields[f"{name}_rank"] = ranks[..., column]
+            column += 1
+    n_targets = len(request.target_ids)
+    fields["target_logprobs"] = logprobs[..., column:column + n_targets]
+    fields["target_ranks"] = ranks[..., column:column + n_targets]
+    column += n_targets
+    set_logprobs, set_ranks = [], []
+    for members in request.set_ids:
+        member_logprobs = logprobs[..., column:column + len(members)]
+        member_ranks = ranks[..., column:column + len(members)]
+        set_logprobs.append(member_logprobs.logsumexp(-1))  # probabilities add, so log-probs log-sum-exp
+        set_ranks.append(member_ranks.amin(-1))  # a set ranks as its best member
+        column += len(members)
+    fields["set_logprobs"] = torch.stack(set_logprobs, -1) if set_logprobs else empty_f
+    fields["set_ranks"] = torch.stack(set_ranks, -1) if set_ranks else empty_f.long()
+
+    shown = [token_ids.reshape(-1), torch.tensor(request.user_ids, dtype=torch.long)]
+    shown += [s[name].reshape(-1) for name in ("top_ids", "final_top1") if name in s]
     return LensResult(
         labels=list(labels),
         positions=request.positions,
-        token_ids=token_ids,
-        vocab_strings=tokens.token_strings(tokenizer, shown),
-        top_ids=s["top_ids"],
-        top_logprobs=s["top_logprobs"],
-        entropy=s["entropy"],
-        kl_final_row=s["kl_final_row"],
-        kl_row_final=s["kl_row_final"],
-        final_top1=s["final_top1"],
-        final_top1_logprob=s["final_top1_logprob"],
-        final_top1_rank=s["final_top1_rank"],
-        next_token_logprob=s["target_logprobs"][..., 0],
-        next_token_rank=s["target_ranks"][..., 0],
+        token_ids=token_ids.cpu(),
+        attention_mask=(torch.ones_like(token_ids) if attention_mask is None else attention_mask).cpu().long(),
+        vocab_strings=tokens.token_strings(tokenizer, torch.cat(shown)),
+        reductions=list(request.reductions),
+        log_partition=s["log_partition"],
         target_names=request.target_names,
         target_ids=torch.tensor(request.target_ids, dtype=torch.long),
-        target_logprobs=s["target_logprobs"][..., 1:],
-        target_ranks=s["target_ranks"][..., 1:],
+        set_names=request.set_names,
+        set_members=[[tokenizer.decode([i]) for i in members] for members in request.set_ids],
+        **fields,
     )
 
 
@@ -145,24 +168,36 @@ def logit_lens_from_stack(
     tokenizer,
     *,
     layers: Optional[Sequence[Union[int, str]]] = None,
-    positions: Optional[Sequence[int]] = None,
+    positions: Optional[Union[int, Sequence[int]]] = None,
     top_k: int = 5,
     targets: Sequence[tokens.TargetSpec] = (),
+    token_sets: Optional[TokenSets] = None,
+    reductions: Sequence[str] = prompt.DEFAULT_LENS_REDUCTIONS,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
 ) -> LensResult:
-    """The logit lens of a residual stack whose last row is the model's final residual stream.
+    """The logit lens of a residual stack whose first row is the embeddings and last row the model's
+    final residual stream.
 
     ``layers`` picks rows by index or label (the final row is always included); ``positions`` picks
-    prompt positions; ``targets`` are single-token strings or ids scored at every row and position.
+    prompt positions; ``targets`` are single-token strings or ids scored at every row and position;
+    ``token_sets`` maps a name to several tokens whose probabilities are summed (see
+    ``tokens.variants``); ``reductions`` names what to compute (``prompt.LENS_REDUCTIONS``).
     """
     if len(labels) != stack.shape[0]:
         raise ValueError(f"{len(labels)} labels for a stack of {stack.shape[0]} rows")
     rows = resolve_rows(layers, labels)
-    request = prepare(token_ids, tokenizer, decoder.d_vocab, positions, targets)
+    request = prepare(token_ids.shape[1], tokenizer, decoder.d_vocab, positions, targets, reductions, token_sets)
+    if "kl_input_row" in request.reductions and rows[0] != 0:
+        raise ValueError("kl_input_row compares every row with the input row ('embed'): keep row 0 in layers")
     batch, d_model = stack.shape[1], stack.shape[3]
     flat = stack[rows][:, :, request.positions].reshape(len(rows), batch * len(request.positions), d_model)
     if torch.isnan(flat).any():
         raise ValueError("the residual stream contains NaN at the decoded rows/positions; the lens would only propagate it")
-    stats = decoder.statistics(flat, request.per_token_targets, top_k, vocab_chunk, token_chunk)
-    return assemble(stats, request, [labels[i] for i in rows], token_ids, tokenizer)
+    columns = per_token_targets(request, token_ids, attention_mask)
+    stats = decoder.statistics(
+        flat, columns, top_k, vocab_chunk, token_chunk,
+        prompt.readout_reductions(request.reductions, len(request.user_ids)),
+    )
+    return assemble(stats, request, [labels[i] for i in rows], token_ids, tokenizer, attention_mask)

@@ -22,6 +22,10 @@ the KL divergences and the final top-1 refer to; ranks are ``1 + #{v != t : l_v 
 import torch
 
 NO_TARGET = -1  # a target id that means "nothing to score here" (e.g. the last position's next token)
+# Shifted logits are clamped here before exp: below about -87.3, float32 exp is subnormal, which torch's
+# vectorised exp computes some 70x slower (measured: 33 ms vs 0.46 ms per million). exp(-87) = 1.6e-38 is
+# negligible in any sum it joins (a normaliser is >= 1), so the clamp changes no reported digit.
+EXP_FLOOR = -87.0
 
 
 def apply_final_norm(x, norm_kind, norm_weight, norm_bias, norm_eps):
@@ -78,13 +82,19 @@ def _target_logits(normed, W_U, b_U, softcap, ids):
     return torch.where(valid, logits, torch.full_like(logits, float("inf")))
 
 
+def _exp_shifted(tile, shift, out):
+    """``exp(tile - shift[:, None])`` into ``out``, with the subnormal range clamped away (see EXP_FLOOR)."""
+    torch.sub(tile, shift.unsqueeze(-1), out=out)
+    return torch.exp(out.clamp_(min=EXP_FLOOR), out=out)
+
+
 def _softmax_update(tile, m, s, exp_buffer):
     """Online-softmax step for one tile: returns the tile's max, the new running max, the factor that rescales
     sums taken under the old max, and fills ``exp_buffer`` with ``exp(tile - new max)``."""
     tile_max = tile.amax(-1)
     m_new = torch.maximum(m, tile_max)
     rescale = torch.exp(m - m_new)
-    torch.exp(torch.sub(tile, m_new.unsqueeze(-1), out=exp_buffer), out=exp_buffer)
+    _exp_shifted(tile, m_new, exp_buffer)
     return tile_max, m_new, rescale, s * rescale + exp_buffer.sum(-1)
 
 
@@ -248,7 +258,7 @@ def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, so
                 for name, (lse_ref, source) in refs.items():
                     source_tile = tile if source == 0 else final_tile
                     buffer = p_buffers[name][:, :w]
-                    p_ref[name] = torch.exp(torch.sub(source_tile, lse_ref.unsqueeze(-1), out=buffer), out=buffer)
+                    p_ref[name] = _exp_shifted(source_tile, lse_ref, buffer)
                     if affine:
                         W_p[name] += p_ref[name] @ W_chunk.T
                         if b_chunk is not None:
@@ -320,10 +330,12 @@ def _divergence_pass(normed, W_U, b_U, softcap, vocab_chunk, lse, want):
         v1 = min(v0 + vocab_chunk, vocab)
         W_chunk = W_U[:, v0:v1].float()
         b_chunk = None if b_U is None else b_U[v0:v1].float()
-        q = torch.exp(_logit_tile(normed[-1], W_chunk, b_chunk, softcap) - lse[-1].unsqueeze(-1))
+        final_tile = _logit_tile(normed[-1], W_chunk, b_chunk, softcap)
+        q = _exp_shifted(final_tile, lse[-1], torch.empty_like(final_tile))
         q_log_q = torch.xlogy(q, q)
         for r in range(rows):
-            p = torch.exp(_logit_tile(normed[r], W_chunk, b_chunk, softcap) - lse[r].unsqueeze(-1))
+            tile = _logit_tile(normed[r], W_chunk, b_chunk, softcap)
+            p = _exp_shifted(tile, lse[r], tile)
             if "js_final" in want:
                 mix = (p + q) * 0.5
                 js_terms[r] += ((torch.xlogy(p, p) + q_log_q) * 0.5 - torch.xlogy(mix, mix)).sum(-1)

@@ -15,7 +15,10 @@ the prompt's token ids and mask, and the bookkeeping to label them; never a per-
 import torch
 
 from lens_plugins.architectures import decoder_tensors, get_path, layer_input, layer_output, resolve
-from lens_plugins.readout import NO_TARGET, lens_statistics
+from lens_plugins.prompt import (
+    DEFAULT_LENS_REDUCTIONS, check_reductions, readout_reductions, resolve_positions, single_token_id, target_columns,
+)
+from lens_plugins.readout import lens_statistics
 
 FORMAT = "lens_plugins.nnsight/1"  # marks a saved lens, so the local side can refuse anything else
 
@@ -25,6 +28,8 @@ def logit_lens(
     top_k=10,
     targets=(),
     positions=None,
+    token_sets=None,
+    reductions=DEFAULT_LENS_REDUCTIONS,
     layers=None,
     final_norm=None,
     lm_head=None,
@@ -40,12 +45,15 @@ def logit_lens(
     edits anything later than the model's input; to lens a patched run, patch in one
     ``tracer.invoke(prompt)`` and lens in an empty ``tracer.invoke()``, which sees the whole batch after
     every invoke's edits. ``targets`` are single-token strings (encoded by the model's tokenizer) or ids;
-    ``positions`` are prompt indices (default all); ``layers`` / ``final_norm`` / ``lm_head`` are module
-    paths for a family ``lens_plugins.architectures`` does not know.
+    ``token_sets`` maps names to lists of such tokens whose probabilities add up; ``positions`` are prompt
+    indices (default all); ``reductions`` names what to compute (``prompt.LENS_REDUCTIONS``): only those
+    are computed and downloaded. ``layers`` / ``final_norm`` / ``lm_head`` are module paths for a family
+    ``lens_plugins.architectures`` does not know.
     """
     import nnsight
     from nnsight.intervention.interleaver import OutOfOrderError
 
+    reductions = check_reductions(reductions)
     spec = resolve(model, layers, final_norm, lm_head)
     try:
         token_ids, mask = _prompt(model)
@@ -56,26 +64,34 @@ def logit_lens(
             "anything later in its block. To lens a patched run, patch inside `with tracer.invoke(prompt):` "
             "and call logit_lens(model) inside a separate, empty `with tracer.invoke():` after it"
         ) from error
-    chosen = _positions(positions, token_ids.shape[1])
-    target_ids = [_target_id(model.tokenizer, t) for t in targets]
-    per_token = _per_token_targets(token_ids, mask, chosen, target_ids)
+    decoder = decoder_tensors(model, spec)
+    d_vocab = decoder["W_U"].shape[1]
+    chosen = resolve_positions(positions, token_ids.shape[1])
+    target_ids = [single_token_id(model.tokenizer, t, d_vocab) for t in targets]
+    sets = dict(token_sets or {})
+    set_ids = [list(dict.fromkeys(single_token_id(model.tokenizer, t, d_vocab) for t in members)) for members in sets.values()]
+    user_ids = target_ids + [i for members in set_ids for i in members]
+    per_token = target_columns(token_ids.cpu(), mask.cpu(), chosen, reductions, user_ids)
     rows, batch, _, d_model = stack.shape
     flat = stack[:, :, chosen].reshape(rows, batch * len(chosen), d_model)
     with torch.no_grad():
         stats = lens_statistics(
-            flat.detach(), **decoder_tensors(model, spec), top_k=top_k, target_ids=per_token,
+            flat.detach(), **decoder, top_k=top_k, target_ids=per_token,
             vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+            reductions=readout_reductions(reductions, len(user_ids)),
         )
     return nnsight.save({
         "format": FORMAT,
         "stats": {name: value.cpu() for name, value in stats.items()},
         "labels": labels,
         "positions": chosen,
+        "reductions": list(reductions),
         "token_ids": token_ids.cpu(),
         "attention_mask": mask.cpu(),
         "target_names": [t if isinstance(t, str) else None for t in targets],
         "target_ids": target_ids,
-        "per_token_targets": per_token.cpu(),
+        "set_names": list(sets),
+        "set_ids": set_ids,
     })
 
 
@@ -99,44 +115,3 @@ def _residual_stack(model, spec):
     rows.append(layer_output(blocks[n - 1].output))
     labels = ["embed"] + [f"{layer}_pre" for layer in range(1, n)] + [f"{n - 1}_post"]
     return torch.stack([row.float() for row in rows]), labels
-
-
-def _positions(positions, seq_len):
-    """Absolute, sorted, de-duplicated prompt positions (``None``: all); negative counts from the end."""
-    if positions is None:
-        return list(range(seq_len))
-    if isinstance(positions, int):
-        positions = [positions]
-    chosen = set()
-    for pos in positions:
-        if not -seq_len <= pos < seq_len:
-            raise IndexError(f"position {pos} is out of range for a prompt of {seq_len} tokens")
-        chosen.add(pos % seq_len)
-    if not chosen:
-        raise ValueError("positions is empty: pass None for all positions, or a list of indices")
-    return sorted(chosen)
-
-
-def _target_id(tokenizer, target):
-    """A target's single token id; a string that is several tokens is refused with its tokenisation."""
-    if isinstance(target, int):
-        return target
-    ids = tokenizer.encode(target, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(
-            f"target {target!r} is {len(ids)} tokens, not one (ids {ids}): pass a single-token string "
-            "(mind the leading space, e.g. ' Paris') or a token id"
-        )
-    return ids[0]
-
-
-def _per_token_targets(token_ids, mask, chosen, target_ids):
-    """``[batch * positions, 1 + T]``: the next prompt token (``NO_TARGET`` at the last position and on
-    padding), then the user's targets."""
-    nxt = torch.full_like(token_ids, NO_TARGET)
-    nxt[:, :-1] = token_ids[:, 1:]
-    nxt = torch.where(mask.bool(), nxt, torch.full_like(nxt, NO_TARGET))[:, chosen]
-    batch = token_ids.shape[0]
-    user = torch.tensor(target_ids, dtype=torch.long).reshape(1, 1, -1).expand(batch, len(chosen), -1)
-    per_token = torch.cat([nxt.cpu().unsqueeze(-1), user], dim=-1)
-    return per_token.reshape(batch * len(chosen), 1 + len(target_ids))

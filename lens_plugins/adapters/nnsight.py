@@ -29,14 +29,14 @@ import nnsight
 import torch
 from torch import Tensor
 
-from lens_plugins import architectures, readout, remote
+from lens_plugins import architectures, prompt, readout, remote
 from lens_plugins.decoder import Decoder
 from lens_plugins.logit_lens import LensRequest, assemble
 from lens_plugins.remote import logit_lens
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
-SHIPPED_MODULES = (remote, architectures, readout)
+SHIPPED_MODULES = (remote, architectures, prompt, readout)
 for _module in SHIPPED_MODULES:
     nnsight.register(_module)
 
@@ -82,8 +82,12 @@ def result(lens: dict, model) -> LensResult:
         )
     tokenizer = getattr(model, "tokenizer", model)
     names = [n if n is not None else tokenizer.decode([i]) for n, i in zip(lens["target_names"], lens["target_ids"])]
-    request = LensRequest(lens["positions"], names, list(lens["target_ids"]), lens["per_token_targets"])
-    return assemble(lens["stats"], request, lens["labels"], lens["token_ids"].to(torch.long), tokenizer)
+    request = LensRequest(
+        positions=lens["positions"], reductions=tuple(lens["reductions"]), target_names=names,
+        target_ids=list(lens["target_ids"]), set_names=lens["set_names"], set_ids=lens["set_ids"],
+    )
+    return assemble(lens["stats"], request, lens["labels"], lens["token_ids"].to(torch.long), tokenizer,
+                    lens["attention_mask"].to(torch.long))
 
 
 @typechecked
@@ -95,6 +99,8 @@ def run_logit_lens(
     top_k: int = 10,
     targets: Sequence[Union[str, int]] = (),
     positions: Optional[Union[int, Sequence[int]]] = None,
+    token_sets: Optional[dict] = None,
+    reductions: Sequence[str] = prompt.DEFAULT_LENS_REDUCTIONS,
     backend=None,
     **paths,
 ) -> LensResult:
@@ -109,7 +115,8 @@ def run_logit_lens(
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     try:
         with model.trace(prompt, **trace_kwargs):
-            lens = logit_lens(model, top_k=top_k, targets=list(targets), positions=positions, **paths)
+            lens = logit_lens(model, top_k=top_k, targets=list(targets), positions=positions,
+                              token_sets=token_sets, reductions=tuple(reductions), **paths)
     except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
     return result(lens, model)

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from lens_plugins import tokens as token_utils
 from lens_plugins.decoder import Decoder
-from lens_plugins.logit_lens import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, logit_lens_from_stack
+from lens_plugins.logit_lens import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, TokenSets, logit_lens_from_stack
+from lens_plugins.prompt import DEFAULT_LENS_REDUCTIONS
 from lens_plugins.norms import hf_norm_params
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
@@ -142,6 +143,8 @@ def logit_lens(
     positions: Optional[Union[int, Sequence[int]]] = None,
     top_k: int = 5,
     targets: Sequence[token_utils.TargetSpec] = (),
+    token_sets: Optional[TokenSets] = None,
+    reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
 ) -> LensResult:
@@ -150,7 +153,8 @@ def logit_lens(
     ``tokens`` defaults to the ids recovered from ``hook_embed``; ``layers`` picks rows by index or label
     (the final row is always kept as the reference); ``positions`` (prompt indices, negative
     allowed) defaults to all; ``targets`` are single-token strings or ids whose log-prob and rank are
-    reported at every row and position.
+    reported at every row and position; ``token_sets`` maps names to several tokens whose probabilities
+    add up; ``reductions`` names what to compute (``lens_plugins.prompt.LENS_REDUCTIONS``).
     """
     model = getattr(cache, "model", None)
     if model is None:
@@ -164,7 +168,8 @@ def logit_lens(
         raise ValueError(f"tokens have shape {tuple(tokens.shape)} but the cache holds [batch, seq] = {tuple(stack.shape[1:3])}")
     return logit_lens_from_stack(
         stack, labels, decoder_for(model), tokens.to(torch.long).cpu(), model.tokenizer,
-        layers=layers, positions=positions, top_k=top_k, targets=targets, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        layers=layers, positions=positions, top_k=top_k, targets=targets, token_sets=token_sets,
+        reductions=reductions, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
     )
 
 

@@ -67,6 +67,11 @@ def single_token_id(tokenizer, target, d_vocab):
             f"target {target!r} is {len(ids)} tokens, not one: it tokenises as {pieces} (ids {ids}). "
             "Pass a single-token string (mind the leading space, e.g. ' Paris'), or a token id."
         )
+    if not ids[0] < d_vocab:
+        raise ValueError(
+            f"target {target!r} is token id {ids[0]}, outside this model's vocabulary of {d_vocab}: "
+            "the tokenizer does not belong to the model"
+        )
     return ids[0]
 
 

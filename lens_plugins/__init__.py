@@ -5,6 +5,8 @@ yet ``ActivationCache.lens`` appears as soon as TransformerLens is imported.
 """
 
 import importlib
+import sys
+import types
 
 from lens_plugins import _import_hooks
 
@@ -39,4 +41,21 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
+class _Package(types.ModuleType):
+    """The package's own module type, so that ``lp`` pickles as its server-side face.
+
+    A remote nnsight trace ships the globals its body names, and ``lp.nnsight.logit_lens(model)`` names
+    ``lp``. An NDIF server cannot import lens_plugins, so rather than a reference to the package, ``lp``
+    pickles as ``remote.server_namespace()``: a namespace whose ``nnsight.logit_lens`` is the in-trace
+    lens, shipped by source with the torch-only modules that ``adapters.nnsight`` registers.
+    """
+
+    def __reduce__(self):
+        from lens_plugins.adapters import nnsight as _registers_the_shipped_modules  # noqa: F401
+        from lens_plugins import remote
+
+        return (remote.server_namespace, ())
+
+
+sys.modules[__name__].__class__ = _Package
 _import_hooks.install()

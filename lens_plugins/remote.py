@@ -115,3 +115,11 @@ def _residual_stack(model, spec):
     rows.append(layer_output(blocks[n - 1].output))
     labels = ["embed"] + [f"{layer}_pre" for layer in range(1, n)] + [f"{n - 1}_post"]
     return torch.stack([row.float() for row in rows]), labels
+
+
+def server_namespace():
+    """What ``lens_plugins`` (``lp``) is inside a trace body on an NDIF server: just the in-trace lens
+    (``lp.nnsight.logit_lens``), since nothing else of the package can run there."""
+    import types
+
+    return types.SimpleNamespace(nnsight=types.SimpleNamespace(logit_lens=logit_lens))

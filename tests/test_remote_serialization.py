@@ -88,6 +88,28 @@ def test_request_runs_where_lens_plugins_cannot_be_imported(tmp_path, smollm2_to
     assert lpn.result(served, model).top_ids.shape == (4, 1, 2, 5)
 
 
+def test_the_package_name_itself_ships_to_a_server(tmp_path, smollm2_tokenizer):
+    """``lp.nnsight.logit_lens(model)`` in a remote body: ``lp`` pickles as its server-side namespace."""
+    import lens_plugins as lp
+
+    hf = tiny_model("llama")
+    hf.save_pretrained(tmp_path / "model")
+    model = lpn.wrap_model(hf, smollm2_tokenizer)
+    backend = SerializeThenRunLocally()
+    with model.trace("in it is the", backend=backend):
+        lens = lp.nnsight.logit_lens(model, top_k=3, targets=[" the"])
+    (tmp_path / "request").write_bytes(backend.blob)
+    subprocess.run(
+        [sys.executable, "-c", SERVER, str(tmp_path / "model"), str(default_model_dir()), str(tmp_path / "request"),
+         str(tmp_path / "out.pt")],
+        check=True, timeout=240,
+    )
+    served = torch.load(tmp_path / "out.pt", weights_only=False)
+    for name, value in lens["stats"].items():
+        torch.testing.assert_close(served["stats"][name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert lp.nnsight.result(served, model).rank_of(" the").shape == (4, 1, 4)
+
+
 def test_remote_local_simulation_matches_local(smollm2_tokenizer):
     model = lpn.wrap_model(tiny_model("opt"), smollm2_tokenizer)
     with model.trace("in it is the"):

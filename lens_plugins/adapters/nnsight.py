@@ -3,11 +3,10 @@
 Usage (the same code for ``remote=False``, ``remote="local"`` and ``remote=True``)::
 
     import lens_plugins as lp
-    from lens_plugins.adapters.nnsight import logit_lens   # a name the trace body can ship
 
     model = lp.load_default_model(backend="nnsight")       # or lp.nnsight.wrap_model(hf_model, tokenizer)
     with model.trace("The capital of France is"):
-        lens = logit_lens(model, top_k=10, targets=[" Paris"])
+        lens = lp.nnsight.logit_lens(model, top_k=10, targets=[" Paris"])
     result = lp.nnsight.result(lens, model)                 # a LensResult, as from TransformerLens
 
 ``logit_lens`` runs inside the trace, on whatever machine runs it: it reads each layer's input and the last
@@ -15,10 +14,10 @@ layer's output, decodes them with the model's own final norm and ``lm_head`` (ne
 the reductions (top-k, entropy, KL, ranks). ``result`` labels them locally. With several prompts, call it in
 each ``tracer.invoke(prompt)`` (that prompt's rows), or once in an empty ``tracer.invoke()`` (the whole batch,
 after every invoke's edits: the way to lens a patched run, since the lens must read layer 0 before anything
-later in its own block). ``lp.nnsight.logit_lens`` also works for local traces; a remote trace body must not
-name the ``lens_plugins`` package (it would be pickled, and the server cannot import it), hence the import.
+later in its own block). In a remote body, ``lp`` pickles as a server-side namespace holding just the
+in-trace lens (see ``lens_plugins._Package``), so the server never imports lens_plugins.
 
-Importing this module registers ``lens_plugins.remote``, ``.architectures`` and ``.readout`` with
+Importing this module registers ``lens_plugins.remote``, ``.architectures``, ``.prompt`` and ``.readout`` with
 ``nnsight.register``: they ship by source and import only torch, so the server needs nothing of ours.
 """
 

@@ -6,13 +6,14 @@ Hugging Face model); everything downstream of it is shared, which is why the two
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_plugins import readout
+from lens_plugins.fused import step_for as fused_step_for
 from lens_plugins.typecheck import typechecked
 
 NormKind = Literal["rmsnorm", "layernorm", "none"]
@@ -59,8 +60,10 @@ class Decoder:
         vocab_chunk: int,
         token_chunk: int,
         reductions: Sequence[str] = readout.DEFAULT_REDUCTIONS,
+        fused: Union[bool, str] = "auto",
     ) -> dict[str, Tensor]:
-        """The streamed reductions of ``readout.lens_statistics`` (its docstring lists them)."""
+        """The streamed reductions of ``readout.lens_statistics`` (its docstring lists them); ``fused`` picks
+        the compiled tile step (``lens_plugins.fused``)."""
         self.check_width(resid)
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -69,6 +72,7 @@ class Decoder:
                 resid, self.norm_kind, self.norm_weight, self.norm_bias, self.norm_eps, self.W_U, self.b_U,
                 self.softcap, top_k, target_ids, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
                 reductions=tuple(reductions),
+                fused_step=fused_step_for(resid.shape[0] * resid.shape[1] * self.d_vocab, fused),
             )
 
     def check_width(self, resid: Tensor) -> None:

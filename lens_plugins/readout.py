@@ -98,7 +98,7 @@ def _softmax_update(tile, m, s, exp_buffer):
     return tile_max, m_new, rescale, s * rescale + exp_buffer.sum(-1)
 
 
-def _reference_pass(normed_ref, W_U, b_U, softcap, vocab_chunk):
+def _reference_pass(normed_ref, W_U, b_U, softcap, vocab_chunk, fused_step=None, n_thresholds=0):
     """Log-partition and top-1 of the reference row, with the exact tile arithmetic of the main
     pass so that the reference compared with itself gives bitwise-zero divergences."""
     n = normed_ref.shape[0]
@@ -111,7 +111,10 @@ def _reference_pass(normed_ref, W_U, b_U, softcap, vocab_chunk):
     for v0 in range(0, vocab, vocab_chunk):
         v1 = min(v0 + vocab_chunk, vocab)
         tile = _logit_tile(normed_ref, W_U[:, v0:v1].float(), None if b_U is None else b_U[v0:v1].float(), softcap)
-        _, m, _, s = _softmax_update(tile, m, s, exp_buffer[:, : v1 - v0])
+        if fused_step is None:
+            _, m, _, s = _softmax_update(tile, m, s, exp_buffer[:, : v1 - v0])
+        else:  # the main pass's compiled step, same shapes and all, so the reference matches itself bitwise
+            _, m, s, _, _, _ = fused_step(tile, tile, m, s, s, s, torch.full((n, n_thresholds), float("inf")))
         value, index = tile.max(-1)
         better = value > best
         best = torch.where(better, value, best)
@@ -144,6 +147,7 @@ def lens_statistics(
     vocab_chunk=4096,
     token_chunk=256,
     reductions=DEFAULT_REDUCTIONS,
+    fused_step=None,
 ):
     """Decode every row of ``resid [rows, tokens, d_model]`` and reduce it on the fly.
 
@@ -165,6 +169,9 @@ def lens_statistics(
 
     Extra memory is ``O(rows x token_chunk x (vocab_chunk + d_model))``, independent of the vocabulary
     and of the number of tokens; the results do not depend on either chunk size beyond float rounding.
+
+    ``fused_step``, if given, is ``fused_tile_step`` compiled into one loop per tile (see
+    ``lens_plugins.fused``); it replaces the eager one-pass-per-quantity step wherever it applies.
     """
     unknown = [name for name in reductions if name not in REDUCTIONS]
     if unknown:
@@ -188,12 +195,12 @@ def lens_statistics(
             n1 = min(n0 + token_chunk, tokens)
             blocks.append(_lens_block(
                 resid[:, n0:n1], norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, softcap,
-                min(top_k, W_U.shape[1]), target_ids[n0:n1], vocab_chunk, want,
+                min(top_k, W_U.shape[1]), target_ids[n0:n1], vocab_chunk, want, fused_step,
             ))
     return {name: torch.cat([b[name] for b in blocks], dim=0 if name == "final_top1" else 1) for name in blocks[0]}
 
 
-def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, softcap, k, target_ids, vocab_chunk, want):
+def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, softcap, k, target_ids, vocab_chunk, want, fused_step):
     """All requested reductions for one chunk of tokens: a reference pass, the fused pass, and the
     second pass that Jensen-Shannon and total variation need."""
     rows, n, d_model = resid.shape
@@ -204,8 +211,12 @@ def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, so
     need_own = bool(want & {"entropy", "kl_row_final", "kl_next_row", "js_final"})  # sum e * own logit
     # The reference rows' normalisers come first, with the main pass's tile arithmetic, so that a row
     # compared with itself gives divergences of exactly zero.
-    lse_final, final_top1 = _reference_pass(normed[-1], W_U, b_U, softcap, vocab_chunk)
-    lse_input = _reference_pass(normed[0], W_U, b_U, softcap, vocab_chunk)[0] if need_input else None
+    # The fused step computes e only inside its loop, so the neighbour KL (which dots the previous row's
+    # e with this row's logits) takes the eager step.
+    step = fused_step if fused_step is not None and "kl_next_row" not in want else None
+    n_thresholds = ("final_top1" in want) + target_ids.shape[1]
+    lse_final, final_top1 = _reference_pass(normed[-1], W_U, b_U, softcap, vocab_chunk, step, n_thresholds)
+    lse_input = _reference_pass(normed[0], W_U, b_U, softcap, vocab_chunk, step, n_thresholds)[0] if need_input else None
 
     columns = [target_ids.long()]
     if "final_top1" in want:
@@ -263,6 +274,16 @@ def _lens_block(resid, norm_kind, norm_weight, norm_bias, norm_eps, W_U, b_U, so
                         W_p[name] += p_ref[name] @ W_chunk.T
                         if b_chunk is not None:
                             b_p[name] += p_ref[name] @ b_chunk
+            if step is not None:
+                tile_max, m[r], s[r], sum_e_own[r], sum_e_final[r], raw_counts = step(
+                    tile, final_tile, m[r], s[r], sum_e_own[r], sum_e_final[r], thresholds[r])
+                _merge_counts(raw_counts, tile, thresholds[r], in_chunk, ids, v0, counts[r])
+                if not affine:
+                    for name in refs:
+                        sum_p_l[name][r] += dot(p_ref[name], tile)
+                if "top_k" in want:
+                    _merge_top_k(tile, tile_max, v0, top_vals[r], top_ids[r])
+                continue
             e = exp_buffers[r % 2][:, :w]
             tile_max, m_new, rescale, s[r] = _softmax_update(tile, m[r], s[r], e)
             m[r] = m_new
@@ -364,15 +385,42 @@ def _merge_top_k(tile, tile_max, v0, top_vals, top_ids):
 
 
 def _count_above(tile, tile_max, thresholds, in_chunk, ids, v0, counts, above):
-    """Add, per token and target, how many tile logits lie strictly above the target's logit,
-    not counting the target itself (its tile logit may round a hair above the dot product)."""
+    """Add, per token and target, how many tile logits lie strictly above the target's logit."""
     for j in range(thresholds.shape[-1]):
         threshold = thresholds[:, j]
         if not bool((tile_max > threshold).any()):
             continue
         torch.gt(tile, threshold.unsqueeze(-1), out=above)
         counts[:, j] += above.view(torch.uint8).sum(-1, dtype=torch.int16)
+    _exclude_self(tile, thresholds, in_chunk, ids, v0, counts)
+
+
+def _merge_counts(raw_counts, tile, thresholds, in_chunk, ids, v0, counts):
+    counts += raw_counts
+    _exclude_self(tile, thresholds, in_chunk, ids, v0, counts)
+
+
+def _exclude_self(tile, thresholds, in_chunk, ids, v0, counts):
+    """Do not count a target above itself: its tile logit may round a hair above its dot-product logit."""
+    for j in range(thresholds.shape[-1]):
         here = torch.nonzero(in_chunk[:, j]).squeeze(-1)
         if here.numel():
             own = tile[here, ids[here, j] - v0]
-            counts[here, j] -= (own > threshold[here]).long()
+            counts[here, j] -= (own > thresholds[here, j]).long()
+
+
+def fused_tile_step(tile, final_tile, m, s, sum_e_own, sum_e_final, thresholds):
+    """One online-softmax step over a ``[tokens, vocab chunk]`` tile, written as one expression so that a
+    compiler (``torch.compile``) can fuse it into a single loop over the logits: the tile max, the running
+    max and sum of ``e = exp(l - max)``, the sums of ``e * l`` and ``e * l_final`` (rescaled to the new
+    max), and how many logits lie strictly above each threshold. Eager, it makes one pass per quantity."""
+    tile_max = tile.amax(-1)
+    m_new = torch.maximum(m, tile_max)
+    rescale = torch.exp(m - m_new)
+    e = torch.exp((tile - m_new.unsqueeze(-1)).clamp_min(EXP_FLOOR))
+    s = s * rescale + e.sum(-1)
+    sum_e_own = sum_e_own * rescale + (e * tile).sum(-1)
+    sum_e_final = sum_e_final * rescale + (e * final_tile).sum(-1)
+    counts = [(tile > thresholds[:, j : j + 1]).sum(-1) for j in range(thresholds.shape[-1])]
+    counts = torch.stack(counts, -1) if counts else torch.zeros(tile.shape[0], 0, dtype=torch.long)
+    return tile_max, m_new, s, sum_e_own, sum_e_final, counts

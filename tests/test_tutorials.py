@@ -48,4 +48,8 @@ def test_logit_lens_tutorial_runs(tmp_path):
     assert "model's own top-1: ' Paris'" in proc.stdout
     assert re.search(r"29_post  ' Paris' 0\.7\d", proc.stdout)
     assert re.search(r"29_post  rank +1 ", proc.stdout) and re.search(r"   embed  rank +\d{3,} ", proc.stdout)
+    # Input discarding: the embeddings rank most input tokens first; after block 0, none.
+    first = re.search(r"embed  input token ranked first at (\d+)/(\d+) positions", proc.stdout)
+    assert first and int(first[1]) / int(first[2]) > 0.6
+    assert re.search(r"1_pre  input token ranked first at 0/\d+ positions", proc.stdout)
     assert (tmp_path / "01_logit_lens.html").exists() and (tmp_path / "01_logit_lens_report.html").exists()

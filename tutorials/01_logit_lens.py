@@ -102,3 +102,19 @@ fig = result.plot("prob")
 fig.write_html("01_logit_lens.html", include_plotlyjs=True)
 report = html_report(result, "01_logit_lens_report.html")
 print("wrote 01_logit_lens.html and", report)
+
+# %% [markdown]
+# ## Input discarding
+#
+# nostalgebraist's addendum: decoded through the lens, the embeddings mostly predict the *input* token
+# itself (SmolLM2 ties its input and output embeddings), and the first block throws that away. The
+# `input_token` reduction ranks each position's own token at every row; `kl_input_row` measures how far
+# each row has moved from the decoded embeddings. Reductions are opt-in by name, so only these are computed.
+
+# %%
+text = "The logit lens decodes each layer's residual stream through the model's final norm and unembedding."
+moved = lp.transformer_lens.run_logit_lens(model, text, reductions=["input_token", "kl_input_row"])
+own_rank = moved.input_token_rank[:, 0].float()
+for label, ranks, kl_in in list(zip(moved.labels, own_rank, moved.kl_input_row[:, 0]))[:4]:
+    print(f"{label:>8}  input token ranked first at {int((ranks == 1).sum())}/{len(ranks)} positions, "
+          f"median rank {ranks.median().item():6.0f}, mean KL(input||row) {kl_in.mean().item():6.2f}")

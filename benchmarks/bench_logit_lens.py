@@ -1,7 +1,10 @@
 """Full logit lens on SmolLM2-135M: ours against the floor, TransformerLens's tool and the naive way.
 
 One 256-token prompt, all 31 rows x 256 positions, with top-5, entropy, KL both ways and the ranks of
-the final top-1 and of the next token. Each approach runs in its own subprocess (so peak memory is its
+the final top-1 and of the next token: ours through a TransformerLens cache (fused tile step, and eager),
+ours inside an nnsight trace (eager: the in-trace readout is the one that ships to servers), TransformerLens
+4.x's ``tools.analysis.logit_lens`` (full-vocabulary log-probs, then the same reductions) and the naive
+stack-then-log_softmax way. Each approach runs in its own subprocess (so peak memory is its
 own), after the model is loaded and its peak-RSS counter reset; time is the best of ``--repeats`` runs.
 Reported as ratios to the floor: forward pass + one bare ``W_U`` matmul per layer, nothing kept.
 
@@ -14,8 +17,9 @@ import os
 import subprocess
 import sys
 import time
+from unittest.mock import patch
 
-APPROACHES = ("floor", "lens_plugins", "transformer_lens_tool", "naive")
+APPROACHES = ("floor", "lens_plugins", "lens_plugins_eager", "lens_plugins_nnsight", "transformer_lens_tool", "naive")
 TEXT = (
     "The logit lens decodes each layer's residual stream through the model's final norm and unembedding. "
     "Paris is the capital of France, Berlin the capital of Germany, and Madrid the capital of Spain. "
@@ -76,6 +80,15 @@ def run(approach: str, n_tokens: int, repeats: int) -> dict:
         _, cache = model.run_with_cache(tokens, names_filter=hooks)
         lp.transformer_lens.logit_lens(cache, tokens=tokens, top_k=5)
 
+    def ours_eager():
+        with patch.dict(os.environ, {"LENS_PLUGINS_FUSED": "0"}):
+            ours()
+
+    def ours_nnsight():
+        with nn_model.trace(tokens):
+            lens = lp.nnsight.logit_lens(nn_model, top_k=5)
+        lp.nnsight.result(lens, nn_model)
+
     def tl_tool():
         from transformer_lens.tools.analysis import logit_lens
 
@@ -90,7 +103,9 @@ def run(approach: str, n_tokens: int, repeats: int) -> dict:
         logp = decoder.logits(stack[:, 0]).log_softmax(-1)
         stats_from_log_probs(logp, tokens[0, 1:])
 
-    fn = {"floor": floor, "lens_plugins": ours, "transformer_lens_tool": tl_tool, "naive": naive}[approach]
+    nn_model = lp.load_default_model(backend="nnsight") if approach == "lens_plugins_nnsight" else None
+    fn = {"floor": floor, "lens_plugins": ours, "lens_plugins_eager": ours_eager, "lens_plugins_nnsight": ours_nnsight,
+          "transformer_lens_tool": tl_tool, "naive": naive}[approach]
     fn()  # warm-up: allocator, lazy imports
     peak_rss_reset()
     base = peak_rss_mb()

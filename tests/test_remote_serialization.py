@@ -66,25 +66,35 @@ class SerializeThenRunLocally(Backend):
         tracer.execute(tracer.info.code)
 
 
+def run_on_server(tmp_path, hf, blob, saved_name="lens"):
+    """Run a serialised request the way a server does (``SERVER``), on ``hf``'s weights; return what the
+    trace saved as ``saved_name``."""
+    hf.save_pretrained(tmp_path / "model")
+    (tmp_path / "request").write_bytes(blob)
+    server = SERVER.replace('saved["lens"]', f"saved[{saved_name!r}]")
+    subprocess.run(
+        [sys.executable, "-c", server, str(tmp_path / "model"), str(default_model_dir()), str(tmp_path / "request"),
+         str(tmp_path / "out.pt")],
+        check=True, timeout=240,
+    )
+    return torch.load(tmp_path / "out.pt", weights_only=False)
+
+
+def assert_same_stats(served, local):
+    assert served.keys() == local.keys()
+    for name, value in local["stats"].items():
+        torch.testing.assert_close(served["stats"][name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
 def test_request_runs_where_lens_plugins_cannot_be_imported(tmp_path, smollm2_tokenizer):
     hf = tiny_model("gemma2")  # the most quirks: (1 + w) norm, embedding scale, soft-cap
-    hf.save_pretrained(tmp_path / "model")
     model = lpn.wrap_model(hf, smollm2_tokenizer)
     backend = SerializeThenRunLocally()
     with model.trace("in it is the", backend=backend):
         lens = logit_lens(model, top_k=5, targets=[" the", 17], positions=[0, -1])
     assert len(backend.blob) < 100_000, "the request must not carry weights"
-    (tmp_path / "request").write_bytes(backend.blob)
-
-    subprocess.run(
-        [sys.executable, "-c", SERVER, str(tmp_path / "model"), str(default_model_dir()), str(tmp_path / "request"),
-         str(tmp_path / "out.pt")],
-        check=True, timeout=240,
-    )
-    served = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert served.keys() == lens.keys()
-    for name, value in lens["stats"].items():
-        torch.testing.assert_close(served["stats"][name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+    served = run_on_server(tmp_path, hf, backend.blob)
+    assert_same_stats(served, lens)
     assert lpn.result(served, model).top_ids.shape == (4, 1, 2, 5)
 
 
@@ -93,20 +103,12 @@ def test_the_package_name_itself_ships_to_a_server(tmp_path, smollm2_tokenizer):
     import lens_plugins as lp
 
     hf = tiny_model("llama")
-    hf.save_pretrained(tmp_path / "model")
     model = lpn.wrap_model(hf, smollm2_tokenizer)
     backend = SerializeThenRunLocally()
     with model.trace("in it is the", backend=backend):
         lens = lp.nnsight.logit_lens(model, top_k=3, targets=[" the"])
-    (tmp_path / "request").write_bytes(backend.blob)
-    subprocess.run(
-        [sys.executable, "-c", SERVER, str(tmp_path / "model"), str(default_model_dir()), str(tmp_path / "request"),
-         str(tmp_path / "out.pt")],
-        check=True, timeout=240,
-    )
-    served = torch.load(tmp_path / "out.pt", weights_only=False)
-    for name, value in lens["stats"].items():
-        torch.testing.assert_close(served["stats"][name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+    served = run_on_server(tmp_path, hf, backend.blob)
+    assert_same_stats(served, lens)
     assert lp.nnsight.result(served, model).rank_of(" the").shape == (4, 1, 4)
 
 

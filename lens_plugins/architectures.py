@@ -15,6 +15,20 @@ Quirks are data, not code paths:
 - Gemma scales the embeddings by ``sqrt(d_model)`` and BLOOM layer-norms them before layer 0; neither needs
   an entry, because the "embed" row is read at layer 0's input, after both.
 
+Direct logit attribution (``lens_plugins.remote_attribution``) needs more of each layer, also as data:
+
+- ``o_proj``: the attention output projection, whose input is the per-head ``z`` (heads are read there).
+- ``attn_out`` / ``mlp_out``: the module whose output is what the sublayer adds to the residual; Gemma 2/3
+  and OLMo 2 put a norm after each sublayer (``post_attention_layernorm``, ``post_feedforward_layernorm``),
+  so that norm's output, not the attention's, is what enters the stream.
+- ``post_norms``: those sandwich norms are RMSNorms, so a head's share of the normed output is linear only
+  at a frozen scale; the entry tells the attribution to freeze it.
+- ``parallel``: GPT-J and GPT-NeoX (``use_parallel_residual``) add attention and MLP to the same input, so
+  there is no residual between them (no ``resid_mid``); ``True`` or the config attribute that says so.
+- ``pos_embed``: learned absolute positional embeddings (GPT-2, GPT-Neo, OPT), attributed on their own.
+- ``adds_residual``: BLOOM's attention and MLP add the residual inside the module, which the attribution
+  does not take apart; it refuses these families with a message.
+
 Like ``readout``, this module imports only torch and carries no decorators: the in-trace lens
 (``lens_plugins.remote``) calls it on the NDIF server, where it arrives by source.
 """
@@ -23,31 +37,35 @@ import torch
 
 _LLAMA_LIKE = {
     "layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head", "embed": "model.embed_tokens",
-    "attn": "self_attn", "mlp": "mlp",
+    "attn": "self_attn", "mlp": "mlp", "o_proj": "self_attn.o_proj",
 }
+_SANDWICH = {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm", "post_norms": True}
 _GPT2_LIKE = {
     "layers": "transformer.h", "final_norm": "transformer.ln_f", "lm_head": "lm_head", "embed": "transformer.wte",
-    "attn": "attn", "mlp": "mlp",
+    "attn": "attn", "mlp": "mlp", "o_proj": "attn.c_proj", "pos_embed": "transformer.wpe",
 }
 
 # model_type -> module paths (``attn`` / ``mlp`` are relative to one decoder layer) and quirks.
 ARCHITECTURES = {
     "gpt2": dict(_GPT2_LIKE),
-    "gpt_neo": dict(_GPT2_LIKE),
-    "gptj": dict(_GPT2_LIKE),
+    "gpt_neo": dict(_GPT2_LIKE, o_proj="attn.attention.out_proj"),
+    "gptj": dict(_GPT2_LIKE, o_proj="attn.out_proj", pos_embed=None, parallel=True),
     "gpt_neox": {
         "layers": "gpt_neox.layers", "final_norm": "gpt_neox.final_layer_norm",
         "lm_head": ("lm_head", "embed_out"),  # transformers 5 renamed Pythia's embed_out
-        "embed": "gpt_neox.embed_in", "attn": "attention", "mlp": "mlp",
+        "embed": "gpt_neox.embed_in", "attn": "attention", "mlp": "mlp", "o_proj": "attention.dense",
+        "parallel": "use_parallel_residual",
     },
     "opt": {
         "layers": "model.decoder.layers", "final_norm": "model.decoder.final_layer_norm", "lm_head": "lm_head",
         "embed": "model.decoder.embed_tokens", "attn": "self_attn", "mlp": "fc2",
-        "project_out": "model.decoder.project_out",
+        "project_out": "model.decoder.project_out", "o_proj": "self_attn.out_proj",
+        "pos_embed": "model.decoder.embed_positions",
     },
     "bloom": {
         "layers": "transformer.h", "final_norm": "transformer.ln_f", "lm_head": "lm_head",
         "embed": "transformer.word_embeddings", "attn": "self_attention", "mlp": "mlp",
+        "o_proj": "self_attention.dense", "adds_residual": True,
     },
     "llama": dict(_LLAMA_LIKE),
     "mistral": dict(_LLAMA_LIKE),
@@ -55,10 +73,10 @@ ARCHITECTURES = {
     "qwen2": dict(_LLAMA_LIKE),
     "qwen3": dict(_LLAMA_LIKE),
     "phi3": dict(_LLAMA_LIKE),
-    "olmo2": dict(_LLAMA_LIKE),
+    "olmo2": dict(_LLAMA_LIKE, **_SANDWICH),
     "gemma": dict(_LLAMA_LIKE, norm_one_plus=True),
-    "gemma2": dict(_LLAMA_LIKE, norm_one_plus=True, softcap_attr="final_logit_softcapping"),
-    "gemma3_text": dict(_LLAMA_LIKE, norm_one_plus=True, softcap_attr="final_logit_softcapping"),
+    "gemma2": dict(_LLAMA_LIKE, norm_one_plus=True, softcap_attr="final_logit_softcapping", **_SANDWICH),
+    "gemma3_text": dict(_LLAMA_LIKE, norm_one_plus=True, softcap_attr="final_logit_softcapping", **_SANDWICH),
 }
 
 ROLES = ("layers", "final_norm", "lm_head", "embed", "attn", "mlp")
@@ -169,6 +187,14 @@ def decoder_tensors(model, spec):
         "norm_kind": kind, "norm_weight": weight, "norm_bias": bias, "norm_eps": eps,
         "W_U": W_U, "b_U": b_U, "softcap": float(softcap) if softcap else None,
     }
+
+
+def is_parallel(model, spec):
+    """Whether attention and MLP read the same residual and add to it together (no ``resid_mid``)."""
+    parallel = spec.get("parallel", False)
+    if isinstance(parallel, str):
+        return bool(getattr(getattr(model, "config", None), parallel, False))
+    return bool(parallel)
 
 
 def layer_output(output):

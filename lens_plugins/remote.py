@@ -19,6 +19,7 @@ from lens_plugins.prompt import (
     DEFAULT_LENS_REDUCTIONS, check_reductions, readout_reductions, resolve_positions, single_token_id, target_columns,
 )
 from lens_plugins.readout import lens_statistics
+from lens_plugins.remote_attribution import attribution, sublayer_stack
 
 FORMAT = "lens_plugins.nnsight/1"  # marks a saved lens, so the local side can refuse anything else
 
@@ -35,6 +36,7 @@ def logit_lens(
     lm_head=None,
     vocab_chunk=4096,
     token_chunk=256,
+    sublayers=False,
 ):
     """Run the logit lens on this invoke's rows; call it inside the trace, turn it into a ``LensResult``
     after the trace with ``lp.nnsight.result(lens, model)``.
@@ -48,7 +50,9 @@ def logit_lens(
     ``token_sets`` maps names to lists of such tokens whose probabilities add up; ``positions`` are prompt
     indices (default all); ``reductions`` names what to compute (``prompt.LENS_REDUCTIONS``): only those
     are computed and downloaded. ``layers`` / ``final_norm`` / ``lm_head`` are module paths for a family
-    ``lens_plugins.architectures`` does not know.
+    ``lens_plugins.architectures`` does not know. ``sublayers=True`` puts a row after every attention and
+    MLP ("0_attn", "0_mlp", ...; "0_attn+mlp" for parallel blocks), ``sublayers="outputs"`` decodes each
+    write alone (``remote_attribution.sublayer_stack``).
     """
     import nnsight
     from nnsight.intervention.interleaver import OutOfOrderError
@@ -57,7 +61,7 @@ def logit_lens(
     spec = resolve(model, layers, final_norm, lm_head)
     try:
         token_ids, mask = _prompt(model)
-        stack, labels = _residual_stack(model, spec)
+        stack, labels = sublayer_stack(model, spec, sublayers) if sublayers else _residual_stack(model, spec)
     except OutOfOrderError as error:
         raise OutOfOrderError(
             f"{error}: the logit lens reads the model's input and then every layer, so it must come before "
@@ -122,4 +126,4 @@ def server_namespace():
     (``lp.nnsight.logit_lens``), since nothing else of the package can run there."""
     import types
 
-    return types.SimpleNamespace(nnsight=types.SimpleNamespace(logit_lens=logit_lens))
+    return types.SimpleNamespace(nnsight=types.SimpleNamespace(logit_lens=logit_lens, attribution=attribution))

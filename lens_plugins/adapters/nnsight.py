@@ -28,18 +28,23 @@ import nnsight
 import torch
 from torch import Tensor
 
-from lens_plugins import architectures, prompt, readout, remote
+from lens_plugins import architectures, prompt, readout, remote, remote_attribution
+from lens_plugins.attribution import Attribution, TokenSet, result_from_saved
 from lens_plugins.decoder import Decoder
 from lens_plugins.logit_lens import LensRequest, assemble
 from lens_plugins.remote import logit_lens
+from lens_plugins.remote_attribution import attribution
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
-SHIPPED_MODULES = (remote, architectures, prompt, readout)
+SHIPPED_MODULES = (remote, architectures, prompt, readout, remote_attribution)
 for _module in SHIPPED_MODULES:
     nnsight.register(_module)
 
-__all__ = ["logit_lens", "result", "run_logit_lens", "wrap_model", "decoder_for", "RemoteLensError"]
+__all__ = [
+    "logit_lens", "result", "run_logit_lens", "wrap_model", "decoder_for", "RemoteLensError",
+    "attribution", "attribution_result", "run_attribution",
+]
 
 
 class RemoteLensError(RuntimeError):
@@ -140,3 +145,36 @@ def _remote_error(error: Exception, remote, backend) -> Exception:
         f"{what}: {kind}: {error}. Nothing local was changed; retry later, check nnsight.CONFIG.API.HOST and "
         "your API key, or run the same lens locally with remote=False."
     )
+
+
+@typechecked
+def attribution_result(saved: dict, model, by: str = "component") -> Attribution:
+    """The ``Attribution`` of what ``attribution(model, ...)`` saved inside a trace (``model`` supplies the
+    tokenizer for the target names); ``by`` is ``"component"``, ``"layer"`` or ``"head"``."""
+    return result_from_saved(saved, getattr(model, "tokenizer", model), by=by)
+
+
+@typechecked
+def run_attribution(
+    model,
+    prompt: Union[str, list[str]],
+    target: TokenSet,
+    distractor: Optional[TokenSet] = None,
+    *,
+    by: str = "component",
+    position: int = -1,
+    remote: Union[bool, str] = False,
+    backend=None,
+    **paths,
+) -> Attribution:
+    """Trace ``prompt`` and return the direct logit attribution of ``target`` (minus ``distractor``) at
+    ``position``: the one-call form. Remote failures raise ``RemoteLensError``, as ``run_logit_lens``."""
+    if isinstance(prompt, str) and not prompt.strip() or isinstance(prompt, list) and not prompt:
+        raise ValueError(f"the prompt is empty ({prompt!r}): give the model some text to predict from")
+    trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
+    try:
+        with model.trace(prompt, **trace_kwargs):
+            saved = attribution(model, target, distractor, position=position, **paths)
+    except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours
+        raise _remote_error(error, remote, backend) from error
+    return attribution_result(saved, model, by=by)

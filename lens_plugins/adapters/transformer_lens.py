@@ -6,6 +6,13 @@
 ``blocks.0.hook_resid_pre`` ("embed"), optionally each ``hook_resid_mid`` ("3_mid"), each later
 ``hook_resid_pre`` ("3_pre"), and the last block's ``hook_resid_post`` ("29_post"), which the model
 itself decodes, so the last row reproduces the model's own log-probabilities.
+
+``logit_lens(sublayers=True)`` has a row after every sublayer instead ("embed", "0_attn", "0_mlp", ...:
+``hook_resid_mid`` and ``hook_resid_post``); a parallel-block model (GPT-J, NeoX) has no residual between
+its attention and MLP, so its rows are "0_attn+mlp", ... ``sublayers="outputs"`` decodes each sublayer's
+own write alone ("0_attn_out", "0_mlp_out", ..., nostalgebraist's sub-block view), with the final residual
+kept as the last row. ``cache.lens.attribution`` and ``cache.lens.logit_diff`` are direct logit
+attribution and the lens's logit difference (``lens_plugins.attribution``).
 """
 
 from collections.abc import Callable, Sequence
@@ -15,7 +22,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lens_plugins import remote_attribution
 from lens_plugins import tokens as token_utils
+from lens_plugins.attribution import (
+    Attribution, LogitDiff, TokenSet, attribute_parts, from_values, logit_diff_from_stack, token_set,
+)
 from lens_plugins.decoder import Decoder
 from lens_plugins.logit_lens import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, TokenSets, logit_lens_from_stack
 from lens_plugins.prompt import DEFAULT_LENS_REDUCTIONS
@@ -26,16 +37,74 @@ from lens_plugins.typecheck import typechecked
 _NORMALIZATION_KINDS = {"LN": "layernorm", "LNPre": "layernorm", "RMS": "rmsnorm", "RMSPre": "rmsnorm", None: "none"}
 
 
-def hook_filter(model=None, resid_mid: bool = False) -> Union[list[str], Callable[[str], bool]]:
+Sublayers = Union[bool, str]  # False, True (residual after each sublayer) or "outputs" (each write alone)
+ATTRIBUTION_SUFFIXES = ("hook_attn_out", "hook_mlp_out", "attn.hook_z")
+
+
+def hook_filter(
+    model=None, resid_mid: bool = False, sublayers: Sublayers = False, attribution: bool = False
+) -> Union[list[str], Callable[[str], bool]]:
     """What ``run_with_cache(names_filter=...)`` must keep for the lens, and nothing else.
 
     With a model, the exact hook names; without one, a predicate (it keeps every ``hook_resid_post``,
-    since it cannot know which block is last).
+    since it cannot know which block is last). ``sublayers`` adds what ``logit_lens(sublayers=...)``
+    reads, ``attribution`` what ``attribution`` reads (each layer's attention and MLP writes, ``hook_z``,
+    positional embeddings).
     """
     if model is not None:
-        return ["hook_embed", *residual_hooks(model.cfg.n_layers, resid_mid)]
-    suffixes = ("hook_resid_pre", "hook_resid_post") + (("hook_resid_mid",) if resid_mid else ())
+        names = ["hook_embed", *residual_hooks(model.cfg.n_layers, resid_mid)]
+        if sublayers:
+            names += [h for h in sublayer_rows(model.cfg.n_layers, sublayers, is_parallel(model))[0] if h not in names]
+        if attribution:
+            names += attribution_hooks(model)
+        return list(dict.fromkeys(names))
+    suffixes = ("hook_resid_pre", "hook_resid_post") + (("hook_resid_mid",) if resid_mid or sublayers else ())
+    suffixes += ("hook_attn_out", "hook_mlp_out") if sublayers == "outputs" else ()
+    suffixes += ATTRIBUTION_SUFFIXES + ("hook_pos_embed",) if attribution else ()
     return lambda name: name == "hook_embed" or name.endswith(suffixes)
+
+
+def is_parallel(model) -> bool:
+    """GPT-J / NeoX style blocks: attention and MLP read the same input, so there is no ``hook_resid_mid``."""
+    return bool(getattr(model.cfg, "parallel_attn_mlp", False))
+
+
+def sublayer_rows(n_layers: int, sublayers: Sublayers, parallel: bool) -> tuple[list[str], list[str]]:
+    """``(hooks, labels)`` of the sublayer lens rows: the residual after each sublayer (``True``), or each
+    sublayer's own write (``"outputs"``, then the final residual as the reference row)."""
+    if sublayers not in (True, "outputs"):
+        raise ValueError(f"sublayers={sublayers!r}: pass True (residual after each sublayer) or 'outputs' "
+                         "(each attention / MLP write decoded alone)")
+    hooks, labels = ["blocks.0.hook_resid_pre"], ["embed"]
+    for layer in range(n_layers):
+        if sublayers == "outputs":
+            hooks += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+            labels += [f"{layer}_attn_out", f"{layer}_mlp_out"]
+        elif parallel:  # no residual between attention and MLP: one row, named for both
+            hooks.append(f"blocks.{layer}.hook_resid_post")
+            labels.append(f"{layer}_attn+mlp")
+        else:
+            hooks += [f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_resid_post"]
+            labels += [f"{layer}_attn", f"{layer}_mlp"]
+    if sublayers == "outputs":
+        hooks.append(f"blocks.{n_layers - 1}.hook_resid_post")
+        labels.append(f"{n_layers - 1}_post")
+    return hooks, labels
+
+
+def attribution_hooks(model) -> list[str]:
+    """The hooks ``attribution`` reads (``hook_pos_embed`` only where the model has one)."""
+    n = model.cfg.n_layers
+    names = ["blocks.0.hook_resid_pre", f"blocks.{n - 1}.hook_resid_post"]
+    names += ["hook_pos_embed"] if has_pos_embed(model) else []
+    for layer in range(n):
+        names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.attn.hook_z"]
+    return names
+
+
+def has_pos_embed(model) -> bool:
+    """Learned absolute positional embeddings (GPT-2, OPT), which DLA attributes on their own."""
+    return getattr(model.cfg, "positional_embedding_type", "standard") == "standard"
 
 
 def residual_hooks(n_layers: int, resid_mid: bool = False) -> list[str]:
@@ -91,21 +160,33 @@ def decoder_for(model) -> Decoder:
     )
 
 
-def residual_stack(cache, resid_mid: bool = False) -> tuple[Float[Tensor, "row batch seq d_model"], list[str]]:
+def residual_stack(
+    cache, resid_mid: bool = False, sublayers: Sublayers = False
+) -> tuple[Float[Tensor, "row batch seq d_model"], list[str]]:
     """The lens rows from a cache, with a fix-it message for each hook the cache lacks."""
     n_layers = cache.model.cfg.n_layers
-    hooks = residual_hooks(n_layers, resid_mid)
-    missing = [h for h in hooks if h not in cache.cache_dict]
-    if missing:
-        raise KeyError(
-            f"the cache has no {missing[0]!r}" + (f" (and {len(missing) - 1} more lens hooks)" if len(missing) > 1 else "")
-            + "; run model.run_with_cache(prompt, names_filter=lens_plugins.transformer_lens.hook_filter("
-            + ("resid_mid=True" if resid_mid else "") + "))"
-        )
+    if sublayers:
+        hooks, labels = sublayer_rows(n_layers, sublayers, is_parallel(cache.model))
+        fix = f"sublayers={sublayers!r}"
+    else:
+        hooks = residual_hooks(n_layers, resid_mid)
+        labels = [row_label(h) for h in hooks]
+        fix = "resid_mid=True" if resid_mid else ""
+    _require(cache, hooks, fix)
     stack = torch.stack([cache[h] for h in hooks])
     if stack.dim() == 3:  # a cache taken with remove_batch_dim=True
         stack = stack.unsqueeze(1)
-    return stack.detach(), [row_label(h) for h in hooks]
+    return stack.detach(), labels
+
+
+def _require(cache, hooks: list[str], fix: str) -> None:
+    """Name the first hook the cache lacks and the ``hook_filter`` call that caches it."""
+    missing = [h for h in hooks if h not in cache.cache_dict]
+    if missing:
+        raise KeyError(
+            f"the cache has no {missing[0]!r}" + (f" (and {len(missing) - 1} more hooks)" if len(missing) > 1 else "")
+            + f"; run model.run_with_cache(prompt, names_filter=lens_plugins.transformer_lens.hook_filter({fix}))"
+        )
 
 
 def recover_tokens(cache) -> Int[Tensor, "batch seq"]:
@@ -139,6 +220,7 @@ def logit_lens(
     *,
     tokens: Optional[Int[Tensor, "batch seq"]] = None,
     resid_mid: bool = False,
+    sublayers: Sublayers = False,
     layers: Optional[Sequence[Union[int, str]]] = None,
     positions: Optional[Union[int, Sequence[int]]] = None,
     top_k: int = 5,
@@ -154,14 +236,11 @@ def logit_lens(
     (the final row is always kept as the reference); ``positions`` (prompt indices, negative
     allowed) defaults to all; ``targets`` are single-token strings or ids whose log-prob and rank are
     reported at every row and position; ``token_sets`` maps names to several tokens whose probabilities
-    add up; ``reductions`` names what to compute (``lens_plugins.prompt.LENS_REDUCTIONS``).
+    add up; ``reductions`` names what to compute (``lens_plugins.prompt.LENS_REDUCTIONS``); ``sublayers``
+    replaces the rows by the sublayer view (module docstring).
     """
-    model = getattr(cache, "model", None)
-    if model is None:
-        raise ValueError("this ActivationCache has no model attached; build it with model.run_with_cache(...)")
-    if getattr(model, "training", False):
-        raise ValueError("the model is in training mode (dropout on), so its cache is not its prediction: call model.eval()")
-    stack, labels = residual_stack(cache, resid_mid)
+    model = _cache_model(cache)
+    stack, labels = residual_stack(cache, resid_mid, sublayers)
     if tokens is None:
         tokens = recover_tokens(cache)
     if tuple(tokens.shape) != tuple(stack.shape[1:3]):
@@ -173,14 +252,143 @@ def logit_lens(
     )
 
 
-def run_logit_lens(model, prompt: Union[str, list[str]], *, resid_mid: bool = False, **kwargs) -> LensResult:
+def _cache_model(cache):
+    """The model a cache came from, refused in training mode (dropout: the cache is not its prediction)."""
+    model = getattr(cache, "model", None)
+    if model is None:
+        raise ValueError("this ActivationCache has no model attached; build it with model.run_with_cache(...)")
+    if getattr(model, "training", False):
+        raise ValueError("the model is in training mode (dropout on), so its cache is not its prediction: call model.eval()")
+    return model
+
+
+def _at(cache, hook: str, position: int) -> Tensor:
+    """One hook's activation at ``position``, ``[batch, ...]``, for caches with or without a batch dim."""
+    value = cache[hook].detach()
+    if cache.has_batch_dim is False:
+        value = value.unsqueeze(0)
+    return value[:, position]
+
+
+def _post_attention_norm(model, layer: int):
+    """``(kind, weight, bias, eps)`` of a sandwich norm after attention (Gemma 2/3), or ``None``."""
+    norm = getattr(model.blocks[layer], "ln1_post", None)
+    if norm is None:
+        return None
+    original = getattr(norm, "_original_component", None)
+    if original is not None:  # TransformerBridge: the Hugging Face norm, with Gemma's 1 + w
+        return hf_norm_params(original)
+    return "rmsnorm", norm.w.detach(), None, float(model.cfg.eps)  # HookedTransformer RMSNorm (w includes the 1)
+
+
+def _heads(cache, layer: int, position: int) -> tuple[Tensor, Tensor]:
+    """Per-head writes ``[batch, head, d]`` and the output bias ``[batch, d]``: the cache's head results
+    (``hook_result``) if it has them, else ``hook_z @ W_O``; through the sandwich norm, frozen at the real
+    attention output, when the model has one."""
+    model = cache.model
+    result_hook = f"blocks.{layer}.attn.hook_result"
+    if result_hook in cache.cache_dict:
+        heads = _at(cache, result_hook, position).float()
+    else:
+        _require(cache, [f"blocks.{layer}.attn.hook_z"], "attribution=True")
+        z = _at(cache, f"blocks.{layer}.attn.hook_z", position).float()
+        heads = torch.einsum("bhk,hkd->bhd", z, model.W_O[layer].detach().float())
+    b_O = getattr(model, "b_O", None)
+    bias = torch.zeros_like(heads[:, 0]) if b_O is None else b_O[layer].detach().float().expand_as(heads[:, 0])
+    post_norm = _post_attention_norm(model, layer)
+    if post_norm is None:
+        return heads, bias
+    kind, weight, _, eps = post_norm
+    mapped = remote_attribution.frozen_norm(torch.cat([heads, bias.unsqueeze(1)], 1), heads.sum(1) + bias, kind, weight, eps)
+    return mapped[:, :-1], mapped[:, -1]
+
+
+def cache_parts(cache, position: int = -1) -> dict[str, Optional[Tensor]]:
+    """What the residual stream holds at ``position``, split into the writes DLA attributes (the ``parts``
+    of ``remote_attribution.attribute``): embeddings, per-head writes and output biases, each attention
+    and MLP write (``hook_attn_out`` / ``hook_mlp_out``: after a sandwich norm), and the final residual."""
+    model = _cache_model(cache)
+    n = model.cfg.n_layers
+    _require(cache, attribution_hooks(model), "attribution=True")
+    remote_attribution.check_position(position, cache["blocks.0.hook_resid_pre"].shape[-2])
+    pos_embed = _at(cache, "hook_pos_embed", position).float() if has_pos_embed(model) else None
+    embed = _at(cache, "blocks.0.hook_resid_pre", position).float()
+    heads, head_bias = zip(*[_heads(cache, layer, position) for layer in range(n)])
+    return {
+        "embed": embed if pos_embed is None else embed - pos_embed,
+        "pos_embed": pos_embed,
+        "heads": torch.stack(heads, 1),
+        "head_bias": torch.stack(head_bias, 1),
+        "attn": torch.stack([_at(cache, f"blocks.{layer}.hook_attn_out", position).float() for layer in range(n)], 1),
+        "mlp": torch.stack([_at(cache, f"blocks.{layer}.hook_mlp_out", position).float() for layer in range(n)], 1),
+        "final": _at(cache, f"blocks.{n - 1}.hook_resid_post", position).float(),
+    }
+
+
+@typechecked
+def attribution(
+    cache,
+    target: TokenSet,
+    distractor: Optional[TokenSet] = None,
+    *,
+    by: str = "component",
+    position: int = -1,
+) -> Attribution:
+    """Direct logit attribution of ``target`` (minus ``distractor``) at ``position`` (the function behind
+    ``cache.lens.attribution``). Targets are single-token strings or ids, or lists of them (token sets,
+    see ``lens_plugins.attribution``); ``by`` is ``"component"``, ``"layer"`` or ``"head"``. Cache with
+    ``hook_filter(model, attribution=True)``."""
+    model = _cache_model(cache)
+    decoder = decoder_for(model)
+    target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
+    distractor_ids, distractor_names = ([], []) if distractor is None else token_set(model.tokenizer, distractor, decoder.d_vocab)
+    values = attribute_parts(cache_parts(cache, position), decoder, target_ids, distractor_ids)
+    return from_values(values, by=by, position=position, target_names=target_names,
+                       distractor_names=distractor_names, parallel=is_parallel(model))
+
+
+@typechecked
+def logit_diff(
+    cache,
+    target: TokenSet,
+    distractor: TokenSet,
+    *,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    positions: Optional[Sequence[int]] = None,
+) -> LogitDiff:
+    """The lens's ``target`` minus ``distractor`` logit at every row and position (the function behind
+    ``cache.lens.logit_diff``); rows as in ``logit_lens``."""
+    model = _cache_model(cache)
+    stack, labels = residual_stack(cache, resid_mid, sublayers)
+    decoder = decoder_for(model)
+    target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
+    distractor_ids, distractor_names = token_set(model.tokenizer, distractor, decoder.d_vocab)
+    chosen = None if positions is None else [p % stack.shape[2] for p in positions]
+    return logit_diff_from_stack(stack, labels, decoder, target_ids, distractor_ids, target_names=target_names,
+                                 distractor_names=distractor_names, positions=chosen)
+
+
+def run_attribution(model, prompt: Union[str, list[str]], target: TokenSet, distractor: Optional[TokenSet] = None,
+                    **kwargs) -> Attribution:
+    """Run ``model`` on ``prompt`` caching only what attribution reads, then attribute: the one-call form."""
+    if isinstance(prompt, str) and prompt.strip() == "" or isinstance(prompt, list) and not prompt:
+        raise ValueError(f"the prompt is empty ({prompt!r}): give the model some text to predict from")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(model.to_tokens(prompt), names_filter=hook_filter(model, attribution=True))
+    return attribution(cache, target, distractor, **kwargs)
+
+
+def run_logit_lens(
+    model, prompt: Union[str, list[str]], *, resid_mid: bool = False, sublayers: Sublayers = False, **kwargs
+) -> LensResult:
     """Run ``model`` on ``prompt`` caching only the lens hooks, then decode: the one-call form."""
     if isinstance(prompt, str) and prompt.strip() == "" or isinstance(prompt, list) and not prompt:
         raise ValueError(f"the prompt is empty ({prompt!r}): give the model some text to predict from")
     tokens = model.to_tokens(prompt)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=hook_filter(model, resid_mid))
-    return logit_lens(cache, tokens=tokens, resid_mid=resid_mid, **kwargs)
+        _, cache = model.run_with_cache(tokens, names_filter=hook_filter(model, resid_mid, sublayers))
+    return logit_lens(cache, tokens=tokens, resid_mid=resid_mid, sublayers=sublayers, **kwargs)
 
 
 class CacheLens:
@@ -195,8 +403,14 @@ class CacheLens:
     def decoder(self) -> Decoder:
         return decoder_for(self._cache.model)
 
-    def stack(self, resid_mid: bool = False) -> tuple[Tensor, list[str]]:
-        return residual_stack(self._cache, resid_mid)
+    def stack(self, resid_mid: bool = False, sublayers: Sublayers = False) -> tuple[Tensor, list[str]]:
+        return residual_stack(self._cache, resid_mid, sublayers)
+
+    def attribution(self, target, distractor=None, **kwargs) -> Attribution:
+        return attribution(self._cache, target, distractor, **kwargs)
+
+    def logit_diff(self, target, distractor, **kwargs) -> LogitDiff:
+        return logit_diff(self._cache, target, distractor, **kwargs)
 
 
 class _Accessor:

@@ -1,0 +1,47 @@
+"""Plotly views of an ``Attribution`` (bars, or a layer x head heatmap) and of a ``LogitDiff`` (rows x positions).
+
+Red is "pushes toward the target" and blue "toward the distractor", on a scale symmetric about zero, so that
+the colour of a cell never depends on the other cells' sign.
+"""
+
+import plotly.graph_objects as go
+
+
+def _title(attribution) -> str:
+    target = " / ".join(attribution.target_names)
+    distractor = " / ".join(attribution.distractor_names)
+    what = f"logit[{target!r}]" + (f" - logit[{distractor!r}]" if distractor else "")
+    return f"Direct logit attribution of {what} at position {attribution.position}"
+
+
+def attribution_figure(attribution, batch: int = 0) -> go.Figure:
+    """A heatmap of head attributions (layers down, heads across) for ``by="head"``; bars otherwise."""
+    title = _title(attribution) + f" (error {float(attribution.error[batch]):.1e})"
+    if attribution.by == "head":
+        grid = attribution.head_grid(batch)
+        bound = float(grid.abs().max().clamp(min=1e-12))
+        figure = go.Figure(go.Heatmap(
+            z=grid.tolist(), x=[f"H{h}" for h in range(grid.shape[1])], y=[f"L{layer}" for layer in range(grid.shape[0])],
+            colorscale="RdBu_r", zmid=0, zmin=-bound, zmax=bound, colorbar={"title": "logit"},
+        ))
+        figure.update_layout(title=title, xaxis_title="head", yaxis_title="layer")
+        return figure
+    values = attribution.values[batch].tolist()
+    figure = go.Figure(go.Bar(x=attribution.labels, y=values, marker_color=["#b2182b" if v >= 0 else "#2166ac" for v in values]))
+    figure.update_layout(title=title, xaxis_title=attribution.by, yaxis_title="direct logit attribution")
+    return figure
+
+
+def logit_diff_figure(diff, batch: int = 0) -> go.Figure:
+    """Rows (embedding at the bottom) x decoded positions, coloured by the logit difference."""
+    grid = diff.values[:, batch]
+    bound = float(grid.abs().nan_to_num(0).max().clamp(min=1e-12))
+    figure = go.Figure(go.Heatmap(
+        z=grid.tolist(), x=[str(p) for p in diff.positions], y=diff.labels,
+        colorscale="RdBu_r", zmid=0, zmin=-bound, zmax=bound, colorbar={"title": "logit diff"},
+    ))
+    figure.update_layout(
+        title=f"logit[{' / '.join(diff.target_names)!r}] - logit[{' / '.join(diff.distractor_names)!r}] through the lens",
+        xaxis_title="position", yaxis_title="row",
+    )
+    return figure

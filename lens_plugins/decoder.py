@@ -45,6 +45,7 @@ class Decoder:
     def d_vocab(self) -> int:
         return self.W_U.shape[1]
 
+    @typechecked
     def logits(self, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab"]:
         """Full-vocabulary float32 logits of ``resid``. Memory grows with ``lead x vocab``: use it for a
         few rows, and ``statistics`` for a whole stack."""
@@ -52,6 +53,7 @@ class Decoder:
         normed = readout.apply_final_norm(resid, self.norm_kind, self.norm_weight, self.norm_bias, self.norm_eps)
         return readout.unembed(normed, self.W_U, self.b_U, self.softcap)
 
+    @typechecked
     def statistics(
         self,
         resid: Float[Tensor, "row token d_model"],

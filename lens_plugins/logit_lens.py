@@ -6,6 +6,8 @@ token, the user's targets and token-set members), stream the decoder over the st
 result. ``prepare`` and ``assemble`` are split so that a remote trace can run the streamed part on the server.
 """
 
+import contextlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -192,12 +194,88 @@ def logit_lens_from_stack(
     if "kl_input_row" in request.reductions and rows[0] != 0:
         raise ValueError("kl_input_row compares every row with the input row ('embed'): keep row 0 in layers")
     batch, d_model = stack.shape[1], stack.shape[3]
-    flat = stack[rows][:, :, request.positions].reshape(len(rows), batch * len(request.positions), d_model)
-    if torch.isnan(flat).any():
-        raise ValueError("the residual stream contains NaN at the decoded rows/positions; the lens would only propagate it")
+    # Index only what is not taken whole: a full stack is a view, not a rows x tokens x d_model copy.
+    selected = stack if len(rows) == stack.shape[0] else stack[rows]
+    if len(request.positions) != stack.shape[2]:
+        selected = selected[:, :, request.positions]
+    check_finite(selected, [labels[i] for i in rows], request.positions)
+    flat = selected.reshape(len(rows), batch * len(request.positions), d_model)
     columns = per_token_targets(request, token_ids, attention_mask)
     stats = decoder.statistics(
         flat, columns, top_k, vocab_chunk, token_chunk,
         prompt.readout_reductions(request.reductions, len(request.user_ids)),
     )
     return assemble(stats, request, [labels[i] for i in rows], token_ids, tokenizer, attention_mask)
+
+
+def check_finite(stack: Tensor, labels: Sequence[str], positions: Sequence[int]) -> None:
+    """Refuse a residual stack ``[row, batch, pos, d_model]`` holding NaN or inf, naming the first bad entry:
+    the final norm would turn it into NaN log-probs everywhere downstream."""
+    bad = ~torch.isfinite(stack).all(-1)
+    if bad.any():
+        row, item, pos = (int(i) for i in bad.nonzero()[0])
+        kind = "NaN" if torch.isnan(stack[row, item, pos]).any() else "inf"
+        raise ValueError(
+            f"the residual stream contains {kind} at row {labels[row]!r}, batch item {item}, prompt position "
+            f"{positions[pos]} ({int(bad.sum())} non-finite vectors in all); the lens would only propagate it. "
+            "Check the activations (an overflow in half precision?) before decoding them."
+        )
+
+
+def check_context(n_tokens: int, limit: Optional[int]) -> None:
+    """Refuse a prompt longer than the model's context window (``limit``; ``None``: no known limit), before
+    the model silently truncates it or runs positions it was never trained on."""
+    if limit is not None and n_tokens > limit:
+        raise ValueError(
+            f"the prompt is {n_tokens} tokens, longer than the model's context of {limit} tokens: "
+            f"shorten it (or split it) to at most {limit} tokens"
+        )
+
+
+def pad_batch(sequences: Sequence[Tensor], pad_id: int, side: str) -> tuple[Tensor, Tensor]:
+    """``(token_ids, attention_mask)``, both ``[batch, longest]``, of ragged 1-d token sequences padded on
+    ``side`` ("left" or "right") with ``pad_id``; the mask is 1 on real tokens."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+    longest = max(len(s) for s in sequences)
+    token_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(longest - len(sequence), longest) if side == "left" else slice(0, len(sequence))
+        token_ids[row, span] = sequence
+        mask[row, span] = 1
+    return token_ids, mask
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Run ``module`` in eval mode for the duration (a model in training mode runs dropout, so its lens
+    would not be its prediction), warning that it did so, and put training mode back afterwards."""
+    if not module.training:
+        yield
+        return
+    warnings.warn(
+        "the model is in training mode (dropout on): the lens ran it in eval mode for this call and then "
+        "put it back in training mode. Call model.eval() first to silence this warning.",
+        RuntimeWarning, stacklevel=3,
+    )
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
+
+
+def check_prompts(prompt: Union[str, Sequence[str]]) -> list[str]:
+    """The prompts of a one-call lens as a list, refusing an empty batch and empty or whitespace-only text
+    (which tokenises to nothing, or to a lone BOS: no prediction to look at)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("the prompt is empty (an empty list): give the model some text to predict from")
+    for index, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise TypeError(f"prompt {index} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            where = "the prompt" if isinstance(prompt, str) else f"prompt {index} of the batch"
+            raise ValueError(f"{where} is empty ({text!r}): give the model some text to predict from")
+    return prompts

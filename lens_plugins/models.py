@@ -130,3 +130,17 @@ def load_default_model(
     from lens_plugins.adapters.hooked_transformer import hooked_transformer_from_hf
 
     return hooked_transformer_from_hf(model, tokenizer)
+
+
+def context_length(model) -> Optional[int]:
+    """The longest prompt ``model`` was trained for: ``cfg.n_ctx`` of a TransformerLens model, else the
+    Hugging Face config's position limit; ``None`` where there is none (ALiBi models such as BLOOM)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "n_ctx", None):
+        return int(cfg.n_ctx)
+    config = getattr(getattr(model, "_module", model), "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -31,7 +31,8 @@ from torch import Tensor
 from lens_plugins import architectures, prompt, readout, remote, remote_attribution
 from lens_plugins.attribution import Attribution, TokenSet, result_from_saved
 from lens_plugins.decoder import Decoder
-from lens_plugins.logit_lens import LensRequest, assemble
+from lens_plugins.logit_lens import LensRequest, assemble, check_context, check_prompts, eval_mode
+from lens_plugins.models import context_length
 from lens_plugins.remote import logit_lens
 from lens_plugins.remote_attribution import attribution
 from lens_plugins.result import LensResult
@@ -113,12 +114,16 @@ def run_logit_lens(
     ``remote``/``backend`` go to ``model.trace``. A remote failure raises ``RemoteLensError`` naming what
     happened (unreachable host, job error, timeout); the model, prompt and arguments are untouched, so the
     call can simply be retried, or run with ``remote=False``.
+
+    A batch is padded on the tokenizer's ``padding_side`` and run with its attention mask (padding is
+    marked in ``result.attention_mask`` and scores nothing). A prompt longer than the model's context is
+    refused before tracing; a model in training mode runs in eval mode for the call, with a warning.
     """
-    if isinstance(prompt, str) and not prompt.strip() or isinstance(prompt, list) and not prompt:
-        raise ValueError(f"the prompt is empty ({prompt!r}): give the model some text to predict from")
+    prompts = check_prompts(prompt)
+    check_context(max(len(ids) for ids in model.tokenizer(prompts)["input_ids"]), context_length(model))
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     try:
-        with model.trace(prompt, **trace_kwargs):
+        with eval_mode(getattr(model, "_module", model)), model.trace(prompt, **trace_kwargs):
             lens = logit_lens(model, top_k=top_k, targets=list(targets), positions=positions,
                               token_sets=token_sets, reductions=tuple(reductions), **paths)
     except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours

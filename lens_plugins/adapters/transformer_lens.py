@@ -28,7 +28,11 @@ from lens_plugins.attribution import (
     Attribution, LogitDiff, TokenSet, attribute_parts, from_values, logit_diff_from_stack, token_set,
 )
 from lens_plugins.decoder import Decoder
-from lens_plugins.logit_lens import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, TokenSets, logit_lens_from_stack
+from lens_plugins.logit_lens import (
+    DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, TokenSets, check_context, check_prompts, eval_mode, logit_lens_from_stack,
+    pad_batch,
+)
+from lens_plugins.models import context_length
 from lens_plugins.prompt import DEFAULT_LENS_REDUCTIONS
 from lens_plugins.norms import hf_norm_params
 from lens_plugins.result import LensResult
@@ -197,12 +201,14 @@ def recover_tokens(cache) -> Int[Tensor, "batch seq"]:
             "the lens needs the prompt's tokens: pass tokens=model.to_tokens(prompt), or cache 'hook_embed' "
             "(lens_plugins.transformer_lens.hook_filter() includes it)"
         )
-    embed = cache["hook_embed"].detach().float()
-    if embed.dim() == 2:
-        embed = embed.unsqueeze(0)
+    embed = _embed(cache)
     W_E = cache.model.W_E.detach().float()
+    if embed.shape[-1] != W_E.shape[-1]:
+        raise ValueError(f"hook_embed has width {embed.shape[-1]} but this model's W_E has {W_E.shape[-1]}: "
+                         "the cache comes from a different model")
     unit = W_E / W_E.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    ids = (embed @ unit.T).argmax(-1)
+    # Nearest row a few hundred positions at a time: [tokens, vocab] scores for a long prompt would not fit.
+    ids = torch.cat([(chunk @ unit.T).argmax(-1) for chunk in embed.split(256, dim=1)], dim=1)
     matched = W_E[ids]
     scale = (embed * matched).sum(-1, keepdim=True) / (matched * matched).sum(-1, keepdim=True).clamp(min=1e-12)
     error = (embed - scale * matched).norm(dim=-1) / embed.norm(dim=-1).clamp(min=1e-12)
@@ -214,11 +220,36 @@ def recover_tokens(cache) -> Int[Tensor, "batch seq"]:
     return ids
 
 
+def _embed(cache) -> Tensor:
+    embed = cache["hook_embed"].detach().float()
+    return embed.unsqueeze(0) if embed.dim() == 2 else embed
+
+
+def check_tokens_match_embed(cache, tokens: Tensor) -> None:
+    """With ``tokens`` given and ``hook_embed`` cached, refuse a cache whose embeddings are not this model's
+    embeddings of those tokens (up to Gemma-style scaling): another model's cache, or other tokens."""
+    if "hook_embed" not in cache.cache_dict:
+        return
+    embed = _embed(cache)
+    W_E = cache.model.W_E.detach().float()
+    if embed.shape[-1] != W_E.shape[-1]:
+        return  # the decoder's width check names this
+    expected = W_E[tokens.to(W_E.device)]
+    scale = (embed * expected).sum(-1, keepdim=True) / (expected * expected).sum(-1, keepdim=True).clamp(min=1e-12)
+    error = (embed - scale * expected).norm(dim=-1) / embed.norm(dim=-1).clamp(min=1e-12)
+    if error.max() > 1e-4:
+        raise ValueError(
+            f"hook_embed is not this model's embedding of the tokens (relative error {error.max().item():.2g}): "
+            "the cache comes from a different model, or tokens= are not the prompt it was run on"
+        )
+
+
 @typechecked
 def logit_lens(
     cache,
     *,
     tokens: Optional[Int[Tensor, "batch seq"]] = None,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
     resid_mid: bool = False,
     sublayers: Sublayers = False,
     layers: Optional[Sequence[Union[int, str]]] = None,
@@ -232,7 +263,9 @@ def logit_lens(
 ) -> LensResult:
     """The logit lens of a TransformerLens ``ActivationCache`` (the function behind ``cache.lens.logit_lens``).
 
-    ``tokens`` defaults to the ids recovered from ``hook_embed``; ``layers`` picks rows by index or label
+    ``tokens`` defaults to the ids recovered from ``hook_embed``; ``attention_mask`` (1 on real tokens, as
+    passed to ``run_with_cache`` for a padded batch) marks padding, which scores nothing and is left out of
+    every average; ``layers`` picks rows by index or label
     (the final row is always kept as the reference); ``positions`` (prompt indices, negative
     allowed) defaults to all; ``targets`` are single-token strings or ids whose log-prob and rank are
     reported at every row and position; ``token_sets`` maps names to several tokens whose probabilities
@@ -241,14 +274,17 @@ def logit_lens(
     """
     model = _cache_model(cache)
     stack, labels = residual_stack(cache, resid_mid, sublayers)
+    check_context(stack.shape[2], context_length(model))
     if tokens is None:
         tokens = recover_tokens(cache)
     if tuple(tokens.shape) != tuple(stack.shape[1:3]):
         raise ValueError(f"tokens have shape {tuple(tokens.shape)} but the cache holds [batch, seq] = {tuple(stack.shape[1:3])}")
+    check_tokens_match_embed(cache, tokens)
     return logit_lens_from_stack(
         stack, labels, decoder_for(model), tokens.to(torch.long).cpu(), model.tokenizer,
         layers=layers, positions=positions, top_k=top_k, targets=targets, token_sets=token_sets,
         reductions=reductions, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        attention_mask=None if attention_mask is None else attention_mask.to(torch.long).cpu(),
     )
 
 
@@ -379,16 +415,35 @@ def run_attribution(model, prompt: Union[str, list[str]], target: TokenSet, dist
     return attribution(cache, target, distractor, **kwargs)
 
 
+@typechecked
 def run_logit_lens(
-    model, prompt: Union[str, list[str]], *, resid_mid: bool = False, sublayers: Sublayers = False, **kwargs
+    model,
+    prompt: Union[str, list[str]],
+    *,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    padding_side: Optional[str] = None,
+    **kwargs,
 ) -> LensResult:
-    """Run ``model`` on ``prompt`` caching only the lens hooks, then decode: the one-call form."""
-    if isinstance(prompt, str) and prompt.strip() == "" or isinstance(prompt, list) and not prompt:
-        raise ValueError(f"the prompt is empty ({prompt!r}): give the model some text to predict from")
-    tokens = model.to_tokens(prompt)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=hook_filter(model, resid_mid, sublayers))
-    return logit_lens(cache, tokens=tokens, resid_mid=resid_mid, sublayers=sublayers, **kwargs)
+    """Run ``model`` on ``prompt`` caching only the lens hooks, then decode: the one-call form.
+
+    A batch of prompts is padded on ``padding_side`` ("left" or "right"; default the tokenizer's) and run
+    with its attention mask, so each prompt's lens is its lens alone; ``result.attention_mask`` marks the
+    padding. A prompt longer than the model's context is refused (``to_tokens`` would truncate it). A
+    model in training mode runs in eval mode for the call, with a warning, and is put back.
+    """
+    prompts = check_prompts(prompt)
+    sequences = [model.to_tokens(p, truncate=False)[0] for p in prompts]
+    check_context(max(len(s) for s in sequences), context_length(model))
+    tokenizer = model.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens, mask = pad_batch(sequences, pad_id, padding_side or getattr(tokenizer, "padding_side", "right"))
+    tokens, mask = tokens.to(sequences[0].device), mask.to(sequences[0].device)
+    with eval_mode(model), torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask,
+                                        names_filter=hook_filter(model, resid_mid, sublayers))
+        return logit_lens(cache, tokens=tokens, attention_mask=mask, resid_mid=resid_mid, sublayers=sublayers,
+                          **kwargs)
 
 
 class CacheLens:

@@ -49,6 +49,7 @@ test-tl3: venv venv-tl3
 bench: venv
 	$(VENV)/bin/python benchmarks/bench_logit_lens.py
 	$(VENV)/bin/python benchmarks/bench_nnsight_bytes.py
+	$(VENV)/bin/python benchmarks/bench_typecheck.py
 
 clean:
 	rm -rf $(VENV) $(TL3) lens.html

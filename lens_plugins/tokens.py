@@ -5,6 +5,8 @@ from typing import Union
 
 import torch
 
+from lens_plugins.prompt import single_token_id
+
 TargetSpec = Union[str, int]
 
 
@@ -37,8 +39,6 @@ def variants(tokenizer, word: str, verbose: bool = True) -> list[str]:
 
 
 def set_ids(tokenizer, members: Sequence[TargetSpec], d_vocab: int) -> list[int]:
-    from lens_plugins.prompt import single_token_id
-
     ids = list(dict.fromkeys(single_token_id(tokenizer, m, d_vocab) for m in members))
     if not ids:
         raise ValueError("a token set needs at least one member")

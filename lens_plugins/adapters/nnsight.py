@@ -174,8 +174,7 @@ def run_attribution(
 ) -> Attribution:
     """Trace ``prompt`` and return the direct logit attribution of ``target`` (minus ``distractor``) at
     ``position``: the one-call form. Remote failures raise ``RemoteLensError``, as ``run_logit_lens``."""
-    if isinstance(prompt, str) and not prompt.strip() or isinstance(prompt, list) and not prompt:
-        raise ValueError(f"the prompt is empty ({prompt!r}): give the model some text to predict from")
+    check_prompts(prompt)
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     try:
         with model.trace(prompt, **trace_kwargs):

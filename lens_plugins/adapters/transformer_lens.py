@@ -408,8 +408,7 @@ def logit_diff(
 def run_attribution(model, prompt: Union[str, list[str]], target: TokenSet, distractor: Optional[TokenSet] = None,
                     **kwargs) -> Attribution:
     """Run ``model`` on ``prompt`` caching only what attribution reads, then attribute: the one-call form."""
-    if isinstance(prompt, str) and prompt.strip() == "" or isinstance(prompt, list) and not prompt:
-        raise ValueError(f"the prompt is empty ({prompt!r}): give the model some text to predict from")
+    check_prompts(prompt)
     with torch.no_grad():
         _, cache = model.run_with_cache(model.to_tokens(prompt), names_filter=hook_filter(model, attribution=True))
     return attribution(cache, target, distractor, **kwargs)

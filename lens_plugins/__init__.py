@@ -25,6 +25,10 @@ _LAZY = {
     "load_hf_model": ("lens_plugins.models", "load_hf_model"),
     "lens_heatmap": ("lens_plugins.plot", "lens_heatmap"),
     "html_report": ("lens_plugins.plot", "html_report"),
+    "TunedLens": ("lens_plugins.tuned_lens", "TunedLens"),
+    "LastBlocksLens": ("lens_plugins.last_blocks_lens", "LastBlocksLens"),
+    "evaluate_lenses": ("lens_plugins.evaluate", "evaluate_lenses"),
+    "LensEvaluation": ("lens_plugins.evaluate", "LensEvaluation"),
 }
 
 __all__ = list(_LAZY)

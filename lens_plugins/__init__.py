@@ -29,6 +29,7 @@ _LAZY = {
     "LastBlocksLens": ("lens_plugins.last_blocks_lens", "LastBlocksLens"),
     "evaluate_lenses": ("lens_plugins.evaluate", "evaluate_lenses"),
     "LensEvaluation": ("lens_plugins.evaluate", "LensEvaluation"),
+    "decoder_from_checkpoint": ("lens_plugins.checkpoint_decoder", "decoder_from_checkpoint"),
 }
 
 __all__ = list(_LAZY)

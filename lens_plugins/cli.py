@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   lens-plugins "The capital of France is" --targets " Paris"
   lens-plugins "The capital of France is" --positions -2: --top-k 3 --html france.html
   lens-plugins "def f(x):" --model ./my-hf-model --no-html --plain
+  lens-plugins train-lens --out lenses/smollm2    (train a tuned lens: lens-plugins train-lens --help)
 """
 
 
@@ -213,9 +214,14 @@ def run(args: argparse.Namespace, out) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``lens-plugins`` console script; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub time-out
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-lens"]:  # the tuned-lens trainer has its own parser (lens_plugins.cli_train_lens)
+        from lens_plugins import cli_train_lens
+
+        return cli_train_lens.main(argv[1:])
     parser = build_parser()
     try:
-        args = parser.parse_args(glue_positions(list(sys.argv[1:] if argv is None else argv)))
+        args = parser.parse_args(glue_positions(argv))
     except SystemExit as stop:  # argparse has printed usage or --help
         return int(stop.code or 0)
     try:

@@ -404,3 +404,40 @@ def test_public_names():
     assert lp.TunedLens is TunedLens
     assert lp.evaluate_lenses is evaluate_lenses
     assert lp.LastBlocksLens is LastBlocksLens
+
+
+# --- big lenses: download the rows, decode on the client with a decoder read alone from safetensors ----------
+
+
+@pytest.mark.parametrize("family,shard", [("llama", False), ("gemma2", True), ("opt", False), ("gpt2", True)])
+def test_decoder_read_alone_from_safetensors_equals_the_models(tmp_path, family, shard):
+    from lens_plugins.checkpoint_decoder import decoder_from_checkpoint
+
+    hf = tiny_model(family)
+    hf.save_pretrained(tmp_path, max_shard_size="200KB" if shard else "2GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == shard
+    ours = decoder_from_checkpoint(tmp_path)
+    resid = torch.randn(2, 5, hf.config.hidden_size)
+    torch.testing.assert_close(ours.logits(resid), decoder_of(hf).logits(resid), atol=1e-5, rtol=0)
+
+
+def test_rows_downloaded_from_a_trace_decode_on_the_client(tmp_path, tiny_tuned, smollm2_tokenizer):
+    from lens_plugins.adapters import nnsight as lpn
+    from lens_plugins.checkpoint_decoder import decode_rows, decoder_from_checkpoint
+
+    hf = tiny_model("llama")
+    hf.save_pretrained(tmp_path)
+    model = lpn.wrap_model(hf, smollm2_tokenizer)
+    tokens = random_tokens(batch=1, seq=6)
+    layers = model.model.layers
+    saved = []
+    with model.trace(tokens):  # what a remote trace would download: the residual rows, nothing decoded
+        for i in range(3):
+            saved.append(layers[i].inputs[0][0].save())
+        saved.append(layers[2].output.save())
+    stack = torch.stack([s if isinstance(s, torch.Tensor) else s[0] for s in saved])
+    labels = [r.label for r in stack_rows(3)]
+    ours = decode_rows(stack, labels, tiny_tuned, decoder_from_checkpoint(tmp_path), tokens, smollm2_tokenizer, top_k=3)
+    expected = expected_from_stack(tiny_model("llama"), tokens, tiny_tuned, smollm2_tokenizer)
+    torch.testing.assert_close(ours.top_logprobs, expected.top_logprobs, atol=1e-5, rtol=0)
+    assert torch.equal(ours.top_ids, expected.top_ids)

@@ -441,3 +441,31 @@ def test_rows_downloaded_from_a_trace_decode_on_the_client(tmp_path, tiny_tuned,
     expected = expected_from_stack(tiny_model("llama"), tokens, tiny_tuned, smollm2_tokenizer)
     torch.testing.assert_close(ours.top_logprobs, expected.top_logprobs, atol=1e-5, rtol=0)
     assert torch.equal(ours.top_ids, expected.top_ids)
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+
+def test_train_lens_command_saves_a_loadable_lens_and_reports_heldout_kl(tmp_path, smollm2_tokenizer, capsys):
+    import transformers
+
+    from lens_plugins import cli
+
+    config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    smollm2_tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text("\n\n".join(["The quick brown fox jumps over the lazy dog."] * 40))
+    status = cli.main(["train-lens", "--model", str(tmp_path / "model"), "--text", str(tmp_path / "text.txt"),
+                       "--out", str(tmp_path / "lens"), "--steps", "2", "--seq-len", "16", "--eval-blocks", "1",
+                       "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    lens = TunedLens.load(tmp_path / "lens")
+    assert (lens.d_model, lens.num_hidden_layers) == (32, 2) and lens.config["base_model_name_or_path"] == "model"
+    assert "held-out KL" in out and "1_post" in out
+    assert (tmp_path / "lens" / "heldout_eval.csv").exists()
+    assert cli.main(["train-lens", "--out", str(tmp_path / "x"), "--text", str(tmp_path / "missing.txt")]) == 1
+    assert "no text file at" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, out) -> None:
     name = Path(args.model).name if args.model else DEFAULT_MODEL_NAME
     lens = TunedLens.for_model(hf)
     lens.config["base_model_name_or_path"] = name
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     lens = train_tuned_lens(
         hf, args.text, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, accumulate=args.accumulate,
         loss=args.loss, lr=args.lr, weight_decay=args.weight_decay, heldout=args.heldout, seed=args.seed, lens=lens,
@@ -74,10 +74,11 @@ def run(args: argparse.Namespace, out) -> None:
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
         matmul_dtype=getattr(torch, args.matmul_dtype),
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     lens.save(args.out)
     tokens = args.steps * args.accumulate * args.batch_size * args.seq_len
-    print(f"trained in {seconds:.0f} s ({args.steps} steps, {tokens} tokens); saved to {args.out}", file=out)
+    print(f"trained in {seconds:.0f} s ({cpu_seconds:.0f} CPU-seconds over {torch.get_num_threads()} threads; "
+          f"{args.steps} steps, {tokens} tokens); saved to {args.out}", file=out)
     if args.eval_blocks:
         result = evaluate_lenses(hf, lens.heldout_blocks[: args.eval_blocks], [TunedLens.for_model(hf), lens],
                                  names=["logit lens", "tuned lens"])

@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: demo test test-main test-tl3 venv venv-tl3 bench clean
+# Every suite `make test` runs, in order; each runs even when an earlier one failed.
+SUITES := test-main test-tl3
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +38,14 @@ venv-tl3: $(TL3)/.installed
 demo: venv
 	$(VENV)/bin/lens-plugins "$(PROMPT)" --html lens.html
 
-test: test-main test-tl3
+# Runs every suite whatever happened to the ones before (pytest prints each suite's summary), then says
+# which failed and exits non-zero if any did.
+test:
+	@failed=""; for suite in $(SUITES); do \
+		echo "=== make $$suite"; $(MAKE) --no-print-directory $$suite || failed="$$failed $$suite"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "=== FAILED suites:$$failed (of: $(SUITES))"; exit 1; fi; \
+	echo "=== all suites passed: $(SUITES)"
 
 test-main: venv
 	$(VENV)/bin/python -m pytest -q

@@ -222,41 +222,44 @@ def check_implementation(config) -> None:
 def trace_patterns(model, layers: Optional[list[int]] = None) -> dict:
     """Inside ``with model.trace(prompt):``, save every chosen layer's attention probabilities.
 
-    Returns a dict to pass to ``nnsight_result`` after the trace. Reads each attention module's second
-    output (``attn_weights``, ``[batch, head, query, key]``), in layer order as the forward pass reaches them.
+    Returns a saved dict to pass to ``nnsight_result`` after the trace. Reads the traced ``input_ids`` and
+    ``attention_mask``, then each attention module's second output (``attn_weights``,
+    ``[batch, head, query, key]``) in layer order, as the forward pass reaches them.
     """
+    import nnsight
+
     hf = getattr(model, "_model", model)
     check_implementation(hf.config)
-    spec = architectures.resolve(hf)
-    n_layers = len(architectures.get_path(hf, spec["layers"]))
-    chosen = _choose_layers(layers, n_layers)
-    saved = []
+    spec = architectures.resolve(model)
+    chosen = _choose_layers(layers, len(architectures.get_path(hf, spec["layers"])))
+    args, kwargs = model.inputs
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        raise ValueError("attention views need input_ids to label their tokens: trace token ids or text, not inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    patterns = []
     for layer in chosen:
-        module = architectures.component(model, spec, "attn", layer)
-        weights = module.output[1]
+        weights = architectures.component(model, spec, "attn", layer).output[1]
         if weights is None:  # a config that says eager but a module that skipped the weights
             raise AttentionUnavailableError(f"layer {layer}'s attention returned no weights; load the model "
                                             "with attn_implementation=\"eager\"")
-        saved.append(weights.save())
-    return {"layers": chosen, "patterns": saved}
+        patterns.append(weights.detach().float().cpu())
+    return nnsight.save({
+        "layers": chosen, "patterns": torch.stack(patterns), "token_ids": tokens.cpu(),
+        "attention_mask": torch.ones_like(tokens).cpu() if mask is None else mask.cpu(),
+    })
 
 
-def nnsight_result(saved: dict, model, tokens: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                   prompt: Optional[Union[str, list[str]]] = None) -> AttentionResult:
-    """The ``AttentionResult`` of what ``trace_patterns`` saved; give the traced ``tokens`` or ``prompt``."""
-    if tokens is None:
-        if prompt is None:
-            raise ValueError("give the traced prompt's tokens= (or prompt=) so the result can show its tokens")
-        encoded = model.tokenizer(prompt if isinstance(prompt, list) else [prompt], return_tensors="pt", padding=True)
-        tokens, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-    patterns = torch.stack([torch.as_tensor(p) for p in saved["patterns"]])
-    return _result(saved["layers"], patterns, tokens, attention_mask, model.tokenizer)
+def nnsight_result(saved: dict, model) -> AttentionResult:
+    """The ``AttentionResult`` of what ``trace_patterns`` saved inside a trace of ``model``."""
+    if not isinstance(saved, dict) or "patterns" not in saved:
+        raise TypeError(f"expected what attention.trace_patterns(model) returned inside a trace, got {type(saved).__name__}")
+    return _result(saved["layers"], saved["patterns"], saved["token_ids"], saved["attention_mask"], model.tokenizer)
 
 
 def run_nnsight(model, prompt: Union[str, list[str]], layers: Optional[list[int]] = None) -> AttentionResult:
     """Trace ``model`` on ``prompt`` (locally) and return its attention patterns: the one-call form."""
     check_implementation(getattr(model, "_model", model).config)
-    encoded = model.tokenizer(prompt if isinstance(prompt, list) else [prompt], return_tensors="pt", padding=True)
-    with torch.no_grad(), model.trace(encoded["input_ids"], attention_mask=encoded["attention_mask"]):
+    with torch.no_grad(), model.trace(prompt):
         saved = trace_patterns(model, layers)
-    return nnsight_result(saved, model, encoded["input_ids"], encoded["attention_mask"])
+    return nnsight_result(saved, model)

@@ -313,13 +313,13 @@ def lens_heatmap(
         figure.layout[top_axis] = dict(
             overlaying=f"x{suffix}", side="top", anchor=f"y{suffix}", range=[-0.5, n_pos - 0.5],
             tickmode="array", tickvals=list(range(n_pos)), ticktext=top_axis_labels(result, b, pos_idx),
-            showgrid=False, zeroline=False, tickangle=-45 if n_pos > 8 else 0, tickfont={"size": 11},
+            showgrid=False, zeroline=False, tickangle=-45 if n_pos > 8 else None, tickfont={"size": 11},
             title={"text": f"actual next token (<span style=\"color:{_RIGHT}\">●</span>: the model's top-1)"} if f == 0 else None,
         )
         figure.update_xaxes(
             range=[-0.5, n_pos - 0.5], tickmode="array", tickvals=list(range(n_pos)),
             ticktext=position_labels(result, b, [result.positions[p] for p in pos_idx]),
-            tickangle=-45 if n_pos > 8 else 0, showgrid=False, zeroline=False,
+            tickangle=-45 if n_pos > 8 else None, showgrid=False, zeroline=False,
             title_text="input token [position]" if f == facets - 1 else None, row=f + 1, col=1,
         )
         figure.update_yaxes(

@@ -284,11 +284,17 @@ def lens_heatmap(
     n_pos, n_rows = len(pos_idx), len(rows)
     with_text = n_pos <= MAX_TEXT_POSITIONS
     facets = len(batches)
-    figure = make_subplots(
-        rows=facets, cols=1, vertical_spacing=min(0.3, 0.35 / facets) if facets > 1 else 0.0,
-        subplot_titles=[f"prompt {b}: {display_token(''.join(result.str_tokens(b)))[:120]}" for b in batches] if facets > 1 else None,
-    )
-    facet_px = 150 + _ROW_PX * n_rows
+    bottoms = {b: position_labels(result, b, [result.positions[p] for p in pos_idx]) for b in batches}
+    tops = {b: top_axis_labels(result, b, pos_idx) for b in batches}
+    # Tilted tick labels need room above and below each facet; the spacing is set in pixels, then
+    # converted to make_subplots' fraction of the plot area.
+    tilted = n_pos > 8 or any(len(label) > 12 for labels in bottoms.values() for label in labels)
+    angle = -45 if tilted else 0
+    top_px, bottom_px, caption_px = (95, 120, 24) if tilted else (30, 50, 24)
+    plot_px = _ROW_PX * n_rows
+    gap_px = bottom_px + top_px + caption_px + 10
+    area_px = facets * plot_px + (facets - 1) * gap_px
+    figure = make_subplots(rows=facets, cols=1, vertical_spacing=gap_px / area_px if facets > 1 else 0.0)
     for f, b in enumerate(batches):
         z = shown[:, f]
         top1 = [[_short(display_token(result.token(result.top_ids[r, b, p, 0]))) for p in pos_idx] for r in rows]
@@ -302,40 +308,46 @@ def lens_heatmap(
             xs, ys = _outline_path(agreement_cells(result, b, rows, pos_idx))
             figure.add_trace(go.Scatter(
                 x=xs, y=ys, mode="lines", line={"color": "#111111", "width": 1.6}, hoverinfo="skip",
-                name=_OUTLINE, legendgroup=_OUTLINE, showlegend=f == 0,
+                name=_OUTLINE, showlegend=False,
             ), row=f + 1, col=1)
         suffix = "" if f == 0 else str(f + 1)
-        top_axis = f"xaxis{facets + f + 1}"
         figure.add_trace(go.Scatter(  # an invisible trace so that plotly draws the top axis
             x=[0, n_pos - 1], y=[0, 0], xaxis=f"x{facets + f + 1}", yaxis=f"y{suffix}", mode="markers",
             marker={"opacity": 0}, hoverinfo="skip", showlegend=False, name="next tokens",
         ))
-        figure.layout[top_axis] = dict(
+        figure.layout[f"xaxis{facets + f + 1}"] = dict(
             overlaying=f"x{suffix}", side="top", anchor=f"y{suffix}", range=[-0.5, n_pos - 0.5],
-            tickmode="array", tickvals=list(range(n_pos)), ticktext=top_axis_labels(result, b, pos_idx),
-            showgrid=False, zeroline=False, tickangle=-45 if n_pos > 8 else None, tickfont={"size": 11},
-            title={"text": f"actual next token (<span style=\"color:{_RIGHT}\">●</span>: the model's top-1)"} if f == 0 else None,
+            tickmode="array", tickvals=list(range(n_pos)), ticktext=tops[b],
+            showgrid=False, zeroline=False, tickangle=angle, tickfont={"size": 11},
         )
         figure.update_xaxes(
-            range=[-0.5, n_pos - 0.5], tickmode="array", tickvals=list(range(n_pos)),
-            ticktext=position_labels(result, b, [result.positions[p] for p in pos_idx]),
-            tickangle=-45 if n_pos > 8 else None, showgrid=False, zeroline=False,
+            range=[-0.5, n_pos - 0.5], tickmode="array", tickvals=list(range(n_pos)), ticktext=bottoms[b],
+            tickangle=angle, showgrid=False, zeroline=False,
             title_text="input token [position]" if f == facets - 1 else None, row=f + 1, col=1,
         )
         figure.update_yaxes(
             range=[-0.5, n_rows - 0.5], tickmode="array", tickvals=list(range(n_rows)),
             ticktext=[result.labels[r] for r in rows], showgrid=False, zeroline=False,
-            title_text="residual stream row", row=f + 1, col=1,
+            title_text="row", row=f + 1, col=1,
         )
+        if facets > 1:  # which prompt, above the facet's next-token axis
+            prompt = visible_text("".join(result.str_tokens(b)))
+            figure.add_annotation(
+                text=html.escape(f"prompt {b}: " + (prompt if len(prompt) <= 100 else prompt[:99] + "…"), quote=False),
+                xref="paper", x=0, xanchor="left", yref=f"y{suffix} domain", y=1, yanchor="bottom",
+                yshift=top_px + 2, showarrow=False, font={"size": 12},
+            )
+    what = f"logit lens: {title}" + ("" if with_text else " (hover for tokens)")
+    legend = (f"top axis: the actual next token, <span style=\"color:{_RIGHT}\">● green</span> where the model's "
+              "top-1 is it" + ("<br>outlined: cells whose top-1 already is the final top-1" if outline else ""))
     figure.update_layout(
         coloraxis={"colorscale": scale, "colorbar": colorbar,
                    "cmin": 0.0 if metric == "prob" else None, "cmax": 1.0 if metric == "prob" else None},
-        title={"text": f"logit lens: {title}" + ("" if with_text else " (hover for tokens)")},
-        width=260 + (_CELL_PX if with_text else max(8, min(_CELL_PX, 2400 // n_pos))) * n_pos,
-        height=120 + facet_px * facets,
-        margin={"l": 80, "r": 40, "t": 140, "b": 110},
-        plot_bgcolor="white", showlegend=outline,
-        legend={"orientation": "h", "x": 1.0, "xanchor": "right", "y": 1.0, "yanchor": "top", "yref": "container"},
+        title={"text": f"{what}<br><sup>{legend}</sup>", "y": 1.0, "yref": "container", "yanchor": "top", "pad": {"t": 12}},
+        width=max(640, 260 + (_CELL_PX if with_text else max(8, min(_CELL_PX, 2400 // n_pos))) * n_pos),
+        height=area_px + 84 + top_px + (caption_px if facets > 1 else 0) + bottom_px + 30,
+        margin={"l": 80, "r": 40, "t": 84 + top_px + (caption_px if facets > 1 else 0), "b": bottom_px + 30},
+        plot_bgcolor="white", showlegend=False,
     )
     return figure
 

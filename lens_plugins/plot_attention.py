@@ -36,10 +36,11 @@ def head_view(result: AttentionResult, layer: int, head: int, batch: int = 0) ->
         colorbar={"title": {"text": "attention"}}, customdata=hover, hovertemplate="%{customdata}<extra></extra>",
     ))
     ticks = {"tickmode": "array", "tickvals": list(range(len(real))), "ticktext": labels, "showgrid": False}
-    figure.update_xaxes(title_text="key (attended to)", tickangle=-45, side="top", **ticks)
+    figure.update_xaxes(tickangle=-45, side="top", **ticks)
     figure.update_yaxes(title_text="query", autorange="reversed", **ticks)
     side = 260 + 34 * len(real)
-    figure.update_layout(title=f"layer {result.layers[result.layer_index(layer)]}, head {head % result.n_heads}: attention",
+    figure.update_layout(title=f"layer {result.layers[result.layer_index(layer)]}, head {head % result.n_heads}: "
+                               "each query (row) attends to the keys (columns)",
                          width=side + 120, height=side + 60, margin={"t": 140})
     return figure
 

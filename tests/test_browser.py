@@ -137,6 +137,5 @@ def test_cli_report_on_the_default_model(browser, tmp_path, monkeypatch, capsys)
     texts = shown["texts"]
     for label in ["<|im_start|> [0]", "·capital [2]", "·is [5]", "29_post", "embed", "23_attn", "L29", "H8"]:
         assert label in texts, label
-    assert "·Paris" in texts  # the final row's top-1 at the last position, a cell of the heatmap
-    assert "·Paris" in texts and any("·Paris" in t for t in texts if "mean" not in t)
+    assert "·Paris" in texts  # the final row's top-1 at the last position: a heatmap cell and a trajectory's name
     assert any(t.startswith("explained") for t in texts)

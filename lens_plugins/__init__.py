@@ -25,6 +25,11 @@ _LAZY = {
     "load_hf_model": ("lens_plugins.models", "load_hf_model"),
     "lens_heatmap": ("lens_plugins.plot", "lens_heatmap"),
     "html_report": ("lens_plugins.plot", "html_report"),
+    "attention": ("lens_plugins.attention", None),
+    "AttentionResult": ("lens_plugins.attention", "AttentionResult"),
+    "plot": ("lens_plugins.plot", None),
+    "write_report": ("lens_plugins.report", "write_report"),
+    "run_report": ("lens_plugins.report", "run_report"),
 }
 
 __all__ = list(_LAZY)

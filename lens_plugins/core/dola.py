@@ -41,10 +41,13 @@ def candidate_layers(layers, n_layers, tied_embeddings):
         else:
             start = 2 if n_layers > 2 else (1 if n_layers == 2 else 0)
         if layers == "low":
-            if start == n_layers // 2:
-                return [start]
-            return list(range(start, n_layers // 2 if n_layers <= 40 else 20, 2))
-        return list(range(n_layers // 2 if n_layers <= 40 else n_layers - 20, n_layers, 2))
+            chosen = [start] if start == n_layers // 2 else list(range(start, n_layers // 2 if n_layers <= 40 else 20, 2))
+        else:
+            chosen = list(range(n_layers // 2 if n_layers <= 40 else n_layers - 20, n_layers, 2))
+        if not chosen:
+            raise ValueError(f"layers={layers!r} names no layer of a {n_layers}-layer model with "
+                             f"tie_word_embeddings={tied_embeddings}; pass hidden-state indices instead")
+        return chosen
     chosen = [int(layer) for layer in layers]
     if not chosen:
         raise ValueError("layers is empty: name at least one premature candidate")

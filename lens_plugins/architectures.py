@@ -169,7 +169,7 @@ def norm_params(norm, one_plus):
     name = type(norm).__name__
     weight = getattr(norm, "weight", None)
     bias = getattr(norm, "bias", None)
-    if isinstance(norm, torch.nn.LayerNorm) or name.endswith("LayerNorm"):
+    if isinstance(norm, torch.nn.LayerNorm) or name.endswith("LayerNorm") and name != "T5LayerNorm":
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5))
         return "layernorm", weight, bias, float(eps)
     if name.endswith("RMSNorm") or name == "T5LayerNorm":  # T5's is an RMSNorm by another name

@@ -20,7 +20,7 @@ FORMAT = "lens_plugins.dola/1"
 
 
 def dola(model, tracer, steps, layers="high", alpha=0.1, repetition_penalty=None, premature_norm=True,
-         layer_path=None, final_norm=None, lm_head=None):
+         layer_path=None, final_norm=None, lm_head=None, into=None):
     """DoLa over ``with model.generate(prompt, max_new_tokens=steps, do_sample=False) as tracer:``; call it
     first in the body and read the result afterwards with ``lp.nnsight.dola_output(saved, model)``.
 
@@ -28,6 +28,8 @@ def dola(model, tracer, steps, layers="high", alpha=0.1, repetition_penalty=None
     (``core.dola.candidate_layers``). Pass no ``repetition_penalty`` to ``generate`` itself: the step's
     logits are replaced by DoLa's choice, and the penalty belongs to DoLa's scores (``repetition_penalty=``
     here). ``layer_path`` / ``final_norm`` / ``lm_head`` are module paths for a family the table lacks.
+    A generation that ends at an end-of-text token before ``steps`` unwinds the body from inside this
+    function (nnsight's cut-short loop), so pass ``into=nnsight.save({})`` made before the call and read that.
     """
     import nnsight
 
@@ -38,7 +40,8 @@ def dola(model, tracer, steps, layers="high", alpha=0.1, repetition_penalty=None
     n = len(blocks)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     chosen = candidate_layers(layers, n, tied)
-    saved = nnsight.save({"format": FORMAT, "layers": chosen, "steps": []})
+    saved = nnsight.save({}) if into is None else into
+    saved.update({"format": FORMAT, "layers": chosen, "steps": []})
     prompt_ids = model.generator.streamer.output  # the streamer receives the prompt before the first forward
     if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
         raise ValueError(f"DoLa decodes one prompt, got input ids of shape {tuple(prompt_ids.shape)}")

@@ -39,13 +39,16 @@ def generation_lens(
     final_norm=None,
     lm_head=None,
     vocab_chunk=4096,
+    into=None,
 ):
     """Lens every step of ``with model.generate(prompt, max_new_tokens=steps) as tracer:``; call it first
     in the body, turn it into a ``LensResult`` afterwards with ``lp.nnsight.generation_result(lens, model)``.
 
     ``steps`` must be the ``max_new_tokens`` of the generation. If the model stops early (an end-of-text
-    token), nnsight warns that the last requested step never came; the steps that ran are kept. One prompt
-    per generation (a batch would need each row's own padding and stopping point).
+    token), nnsight warns that the next step never came and unwinds the body from inside this function,
+    so it never returns: pass ``into=nnsight.save({})`` made before the call and read that (it holds every
+    step that ran), or pin the length with ``min_new_tokens=steps``. One prompt per generation (a batch
+    would need each row's own padding and stopping point).
     """
     import nnsight
 
@@ -56,7 +59,8 @@ def generation_lens(
     user_ids = [single_token_id(model.tokenizer, t, d_vocab) for t in targets]
     blocks = get_path(model, spec["layers"])
     n = len(blocks)
-    saved = nnsight.save({
+    saved = nnsight.save({}) if into is None else into
+    saved.update({
         "format": FORMAT,
         "steps": [],
         "labels": ["embed"] + [f"{layer}_pre" for layer in range(1, n)] + [f"{n - 1}_post"],

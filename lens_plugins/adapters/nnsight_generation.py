@@ -8,6 +8,7 @@ Re-exported by ``lens_plugins.adapters.nnsight`` (``lp.nnsight.generation_lens``
 from collections.abc import Sequence
 from typing import Optional, Union
 
+import nnsight
 import torch
 
 from lens_plugins import dola as dola_module
@@ -71,8 +72,9 @@ def run_generation_lens(
         with eval_mode(getattr(model, "_module", model)), model.generate(
             text, max_new_tokens=max_new_tokens, **generate_kwargs, **_generate_kwargs(remote, backend)
         ) as tracer:
-            lens = remote_generation.generation_lens(model, tracer, max_new_tokens, top_k=top_k,
-                                                     targets=list(targets), reductions=tuple(reductions))
+            lens = nnsight.save({})  # filled step by step: a generation that stops early never returns
+            remote_generation.generation_lens(model, tracer, max_new_tokens, top_k=top_k, targets=list(targets),
+                                              reductions=tuple(reductions), into=lens)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
     return generation_result(lens, model)
@@ -102,8 +104,9 @@ def dola_generate(
         with eval_mode(getattr(model, "_module", model)), model.generate(
             text, max_new_tokens=max_new_tokens, do_sample=False, **_generate_kwargs(remote, backend)
         ) as tracer:
-            saved = remote_dola.dola(model, tracer, max_new_tokens, layers=layers, alpha=alpha,
-                                     repetition_penalty=repetition_penalty, premature_norm=premature_norm)
+            saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
+            remote_dola.dola(model, tracer, max_new_tokens, layers=layers, alpha=alpha,
+                             repetition_penalty=repetition_penalty, premature_norm=premature_norm, into=saved)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
     return dola_output(saved, model)

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
+from lens_plugins.core.reductions import METRIC_STYLES
 from lens_plugins.result import METRICS, LensResult
 
 # Above this many positions a cell is too narrow for its token, so the cells carry colour only
@@ -25,19 +26,9 @@ _CELL_CHARS = 7  # a cell shows at most this many characters of its token
 _CELL_PX = 52  # width of one position when cells carry text
 _ROW_PX = 22
 
-# Colour scale and axis title per metric. Dark means "confident" for prob and rank, and "far from the
-# model's own answer" for entropy and divergences.
-_STYLE = {
-    "prob": ("Blues", "P(top-1)"),
-    "logprob": ("Blues", "log P(top-1)"),
-    "entropy": ("Reds", "entropy (nats)"),
-    "kl_final_row": ("Reds", "KL(final || row) (nats)"),
-    "kl_row_final": ("Reds", "KL(row || final) (nats)"),
-    "final_top1_logprob": ("Blues", "log P(final top-1)"),
-    "final_top1_rank": ("Blues_r", "rank of final top-1"),
-    "next_token_logprob": ("Blues", "log P(next token)"),
-    "next_token_rank": ("Blues_r", "rank of next token"),
-}
+# Colour scale and axis title per metric, from the reductions table. Dark means "confident" for prob and
+# rank, and "far from the model's own answer" for entropy and divergences.
+_STYLE = METRIC_STYLES
 _TARGET_METRIC = re.compile(r"(rank|logprob)\[(.+)\]", re.DOTALL)
 
 DEFAULT_REPORT_METRICS = ("prob", "entropy", "kl_final_row", "final_top1_rank", "next_token_rank")

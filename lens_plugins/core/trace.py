@@ -81,11 +81,8 @@ def reader(model, spec):
 
 
 def _out_of_order(error):
-    from nnsight.intervention.interleaver import OutOfOrderError
-
-    if not isinstance(error, OutOfOrderError):
-        return error
-    return OutOfOrderError(
+    """An ``OutOfOrderError`` that says how to call the lens in a patched run."""
+    return type(error)(
         f"{error}: the lens reads the model's input and then every layer, so it must come before anything later "
         "in its block. To lens a patched run, patch inside `with tracer.invoke(prompt):` and call the lens "
         "inside a separate, empty `with tracer.invoke():` after it"
@@ -113,6 +110,7 @@ def logit_lens(
     family ``core.architectures`` does not know; ``lens`` is a lens object (a local trace) or
     ``lp.nnsight.lens_tensors(...)`` (any trace)."""
     import nnsight
+    from nnsight.intervention.interleaver import OutOfOrderError
 
     spec = resolve(model, paths)
     decoder = decoder_tensors(model, spec)
@@ -124,7 +122,7 @@ def logit_lens(
         pipeline.check_rows(req, chosen, every)
         stats = pipeline.logit_lens(reader(model, spec), chosen, req, decoder, token_ids.cpu(), mask.cpu(), lens,
                                     vocab_chunk, token_chunk)
-    except Exception as error:
+    except OutOfOrderError as error:
         raise _out_of_order(error) from error
     return nnsight.save({
         "format": FORMAT,
@@ -141,6 +139,7 @@ def logit_diff(model, target, distractor, positions=None, layers=None, resid_mid
     """The lens's ``target`` minus ``distractor`` log-probability (token sets: log-sum-exp of members) at
     every chosen row and position; turn it into a ``LogitDiff`` with ``lp.nnsight.logit_diff_result``."""
     import nnsight
+    from nnsight.intervention.interleaver import OutOfOrderError
 
     spec = resolve(model, paths)
     decoder = decoder_tensors(model, spec)
@@ -153,7 +152,7 @@ def logit_diff(model, target, distractor, positions=None, layers=None, resid_mid
         chosen_positions = request.resolve_positions(positions, token_ids.shape[1])
         values = pipeline.logit_diff(reader(model, spec), chosen, chosen_positions, decoder, target_ids,
                                      distractor_ids, token_ids.shape[0], lens)
-    except Exception as error:
+    except OutOfOrderError as error:
         raise _out_of_order(error) from error
     return nnsight.save({
         "format": DIFF_FORMAT,

@@ -1,5 +1,14 @@
 """lens_plugins: the logit lens and its family on TransformerLens caches and inside nnsight traces.
 
+The map (ARCHITECTURE.md has the page):
+
+- ``core/``: torch only, may run on an NDIF server (``core.SHIPPED``): rows, reductions table, request,
+  streamed readout, architectures table, lens maps, the pipeline, DLA arithmetic, the in-trace nnsight lens
+- ``adapters/transformer_lens.py`` / ``adapters/nnsight.py``: one reader each (row -> hook name; row -> module
+  input/output) and the same verbs: ``logit_lens``, ``logit_diff``, ``attribution`` and their ``run_*`` forms
+- ``lenses.py`` (``LogitLens``, ``AffineLens``), ``decoder.py``, ``logit_lens.py`` (labelling, one-call guards),
+  ``result.py`` / ``attribution.py`` (results), ``tokens.py``, ``plot.py``, ``cli.py``, ``models.py``
+
 Heavy modules load on first use: ``import lens_plugins`` imports neither TransformerLens nor nnsight,
 yet ``ActivationCache.lens`` appears as soon as TransformerLens is imported.
 """

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lens_plugins as lp
-from lens_plugins import prompt, readout
+from lens_plugins.core import readout, reductions, request as prompt
 from lens_plugins.decoder import Decoder
 from test_readout import random_case
 from tiny_models import random_tokens, tiny_model
@@ -127,7 +127,7 @@ def gpt2_pair(smollm2_tokenizer):
     return bridge, nn_model
 
 
-LENS_ALL = prompt.LENS_REDUCTIONS
+LENS_ALL = reductions.LENS
 SETS = {"the": [" the", " The", "The"]}
 
 

@@ -24,7 +24,7 @@ NNSIGHT_SIDE = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     import torch
-    from lens_plugins import remote_attribution
+    from lens_plugins.core import trace
     from lens_plugins.adapters import nnsight as lpn
     from lens_plugins.attribution import result_from_saved
     from lens_plugins.models import default_model_dir, load_hf_model
@@ -35,7 +35,7 @@ NNSIGHT_SIDE = textwrap.dedent("""
     for family in sys.argv[3:]:
         model = lpn.wrap_model(tiny_model(family), tokenizer)
         with model.trace(random_tokens()):
-            saved = remote_attribution.attribution(model, 17, 42)
+            saved = trace.attribution(model, 17, 42)
         dla = result_from_saved(saved, tokenizer, by="head")
         out[family] = {name: getattr(dla, name) for name in ("embed", "heads", "attn", "mlp", "constant", "values")}
     torch.save(out, sys.argv[2])

@@ -216,23 +216,51 @@ def _embed(cache) -> Tensor:
     return embed.unsqueeze(0) if embed.dim() == 2 else embed
 
 
-def check_tokens_match_embed(cache, tokens: Tensor) -> None:
-    """With ``tokens`` given and ``hook_embed`` cached, refuse a cache whose embeddings are not this model's
-    embeddings of those tokens (up to Gemma-style scaling): another model's cache, or other tokens."""
-    if "hook_embed" not in cache.cache_dict:
+def check_tokens_match_embed(cache, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> None:
+    """With ``tokens`` given, refuse a cache whose embeddings are not this model's embeddings of those tokens
+    (up to Gemma-style scaling): another model's cache, or other tokens. The embeddings are ``hook_embed``
+    when cached, else block 0's input less the positional embeddings (``hook_pos_embed``, or ``W_pos`` at the
+    positions the model used: counted from the first real token when ``attention_mask`` marks padding), so
+    a same-width cache from another model is refused whichever hooks it kept. Padding is not checked."""
+    embed = _token_embeddings(cache, attention_mask)
+    if embed is None:
         return
-    embed = _embed(cache)
     W_E = cache.model.W_E.detach().float()
     if embed.shape[-1] != W_E.shape[-1]:
         return  # the decoder's width check names this
     expected = W_E[tokens.to(W_E.device)]
     scale = (embed * expected).sum(-1, keepdim=True) / (expected * expected).sum(-1, keepdim=True).clamp(min=1e-12)
     error = (embed - scale * expected).norm(dim=-1) / embed.norm(dim=-1).clamp(min=1e-12)
+    if attention_mask is not None:
+        error = error * attention_mask.to(error.device)
     if error.max() > 1e-4:
+        source = "hook_embed" if "hook_embed" in cache.cache_dict else "the embedding row (blocks.0.hook_resid_pre)"
         raise ValueError(
-            f"hook_embed is not this model's embedding of the tokens (relative error {error.max().item():.2g}): "
+            f"{source} is not this model's embedding of the tokens (relative error {error.max().item():.2g}): "
             "the cache comes from a different model, or tokens= are not the prompt it was run on"
         )
+
+
+def _token_embeddings(cache, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``[batch, seq, d_model]`` token embeddings as the cache holds them, or ``None`` where they cannot be
+    told apart from learned positions (no ``hook_pos_embed`` and no ``W_pos``)."""
+    if "hook_embed" in cache.cache_dict:
+        return _embed(cache)
+    resid = cache["blocks.0.hook_resid_pre"].detach().float()
+    resid = resid.unsqueeze(0) if resid.dim() == 2 else resid
+    if not has_pos_embed(cache.model):
+        return resid
+    if "hook_pos_embed" in cache.cache_dict:
+        pos = cache["hook_pos_embed"].detach().float()
+        return resid - (pos.unsqueeze(0) if pos.dim() == 2 else pos)
+    W_pos = getattr(cache.model, "W_pos", None)
+    if W_pos is None:
+        return None
+    if attention_mask is None:
+        positions = torch.arange(resid.shape[1]).expand(resid.shape[:2])
+    else:  # as the model numbers them under padding: from 0 at the first real token
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return resid - W_pos.detach().float()[positions.to(W_pos.device)]
 
 
 @typechecked
@@ -270,7 +298,7 @@ def logit_lens(
         tokens = recover_tokens(cache)
     if tuple(tokens.shape) != (batch, seq):
         raise ValueError(f"tokens have shape {tuple(tokens.shape)} but the cache holds [batch, seq] = {(batch, seq)}")
-    check_tokens_match_embed(cache, tokens)
+    check_tokens_match_embed(cache, tokens, attention_mask)
     return run_lens(
         read, every, layers, tokens.to(torch.long).cpu(), model.tokenizer, decoder_for(model),
         attention_mask=None if attention_mask is None else attention_mask.to(torch.long).cpu(),

@@ -25,6 +25,8 @@ _LAZY = {
     "load_hf_model": ("lens_plugins.models", "load_hf_model"),
     "lens_heatmap": ("lens_plugins.plot", "lens_heatmap"),
     "html_report": ("lens_plugins.plot", "html_report"),
+    "patchscope": ("lens_plugins.patchscopes", "patchscope"),
+    "PatchscopeResult": ("lens_plugins.patchscopes", "PatchscopeResult"),
 }
 
 __all__ = list(_LAZY)

@@ -27,6 +27,8 @@ _LAZY = {
     "html_report": ("lens_plugins.plot", "html_report"),
     "patchscope": ("lens_plugins.patchscopes", "patchscope"),
     "PatchscopeResult": ("lens_plugins.patchscopes", "PatchscopeResult"),
+    "FutureLens": ("lens_plugins.future_lens", "FutureLens"),
+    "future_lens": ("lens_plugins.future_lens", None),
 }
 
 __all__ = list(_LAZY)

@@ -127,8 +127,7 @@ def plan(
     if target_layer is None:
         target_labels = [labels[r] for r in rows]
     else:
-        target_labels = [labels[resolve_rows([target_layer], labels)[0] if isinstance(target_layer, str)
-                                else _row_index(target_layer, labels)]] * len(rows)
+        target_labels = [labels[_row_index(target_layer, labels)]] * len(rows)
     for label in target_labels:
         patching.stream_key(label)
     return PatchRequest(
@@ -139,7 +138,12 @@ def plan(
     )
 
 
-def _row_index(layer: int, labels: list[str]) -> int:
+def _row_index(layer: RowSpec, labels: list[str]) -> int:
+    """The index of a target row given by label or index (negative counts from the end)."""
+    if isinstance(layer, str):
+        if layer not in labels:
+            raise KeyError(f"no row labelled {layer!r}; the rows are {labels}")
+        return labels.index(layer)
     n = len(labels)
     if not -n <= layer < n:
         raise IndexError(f"target_layer {layer} is out of range: the rows are 0..{n - 1} ({labels[0]} .. {labels[-1]})")
@@ -241,8 +245,8 @@ def readout_reductions(request: PatchRequest) -> tuple[str, ...]:
 @typechecked
 def patchscope(model, source, **kwargs) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt; on TransformerLens also an ``ActivationCache``) on ``model``, a
-    TransformerLens model or an nnsight model: dispatches to ``lp.transformer_lens.patchscope`` or
-    ``lp.nnsight.patchscope``, which document the options (``layers``, ``positions``, ``target_prompt``,
+    TransformerLens model or an nnsight model: dispatches to ``adapters.patchscope_transformer_lens.patchscope``
+    or ``adapters.patchscope_nnsight.patchscope``, which document the options (``layers``, ``positions``, ``target_prompt``,
     ``target_layer``, ``target_position``, ``mapping``, ``targets``, ``reductions``, ``top_k``,
     ``batch_size``, ``max_new_tokens``; nnsight adds ``remote``)."""
     if hasattr(model, "run_with_hooks"):

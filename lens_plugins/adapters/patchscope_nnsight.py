@@ -88,7 +88,7 @@ def patchscope(
     lm_head: Optional[str] = None,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, or its token ids ``[1, seq]``) on an nnsight ``model``; the
-    options are those of ``lp.transformer_lens.patchscope``. ``remote`` / ``backend`` go to every
+    options are those of ``adapters.patchscope_transformer_lens.patchscope``. ``remote`` / ``backend`` go to every
     ``model.trace`` (the source trace and one per batch of pairs); ``module_layers`` / ``final_norm`` /
     ``lm_head`` are module paths for a family ``lens_plugins.architectures`` does not know."""
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}

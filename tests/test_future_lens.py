@@ -72,6 +72,24 @@ def test_lens_result_is_the_logit_lens_at_n1_and_reads_ahead_at_n2(llama, smollm
     assert len(two.to_dataframe()) == 2 * 2 * 8
 
 
+def test_transformer_lens_cache_gives_the_same_future_lens(llama, smollm2_tokenizer):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from lens_plugins.adapters import transformer_lens as tla
+
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=tiny_model("llama"),
+                                                 tokenizer=smollm2_tokenizer).eval()
+    tokens = random_tokens(batch=1, seq=8)
+    lens = fl.FutureLens(64, ["embed", "1_pre", "2_post"], 2)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+        _, cache = bridge.run_with_cache(tokens, names_filter=tla.hook_filter(bridge))
+    theirs = fl.lens_result_from_stack(lens, *cache.lens.stack(), cache.lens.decoder(), tokens, smollm2_tokenizer)
+    ours = fl.lens_result(lens, llama, tokens, smollm2_tokenizer)
+    assert torch.equal(ours.top_ids, theirs.top_ids) and torch.equal(ours.final_top1, theirs.final_top1)
+    torch.testing.assert_close(ours.top_logprobs, theirs.top_logprobs, atol=1e-4, rtol=0)
+
+
 def test_the_model_residual_stack_matches_the_nnsight_lens_rows(llama, smollm2_tokenizer):
     """The hooks read the same rows as the in-trace lens (layer inputs, last output)."""
     from lens_plugins.adapters import nnsight as lpn

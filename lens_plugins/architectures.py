@@ -79,6 +79,22 @@ ARCHITECTURES = {
     "gemma3_text": dict(_LLAMA_LIKE, norm_one_plus=True, softcap_attr="final_logit_softcapping", **_SANDWICH),
 }
 
+# Encoder-decoder families, for the DecoderLens (``remote_decoder_lens``): ``encoder_layers`` are read,
+# ``layers`` / ``final_norm`` / ``lm_head`` are the decoder's lens. T5 scales the decoder output by
+# ``d_model ** -0.5`` before a tied ``lm_head`` (``logit_scale_attr``: the config flag that says so; folded
+# into ``W_U``); BART adds a ``final_logits_bias`` buffer (``logits_bias``, folded into ``b_U``) and has no
+# final decoder norm. Kept apart from ``ARCHITECTURES``, whose entries are causal LMs.
+ENCODER_DECODER = {
+    "t5": {
+        "encoder_layers": "encoder.block", "layers": "decoder.block", "final_norm": "decoder.final_layer_norm",
+        "lm_head": "lm_head", "embed": "shared", "logit_scale_attr": "tie_word_embeddings",
+    },
+    "bart": {
+        "encoder_layers": "model.encoder.layers", "layers": "model.decoder.layers", "final_norm": "",
+        "lm_head": "lm_head", "embed": "model.shared", "logits_bias": "final_logits_bias",
+    },
+}
+
 ROLES = ("layers", "final_norm", "lm_head", "embed", "attn", "mlp")
 
 
@@ -153,10 +169,10 @@ def norm_params(norm, one_plus):
     name = type(norm).__name__
     weight = getattr(norm, "weight", None)
     bias = getattr(norm, "bias", None)
-    if isinstance(norm, torch.nn.LayerNorm) or name.endswith("LayerNorm"):
+    if isinstance(norm, torch.nn.LayerNorm) or name.endswith("LayerNorm") and name != "T5LayerNorm":
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5))
         return "layernorm", weight, bias, float(eps)
-    if name.endswith("RMSNorm"):
+    if name.endswith("RMSNorm") or name == "T5LayerNorm":  # T5's is an RMSNorm by another name
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if eps is None:
             raise TypeError(f"{name} has neither `variance_epsilon` nor `eps`; pass the final norm by hand")
@@ -180,6 +196,12 @@ def decoder_tensors(model, spec):
         if getattr(project, "bias", None) is not None:
             b_U = project.bias @ W_U + (0 if b_U is None else b_U)
         W_U = project.weight.T @ W_U
+    config = getattr(model, "config", None)
+    if spec.get("logit_scale_attr") and getattr(config, spec["logit_scale_attr"], False):
+        W_U = W_U * config.d_model ** -0.5
+    if spec.get("logits_bias"):
+        extra = getattr(model, spec["logits_bias"]).reshape(-1)
+        b_U = extra if b_U is None else b_U + extra
     norm = get_path(model, spec["final_norm"], optional=True) if spec["final_norm"] else None
     kind, weight, bias, eps = norm_params(norm, spec.get("norm_one_plus", False))
     softcap = getattr(getattr(model, "config", None), spec["softcap_attr"], None) if spec.get("softcap_attr") else None

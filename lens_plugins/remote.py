@@ -20,6 +20,9 @@ from lens_plugins.prompt import (
 )
 from lens_plugins.readout import lens_statistics
 from lens_plugins.remote_attribution import attribution, sublayer_stack
+from lens_plugins.remote_decoder_lens import decoder_lens
+from lens_plugins.remote_dola import dola
+from lens_plugins.remote_generation import generation_lens
 
 FORMAT = "lens_plugins.nnsight/1"  # marks a saved lens, so the local side can refuse anything else
 
@@ -126,4 +129,7 @@ def server_namespace():
     (``lp.nnsight.logit_lens``), since nothing else of the package can run there."""
     import types
 
-    return types.SimpleNamespace(nnsight=types.SimpleNamespace(logit_lens=logit_lens, attribution=attribution))
+    return types.SimpleNamespace(nnsight=types.SimpleNamespace(
+        logit_lens=logit_lens, attribution=attribution, generation_lens=generation_lens, dola=dola,
+        decoder_lens=decoder_lens,
+    ))

@@ -38,13 +38,19 @@ from lens_plugins.remote_attribution import attribution
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
-SHIPPED_MODULES = (remote, architectures, prompt, readout, remote_attribution)
+from lens_plugins import remote_decoder_lens, remote_dola, remote_generation  # noqa: E402
+from lens_plugins.core import dola as core_dola  # noqa: E402
+
+SHIPPED_MODULES = (remote, architectures, prompt, readout, remote_attribution, core_dola, remote_generation,
+                   remote_dola, remote_decoder_lens)
 for _module in SHIPPED_MODULES:
     nnsight.register(_module)
 
 __all__ = [
     "logit_lens", "result", "run_logit_lens", "wrap_model", "decoder_for", "RemoteLensError",
     "attribution", "attribution_result", "run_attribution",
+    "generation_lens", "generation_result", "run_generation_lens", "dola", "dola_output", "dola_generate",
+    "decoder_lens", "decoder_lens_result", "run_decoder_lens",
 ]
 
 
@@ -182,3 +188,13 @@ def run_attribution(
     except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
     return attribution_result(saved, model, by=by)
+
+
+# Generation verbs (lens over generated text, DoLa) and the DecoderLens: their own modules, re-exported here.
+from lens_plugins.adapters.nnsight_decoder_lens import decoder_lens_result, run_decoder_lens  # noqa: E402
+from lens_plugins.adapters.nnsight_generation import (  # noqa: E402
+    dola_generate, dola_output, generation_result, run_generation_lens,
+)
+from lens_plugins.remote_decoder_lens import decoder_lens  # noqa: E402
+from lens_plugins.remote_dola import dola  # noqa: E402
+from lens_plugins.remote_generation import generation_lens  # noqa: E402

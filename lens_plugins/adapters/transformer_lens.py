@@ -479,3 +479,8 @@ class _Accessor:
 def register_accessor(cache_class) -> None:
     if not isinstance(cache_class.__dict__.get("lens"), _Accessor):
         cache_class.lens = _Accessor()
+
+
+# Generation verbs and the DecoderLens: their own modules, re-exported here (they import this one).
+from lens_plugins.adapters.transformer_lens_decoder_lens import run_decoder_lens  # noqa: E402
+from lens_plugins.adapters.transformer_lens_generation import dola_generate, run_generation_lens  # noqa: E402

@@ -17,6 +17,10 @@ them, and ``tests/test_shipping.py`` holds each to the import rule.
 - ``dla``: frozen-norm direct logit attribution arithmetic, head split
 - ``trace``: the nnsight reader (row -> module input/output) and the in-trace entry points
 - ``dola``: DoLa's premature-layer choice and contrastive scores
+- ``patching``: Patchscopes' write arithmetic (mappings, batching of (row, position) pairs)
+- ``vocab_loss``: memory-bounded KL / cross-entropy over the vocabulary with its gradient (training)
+- ``future``: Future Lens arithmetic
 """
 
-SHIPPED = ("rows", "reductions", "request", "readout", "architectures", "lenses", "pipeline", "dla", "trace", "dola")
+SHIPPED = ("rows", "reductions", "request", "readout", "architectures", "lenses", "pipeline", "dla", "trace", "dola",
+           "patching", "vocab_loss", "future")

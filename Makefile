@@ -11,7 +11,9 @@ PROMPT ?= The capital of France is
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-main test-tl3 venv venv-tl3 bench clean
+.PHONY: demo test test-main test-tl3 venv venv-tl3 bench clean browser
+# Every suite `make test` runs, in order; each runs even when an earlier one failed.
+SUITES := test-main test-tl3
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,13 +35,30 @@ $(TL3)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 venv-tl3: $(TL3)/.installed
 
+# The browser tests drive Debian's Chromium through Playwright (executable_path: no browser download).
+# Installed once with apt-get when `chromium` is not on PATH (root, or sudo where there is one).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.browser-installed:
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	command -v chromium >/dev/null
+	touch $@
+
+browser: .browser-installed
+
 demo: venv
 	$(VENV)/bin/lens-plugins "$(PROMPT)" --html lens.html
 
-test: test-main test-tl3
+# Runs every suite whatever happened to the ones before (pytest prints each suite's summary), then says
+# which failed and exits non-zero if any did.
+test:
+	@failed=""; for suite in $(SUITES); do \
+		echo "=== make $$suite"; $(MAKE) --no-print-directory $$suite || failed="$$failed $$suite"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "=== FAILED suites:$$failed (of: $(SUITES))"; exit 1; fi; \
+	echo "=== all suites passed: $(SUITES)"
 
-test-main: venv
-	$(VENV)/bin/python -m pytest -q
+test-main: venv browser
+	LENS_PLUGINS_REQUIRE_BROWSER=1 $(VENV)/bin/python -m pytest -q
 
 # The TL 3.9 suite compares against the TL 4.x bridge through .venv, so it needs both venvs; missing
 # TransformerLens 3.9 is an error here, not a skip.
@@ -52,4 +71,4 @@ bench: venv
 	$(VENV)/bin/python benchmarks/bench_typecheck.py
 
 clean:
-	rm -rf $(VENV) $(TL3) lens.html
+	rm -rf $(VENV) $(TL3) lens.html .browser-installed

@@ -1,5 +1,14 @@
 """lens_plugins: the logit lens and its family on TransformerLens caches and inside nnsight traces.
 
+The map (ARCHITECTURE.md has the page):
+
+- ``core/``: torch only, may run on an NDIF server (``core.SHIPPED``): rows, reductions table, request,
+  streamed readout, architectures table, lens maps, the pipeline, DLA arithmetic, the in-trace nnsight lens
+- ``adapters/transformer_lens.py`` / ``adapters/nnsight.py``: one reader each (row -> hook name; row -> module
+  input/output) and the same verbs: ``logit_lens``, ``logit_diff``, ``attribution`` and their ``run_*`` forms
+- ``lenses.py`` (``LogitLens``, ``AffineLens``), ``decoder.py``, ``logit_lens.py`` (labelling, one-call guards),
+  ``result.py`` / ``attribution.py`` (results), ``tokens.py``, ``plot.py``, ``cli.py``, ``models.py``
+
 Heavy modules load on first use: ``import lens_plugins`` imports neither TransformerLens nor nnsight,
 yet ``ActivationCache.lens`` appears as soon as TransformerLens is imported.
 """
@@ -21,10 +30,23 @@ _LAZY = {
     "LogitDiff": ("lens_plugins.attribution", "LogitDiff"),
     "tokens": ("lens_plugins.tokens", None),
     "logit_lens_from_stack": ("lens_plugins.logit_lens", "logit_lens_from_stack"),
+    "Row": ("lens_plugins.core.rows", "Row"),
+    "LogitLens": ("lens_plugins.lenses", "LogitLens"),
+    "AffineLens": ("lens_plugins.lenses", "AffineLens"),
+    "Lens": ("lens_plugins.lenses", "Lens"),
     "load_default_model": ("lens_plugins.models", "load_default_model"),
     "load_hf_model": ("lens_plugins.models", "load_hf_model"),
     "lens_heatmap": ("lens_plugins.plot", "lens_heatmap"),
     "html_report": ("lens_plugins.plot", "html_report"),
+    "attention": ("lens_plugins.attention", None),
+    "AttentionResult": ("lens_plugins.attention", "AttentionResult"),
+    "plot": ("lens_plugins.plot", None),
+    "write_report": ("lens_plugins.report", "write_report"),
+    "run_report": ("lens_plugins.report", "run_report"),
+    "patchscope": ("lens_plugins.patchscopes", "patchscope"),
+    "PatchscopeResult": ("lens_plugins.patchscopes", "PatchscopeResult"),
+    "FutureLens": ("lens_plugins.future_lens", "FutureLens"),
+    "future_lens": ("lens_plugins.future_lens", None),
     "TunedLens": ("lens_plugins.tuned_lens", "TunedLens"),
     "LastBlocksLens": ("lens_plugins.last_blocks_lens", "LastBlocksLens"),
     "evaluate_lenses": ("lens_plugins.evaluate", "evaluate_lenses"),
@@ -54,15 +76,16 @@ class _Package(types.ModuleType):
 
     A remote nnsight trace ships the globals its body names, and ``lp.nnsight.logit_lens(model)`` names
     ``lp``. An NDIF server cannot import lens_plugins, so rather than a reference to the package, ``lp``
-    pickles as ``remote.server_namespace()``: a namespace whose ``nnsight.logit_lens`` is the in-trace
-    lens, shipped by source with the torch-only modules that ``adapters.nnsight`` registers.
+    pickles as ``core.trace.server_namespace()``: a namespace whose ``nnsight.logit_lens`` (and
+    ``logit_diff``, ``attribution``) is the in-trace entry point, shipped by source with the torch-only
+    modules of ``core.SHIPPED``, which ``adapters.nnsight`` registers.
     """
 
     def __reduce__(self):
         from lens_plugins.adapters import nnsight as _registers_the_shipped_modules  # noqa: F401
-        from lens_plugins import remote
+        from lens_plugins.core import trace
 
-        return (remote.server_namespace, ())
+        return (trace.server_namespace, ())
 
 
 sys.modules[__name__].__class__ = _Package

@@ -1,5 +1,9 @@
 """``lens-plugins "PROMPT"``: the logit lens of a prompt from the shell, as a table and an HTML report.
 
+``lens-plugins report "PROMPT" -o report.html`` writes the one-page report instead (``lens_plugins.report``):
+the lens heatmap, the final answer and the runner-up across rows, their direct logit attribution and the
+attention of every head, in one offline HTML file.
+
 Prints, for every residual-stream row (final at the top, embedding at the bottom, as in the heatmap)
 and decoded position, the lens's top-1 token and its probability, then the top-k at the last decoded
 position; writes the heatmaps to one offline HTML file. Bad input exits with status 1 and a one-line
@@ -18,6 +22,7 @@ EXAMPLES = """examples:
   lens-plugins "The capital of France is" --targets " Paris"
   lens-plugins "The capital of France is" --positions -2: --top-k 3 --html france.html
   lens-plugins "def f(x):" --model ./my-hf-model --no-html --plain
+  lens-plugins report "The capital of France is" -o report.html
   lens-plugins train-lens --out lenses/smollm2    (train a tuned lens: lens-plugins train-lens --help)
 """
 
@@ -211,25 +216,59 @@ def run(args: argparse.Namespace, out) -> None:
         print(f"heatmaps written to {args.html}", file=sys.stderr)
 
 
+def build_report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-plugins report",
+        description="One offline HTML page: the lens heatmap, the final answer and the runner-up across rows, "
+                    "their direct logit attribution, and every head's attention.",
+    )
+    parser.add_argument("prompt", help="the text to run (the model's BOS token is prepended)")
+    parser.add_argument("-o", "--output", default="report.html", metavar="FILE", help="HTML file to write (default report.html)")
+    parser.add_argument("--model", metavar="PATH", help="a local Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="tokens listed per cell on hover (default 5)")
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise InputError(f"the prompt is empty ({args.prompt!r}): give the model some text to predict from")
+    if args.top_k < 2:
+        raise InputError(f"--top-k must be at least 2 (the report compares the top-1 with the runner-up), got {args.top_k}")
+    target = Path(args.output).resolve()
+    if not target.parent.is_dir():
+        raise InputError(f"cannot write {args.output}: directory {target.parent} does not exist")
+    from lens_plugins.report import run_report as write
+
+    write(load_model(args.model), args.prompt, args.output, top_k=args.top_k)
+    print(f"report written to {args.output}", file=sys.stderr)
+
+
+def _fail(error: Exception) -> int:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    print(f"lens-plugins: error: {' '.join(str(message).splitlines())}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of the ``lens-plugins`` console script; returns the exit status."""
+    """Entry point of the ``lens-plugins`` console script; returns the exit status. ``report`` as the first
+    argument selects the report; any other first argument is the prompt of the lens table (a prompt that is
+    the word "report" itself goes after ``--``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub time-out
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-lens"]:  # the tuned-lens trainer has its own parser (lens_plugins.cli_train_lens)
         from lens_plugins import cli_train_lens
 
         return cli_train_lens.main(argv[1:])
-    parser = build_parser()
+    report = argv[:1] == ["report"]
+    parser = build_report_parser() if report else build_parser()
     try:
-        args = parser.parse_args(glue_positions(argv))
+        args = parser.parse_args(argv[1:] if report else glue_positions(argv))
     except SystemExit as stop:  # argparse has printed usage or --help
         return int(stop.code or 0)
     try:
-        run(args, sys.stdout)
+        run_report(args) if report else run(args, sys.stdout)
     except (InputError, ValueError, IndexError, KeyError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        print(f"lens-plugins: error: {' '.join(str(message).splitlines())}", file=sys.stderr)
-        return 1
+        return _fail(error)
     return 0
 
 

@@ -4,6 +4,8 @@ Red is "pushes toward the target" and blue "toward the distractor", on a scale s
 the colour of a cell never depends on the other cells' sign.
 """
 
+import html
+
 import plotly.graph_objects as go
 
 
@@ -16,7 +18,7 @@ def _title(attribution) -> str:
 
 def attribution_figure(attribution, batch: int = 0) -> go.Figure:
     """A heatmap of head attributions (layers down, heads across) for ``by="head"``; bars otherwise."""
-    title = _title(attribution) + f" (error {float(attribution.error[batch]):.1e})"
+    title = html.escape(_title(attribution), quote=False) + f" (error {float(attribution.error[batch]):.1e})"
     if attribution.by == "head":
         grid = attribution.head_grid(batch)
         bound = float(grid.abs().max().clamp(min=1e-12))
@@ -32,6 +34,35 @@ def attribution_figure(attribution, batch: int = 0) -> go.Figure:
     return figure
 
 
+def attribution_bars(attribution, n: int = 10, batch: int = 0) -> go.Figure:
+    """The ``n`` largest components by magnitude as a waterfall, then the rest and the constant, ending in
+    their sum, drawn against the explained logit (a dashed line): the bars add up to it (to ``error``).
+
+    Shown at the attribution's own granularity (``by``); ``attribution.view("component")`` changes it.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    values = attribution.values[batch]
+    labels = attribution.labels
+    order = values.abs().argsort(descending=True)[:n].tolist()
+    rest = float(values.sum() - values[order].sum())
+    names = [html.escape(labels[i], quote=False) for i in order] + [f"{len(labels) - len(order)} others", "constant", "sum"]
+    amounts = [float(values[i]) for i in order] + [rest, float(attribution.constant[batch]), 0.0]
+    figure = go.Figure(go.Waterfall(
+        x=names, y=amounts, measure=["relative"] * (len(names) - 1) + ["total"],
+        increasing={"marker": {"color": "#b2182b"}}, decreasing={"marker": {"color": "#2166ac"}},
+        totals={"marker": {"color": "#555555"}}, connector={"line": {"color": "#bbbbbb"}},
+    ))
+    explained = float(attribution.explained[batch])
+    figure.add_hline(y=explained, line={"color": "#000000", "dash": "dash"},
+                     annotation_text=f"explained {explained:.4g}", annotation_position="top left")
+    figure.update_layout(title=html.escape(_title(attribution), quote=False) + f"<br><sup>top {len(order)} of "
+                         f"{len(labels)} by |value|; sum {float(values.sum()) + float(attribution.constant[batch]):.4g}"
+                         f" vs explained {explained:.4g} (error {float(attribution.error[batch]):.1e})</sup>",
+                         xaxis_title=attribution.by, yaxis_title="direct logit attribution", plot_bgcolor="white")
+    return figure
+
+
 def logit_diff_figure(diff, batch: int = 0) -> go.Figure:
     """Rows (embedding at the bottom) x decoded positions, coloured by the logit difference."""
     grid = diff.values[:, batch]
@@ -41,7 +72,7 @@ def logit_diff_figure(diff, batch: int = 0) -> go.Figure:
         colorscale="RdBu_r", zmid=0, zmin=-bound, zmax=bound, colorbar={"title": "logit diff"},
     ))
     figure.update_layout(
-        title=f"logit[{' / '.join(diff.target_names)!r}] - logit[{' / '.join(diff.distractor_names)!r}] through the lens",
+        title=html.escape(f"logit[{' / '.join(diff.target_names)!r}] - logit[{' / '.join(diff.distractor_names)!r}] through the lens", quote=False),
         xaxis_title="position", yaxis_title="row",
     )
     return figure

@@ -53,7 +53,7 @@ def test_default_prompt_table_and_html(tmp_path, monkeypatch, capsys):
     assert "rank ' Paris'" in out
     html = (tmp_path / "lens.html").read_text(encoding="utf-8")
     assert "plotly.js v" in html and html.count("Plotly.newPlot(") == 6
-    assert '"y":["embed","1_pre"' in html and "<h2>rank[ Paris]</h2>" in html
+    assert '"ticktext":["embed","1_pre"' in html and "<h2>rank[ Paris]</h2>" in html
     assert err == "heatmaps written to lens.html\n"  # no weight-loading progress bar, no warnings
 
 

@@ -1,7 +1,8 @@
 """Issue 6, hardening: type-checked shapes with readable messages, half precision, long inputs and big
 vocabularies within a memory bound, ragged batches on both backends, hostile input, determinism.
 
-The tolerances and memory figures asserted here are the ones docs/numerics.md states.
+Half precision: what is asserted is the lens's own arithmetic on any CPU; how far a half-precision model
+drifts is measured by benchmarks/bench_half_precision.py, not asserted. Memory figures: README, "Numerics and limits".
 """
 
 import copy
@@ -136,53 +137,116 @@ def test_checks_can_be_turned_off_by_environment():
 
 HALF_PROMPTS = ["In 1905 Albert Einstein published four papers that changed physics"]
 HALF_REDUCTIONS = ("top_k", "entropy", "kl_final_row", "kl_row_final", "js_final", "final_top1", "next_token")
-# Max |half - float32| over every row and position of HALF_PROMPTS on SmolLM2-135M (docs/numerics.md gives
-# the measured values; these bounds are about 1.5x them).
-HALF_TOLERANCES = {  # name: (every row, the final row); the final row's divergences from itself are exactly 0
-    torch.bfloat16: dict(entropy=(1.4, 1.4), kl_final_row=(6.0, 0), kl_row_final=(1.05, 0), js_final=(0.09, 0),
-                         next_token_logprob=(4.2, 0.115), top_logprobs=(0.95, 0.39), cross_entropy=(0.36, 0.0042)),
-    torch.float16: dict(entropy=(0.055, 0.011), kl_final_row=(0.19, 0), kl_row_final=(0.1, 0), js_final=(0.003, 0),
-                        next_token_logprob=(0.24, 0.014), top_logprobs=(0.064, 0.02), cross_entropy=(0.019, 0.0025)),
-}
-# Fraction of (row, position) top-1s, and of final-row top-1s, equal to float32's.
-HALF_AGREEMENT = {torch.bfloat16: (0.97, 0.95), torch.float16: (0.99, 0.95)}
+# How far a half-precision *model* drifts from float32 is a property of the CPU's half kernels, not of the
+# lens: benchmarks/bench_half_precision.py measures it (README, "Half precision"). What the lens promises,
+# and what is asserted here on any CPU, is that it decodes the half-precision residuals it is given as a
+# float32 computation would: every statistic within a small multiple of a straightforward float32 decode's
+# own error against float64, and bit for bit the lens of the same values upcast.
+ROUNDING_FACTOR = 8  # the streamed readout sums in another order than one big float32 matmul + log_softmax
 
 
-def half_deviation(model, tokenizer, dtype, reference):
-    """Per statistic, the max |lens(dtype copy) - lens(float32)| over HALF_PROMPTS, and top-1 agreements."""
-    half = lpn.wrap_model(copy.deepcopy(model).to(dtype), tokenizer)
-    results = [lpn.run_logit_lens(half, p, top_k=5, reductions=HALF_REDUCTIONS) for p in HALF_PROMPTS]
-    deviation = {}
-    for name in HALF_TOLERANCES[dtype]:
-        if name == "cross_entropy":
-            pairs = [(r.cross_entropy(), ref.cross_entropy()) for r, ref in zip(results, reference)]
-        else:
-            pairs = [(getattr(r, name), getattr(ref, name)) for r, ref in zip(results, reference)]
-        for ours, theirs in pairs:
-            assert ours.dtype == torch.float32, name  # reductions run in float32 whatever the model's dtype
-            finite = ~torch.isnan(theirs)  # only the unscored next tokens are NaN, in both
-            assert torch.equal(finite, ~torch.isnan(ours)) and torch.isfinite(ours[finite]).all(), name
-        deviation[name] = tuple(max((o - t)[rows].abs().nan_to_num().max().item() for o, t in pairs)
-                                for rows in (slice(None), -1))  # (every row, the final row)
-    top1 = torch.cat([(r.top_ids[..., 0] == ref.top_ids[..., 0]).flatten() for r, ref in zip(results, reference)])
-    final = torch.cat([(r.final_top1 == ref.final_top1).flatten() for r, ref in zip(results, reference)])
-    return deviation, top1.float().mean().item(), final.float().mean().item()
+def captured_residuals(hf_model):
+    """Torch hooks that record, during whatever forward pass runs next, each decoder layer's input and the
+    last layer's output: the residual rows the lens decodes (embed, 1_pre .. L-1_pre, L-1_post)."""
+    layers = hf_model.model.layers
+    rows = []
+
+    def grab_input(module, args, kwargs):
+        rows.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    def grab_output(module, args, output):
+        rows.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+
+    handles = [layer.register_forward_pre_hook(grab_input, with_kwargs=True) for layer in layers]
+    handles.append(layers[-1].register_forward_hook(grab_output))
+    return rows, handles
+
+
+def float64_decode(stack, hf_model):
+    """Full-vocabulary log-probs of ``stack [row, batch, pos, d]`` in float64, through the same (half)
+    final-norm weight and unembedding, upcast: an independent reference for the lens's arithmetic."""
+    norm = hf_model.model.norm
+    x = stack.double()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.double()
+    logits = x @ hf_model.lm_head.weight.double().T
+    return logits.log_softmax(-1)
+
+
+def reference_statistics(logp, top_ids, next_ids):
+    """The lens's statistics computed from float64 log-probs ``[row, batch, pos, vocab]``."""
+    p = logp.exp()
+    q, logq = p[-1:], logp[-1:]
+    mix = (p + q) / 2
+    xlogx = lambda t: torch.xlogy(t, t)  # noqa: E731
+    return dict(
+        entropy=-(p * logp).sum(-1),
+        kl_final_row=(q * (logq - logp)).sum(-1),
+        kl_row_final=(p * (logp - logq)).sum(-1),
+        js_final=((xlogx(p) + xlogx(q)) / 2 - xlogx(mix)).sum(-1),
+        top_logprobs=logp.gather(-1, top_ids),
+        next_token_logprob=logp[..., :-1, :].gather(-1, next_ids[None, :, 1:, None].expand(logp.shape[0], -1, -1, 1))[..., 0],
+    )
+
+
+def float32_decode_error(stack, hf_model, reference_logp):
+    """Max |straightforward float32 decode - float64| of the log-probs: the size of float32 rounding here."""
+    norm = hf_model.model.norm
+    x = stack.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.float()
+    logp = (x @ hf_model.lm_head.weight.float().T).log_softmax(-1)
+    return (logp.double() - reference_logp).abs().max().item()
 
 
 @pytest.mark.slow
-def test_half_precision_copies_stay_within_stated_tolerances(smollm2_hf):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_is_decoded_as_float32_would(dtype, smollm2_hf):
+    """On a bfloat16 / float16 copy of SmolLM2: every reduction is float32 and finite where it scores
+    something; every row's statistics equal a float64 decode of the very residuals the half model produced
+    (captured by torch hooks during the lens's own forward pass) to within a small multiple of float32
+    rounding; and the lens equals, bit for bit, the lens of those residuals and weights upcast to float32."""
     model, tokenizer = smollm2_hf
-    fp32 = lpn.wrap_model(model, tokenizer)
-    reference = [lpn.run_logit_lens(fp32, p, top_k=5, reductions=HALF_REDUCTIONS) for p in HALF_PROMPTS]
-    measured = {dtype: half_deviation(model, tokenizer, dtype, reference) for dtype in HALF_TOLERANCES}
-    for dtype, (deviation, top1, final) in measured.items():
-        print(f"\n{dtype}: max |half - fp32| (all rows, final row) "
-              f"{json.dumps({k: [round(x, 4) for x in v] for k, v in deviation.items()})}, "
-              f"top-1 agreement {top1:.3f}, final top-1 agreement {final:.3f}")
-    for dtype, (deviation, top1, final) in measured.items():
-        for name, tolerance in HALF_TOLERANCES[dtype].items():
-            assert all(d <= t for d, t in zip(deviation[name], tolerance)), (dtype, name, deviation[name])
-        assert top1 >= HALF_AGREEMENT[dtype][0] and final >= HALF_AGREEMENT[dtype][1], (dtype, top1, final)
+    half_hf = copy.deepcopy(model).to(dtype)
+    rows, handles = captured_residuals(half_hf)
+    try:
+        result = lpn.run_logit_lens(lpn.wrap_model(half_hf, tokenizer), HALF_PROMPTS[0], top_k=5,
+                                    reductions=HALF_REDUCTIONS)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stack = torch.stack(rows)  # [row, batch, pos, d], in the model's dtype
+    assert stack.dtype == dtype and len(rows) == len(result.labels)
+
+    fields = {name: getattr(result, name) for name in
+              ("entropy", "kl_final_row", "kl_row_final", "js_final", "top_logprobs", "next_token_logprob")}
+    for name, value in fields.items():
+        assert value.dtype == torch.float32, name
+        scored = ~torch.isnan(value)
+        assert torch.isfinite(value[scored]).all(), name
+    assert torch.isnan(result.next_token_logprob[..., -1]).all() and not torch.isnan(result.next_token_logprob[..., :-1]).any()
+
+    logp = float64_decode(stack, half_hf)
+    reference = reference_statistics(logp, result.top_ids, result.token_ids)
+    float32_error = float32_decode_error(stack, half_hf, logp)
+    tolerance = ROUNDING_FACTOR * float32_error + 1e-6
+    for name, value in fields.items():
+        ours = value[..., :-1] if name == "next_token_logprob" else value
+        error = (ours.double() - reference[name]).abs().max().item()
+        print(f"{dtype} {name}: max error vs float64 {error:.2e}, float32 decode error {float32_error:.2e}")
+        # a KL or JS adds two log-probs' errors; entropy weighs one by |l - E l| <= a few nats
+        scale = 2 if name.startswith(("kl", "js")) else 1
+        assert error <= scale * tolerance * (1 + (name == "entropy") * reference["entropy"].max().item()), (
+            name, error, float32_error)
+    # top-k ids: the true top-k, except where float64 log-probs are closer than the rounding allows
+    true_top = logp.topk(5, dim=-1).values
+    assert (reference["top_logprobs"] >= true_top - 2 * tolerance).all()
+    assert torch.equal(result.final_top1, result.top_ids[-1, ..., 0])
+
+    tl_decoder = lpn.decoder_for(lpn.wrap_model(half_hf, tokenizer))
+    upcast = dataclasses.replace(tl_decoder, W_U=tl_decoder.W_U.float(), norm_weight=tl_decoder.norm_weight.float())
+    again = logit_lens_from_stack(stack.float(), result.labels, upcast, result.token_ids, tokenizer, top_k=5,
+                                  reductions=HALF_REDUCTIONS)
+    for name, value in tensor_fields(result).items():
+        assert torch.equal(bits(value), bits(getattr(again, name))), name
 
 
 def test_a_bfloat16_stack_is_reduced_in_float32(tiny_lens):

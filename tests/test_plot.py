@@ -34,7 +34,7 @@ def test_ranks_are_on_a_log_scale(result, metric):
     fig = lens_heatmap(result, metric)
     expected = np.where(rank >= 1, np.log10(np.maximum(rank, 1)), np.nan)
     np.testing.assert_allclose(z_of(fig), expected, rtol=1e-6, equal_nan=True)
-    ticktext = fig.data[0].colorbar.ticktext
+    ticktext = fig.layout.coloraxis.colorbar.ticktext  # one colour bar shared by the facets
     assert ticktext[0] == "1" and ticktext[1] == "10"  # the colour bar reads in ranks, not log10
     assert 10 ** (len(ticktext) - 1) >= np.nanmax(rank[rank >= 1])
 
@@ -45,10 +45,15 @@ def test_next_token_rank_is_blank_at_the_last_position(result):
 
 
 def test_axes_and_cell_text(result):
-    heatmap = lens_heatmap(result).data[0]
-    assert list(heatmap.y) == result.labels and heatmap.y[0] == "embed"  # first category = bottom row
-    assert list(heatmap.x) == ["&lt;|im_start|&gt; [0]", "The [1]", "␣capital [2]", "␣of [3]", "␣France [4]", "␣is [5]"]
-    assert heatmap.text[-1][-1] == "␣Paris"  # final row, last position
+    fig = lens_heatmap(result)
+    heatmap = fig.data[0]
+    assert list(heatmap.y) == list(range(len(result.labels))) and list(fig.layout.yaxis.tickvals) == list(heatmap.y)
+    assert list(fig.layout.yaxis.ticktext) == result.labels and fig.layout.yaxis.range[0] < 0  # embed at the bottom
+    assert list(fig.layout.xaxis.ticktext) == ["&lt;|im_start|&gt; [0]", "The [1]", "·capital [2]", "·of [3]", "·France [4]", "·is [5]"]
+    top = fig.layout.xaxis2
+    assert top.side == "top" and top.overlaying == "x"
+    assert list(top.ticktext)[:2] == ["The", "·capital"] and top.ticktext[-1] == "(end)"
+    assert heatmap.text[-1][-1] == "·Paris"  # final row, last position
     assert heatmap.texttemplate == "%{text}"
 
 
@@ -78,7 +83,7 @@ def test_many_positions_drop_cell_text_but_render(smollm2_bridge):
     fig = lens_heatmap(long)
     assert fig.data[0].texttemplate is None
     assert z_of(fig).shape == (3, len(long.positions))
-    assert len(set(fig.data[0].x)) == len(long.positions)  # repeated tokens still get their own column
+    assert list(fig.data[0].x) == list(range(len(long.positions)))  # repeated tokens still get their own column
     fig.to_json()  # serialises, i.e. plotly accepted every attribute
 
 
@@ -89,7 +94,7 @@ def test_html_report_is_standalone(result, tmp_path):
     assert text.count("Plotly.newPlot(") == 6  # 5 default metrics + rank[ Paris]
     for metric in ["prob", "entropy", "kl_final_row", "final_top1_rank", "next_token_rank", "rank[ Paris]"]:
         assert f"<h2>{metric}</h2>" in text
-    assert '"y":["embed","1_pre"' in text  # the figure data itself
+    assert '"ticktext":["embed","1_pre"' in text  # the figure data itself
     assert "&#x27; Paris&#x27;" in text  # the model's prediction, in the summary line
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins import readout
+from lens_plugins.core import readout
 from lens_plugins.core import vocab_loss
 from lens_plugins.core.rows import Row
 from lens_plugins.decoder import Decoder

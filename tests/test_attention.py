@@ -1,0 +1,153 @@
+"""Attention patterns: TransformerLens and nnsight read the same weights, rows sum to 1, views show them."""
+
+import numpy as np
+import pytest
+import torch
+
+from lens_plugins import attention
+from lens_plugins.attention import AttentionUnavailableError
+from lens_plugins.plot_attention import head_view, model_view, model_view_grid, sink_figure
+from synthetic_results import attention_result
+from tiny_models import random_tokens, tiny_model
+
+FAMILIES = ["llama", "gpt2", "gpt_neox", "qwen2"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from lens_plugins.models import default_model_dir
+
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def both_backends(family, tokenizer, tokens):
+    """Patterns of the same tiny model (same seed: same weights) through a TransformerBridge cache and an
+    nnsight trace."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from lens_plugins.adapters.nnsight import wrap_model
+
+    bridge = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=tiny_model(family), tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens, names_filter=attention.hook_filter(bridge))
+    from_tl = attention.from_cache(cache, tokens)
+    model = wrap_model(tiny_model(family), tokenizer)
+    with torch.no_grad(), model.trace(tokens):
+        saved = attention.trace_patterns(model)
+    return from_tl, attention.nnsight_result(saved, model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformer_lens_and_nnsight_agree(family, tokenizer):
+    tokens = random_tokens(batch=2, seq=7)
+    tl, ns = both_backends(family, tokenizer, tokens)
+    assert tl.layers == ns.layers == [0, 1, 2] and tl.patterns.shape == ns.patterns.shape == (3, 2, 4, 7, 7)
+    torch.testing.assert_close(tl.patterns, ns.patterns, rtol=1e-5, atol=1e-6)
+    for result in (tl, ns):
+        torch.testing.assert_close(result.patterns.sum(-1), torch.ones(3, 2, 4, 7), rtol=0, atol=1e-5)
+        assert (result.patterns.triu(diagonal=1) == 0).all()  # causal: no query sees a later key
+        assert result.str_tokens(1) == [tokenizer.decode([i]) for i in tokens[1].tolist()]
+
+
+def test_a_layer_subset_and_its_errors(tokenizer):
+    tokens = random_tokens(batch=1, seq=5)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=tiny_model("llama"), tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens, names_filter=attention.hook_filter(bridge, [-1]))
+    result = attention.from_cache(cache, tokens, layers=[2])
+    assert result.layers == [2] and result.head(2, 0).shape == (5, 5)
+    with pytest.raises(KeyError, match=r"no 'blocks.0.attn.hook_pattern'.*attention.hook_filter\(model\)"):
+        attention.from_cache(cache, tokens)
+    with pytest.raises(IndexError, match="layer 0 was not read; this result holds layers \\[2\\]"):
+        result.head(0, 0)
+    with pytest.raises(IndexError, match="head 4 is out of range: layers here have 4 heads"):
+        result.head(2, 4)
+    with pytest.raises(IndexError, match="layer 3 is out of range for a model of 3 layers"):
+        attention.hook_filter(bridge, [3])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flex_attention"])
+def test_implementations_without_weights_are_refused_with_the_fix(implementation, tokenizer):
+    from lens_plugins.adapters.nnsight import wrap_model
+
+    hf = tiny_model("llama")
+    hf.config._attn_implementation = implementation if implementation == "sdpa" else "sdpa"
+    model = wrap_model(hf, tokenizer)
+    if implementation != "sdpa":  # cannot run here without the kernels; the check reads the config alone
+        with pytest.raises(AttentionUnavailableError, match=f"attn_implementation='{implementation}'.*attn_implementation=\"eager\""):
+            attention.check_implementation(type("Config", (), {"_attn_implementation": implementation})())
+        return
+    with pytest.raises(AttentionUnavailableError, match="attn_implementation='sdpa', which never forms the attention probabilities"):
+        attention.run_nnsight(model, "hello")
+    with pytest.raises(AttentionUnavailableError, match='attn_implementation="eager"'):
+        with model.trace(random_tokens(1, 4)):
+            attention.trace_patterns(model)
+
+
+def test_sink_score_is_the_mean_share_on_the_first_token():
+    result = attention_result()
+    expected = result.patterns[..., 1:, 0].mean(-1)  # queries after the first, attention on key 0
+    torch.testing.assert_close(result.sink_score(), expected)
+    frame = result.to_dataframe()
+    assert len(frame) == 3 * 2 * 4 and frame["sink_score"].to_numpy() == pytest.approx(expected.flatten().numpy())
+
+
+def test_sink_score_starts_after_left_padding():
+    result = attention_result(batch=1, seq=6)
+    result.attention_mask[0, :2] = 0
+    result.patterns[..., :2] = 0  # what a padded run gives: no attention on padding keys
+    result.patterns = result.patterns / result.patterns.sum(-1, keepdim=True).clamp(min=1e-12)
+    torch.testing.assert_close(result.sink_score()[:, 0], result.patterns[:, 0, :, 3:, 2].mean(-1))
+
+
+def test_model_view_blocks_are_the_patterns():
+    result = attention_result()
+    grid = model_view_grid(result, batch=1)
+    n = 6
+    assert grid.shape == (3 * 7 - 1, 4 * 7 - 1)
+    for layer in range(3):
+        for head in range(4):
+            block = grid[layer * 7: layer * 7 + n, head * 7: head * 7 + n]
+            assert torch.equal(block, result.patterns[layer, 1, head])
+    assert torch.isnan(grid[6]).all() and torch.isnan(grid[:, 6]).all()  # gutters
+    fig = model_view(result, batch=1)
+    np.testing.assert_array_equal(np.array(fig.data[0].z, dtype=np.float32), grid.numpy())
+    assert list(fig.layout.yaxis.ticktext) == ["L0", "L1", "L2"] and list(fig.layout.xaxis.ticktext) == ["H0", "H1", "H2", "H3"]
+
+
+def test_head_view_and_sink_figure_show_the_numbers():
+    result = attention_result()
+    fig = head_view(result, layer=2, head=-1, batch=0)
+    np.testing.assert_array_equal(np.array(fig.data[0].z, dtype=np.float32), result.patterns[2, 0, 3].numpy())
+    assert fig.layout.xaxis.ticktext[0] == "&lt;script&gt;alert(1)&lt;/script&gt; [0]"
+    fig = sink_figure(result, batch=1)
+    np.testing.assert_array_equal(np.array(fig.data[0].z, dtype=np.float32), result.sink_score()[:, 1].numpy())
+
+
+def test_model_view_refuses_a_huge_grid():
+    result = attention_result(layers=30, heads=16, seq=100, batch=1)
+    with pytest.raises(ValueError, match="read fewer layers"):
+        model_view_grid(result)
+
+
+@pytest.mark.slow
+def test_smollm2_backends_agree_and_show_sinks(smollm2_bridge, smollm2_hf):
+    """The real model: 30 layers x 9 heads, the same patterns through both backends; most heads of the
+    middle layers park most of their attention on the first token (the attention sink)."""
+    from lens_plugins.adapters.nnsight import wrap_model
+
+    prompt = "The capital of France is"
+    tl = attention.run_transformer_lens(smollm2_bridge, prompt)
+    model = wrap_model(*smollm2_hf)
+    tokens = smollm2_bridge.to_tokens(prompt)
+    with torch.no_grad(), model.trace(tokens):
+        saved = attention.trace_patterns(model)
+    ns = attention.nnsight_result(saved, model)
+    torch.testing.assert_close(tl.patterns, ns.patterns, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tl.patterns.sum(-1), torch.ones(tl.patterns.shape[:-1]), rtol=0, atol=1e-5)
+    sink = tl.sink_score()[:, 0]
+    assert sink.shape == (30, 9) and (sink[5:25] > 0.5).float().mean() > 0.5

@@ -60,7 +60,7 @@ def setup(tokens: int):
 
 
 def run_one(approach: str, tokens: int, steps: int) -> dict:
-    from lens_plugins import readout
+    from lens_plugins.core import readout
     from lens_plugins.core import vocab_loss
 
     decoder, resid, final = setup(tokens)

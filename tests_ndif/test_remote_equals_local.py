@@ -33,6 +33,12 @@ def both(model, body, prompt=PROMPT):
     return remote, local
 
 
+def local_lens(model, **kwargs):
+    with model.trace(PROMPT):
+        lens = lp.nnsight.logit_lens(model, **kwargs)
+    return lp.nnsight.result(lens, model)
+
+
 def test_the_server_cannot_import_lens_plugins(model):
     """So anything the lens needs there must ship with the request (what a site-packages install does
     through nnsight.register); this suite would catch a helper that forgot to."""
@@ -61,7 +67,8 @@ def test_sublayers(model, sublayers):
     remote, local = both(model, lambda m: lp.nnsight.logit_lens(m, top_k=5, targets=[" Paris"], sublayers=sublayers))
     assert_identical(remote, local)
     labels = lp.nnsight.result(remote, model).labels
-    assert "0_attn" in labels[1] and "29_mlp" in labels[-1] or "29_mlp" in labels[-2]
+    suffix = "_out" if sublayers == "outputs" else ""
+    assert labels[:3] == ["embed", f"0_attn{suffix}", f"0_mlp{suffix}"] and f"29_mlp{suffix}" in labels[-2:]
 
 
 def test_attribution_by_head(model):
@@ -99,8 +106,7 @@ def test_a_lens_after_a_patch_in_an_earlier_invoke(model):
         out[remote] = lens
     assert_identical(out[True], out[False])
     patched = lp.nnsight.result(out[True], model)
-    clean, _ = both(model, lambda m: lp.nnsight.logit_lens(m, top_k=5, targets=[" Paris"]))
-    clean = lp.nnsight.result(clean, model)
+    clean = local_lens(model, top_k=5, targets=[" Paris"])
     assert torch.equal(patched.top_ids[:21], clean.top_ids[:21])  # embed .. 20_pre: before the patch
     assert not torch.equal(patched.entropy[21:, :, -1], clean.entropy[21:, :, -1])  # 21_pre on: after it
     assert torch.equal(patched.entropy[21:, :, :-1], clean.entropy[21:, :, :-1])  # other positions untouched
@@ -125,8 +131,7 @@ def test_a_session_of_two_traces(model):
     assert_identical(out[True], out[False])
     italy, patched = (lp.nnsight.result(lens, model) for lens in out[True])
     assert italy.rank_of(" Rome")[-1, 0, -1] == 1
-    clean, _ = both(model, lambda m: lp.nnsight.logit_lens(m, top_k=5, targets=[" Rome", " Paris"]))
-    clean = lp.nnsight.result(clean, model)
+    clean = local_lens(model, top_k=5, targets=[" Rome", " Paris"])
     assert torch.equal(patched.top_ids[:21], clean.top_ids[:21])  # before the patch: France's own rows
     # From 21_pre on, France's last position carries Italy's layer-20 residual: Rome gains on Paris there.
     rome, paris = patched.logprob_of(" Rome")[21:, 0, -1], patched.logprob_of(" Paris")[21:, 0, -1]

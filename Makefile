@@ -67,10 +67,10 @@ test-tl3: venv venv-tl3
 NDIF_CLIENT := build/ndif-client
 test-ndif: venv venv-ndif
 	rm -rf $(NDIF_CLIENT)
-	$(VENV)/bin/pip wheel -q --no-deps --no-build-isolation -w $(NDIF_CLIENT)/wheel .
+	$(VENV)/bin/pip wheel -q --no-deps -w $(NDIF_CLIENT)/wheel .
 	$(VENV)/bin/pip install -q --no-deps --target $(NDIF_CLIENT)/site-packages $(NDIF_CLIENT)/wheel/*.whl
 	trap 'ndif_local/down.sh' EXIT INT TERM; \
-	PYTHONPATH=$(CURDIR)/$(NDIF_CLIENT)/site-packages OMP_NUM_THREADS=1 $(VENV)/bin/python -P -m pytest -q -p no:cacheprovider tests_ndif
+	PYTHONPATH=$(CURDIR)/$(NDIF_CLIENT)/site-packages OMP_NUM_THREADS=1 $(VENV)/bin/python -P -m pytest -q -p no:cacheprovider --durations=8 tests_ndif
 
 # A local NDIF server for rehearsing remote experiments (prints its host for nnsight.CONFIG.API.HOST).
 ndif-up: venv-ndif

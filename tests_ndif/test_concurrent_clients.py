@@ -64,7 +64,13 @@ def test_four_clients_five_requests_each(model, ndif, smollm2_dir, tmp_path):
                           lp.__file__, str(CLIENTS)], env=env, cwd=tmp_path)
         for c in range(CLIENTS)
     ]
-    codes = [c.wait(timeout=600) for c in clients]
+    try:
+        codes = [c.wait(timeout=600) for c in clients]
+    finally:
+        for c in clients:  # ours, by their Popen handles: none outlives the test
+            if c.poll() is None:
+                c.kill()
+                c.wait()
     assert codes == [0] * CLIENTS
     for c in range(CLIENTS):
         results = torch.load(tmp_path / f"client{c}.pt", weights_only=False)

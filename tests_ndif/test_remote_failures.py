@@ -52,7 +52,7 @@ def test_a_job_past_the_execution_timeout(model, ndif):
     start = time.perf_counter()
     with pytest.raises(lp.nnsight.RemoteLensError, match="timed out.*exceeded the execution timeout"):
         lp.nnsight.run_logit_lens(model, prompt, remote=True, top_k=1, reductions=["top_k"])
-    assert timeout <= time.perf_counter() - start < timeout + 60
+    assert timeout <= time.perf_counter() - start < timeout + 120  # + queueing and the round trip
     still_works(model)
 
 

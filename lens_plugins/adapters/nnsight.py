@@ -165,7 +165,8 @@ def _remote_error(error: Exception, remote, backend) -> Exception:
     kind = type(error).__name__
     message = str(error).lower()
     # NDIF says "Your job exceeded the execution timeout of 20.0s." when it stops a job itself.
-    if isinstance(error, TimeoutError) or "timed out" in message or "execution timeout" in message or "Timeout" in kind:
+    timed_out = "timed out" in message or "execution timeout" in message
+    if isinstance(error, TimeoutError) or timed_out or "Timeout" in kind:
         what = "the remote job timed out"
     elif isinstance(error, RemoteError) and "Failed to send request" in str(error) or isinstance(error, OSError):
         what = "the NDIF server could not be reached"

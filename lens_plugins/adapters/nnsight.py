@@ -51,7 +51,7 @@ for _module in SHIPPED_MODULES:
 
 __all__ = [
     "logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
-    "result", "logit_diff_result", "attribution_result", "decoder_for", "lens_tensors", "wrap_model",
+    "result", "logit_diff_result", "attribution_result", "decoder_for", "lens_tensors", "wrap_model", "remote_model",
     "RemoteLensError",
 ]
 
@@ -67,6 +67,31 @@ def wrap_model(model: torch.nn.Module, tokenizer, **kwargs):
     from nnsight.modeling.transformers import TransformersModel
 
     return TransformersModel(model, tokenizer=tokenizer, task="text-generation", **kwargs)
+
+
+def remote_model(path_or_repo_id: str, tokenizer=None, **kwargs):
+    """An nnsight ``TransformersModel`` for remote traces, without loading its weights here.
+
+    Passes the tokenizer that nnsight 0.8.1 cannot find by itself with transformers >= 5.24 ("Impossible to
+    guess which tokenizer to use"): ``tokenizer`` or ``AutoTokenizer.from_pretrained(path_or_repo_id)``
+    (tokenizer files only). A local directory is its own repo id, so nnsight does not ask the model hub to
+    canonicalise it; the server then loads that same path, as a local NDIF server (``make ndif-up``) does.
+    ``remote=False`` still works: the weights load on first local use.
+    """
+    from pathlib import Path
+
+    from nnsight.modeling.huggingface import _ID_CACHE
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    name = str(path_or_repo_id)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if Path(name).is_dir():
+        _ID_CACHE.setdefault(name, name)
+    model = TransformersModel(name, tokenizer=tokenizer, task="text-generation", **kwargs)
+    model._module.eval()  # as from_pretrained leaves it (the server's copy, and this one once loaded)
+    return model
 
 
 @typechecked
@@ -248,7 +273,10 @@ def _remote_error(error: Exception, remote, backend) -> Exception:
     from nnsight.intervention.backends.remote import RemoteError
 
     kind = type(error).__name__
-    if isinstance(error, TimeoutError) or "timed out" in str(error).lower() or "Timeout" in kind:
+    message = str(error).lower()
+    # NDIF says "Your job exceeded the execution timeout of 20.0s." when it stops a job itself.
+    timed_out = "timed out" in message or "execution timeout" in message
+    if isinstance(error, TimeoutError) or timed_out or "Timeout" in kind:
         what = "the remote job timed out"
     elif isinstance(error, RemoteError) and "Failed to send request" in str(error) or isinstance(error, OSError):
         what = "the NDIF server could not be reached"

@@ -52,7 +52,8 @@ for _module in SHIPPED_MODULES:
 __all__ = [
     "logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
     "result", "logit_diff_result", "attribution_result", "decoder_for", "lens_tensors", "wrap_model", "remote_model",
-    "RemoteLensError",
+    "RemoteLensError", "generation_lens", "generation_result", "run_generation_lens", "dola", "dola_output",
+    "dola_generate", "decoder_lens", "decoder_lens_result", "run_decoder_lens",
 ]
 
 Sublayers = Union[bool, str]
@@ -288,3 +289,13 @@ def _remote_error(error: Exception, remote, backend) -> Exception:
         f"{what}: {kind}: {error}. Nothing local was changed; retry later, check nnsight.CONFIG.API.HOST and "
         "your API key, or run the same lens locally with remote=False."
     )
+
+
+# The verbs of the other methods (their in-trace halves in core/, their local sides in their own modules).
+from lens_plugins.adapters.nnsight_decoder_lens import decoder_lens_result, run_decoder_lens  # noqa: E402
+from lens_plugins.adapters.nnsight_generation import (  # noqa: E402
+    dola_generate, dola_output, generation_result, run_generation_lens,
+)
+from lens_plugins.core.decoder_lens import decoder_lens  # noqa: E402
+from lens_plugins.core.dola_trace import dola  # noqa: E402
+from lens_plugins.core.generation import generation_lens  # noqa: E402

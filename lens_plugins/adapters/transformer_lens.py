@@ -40,7 +40,8 @@ from lens_plugins.typecheck import typechecked
 
 __all__ = [
     "logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
-    "decoder_for", "hook_filter", "residual_stack", "hook_name",
+    "decoder_for", "hook_filter", "residual_stack", "hook_name", "run_generation_lens", "dola_generate",
+    "run_decoder_lens",
 ]
 
 _NORMALIZATION_KINDS = {"LN": "layernorm", "LNPre": "layernorm", "RMS": "rmsnorm", "RMSPre": "rmsnorm", None: "none"}
@@ -553,3 +554,8 @@ def register_accessor(cache_class) -> None:
     if not isinstance(cache_class.__dict__.get("lens"), _Accessor):
         cache_class.lens = _Accessor()
 
+
+
+# The verbs of the other methods, in their own modules.
+from lens_plugins.adapters.transformer_lens_decoder_lens import run_decoder_lens  # noqa: E402
+from lens_plugins.adapters.transformer_lens_generation import dola_generate, run_generation_lens  # noqa: E402

@@ -17,10 +17,13 @@ them, and ``tests/test_shipping.py`` holds each to the import rule.
 - ``dla``: frozen-norm direct logit attribution arithmetic, head split
 - ``trace``: the nnsight reader (row -> module input/output) and the in-trace entry points
 - ``dola``: DoLa's premature-layer choice and contrastive scores
+- ``dola_trace``: DoLa decoding inside one ``model.generate`` trace (each step's token forced to DoLa's)
+- ``generation``: the lens over generated text, every step of one ``model.generate`` trace
+- ``decoder_lens``: the DecoderLens of an encoder-decoder model (encoder rows decoded by the decoder)
 - ``patching``: Patchscopes' write arithmetic (mappings, batching of (row, position) pairs)
 - ``vocab_loss``: memory-bounded KL / cross-entropy over the vocabulary with its gradient (training)
 - ``future``: Future Lens arithmetic
 """
 
 SHIPPED = ("rows", "reductions", "request", "readout", "architectures", "lenses", "pipeline", "dla", "trace", "dola",
-           "patching", "vocab_loss", "future")
+           "patching", "vocab_loss", "future", "dola_trace", "generation", "decoder_lens")

@@ -79,7 +79,7 @@ ARCHITECTURES = {
     "gemma3_text": dict(_LLAMA_LIKE, norm_one_plus=True, softcap_attr="final_logit_softcapping", **_SANDWICH),
 }
 
-# Encoder-decoder families, for the DecoderLens (``remote_decoder_lens``): ``encoder_layers`` are read,
+# Encoder-decoder families, for the DecoderLens (``core.decoder_lens``): ``encoder_layers`` are read,
 # ``layers`` / ``final_norm`` / ``lm_head`` are the decoder's lens. T5 scales the decoder output by
 # ``d_model ** -0.5`` before a tied ``lm_head`` (``logit_scale_attr``: the config flag that says so; folded
 # into ``W_U``); BART adds a ``final_logits_bias`` buffer (``logits_bias``, folded into ``b_U``) and has no

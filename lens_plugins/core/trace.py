@@ -240,8 +240,17 @@ def _at(x, resid, position):
 
 def server_namespace():
     """What ``lens_plugins`` (``lp``) is inside a trace body on an NDIF server: just the in-trace entry points
-    (``lp.nnsight.logit_lens``, ...), since nothing else of the package can run there."""
+    (``lp.nnsight.logit_lens``, ..., ``lp.nnsight.generation_lens``, ``dola``, ``decoder_lens``), since nothing
+    else of the package can run there."""
     import types
 
     return types.SimpleNamespace(nnsight=types.SimpleNamespace(
-        logit_lens=logit_lens, logit_diff=logit_diff, attribution=attribution))
+        logit_lens=logit_lens, logit_diff=logit_diff, attribution=attribution,
+        generation_lens=generation.generation_lens, dola=dola_trace.dola, decoder_lens=decoder_lens.decoder_lens))
+
+
+# The in-trace entry points of the other methods, for ``server_namespace``. They import this module's reader
+# and plan by name, so they are imported here last (a cycle Python resolves either way round). Not the reverse
+# (``trace`` as a module there): nnsight pickles a shipped module as a copy of its namespace, and two modules
+# naming each other would recurse forever; nor an import inside the function, which would run on the server.
+from lens_plugins.core import decoder_lens, dola_trace, generation  # noqa: E402

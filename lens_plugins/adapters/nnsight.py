@@ -52,7 +52,7 @@ for _module in SHIPPED_MODULES:
 __all__ = [
     "logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
     "result", "logit_diff_result", "attribution_result", "decoder_for", "lens_tensors", "wrap_model",
-    "RemoteLensError",
+    "RemoteLensError", "patchscope",
 ]
 
 Sublayers = Union[bool, str]
@@ -260,3 +260,6 @@ def _remote_error(error: Exception, remote, backend) -> Exception:
         f"{what}: {kind}: {error}. Nothing local was changed; retry later, check nnsight.CONFIG.API.HOST and "
         "your API key, or run the same lens locally with remote=False."
     )
+
+
+from lens_plugins.adapters.patchscope_nnsight import patchscope  # noqa: E402 - it builds on this module

@@ -40,7 +40,7 @@ from lens_plugins.typecheck import typechecked
 
 __all__ = [
     "logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
-    "decoder_for", "hook_filter", "residual_stack", "hook_name",
+    "decoder_for", "hook_filter", "residual_stack", "hook_name", "patchscope",
 ]
 
 _NORMALIZATION_KINDS = {"LN": "layernorm", "LNPre": "layernorm", "RMS": "rmsnorm", "RMSPre": "rmsnorm", None: "none"}
@@ -553,3 +553,6 @@ def register_accessor(cache_class) -> None:
     if not isinstance(cache_class.__dict__.get("lens"), _Accessor):
         cache_class.lens = _Accessor()
 
+
+
+from lens_plugins.adapters.patchscope_transformer_lens import patchscope  # noqa: E402 - it builds on this module

@@ -6,7 +6,11 @@ norm and unembedding decode it into a prediction of token ``t + N``. Maps are ap
 zero (``h + h A^T + b``, the tuned-lens convention), so an untrained Future Lens is the logit lens and weight
 decay pulls toward it; for ``N = 1`` at the last row the identity is exact.
 
-It is a lens in the package's sense (``transform(resid, rows)`` and ``affine(rows, d_model)``, the lens seam),
+It is a lens in the package's sense (``lens_plugins.lenses.Lens``: ``transform(resid, rows)`` and
+``affine(rows, d_model)``, the lens seam), so ``lens=`` of every lens entry point takes it, remote nnsight
+traces included (as tensors). There each mapped row at ``t`` (the final row too, if the lens maps it) decodes
+a prediction of token ``t + N``, while ``next_token`` and the divergences still refer to position ``t``;
+``lens_result`` instead pairs each row with the model's own state at ``t + N - 1``. It is
 trained with ``lens_plugins.train.fit`` against KL(model's distribution at ``t + N - 1`` || decoded map), the
 memory-bounded ``core.vocab_loss.kl_divergence``, and evaluated with the streamed readout: top-1 agreement with
 the model's own prediction at ``t + N - 1``, next to a bigram baseline (the token seen most often ``N``
@@ -23,12 +27,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins import architectures, readout, train
-from lens_plugins.core import future, vocab_loss
+from lens_plugins import train
+from lens_plugins.core import architectures, future, readout, rows as row_plan, vocab_loss
+from lens_plugins.core.lenses import apply_affine
+from lens_plugins.core.request import single_token_id
 from lens_plugins.core.rows import Row
 from lens_plugins.decoder import Decoder
 from lens_plugins.logit_lens import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, LensRequest, assemble
-from lens_plugins.prompt import single_token_id
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
@@ -60,9 +65,10 @@ class FutureLens(torch.nn.Module):
         return [self.labels.index(label) for label in labels]
 
     def transform(self, resid: Float[Tensor, "rows tokens d_model"], rows: Sequence[RowLike]) -> Tensor:
-        """Map each row of ``resid`` with its own affine map (differentiable; float32)."""
+        """Map each row of ``resid`` with its own affine map, ``h + h @ W[r].T + b[r]`` (differentiable;
+        float32; ``core.lenses.apply_affine``, the same arithmetic the pipeline applies to ``affine``)."""
         index = self._index(rows)
-        return future.apply_affine(resid, self.weight[index], self.bias[index])
+        return apply_affine(resid, self.weight[index], self.bias[index])
 
     def affine(self, rows: Sequence[RowLike], d_model: int) -> tuple[Tensor, Tensor]:
         """The lens seam's residual affine form: ``(weight [rows, d, d], bias [rows, d])``."""
@@ -128,8 +134,7 @@ def residual_stack(model, token_ids: Tensor) -> tuple[Tensor, list[str]]:
     finally:
         for hook in hooks:
             hook.remove()
-    n = len(blocks)
-    labels = ["embed"] + [f"{layer}_pre" for layer in range(1, n)] + [f"{n - 1}_post"]
+    labels = [row.label for row in row_plan.plan(len(blocks))]
     return torch.stack([row.detach().float() for row in rows]), labels
 
 
@@ -308,7 +313,7 @@ def lens_result_from_stack(
     stats = {name: value if name == "final_top1" else value[:-1] for name, value in stats.items()}
     request = LensRequest(positions=list(range(span)), reductions=RESULT_REDUCTIONS,
                           target_names=[t if isinstance(t, str) else tokenizer.decode([t]) for t in targets],
-                          target_ids=user, set_names=[], set_ids=[])
+                          target_ids=user, set_names=[], set_ids=[], top_k=top_k)
     return assemble(stats, request, list(lens.labels), token_ids.cpu(), tokenizer)
 
 

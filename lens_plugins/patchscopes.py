@@ -11,9 +11,12 @@ reference (KL to the final row, ``final_top1``, ``top1_agreement``) is the model
 source position, whatever the target: ``top1_agreement()`` is the Patchscope's precision@1.
 
 Pairs are batched: one target forward per ``batch_size`` (row, position) pairs, batch item ``b`` carrying
-pair ``b``'s patch. The driver here is backend-free; each backend supplies a runner that reads the source
-and runs a patched target batch (``adapters.patchscope_transformer_lens``, ``adapters.patchscope_nnsight``);
-the torch-only arithmetic is ``lens_plugins.core.patching``.
+pair ``b``'s patch. The driver here is backend-free: ``plan`` validates a call against the row plan
+(``core.rows``) and builds the lens request (``core.request.build``), the same on both backends; each backend
+reads the source rows with its reader and supplies a runner for a patched target batch
+(``adapters.patchscope_transformer_lens``, ``adapters.patchscope_nnsight``, exported as
+``lp.transformer_lens.patchscope`` / ``lp.nnsight.patchscope``); the torch-only arithmetic and the in-trace
+bodies are ``lens_plugins.core.patching``.
 """
 
 from collections.abc import Callable, Sequence
@@ -24,10 +27,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins import prompt as prompt_utils
 from lens_plugins import tokens as token_utils
-from lens_plugins.core import patching
-from lens_plugins.logit_lens import LensRequest, TokenSets, assemble, check_context, per_token_targets, prepare, resolve_rows
+from lens_plugins.core import patching, request as lens_request, rows as row_plan
+from lens_plugins.core.rows import Row
+from lens_plugins.logit_lens import LensRequest, TokenSets, assemble, check_context
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
@@ -78,20 +81,23 @@ class PatchscopeResult(LensResult):
 
 @dataclass(frozen=True)
 class PatchRequest:
-    """Everything about a Patchscope call known before the target runs."""
+    """Everything about a Patchscope call known before the source or the target runs."""
 
-    rows: list[int]             # indices into the source stack's rows
-    labels: list[str]           # their labels
+    rows: list[Row]             # the source rows read (core.rows.select of the row plan; the last is the final row)
     target_labels: list[str]    # where each is written in the target
-    lens: LensRequest           # positions, reductions, targets: as for the logit lens
+    lens: LensRequest           # positions, reductions, targets: as for the logit lens (core.request.build)
+    readout: tuple[str, ...]    # the readout's reductions for that request
     target_position: int        # absolute index in the target prompt
-    top_k: int
     batch_size: int
     max_new_tokens: int
 
+    @property
+    def labels(self) -> list[str]:
+        return [row.label for row in self.rows]
+
 
 def plan(
-    labels: list[str],
+    every: list[Row],
     seq_len: int,
     target_len: int,
     tokenizer,
@@ -109,13 +115,12 @@ def plan(
     max_new_tokens: int,
     context: Optional[int],
 ) -> PatchRequest:
-    """Validate a Patchscope call against the source rows and prompts, before any target forward."""
+    """Validate a Patchscope call against the model's row plan ``every`` (``core.rows.plan``) and the prompts'
+    lengths, before any forward: the same checks, in the same order, on both backends."""
     bad = [r for r in reductions if r in UNSUPPORTED_REDUCTIONS]
     if bad:
         raise ValueError(f"reductions {bad} compare a lens row with another row; a Patchscope's rows are separate "
                          f"forward passes, so they are not available here. Drop them from reductions=[...]")
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1 (pairs per target forward), got {batch_size}")
     if max_new_tokens < 0:
@@ -123,31 +128,20 @@ def plan(
     if not -target_len <= target_position < target_len:
         raise IndexError(f"target_position {target_position} is out of range for a target prompt of {target_len} tokens")
     check_context(target_len + max(max_new_tokens - 1, 0), context)
-    rows = resolve_rows(layers, labels)
+    rows = row_plan.select(every, layers)
     if target_layer is None:
-        target_labels = [labels[r] for r in rows]
-    else:
-        target_labels = [labels[_row_index(target_layer, labels)]] * len(rows)
+        target_labels = [row.label for row in rows]
+    else:  # the one row target_layer names (select keeps the last row too, after it)
+        target_labels = [row_plan.select(every, [target_layer])[0].label] * len(rows)
     for label in target_labels:
-        patching.stream_key(label)
+        patching.patch_row(label)
+    request = LensRequest.from_dict(lens_request.build(tokenizer, d_vocab, seq_len, top_k, positions, targets,
+                                                       token_sets, reductions))
     return PatchRequest(
-        rows=rows, labels=[labels[r] for r in rows], target_labels=target_labels,
-        lens=prepare(seq_len, tokenizer, d_vocab, positions, targets, reductions, token_sets),
-        target_position=target_position % target_len, top_k=top_k, batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
+        rows=rows, target_labels=target_labels, lens=request,
+        readout=lens_request.readout_reductions(request.reductions, len(request.user_ids)),
+        target_position=target_position % target_len, batch_size=batch_size, max_new_tokens=max_new_tokens,
     )
-
-
-def _row_index(layer: RowSpec, labels: list[str]) -> int:
-    """The index of a target row given by label or index (negative counts from the end)."""
-    if isinstance(layer, str):
-        if layer not in labels:
-            raise KeyError(f"no row labelled {layer!r}; the rows are {labels}")
-        return labels.index(layer)
-    n = len(labels)
-    if not -n <= layer < n:
-        raise IndexError(f"target_layer {layer} is out of range: the rows are 0..{n - 1} ({labels[0]} .. {labels[-1]})")
-    return layer % n
 
 
 def map_hidden(hidden: Tensor, mapping: Mapping) -> Tensor:
@@ -193,7 +187,6 @@ def run(
     runner: TargetRunner,
     request: PatchRequest,
     hidden: Float[Tensor, "row pos d_model"],
-    reference: Float[Tensor, "pos d_model"],
     source_ids: Int[Tensor, "1 seq"],
     target_ids: Int[Tensor, "target_seq"],
     target_prompt: str,
@@ -201,9 +194,13 @@ def run(
     mapping: Mapping = None,
 ) -> PatchscopeResult:
     """Run the Patchscope of source ``hidden`` (the request's rows at its positions) through ``runner``, one
-    target forward per batch of pairs, and label the result."""
+    target forward per batch of pairs, and label the result. The last row is the final residual (the row
+    selection always keeps it): the reference each pair's read-out is compared with."""
     n_rows, n_pos, _ = hidden.shape
-    columns = per_token_targets(request.lens, source_ids)  # [positions, C]: next token, input token, targets
+    reference = hidden[-1]
+    # [positions, C]: next token, input token, targets, set members (one source prompt)
+    columns = lens_request.target_columns(source_ids, torch.ones_like(source_ids), request.lens.positions,
+                                          request.lens.reductions, request.lens.user_ids)
     chunks, generated = [], []
     want_tokens = request.max_new_tokens > 0
     for rows, positions in patching.pair_batches(n_rows, n_pos, request.batch_size):
@@ -238,23 +235,19 @@ def _generate(runner: TargetRunner, target_ids: Tensor, values: Tensor, labels: 
     return tokens[:, target_ids.shape[0]:]
 
 
-def readout_reductions(request: PatchRequest) -> tuple[str, ...]:
-    return prompt_utils.readout_reductions(request.lens.reductions, len(request.lens.user_ids))
-
-
 @typechecked
 def patchscope(model, source, **kwargs) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt; on TransformerLens also an ``ActivationCache``) on ``model``, a
-    TransformerLens model or an nnsight model: dispatches to ``adapters.patchscope_transformer_lens.patchscope``
-    or ``adapters.patchscope_nnsight.patchscope``, which document the options (``layers``, ``positions``, ``target_prompt``,
-    ``target_layer``, ``target_position``, ``mapping``, ``targets``, ``reductions``, ``top_k``,
-    ``batch_size``, ``max_new_tokens``; nnsight adds ``remote``)."""
+    TransformerLens model or an nnsight model: ``lp.transformer_lens.patchscope`` or ``lp.nnsight.patchscope``,
+    which take the same options (``layers``, ``positions``, ``target_prompt``, ``target_layer``,
+    ``target_position``, ``mapping``, ``top_k``, ``targets``, ``token_sets``, ``reductions``, ``batch_size``,
+    ``max_new_tokens``; nnsight adds ``remote``, ``backend`` and ``paths``)."""
     if hasattr(model, "run_with_hooks"):
-        from lens_plugins.adapters.patchscope_transformer_lens import patchscope as run_tl
+        from lens_plugins.adapters.transformer_lens import patchscope as run_tl
 
         return run_tl(model, source, **kwargs)
     if hasattr(model, "trace"):
-        from lens_plugins.adapters.patchscope_nnsight import patchscope as run_nnsight
+        from lens_plugins.adapters.nnsight import patchscope as run_nnsight
 
         return run_nnsight(model, source, **kwargs)
     raise TypeError(f"patchscope needs a TransformerLens model (TransformerBridge / HookedTransformer) or an nnsight "

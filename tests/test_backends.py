@@ -267,7 +267,7 @@ def test_affine_lens_ships_to_a_remote_trace(both):
 # --- the same surface --------------------------------------------------------------------------------
 
 SHARED_VERBS = ("logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
-                "decoder_for")
+                "decoder_for", "patchscope")
 # What only one backend has: where its input comes from (a cache's tokens and mask; a trace's remote/backend and
 # module paths), its own tokenisation control, and ``by`` (an in-trace verb saves values; nnsight's
 # ``attribution_result(saved, model, by=...)`` takes it).

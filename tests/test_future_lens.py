@@ -104,6 +104,35 @@ def test_the_model_residual_stack_matches_the_nnsight_lens_rows(llama, smollm2_t
     assert torch.equal(ours.top_ids, lens["stats"]["top_ids"].reshape(ours.top_ids.shape))
 
 
+def test_a_future_lens_is_a_lens_on_every_entry_point(llama, smollm2_tokenizer):
+    """The lens seam: ``lens=FutureLens`` on the pipeline decodes the same mapped rows as ``lens_result`` (which
+    applies ``transform``; the pipeline applies ``affine``), and reaches a simulated remote trace as tensors."""
+    import lens_plugins as lp
+    from lens_plugins.adapters import nnsight as lpn
+
+    lens = fl.FutureLens(64, ["embed", "1_pre", "2_post"], 2)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.05, generator=torch.Generator().manual_seed(2))
+        lens.bias.normal_(std=0.05, generator=torch.Generator().manual_seed(3))
+    assert isinstance(lens, lp.Lens)
+    tokens = random_tokens(batch=1, seq=7)
+    stack, labels = fl.residual_stack(llama, tokens)
+    ahead = fl.lens_result(lens, llama, tokens, smollm2_tokenizer)
+    piped = logit_lens_from_stack(stack, labels, fl.hf_decoder(llama), tokens, smollm2_tokenizer, lens=lens,
+                                  layers=lens.labels, positions=ahead.positions)
+    assert piped.labels == ahead.labels and piped.positions == ahead.positions
+    assert torch.equal(piped.top_ids, ahead.top_ids)
+    torch.testing.assert_close(piped.top_logprobs, ahead.top_logprobs, atol=1e-4, rtol=0)
+    plain = logit_lens_from_stack(stack, labels, fl.hf_decoder(llama), tokens, smollm2_tokenizer,
+                                  layers=lens.labels, positions=ahead.positions)
+    assert not torch.equal(piped.top_logprobs, plain.top_logprobs)
+    model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
+    local = lpn.run_logit_lens(model, "in it is the", lens=lens, layers=lens.labels)
+    simulated = lpn.run_logit_lens(model, "in it is the", lens=lens, layers=lens.labels, remote="local")
+    for name in ("top_ids", "top_logprobs", "entropy", "kl_final_row"):
+        assert torch.equal(getattr(simulated, name), getattr(local, name)), name
+
+
 def test_training_lowers_the_heldout_loss(llama, smollm2_tokenizer, tmp_path):
     texts = train.load_texts(None)[:30]
     config = train.TrainConfig(steps=12, batch_size=4, seed=3, checkpoint_every=6)

@@ -9,11 +9,9 @@ import torch
 import lens_plugins as lp
 from lens_plugins.adapters import nnsight as lpn
 from lens_plugins.adapters import transformer_lens as tla
-from lens_plugins.adapters.patchscope_nnsight import patchscope as nn_patchscope
-from lens_plugins.adapters.patchscope_transformer_lens import patchscope as tl_patchscope
 from lens_plugins.core import patching
 from lens_plugins.patchscopes import IDENTITY_PROMPT, PatchscopeResult
-from lens_plugins.remote_patchscope import patch_and_read
+from lens_plugins.core.patching import patch_and_read
 from test_remote_serialization import SerializeThenRunLocally, run_on_server
 from tiny_models import tiny_model
 
@@ -235,6 +233,24 @@ def test_remote_local_simulation_matches_local(tiny):
 def test_bad_input_is_refused_alike(tiny, backend, kwargs, error, match):
     with pytest.raises(error, match=match):
         lp.patchscope(tiny[backend], SOURCE, target_prompt=TARGET, **kwargs)
+
+
+@pytest.mark.parametrize("first", ["lens_plugins.adapters.patchscope_transformer_lens",
+                                   "lens_plugins.adapters.patchscope_nnsight"])
+def test_the_verb_is_exported_by_each_backend_whichever_module_loads_first(first):
+    """``lp.transformer_lens.patchscope`` / ``lp.nnsight.patchscope`` come from the Patchscope adapters, which
+    read through the backend modules: importing either side first must work (a fresh interpreter)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    backend = "transformer_lens" if first.endswith("transformer_lens") else "nnsight"
+    code = (f"import importlib, lens_plugins as lp; m = importlib.import_module({first!r}); "
+            f"assert getattr(lp, {backend!r}).patchscope is m.patchscope")
+    root = str(Path(lp.__file__).parent.parent)  # this checkout's package, not another install's
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
 
 
 def test_not_a_model():

@@ -53,7 +53,7 @@ __all__ = [
     "logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
     "result", "logit_diff_result", "attribution_result", "decoder_for", "lens_tensors", "wrap_model", "remote_model",
     "RemoteLensError", "generation_lens", "generation_result", "run_generation_lens", "dola", "dola_output",
-    "dola_generate", "decoder_lens", "decoder_lens_result", "run_decoder_lens",
+    "dola_generate", "decoder_lens", "decoder_lens_result", "run_decoder_lens", "patchscope",
 ]
 
 Sublayers = Union[bool, str]
@@ -299,3 +299,4 @@ from lens_plugins.adapters.nnsight_generation import (  # noqa: E402
 from lens_plugins.core.decoder_lens import decoder_lens  # noqa: E402
 from lens_plugins.core.dola_trace import dola  # noqa: E402
 from lens_plugins.core.generation import generation_lens  # noqa: E402
+from lens_plugins.adapters.patchscope_nnsight import patchscope  # noqa: E402 - it builds on this module

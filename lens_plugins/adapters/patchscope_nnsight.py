@@ -1,39 +1,33 @@
-"""Patchscopes on nnsight models, locally or on NDIF: the same verbs as the TransformerLens adapter.
+"""Patchscopes on nnsight models, locally or on NDIF: ``lp.nnsight.patchscope``, the same verb and options as
+``lp.transformer_lens.patchscope``.
 
-Around ``model.trace``: one trace of the source prompt saves its residual rows at the chosen positions
-(``remote_patchscope.read_source``); the mapping is applied here (it may be any local callable); then one
-trace per batch of pairs runs ``remote_patchscope.patch_and_read`` on copies of the target prompt, writing a
-layer's input ("3_pre", "embed") or output ("29_post") and reducing the result where the model runs, so
-only the reductions come back. Inside your own trace, call ``remote_patchscope.patch_and_read`` directly.
-
-Importing this module registers ``lens_plugins.remote_patchscope`` and ``lens_plugins.core.patching`` with
-``nnsight.register`` (and, through ``adapters.nnsight``, the modules they import), so a remote trace ships them
-by source.
+The call is planned here before any trace (the row plan of ``core.rows`` from the local module tree, the lens
+request of ``core.request.build``), so bad input is refused before anything is sent. Then one trace of the
+source prompt saves just the chosen rows at the chosen positions (``core.patching.read_source``, with the
+nnsight reader of ``core.trace``); the mapping is applied here (it may be any local callable); and one trace
+per batch of pairs runs ``core.patching.patch_and_read`` on copies of the target prompt, writing a layer's
+input ("3_pre", "embed") or output ("29_post") and reducing the result where the model runs, so only the
+reductions come back. Inside your own trace, call ``lens_plugins.core.patching.patch_and_read`` directly:
+``core.patching`` is in ``core.SHIPPED``, so ``adapters.nnsight`` registers it to ship by source.
 """
 
 from collections.abc import Sequence
 from typing import Optional, Union
 
-import nnsight
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from lens_plugins import remote_patchscope
 from lens_plugins import tokens as token_utils
-from lens_plugins.adapters.nnsight import _remote_error
-from lens_plugins.core import patching
-from lens_plugins.logit_lens import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, TokenSets, check_prompts, eval_mode
-from lens_plugins.models import context_length
-from lens_plugins.patchscopes import (
-    IDENTITY_PROMPT, Mapping, PatchscopeResult, RowSpec, TargetRunner, plan, readout_reductions, run,
+from lens_plugins.core import architectures, rows as row_plan
+from lens_plugins.core.patching import patch_and_next_token, patch_and_read, read_source
+from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
+from lens_plugins.logit_lens import (
+    DEFAULT_TOKEN_CHUNK, DEFAULT_TOP_K, DEFAULT_VOCAB_CHUNK, TokenSets, check_prompts, eval_mode,
 )
-from lens_plugins.prompt import DEFAULT_LENS_REDUCTIONS
-from lens_plugins.remote_patchscope import patch_and_next_token, patch_and_read, read_source
+from lens_plugins.models import context_length
+from lens_plugins.patchscopes import IDENTITY_PROMPT, Mapping, PatchscopeResult, RowSpec, TargetRunner, plan, run
 from lens_plugins.typecheck import typechecked
-
-for _module in (patching, remote_patchscope):
-    nnsight.register(_module)
 
 
 class _Runner(TargetRunner):
@@ -48,17 +42,17 @@ class _Runner(TargetRunner):
     # The trace bodies name only plain values and shipped functions: a remote trace pickles what they name.
     def read(self, values, target_labels, reference, target_ids, read_next_token):
         model, paths, chunks = self.model, self.paths, self.chunks
-        position, top_k, reductions = self.request.target_position, self.request.top_k, readout_reductions(self.request)
+        position, top_k, reductions = self.request.target_position, self.request.lens.top_k, self.request.readout
         labels = list(target_labels)
         with model.trace(self.tokens.expand(values.shape[0], -1), **self.trace_kwargs):
             saved = patch_and_read(model, values, labels, position, reference, target_ids, top_k, reductions,
-                                   read_next_token, **paths, **chunks)
+                                   read_next_token, paths, **chunks)
         return saved["stats"], saved.get("next_token")
 
     def next_tokens(self, tokens, values, target_labels):
         model, paths, position, labels = self.model, self.paths, self.request.target_position, list(target_labels)
         with model.trace(tokens, **self.trace_kwargs):
-            ids = patch_and_next_token(model, values, labels, position, **paths)
+            ids = patch_and_next_token(model, values, labels, position, paths)
         return ids
 
 
@@ -73,7 +67,7 @@ def patchscope(
     target_layer: Optional[RowSpec] = None,
     target_position: int = -1,
     mapping: Mapping = None,
-    top_k: int = 5,
+    top_k: int = DEFAULT_TOP_K,
     targets: Sequence[token_utils.TargetSpec] = (),
     token_sets: Optional[TokenSets] = None,
     reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
@@ -81,18 +75,17 @@ def patchscope(
     max_new_tokens: int = 0,
     remote: Union[bool, str] = False,
     backend=None,
+    paths: Optional[dict] = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
-    module_layers: Optional[str] = None,
-    final_norm: Optional[str] = None,
-    lm_head: Optional[str] = None,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, or its token ids ``[1, seq]``) on an nnsight ``model``; the
-    options are those of ``adapters.patchscope_transformer_lens.patchscope``. ``remote`` / ``backend`` go to every
-    ``model.trace`` (the source trace and one per batch of pairs); ``module_layers`` / ``final_norm`` /
-    ``lm_head`` are module paths for a family ``lens_plugins.architectures`` does not know."""
+    options are those of ``lp.transformer_lens.patchscope``. ``remote`` / ``backend`` go to every
+    ``model.trace`` (the source trace and one per batch of pairs); ``paths`` holds module paths
+    (``{"layers": ..., "final_norm": ..., "lm_head": ...}``) for a family ``core.architectures`` does not know."""
+    from lens_plugins.adapters import nnsight as lpn  # registers the shipped modules; it exports this verb
+
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
-    paths = {"layers": module_layers, "final_norm": final_norm, "lm_head": lm_head}
     tokenizer = model.tokenizer
     if isinstance(source, str):
         check_prompts(source)
@@ -103,32 +96,24 @@ def patchscope(
     else:
         target_ids = target_prompt
     hf = getattr(model, "_module", model)
+    spec = architectures.resolve(hf, paths)
+    n_layers = len(architectures.get_path(hf, spec["layers"]))
+    every = row_plan.plan(n_layers, parallel=architectures.is_parallel(hf, spec))
+    request = plan(
+        every, source.shape[1], target_ids.shape[0], tokenizer, architectures.decoder_tensors(hf, spec)["W_U"].shape[1],
+        layers=layers, positions=positions, target_layer=target_layer, target_position=target_position,
+        targets=targets, token_sets=token_sets, reductions=reductions, top_k=top_k, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, context=context_length(model),
+    )
+    labels, chosen_positions = request.labels, request.lens.positions
     try:
         with eval_mode(hf):
             with model.trace(source, **trace_kwargs):
-                saved = read_source(model, list(range(source.shape[1])), **paths)
-            labels = saved["labels"]
-            d_vocab = nnsight_decoder_vocab(hf, paths)
-            request = plan(
-                labels, source.shape[1], target_ids.shape[0], tokenizer, d_vocab, layers=layers, positions=positions,
-                target_layer=target_layer, target_position=target_position, targets=targets, token_sets=token_sets,
-                reductions=reductions, top_k=top_k, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                context=context_length(model),
-            )
-            stack = saved["hidden"]  # [rows, seq, d]
-            hidden = stack[request.rows][:, request.lens.positions]
-            reference = stack[-1, request.lens.positions]
+                saved = read_source(model, labels, chosen_positions, paths)
             runner = _Runner(model, request, target_ids, trace_kwargs, paths, vocab_chunk, token_chunk)
-            return run(runner, request, hidden.float(), reference.float(), saved["token_ids"].to(torch.long),
+            return run(runner, request, saved["hidden"].float(), saved["token_ids"].to(torch.long),
                        target_ids.to(torch.long),
                        target_prompt if isinstance(target_prompt, str) else tokenizer.decode(target_ids.tolist()),
                        tokenizer, mapping)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened if it is a remote failure
-        raise _remote_error(error, remote, backend) from error
-
-
-def nnsight_decoder_vocab(hf, paths) -> int:
-    """The decoder's vocabulary size, read from the local module tree (no trace)."""
-    from lens_plugins.architectures import decoder_tensors, resolve
-
-    return decoder_tensors(hf, resolve(hf, **paths))["W_U"].shape[1]
+        raise lpn._remote_error(error, remote, backend) from error

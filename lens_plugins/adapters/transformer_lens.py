@@ -41,7 +41,7 @@ from lens_plugins.typecheck import typechecked
 __all__ = [
     "logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
     "decoder_for", "hook_filter", "residual_stack", "hook_name", "run_generation_lens", "dola_generate",
-    "run_decoder_lens",
+    "run_decoder_lens", "patchscope",
 ]
 
 _NORMALIZATION_KINDS = {"LN": "layernorm", "LNPre": "layernorm", "RMS": "rmsnorm", "RMSPre": "rmsnorm", None: "none"}
@@ -559,3 +559,4 @@ def register_accessor(cache_class) -> None:
 # The verbs of the other methods, in their own modules.
 from lens_plugins.adapters.transformer_lens_decoder_lens import run_decoder_lens  # noqa: E402
 from lens_plugins.adapters.transformer_lens_generation import dola_generate, run_generation_lens  # noqa: E402
+from lens_plugins.adapters.patchscope_transformer_lens import patchscope  # noqa: E402 - it builds on this module

@@ -20,9 +20,11 @@ them, and ``tests/test_shipping.py`` holds each to the import rule.
 - ``dola_trace``: DoLa decoding inside one ``model.generate`` trace (each step's token forced to DoLa's)
 - ``generation``: the lens over generated text, every step of one ``model.generate`` trace
 - ``decoder_lens``: the DecoderLens of an encoder-decoder model (encoder rows decoded by the decoder)
-- ``patching``: Patchscopes' write arithmetic (mappings, batching of (row, position) pairs)
+- ``patching``: Patchscopes: the write arithmetic (mappings, batching of (row, position) pairs) and the
+  in-trace bodies (``read_source``, ``patch_and_read``) that read with ``trace``'s reader
 - ``vocab_loss``: memory-bounded KL / cross-entropy over the vocabulary with its gradient (training)
-- ``future``: Future Lens arithmetic
+- ``future``: Future Lens arithmetic (pairing ``t`` with ``t + N - 1``, the bigram baseline); its maps are
+  applied by ``lenses.apply_affine``
 """
 
 SHIPPED = ("rows", "reductions", "request", "readout", "architectures", "lenses", "pipeline", "dla", "trace", "dola",

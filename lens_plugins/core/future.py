@@ -1,6 +1,6 @@
 """Future Lens arithmetic (Pal et al., CoNLL 2023): pair each hidden state at position ``t`` with the final
 layer's hidden state at ``t + N - 1`` (which the model decodes into its prediction of token ``t + N``), and
-apply per-row affine maps the way tuned-lens translators are applied, residually.
+the bigram baseline. The maps themselves are applied by ``core.lenses.apply_affine``, as every affine lens is.
 
 Torch only, no decorators, everything as arguments (see ``lens_plugins.core``).
 """
@@ -21,13 +21,6 @@ def future_pairs(stack, final, n_ahead):
     sources = stack[:, :, :span].reshape(rows, batch * span, d)
     targets = final[:, n_ahead - 1:].reshape(batch * span, d)
     return sources, targets
-
-
-def apply_affine(resid, weight, bias):
-    """``h + h @ weight[r].T + bias[r]`` for each row ``r`` of ``resid [rows, tokens, d]``, in float32: zero
-    weights and biases are exactly the identity."""
-    resid = resid.float()
-    return resid + torch.bmm(resid, weight.float().transpose(1, 2)) + bias.float().unsqueeze(1)
 
 
 def bigram_table(blocks, n_ahead, vocab):

@@ -30,6 +30,10 @@ _LAZY = {
     "plot": ("lens_plugins.plot", None),
     "write_report": ("lens_plugins.report", "write_report"),
     "run_report": ("lens_plugins.report", "run_report"),
+    "patchscope": ("lens_plugins.patchscopes", "patchscope"),
+    "PatchscopeResult": ("lens_plugins.patchscopes", "PatchscopeResult"),
+    "FutureLens": ("lens_plugins.future_lens", "FutureLens"),
+    "future_lens": ("lens_plugins.future_lens", None),
 }
 
 __all__ = list(_LAZY)

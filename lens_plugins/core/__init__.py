@@ -5,4 +5,4 @@ everything as arguments, because nnsight ships these functions by source and reb
 without their module globals. This docstring and ``SHIPPED`` below are the one statement of what ships.
 """
 
-SHIPPED = ("rows", "dola")
+SHIPPED = ("rows", "dola", "patching", "vocab_loss", "future")

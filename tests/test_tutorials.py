@@ -85,6 +85,109 @@ def test_notebook_runs(script, tmp_path, kernel_env):
     figures = [out for out in outputs(notebook) if "application/vnd.plotly.v1+json" in out.get("data", {})]
     if script.stem not in NO_FIGURES:
         assert figures, f"{script.stem} shows no figure"
+    text = text_of(notebook)
     if script.stem == "01_logit_lens":
-        assert "model's own top-1: ' Paris'" in text_of(notebook)
+        assert "model's own top-1: ' Paris'" in text
         assert (tmp_path / "01_logit_lens.html").exists() and (tmp_path / "01_logit_lens_report.html").exists()
+    if script.stem == "02_nnsight":
+        assert "running the lens on " in text   # it says where the remote trace ran
+    if script.stem == "07_exercises":  # the blanks run, and every check says so instead of failing
+        assert text.count(": not done yet") == 5 and "FAILED" not in text
+    if script.stem == "07_solutions":  # every solution passed its check (asserted in the notebook), the quiz ran
+        assert text.count("FAILED") == 9 and all(f"Q{q:>2}: " in text for q in range(1, 11))
+
+
+# --- the course checks: a correct answer passes, each plausible wrong answer fails ------------------------
+
+import torch  # noqa: E402
+
+checks = _load("course_checks")
+
+
+def lens_ok(resid, norm, W_U, b_U=None):
+    return norm(resid) @ W_U.T + (0 if b_U is None else b_U)
+
+
+def entropy_ok(logits):
+    logp = torch.log_softmax(logits, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_ok(p, q):
+    return (p.softmax(-1) * (p.log_softmax(-1) - q.log_softmax(-1))).sum(-1)
+
+
+def dla_ok(z, W_O, final, weight, eps, W_U, t, d):
+    return ((z @ W_O) / (final.pow(2).mean() + eps).sqrt() * weight) @ (W_U[t] - W_U[d])
+
+
+CASES = {
+    "logit_lens": (checks.check_logit_lens, lens_ok, {
+        "no final norm": lambda r, n, W, b=None: r @ W.T + (0 if b is None else b),
+        "no unembedding bias": lambda r, n, W, b=None: n(r) @ W.T,
+        "RMS-style norm without the LayerNorm bias": lambda r, n, W, b=None: lens_ok(r, lambda x: n(x) - n.bias, W, b),
+    }),
+    "entropy": (checks.check_entropy, entropy_ok, {
+        "softmax over the wrong axis": lambda l: -(l.softmax(0) * l.log_softmax(0)).sum(-1),
+        "log of an underflowed probability": lambda l: -(l.softmax(-1) * l.softmax(-1).log()).sum(-1),
+        "bits instead of nats": lambda l: entropy_ok(l) / torch.log(torch.tensor(2.0)),
+    }),
+    "kl": (checks.check_kl, kl_ok, {
+        "softmax over the wrong axis": lambda p, q: (p.softmax(0) * (p.log_softmax(0) - q.log_softmax(0))).sum(-1),
+        "KL(row || final)": lambda p, q: kl_ok(q, p),
+    }),
+    "head_dla": (checks.check_head_dla, dla_ok, {
+        "no frozen norm scale": lambda z, W_O, f, w, eps, W_U, t, d: ((z @ W_O) * w) @ (W_U[t] - W_U[d]),
+        "no norm weight": lambda z, W_O, f, w, eps, W_U, t, d: dla_ok(z, W_O, f, torch.ones_like(w), eps, W_U, t, d),
+        "scale from the head's own write": lambda z, W_O, f, w, eps, W_U, t, d: dla_ok(z, W_O, z @ W_O, w, eps, W_U, t, d),
+    }),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_course_check_passes_a_correct_answer(name):
+    check, correct, _ = CASES[name]
+    assert check(correct) is True
+
+
+@pytest.mark.parametrize("name,slip", [(n, s) for n, (_, _, wrong) in CASES.items() for s in wrong])
+def test_course_check_fails_a_plausible_wrong_answer(name, slip):
+    check, _, wrong = CASES[name]
+    with pytest.raises(AssertionError):
+        check(wrong[slip])
+    assert checks.run(check, wrong[slip]).startswith("FAILED")
+
+
+def test_course_check_patchscope_on_a_tiny_llama():
+    """The Patchscope check passes a correct hook-based answer and fails one written a block too early or at
+    the wrong position, on a tiny random Llama (3 blocks) (a character tokenizer stands in for the real one)."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    tokenizer = lambda text, return_tensors=None: {"input_ids": torch.tensor([[ord(c) % 1000 for c in text]])}  # noqa: E731
+
+    def scope(model, source_ids, layer, position, target_ids, target_position, shift=0, moved=0):
+        block, saved = model.model.layers[layer + shift], {}
+
+        def read(module, args):
+            saved["h"] = args[0][0, position].clone()
+
+        def write(module, args):
+            hidden = args[0].clone()
+            hidden[0, target_position + moved] = saved["h"]
+            return (hidden, *args[1:])
+
+        with torch.no_grad():
+            for hook, ids in ((read, source_ids), (write, target_ids)):
+                handle = block.register_forward_pre_hook(hook)
+                try:
+                    logits = model(ids).logits
+                finally:
+                    handle.remove()
+        return logits[0, target_position]
+
+    assert checks.check_patchscope(scope, model, tokenizer)
+    with pytest.raises(AssertionError):
+        checks.check_patchscope(lambda *a: scope(*a, shift=-1), model, tokenizer)
+    with pytest.raises(AssertionError):
+        checks.check_patchscope(lambda *a: scope(*a, moved=-1), model, tokenizer)

@@ -34,6 +34,11 @@ _LAZY = {
     "PatchscopeResult": ("lens_plugins.patchscopes", "PatchscopeResult"),
     "FutureLens": ("lens_plugins.future_lens", "FutureLens"),
     "future_lens": ("lens_plugins.future_lens", None),
+    "TunedLens": ("lens_plugins.tuned_lens", "TunedLens"),
+    "LastBlocksLens": ("lens_plugins.last_blocks_lens", "LastBlocksLens"),
+    "evaluate_lenses": ("lens_plugins.evaluate", "evaluate_lenses"),
+    "LensEvaluation": ("lens_plugins.evaluate", "LensEvaluation"),
+    "decoder_from_checkpoint": ("lens_plugins.checkpoint_decoder", "decoder_from_checkpoint"),
 }
 
 __all__ = list(_LAZY)

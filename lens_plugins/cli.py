@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   lens-plugins "The capital of France is" --positions -2: --top-k 3 --html france.html
   lens-plugins "def f(x):" --model ./my-hf-model --no-html --plain
   lens-plugins report "The capital of France is" -o report.html
+  lens-plugins train-lens --out lenses/smollm2    (train a tuned lens: lens-plugins train-lens --help)
 """
 
 
@@ -250,10 +251,14 @@ def _fail(error: Exception) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``lens-plugins`` console script; returns the exit status. ``report`` as the first
-    argument selects the report; any other first argument is the prompt of the lens table (a prompt that is
-    the word "report" itself goes after ``--``)."""
+    argument selects the report, ``train-lens`` the tuned-lens trainer; any other first argument is the prompt
+    of the lens table (a prompt that is the word "report" itself goes after ``--``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub time-out
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-lens"]:  # the tuned-lens trainer has its own parser (lens_plugins.cli_train_lens)
+        from lens_plugins import cli_train_lens
+
+        return cli_train_lens.main(argv[1:])
     report = argv[:1] == ["report"]
     parser = build_report_parser() if report else build_parser()
     try:

@@ -4,9 +4,11 @@ no hub), raises nothing and shows its figures; each notebook matches its ``.py``
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 
@@ -68,8 +70,16 @@ def text_of(notebook) -> str:
 
 
 @pytest.fixture
-def kernel_env(monkeypatch):
-    """The kernel inherits this process's environment: offline, this checkout importable, tutorials importable."""
+def kernel_env(monkeypatch, tmp_path_factory):
+    """The kernel is this interpreter (a kernelspec named like the notebooks' ``python3``, first on
+    ``JUPYTER_PATH``, so a user-wide ``python3`` kernel of another Python cannot take its place) and inherits
+    this process's environment: offline, this checkout and ``tutorials/`` importable."""
+    spec = tmp_path_factory.mktemp("jupyter") / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (lens_plugins tests)", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(p for p in [str(spec.parents[1]), os.environ.get("JUPYTER_PATH", "")] if p))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     paths = [str(TUTORIALS.parent), str(TUTORIALS), os.environ.get("PYTHONPATH", "")]
@@ -82,6 +92,7 @@ def test_notebook_runs(script, tmp_path, kernel_env):
     notebook = execute(script.stem, tmp_path)
     errors = [out for out in outputs(notebook) if out["output_type"] == "error"]
     assert not errors
+    assert notebook.metadata.get("language_info", {}).get("name") == "python"
     figures = [out for out in outputs(notebook) if "application/vnd.plotly.v1+json" in out.get("data", {})]
     if script.stem not in NO_FIGURES:
         assert figures, f"{script.stem} shows no figure"
@@ -98,8 +109,6 @@ def test_notebook_runs(script, tmp_path, kernel_env):
 
 
 # --- the course checks: a correct answer passes, each plausible wrong answer fails ------------------------
-
-import torch  # noqa: E402
 
 checks = _load("course_checks")
 

@@ -164,7 +164,7 @@ for r, label in enumerate(moved.labels):
 
 third = n_rows // 3
 late = slice(n_rows - third, n_rows)                       # the last third of the rows, output included
-assert kl_mean[: 2 * third].min() > 3 * kl_mean[-2]        # every early row far further than the one before the output
+assert kl_mean[: 2 * third].min() > max(10, 3 * kl_mean[-2])   # every early row far (over 10 nats), much further than the one before the output
 assert agree[: n_rows // 2].max() < 0.25 and agree[-2] > agree[: n_rows // 2].max()
 # a steady fall into and through the last third, not through the middle (the step into row r is falling[r - 1])
 assert falling[-third:].mean() > 0.75 > falling[1 : 2 * third - 1].mean()

@@ -26,7 +26,7 @@ from lens_plugins import checkpoint_decoder
 # Training and evaluation run the Hugging Face model inside with hooks; the nnsight model carries its tokenizer.
 # (A TransformerBridge rewires the model's modules: train on an nnsight or HF model, see the report below.)
 hf = lp.load_default_model(backend="nnsight")
-tuned = lp.TunedLens.train(hf, None, steps=4, seq_len=32, init="shortcut", shortcut_blocks=16)
+tuned = lp.TunedLens.train(hf, None, steps=2, seq_len=32, init="shortcut", shortcut_blocks=16)
 print(tuned)
 print("per-row training loss (KL, nats), first and last step:")
 first, last = tuned.history[0], tuned.history[-1]

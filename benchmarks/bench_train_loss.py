@@ -6,11 +6,13 @@ A step is what training does per row: translate ``[tokens, d_model]`` residuals,
 KL(final || lens) over SmolLM2-135M's 49,152-token vocabulary with its real final norm and unembedding,
 back-propagate into the translator, take an SGD step. Each (approach, tokens) runs in a fresh process, so its
 peak memory is its own: the rise of ``VmHWM`` over the process's state after setup (weights, residuals and
-the reference summary or log-probs, which both approaches need and keep). Both run in float32 with the same
-thread count.
+the reference summary or log-probs, which both approaches need and keep). ``materialised`` and ``tiled`` run
+in float32 with the same thread count; ``tiled-bf16`` runs the tiled loss's vocabulary matmuls in bfloat16
+(``matmul_dtype``), everything else in float32.
 
     python benchmarks/bench_train_loss.py                 # 2,048 and 16,384 tokens
     python benchmarks/bench_train_loss.py --tokens 2048   # only the smaller size
+    python benchmarks/bench_train_loss.py --tokens 16384 --approaches tiled tiled-bf16
 
 The materialised step at 16,384 tokens holds several [16384, 49152] float32 tensors (3.2 GB each): run that
 size on a machine with ~20 GB free.
@@ -24,6 +26,9 @@ import sys
 import time
 
 import torch
+
+
+APPROACHES = ("materialised", "tiled", "tiled-bf16")
 
 
 def peak_rss_reset() -> None:
@@ -55,7 +60,7 @@ def setup(tokens: int):
 
 
 def run_one(approach: str, tokens: int, steps: int) -> dict:
-    from lens_plugins import readout
+    from lens_plugins.core import readout
     from lens_plugins.core import vocab_loss
 
     decoder, resid, final = setup(tokens)
@@ -68,15 +73,17 @@ def run_one(approach: str, tokens: int, steps: int) -> dict:
     optimizer = torch.optim.SGD(translator.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
     with torch.no_grad():
         final_normed = readout.apply_final_norm(final, *norm)
-        if approach == "tiled":
-            reference = vocab_loss.reference_summary(final_normed, W_U, None, None)
+        if approach.startswith("tiled"):
+            dtype = torch.bfloat16 if approach == "tiled-bf16" else torch.float32
+            W_U = W_U.to(dtype)  # cast once, as training does
+            reference = vocab_loss.reference_summary(final_normed, W_U, None, None, matmul_dtype=dtype)
         else:
             reference = (final_normed @ W_U).log_softmax(-1)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         normed = readout.apply_final_norm(resid + translator(resid), *norm)
-        if approach == "tiled":
+        if approach.startswith("tiled"):
             loss = vocab_loss.kl_divergence(normed, reference, W_U).mean()
         else:
             log_q = (normed @ W_U).log_softmax(-1)
@@ -100,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 16384])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--approaches", nargs="+", default=list(APPROACHES), choices=APPROACHES)
     parser.add_argument("--one", nargs=2, metavar=("APPROACH", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -111,7 +119,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for tokens in args.tokens:
         results = {}
-        for approach in ("materialised", "tiled"):
+        for approach in args.approaches:
             out = subprocess.run([sys.executable, __file__, "--one", approach, str(tokens), "--steps", str(args.steps)],
                                  capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -120,7 +128,7 @@ def main() -> None:
             results[approach] = json.loads(out.stdout.strip().splitlines()[-1])
         for approach, r in results.items():
             ratio = share = ""
-            if approach == "tiled" and "materialised" in results:
+            if approach.startswith("tiled") and "materialised" in results:
                 m = results["materialised"]
                 ratio = f"{r['tokens_per_second'] / m['tokens_per_second']:.2f}x"
                 share = f"{r['extra_peak_mb'] / max(m['extra_peak_mb'], 1e-9):.3f}"

@@ -1,5 +1,14 @@
 """lens_plugins: the logit lens and its family on TransformerLens caches and inside nnsight traces.
 
+The map (ARCHITECTURE.md has the page):
+
+- ``core/``: torch only, may run on an NDIF server (``core.SHIPPED``): rows, reductions table, request,
+  streamed readout, architectures table, lens maps, the pipeline, DLA arithmetic, the in-trace nnsight lens
+- ``adapters/transformer_lens.py`` / ``adapters/nnsight.py``: one reader each (row -> hook name; row -> module
+  input/output) and the same verbs: ``logit_lens``, ``logit_diff``, ``attribution`` and their ``run_*`` forms
+- ``lenses.py`` (``LogitLens``, ``AffineLens``), ``decoder.py``, ``logit_lens.py`` (labelling, one-call guards),
+  ``result.py`` / ``attribution.py`` (results), ``tokens.py``, ``plot.py``, ``cli.py``, ``models.py``
+
 Heavy modules load on first use: ``import lens_plugins`` imports neither TransformerLens nor nnsight,
 yet ``ActivationCache.lens`` appears as soon as TransformerLens is imported.
 """
@@ -21,6 +30,10 @@ _LAZY = {
     "LogitDiff": ("lens_plugins.attribution", "LogitDiff"),
     "tokens": ("lens_plugins.tokens", None),
     "logit_lens_from_stack": ("lens_plugins.logit_lens", "logit_lens_from_stack"),
+    "Row": ("lens_plugins.core.rows", "Row"),
+    "LogitLens": ("lens_plugins.lenses", "LogitLens"),
+    "AffineLens": ("lens_plugins.lenses", "AffineLens"),
+    "Lens": ("lens_plugins.lenses", "Lens"),
     "load_default_model": ("lens_plugins.models", "load_default_model"),
     "load_hf_model": ("lens_plugins.models", "load_hf_model"),
     "lens_heatmap": ("lens_plugins.plot", "lens_heatmap"),
@@ -63,15 +76,16 @@ class _Package(types.ModuleType):
 
     A remote nnsight trace ships the globals its body names, and ``lp.nnsight.logit_lens(model)`` names
     ``lp``. An NDIF server cannot import lens_plugins, so rather than a reference to the package, ``lp``
-    pickles as ``remote.server_namespace()``: a namespace whose ``nnsight.logit_lens`` is the in-trace
-    lens, shipped by source with the torch-only modules that ``adapters.nnsight`` registers.
+    pickles as ``core.trace.server_namespace()``: a namespace whose ``nnsight.logit_lens`` (and
+    ``logit_diff``, ``attribution``) is the in-trace entry point, shipped by source with the torch-only
+    modules of ``core.SHIPPED``, which ``adapters.nnsight`` registers.
     """
 
     def __reduce__(self):
         from lens_plugins.adapters import nnsight as _registers_the_shipped_modules  # noqa: F401
-        from lens_plugins import remote
+        from lens_plugins.core import trace
 
-        return (remote.server_namespace, ())
+        return (trace.server_namespace, ())
 
 
 sys.modules[__name__].__class__ = _Package

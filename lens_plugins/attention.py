@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins import architectures
+from lens_plugins.core import architectures
 from lens_plugins.tokens import token_strings
 from lens_plugins.typecheck import typechecked
 

@@ -2,7 +2,7 @@
 
 ``Attribution`` holds the finest split a backend produced (embeddings, every head, every attention output
 bias, every MLP) at one position, and shows it ``by`` component, layer or head; the arithmetic is
-``lens_plugins.remote_attribution`` (torch-only, so that an nnsight trace runs it on the server).
+``lens_plugins.core.dla`` (torch-only, so that an nnsight trace runs it on the server).
 
 What is attributed: the final norm's scale is frozen at its value on the real forward pass, so the
 pre-soft-cap logit is linear in the residual stream; each write's attribution is its dot product with
@@ -22,10 +22,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins import remote_attribution
+from lens_plugins.core import dla, trace
+from lens_plugins.core.request import token_set_ids
 from lens_plugins.decoder import Decoder
-from lens_plugins.prompt import single_token_id
-from lens_plugins.readout import apply_final_norm
 from lens_plugins.typecheck import typechecked
 
 TokenSet = Union[str, int, Sequence[Union[str, int]]]
@@ -35,12 +34,8 @@ TokenSet = Union[str, int, Sequence[Union[str, int]]]
 def token_set(tokenizer, spec: TokenSet, d_vocab: int) -> tuple[list[int], list[str]]:
     """Ids and display names of a target: one token (string or id) or a list of them (a token set)."""
     members = [spec] if isinstance(spec, (str, int)) else list(spec)
-    if not members:
-        raise ValueError("an empty token set: give at least one token, e.g. ' Paris' or [' Paris', 'Paris']")
-    ids = [single_token_id(tokenizer, m, d_vocab) for m in members]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"the token set {members} names a token twice (ids {ids}): list each member once")
-    return ids, [m if isinstance(m, str) else tokenizer.decode([m]) for m in members]
+    names = [m if isinstance(m, str) else tokenizer.decode([m]) for m in members]
+    return token_set_ids(tokenizer, members, d_vocab), names
 
 
 @typechecked
@@ -161,7 +156,7 @@ def from_values(
     distractor_names: list[str],
     parallel: bool,
 ) -> Attribution:
-    """An ``Attribution`` from what ``remote_attribution.attribute`` returned (locally or from a trace)."""
+    """An ``Attribution`` from what ``core.dla.attribute`` returned (locally or from a trace)."""
     return Attribution(
         by=by, position=position, target_names=target_names, distractor_names=distractor_names,
         member_ids=values["ids"].cpu(), member_weights=values["coef"].abs().cpu(),
@@ -175,8 +170,8 @@ def from_values(
 
 @typechecked
 def result_from_saved(saved: dict, tokenizer, by: str = "component") -> Attribution:
-    """The ``Attribution`` of what ``remote_attribution.attribution`` saved inside an nnsight trace."""
-    if not isinstance(saved, dict) or saved.get("format") != remote_attribution.FORMAT:
+    """The ``Attribution`` of what ``core.trace.attribution`` saved inside an nnsight trace."""
+    if not isinstance(saved, dict) or saved.get("format") != trace.ATTRIBUTION_FORMAT:
         raise TypeError(
             f"expected what attribution(model, ...) returned inside a trace, got {type(saved).__name__}; "
             "did the trace run (a remote job that failed leaves nothing)?"
@@ -213,31 +208,16 @@ class LogitDiff:
 
 
 @typechecked
-def logit_diff_from_stack(
-    stack: Float[Tensor, "row batch seq d_model"],
-    labels: list[str],
-    decoder: Decoder,
-    target_ids: list[int],
-    distractor_ids: list[int],
-    *,
-    target_names: list[str],
-    distractor_names: list[str],
-    positions: Optional[list[int]] = None,
-) -> LogitDiff:
-    """Decode every row with the model's own final norm (its real scale at that row, not frozen) and
-    compare the two token sets: ``d_model`` dot products per member, no vocabulary pass."""
-    chosen = list(range(stack.shape[2])) if positions is None else positions
-    normed = apply_final_norm(stack[:, :, chosen], decoder.norm_kind, decoder.norm_weight, decoder.norm_bias, decoder.norm_eps)
-
-    def set_logit(ids: list[int]) -> Tensor:
-        logits = normed @ decoder.W_U[:, ids].float()
-        if decoder.b_U is not None:
-            logits = logits + decoder.b_U[ids].float()
-        if decoder.softcap is not None:
-            logits = decoder.softcap * torch.tanh(logits / decoder.softcap)
-        return logits.logsumexp(-1)
-
-    return LogitDiff(list(labels), chosen, set_logit(target_ids) - set_logit(distractor_ids), target_names, distractor_names)
+def logit_diff_from_saved(saved: dict, tokenizer) -> LogitDiff:
+    """The ``LogitDiff`` of what ``core.trace.logit_diff`` saved inside an nnsight trace."""
+    if not isinstance(saved, dict) or saved.get("format") != trace.DIFF_FORMAT:
+        raise TypeError(
+            f"expected what logit_diff(model, ...) returned inside a trace, got {type(saved).__name__}; "
+            "did the trace run (a remote job that failed leaves nothing)?"
+        )
+    return LogitDiff(list(saved["labels"]), list(saved["positions"]), saved["values"].float(),
+                     [tokenizer.decode([i]) for i in saved["target_ids"]],
+                     [tokenizer.decode([i]) for i in saved["distractor_ids"]])
 
 
 @typechecked
@@ -247,10 +227,6 @@ def attribute_parts(
     target_ids: list[int],
     distractor_ids: list[int],
 ) -> dict[str, Tensor]:
-    """``remote_attribution.attribute`` with a ``Decoder`` (the local side's form of the decoder)."""
-    tensors = {
-        "norm_kind": decoder.norm_kind, "norm_weight": decoder.norm_weight, "norm_bias": decoder.norm_bias,
-        "norm_eps": decoder.norm_eps, "W_U": decoder.W_U, "b_U": decoder.b_U, "softcap": decoder.softcap,
-    }
+    """``core.dla.attribute`` with a ``Decoder`` (the local side's form of the decoder)."""
     with torch.no_grad():
-        return remote_attribution.attribute(parts, tensors, target_ids, distractor_ids)
+        return dla.attribute(parts, decoder.tensors(), target_ids, distractor_ids)

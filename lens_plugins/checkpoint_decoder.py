@@ -14,7 +14,7 @@ from typing import Union
 
 import torch
 
-from lens_plugins import architectures
+from lens_plugins.core import architectures
 from lens_plugins.decoder import Decoder
 
 

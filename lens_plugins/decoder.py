@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins import readout
+from lens_plugins.core import readout
 from lens_plugins.fused import step_for as fused_step_for
 from lens_plugins.typecheck import typechecked
 
@@ -76,6 +76,11 @@ class Decoder:
                 reductions=tuple(reductions),
                 fused_step=fused_step_for(resid.shape[0] * resid.shape[1] * self.d_vocab, fused),
             )
+
+    def tensors(self) -> dict:
+        """The decoder as the keyword arguments of ``core.readout.lens_statistics`` (what the core takes)."""
+        return {"norm_kind": self.norm_kind, "norm_weight": self.norm_weight, "norm_bias": self.norm_bias,
+                "norm_eps": self.norm_eps, "W_U": self.W_U, "b_U": self.b_U, "softcap": self.softcap}
 
     def check_width(self, resid: Tensor) -> None:
         if resid.shape[-1] != self.d_model:

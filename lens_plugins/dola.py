@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lens_plugins.core.dola import FORMAT
 from lens_plugins.typecheck import typechecked
 
 
@@ -34,8 +35,8 @@ class DolaOutput:
 
 
 def output(saved: dict, tokenizer) -> DolaOutput:
-    """The ``DolaOutput`` of what ``remote_dola.dola`` (or the TransformerLens loop) recorded."""
-    if not isinstance(saved, dict) or saved.get("format") != "lens_plugins.dola/1":
+    """The ``DolaOutput`` of what ``core.dola_trace.dola`` (or the TransformerLens loop) recorded."""
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise TypeError(f"expected what dola(model, tracer, steps) returned inside model.generate(...), "
                         f"got {type(saved).__name__}")
     steps = saved["steps"]

@@ -14,7 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lens_plugins import readout, train
+from lens_plugins import train
+from lens_plugins.core import readout
 from lens_plugins.core import vocab_loss
 from lens_plugins.hidden_states import decoder_tensors, hf_model, residual_stack, stack_rows
 from lens_plugins.train_lens import token_blocks_of

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from lens_plugins.readout import fused_tile_step
+from lens_plugins.core.readout import fused_tile_step
 
 # Below this many logits (rows x tokens x vocab) a lens takes a few seconds eager: not worth a compile.
 AUTO_THRESHOLD = 50_000_000

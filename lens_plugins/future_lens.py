@@ -27,6 +27,9 @@ from lens_plugins import architectures, readout, train
 from lens_plugins.core import future, vocab_loss
 from lens_plugins.core.rows import Row
 from lens_plugins.decoder import Decoder
+from lens_plugins.logit_lens import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, LensRequest, assemble
+from lens_plugins.prompt import single_token_id
+from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
 FORMAT = "lens_plugins.future_lens/1"
@@ -258,3 +261,60 @@ def bigram_table(blocks: Tensor, n_ahead: int, vocab: int) -> Tensor:
     """The bigram baseline for ``n_ahead`` (``core.future.bigram_table``): token ``t`` -> its most frequent
     successor ``N`` positions later in ``blocks``."""
     return future.bigram_table(blocks, n_ahead, vocab)
+
+
+# --- a prompt's Future Lens as a LensResult -------------------------------------------------------------------
+
+RESULT_REDUCTIONS = ("top_k", "entropy", "kl_final_row", "kl_row_final", "final_top1", "next_token")
+
+
+@typechecked
+def lens_result_from_stack(
+    lens: FutureLens,
+    stack: Float[Tensor, "row batch seq d_model"],
+    labels: list[str],
+    decoder: Decoder,
+    token_ids: Int[Tensor, "batch seq"],
+    tokenizer,
+    *,
+    top_k: int = 5,
+    targets: Sequence[Union[str, int]] = (),
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+) -> LensResult:
+    """The Future Lens of one residual stack (``cache.lens.stack()`` on TransformerLens, ``residual_stack`` on a
+    Hugging Face model) as a ``LensResult``: rows are the lens's rows, positions ``t = 0 .. seq - N``, and each
+    row at ``t`` is the lens's prediction of token ``t + N``. The reference ("final") is the model's own final
+    state at ``t + N - 1``, so ``final_top1`` is the model's prediction of token ``t + N`` and ``kl_final_row``
+    the lens's loss; ``next_token`` is the actual token ``t + N``."""
+    n = lens.n_ahead
+    batch, seq = token_ids.shape
+    if seq < n + 1:
+        raise ValueError(f"a prompt of {seq} tokens has no token {n} positions ahead of its first: give a longer prompt")
+    missing = [label for label in lens.labels if label not in labels]
+    if missing:
+        raise KeyError(f"the stack has no rows {missing} (its rows are {labels}); the lens maps {lens.labels}")
+    sources, targets_ = future.future_pairs(stack[[labels.index(label) for label in lens.labels]], stack[-1], n)
+    with torch.no_grad():
+        mapped = lens.transform(sources, lens.labels)
+    span = seq - n + 1
+    ahead = torch.full((batch, span), -1, dtype=torch.long)  # the actual token t + N, none past the prompt
+    ahead[:, : seq - n] = token_ids[:, n:]
+    user = [single_token_id(tokenizer, t, decoder.d_vocab) for t in targets]
+    columns = torch.cat([ahead.reshape(-1, 1), torch.tensor(user, dtype=torch.long).expand(batch * span, -1)], -1)
+    stats = decoder.statistics(torch.cat([mapped, targets_.unsqueeze(0)]), columns, top_k, vocab_chunk, token_chunk,
+                               ("top_k", "entropy", "kl_final_row", "kl_row_final", "final_top1", "targets"),
+                               fused=False)
+    stats = {name: value if name == "final_top1" else value[:-1] for name, value in stats.items()}
+    request = LensRequest(positions=list(range(span)), reductions=RESULT_REDUCTIONS,
+                          target_names=[t if isinstance(t, str) else tokenizer.decode([t]) for t in targets],
+                          target_ids=user, set_names=[], set_ids=[])
+    return assemble(stats, request, list(lens.labels), token_ids.cpu(), tokenizer)
+
+
+@typechecked
+def lens_result(lens: FutureLens, model, token_ids: Int[Tensor, "batch seq"], tokenizer, **kwargs) -> LensResult:
+    """``lens_result_from_stack`` on a Hugging Face causal LM (or an nnsight model's module) run on ``token_ids``."""
+    hf = getattr(model, "_module", model)
+    stack, labels = residual_stack(hf, token_ids)
+    return lens_result_from_stack(lens, stack, labels, hf_decoder(hf), token_ids, tokenizer, **kwargs)

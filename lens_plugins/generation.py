@@ -7,7 +7,7 @@ labelled with the token generated there, which is also that position's ``next_to
 decoding the final row's top-1 is the generated token, rank 1.
 
 TransformerLens computes it by teacher forcing (generate, then one cached forward over prompt +
-continuation); nnsight computes it step by step inside ``model.generate`` (``remote_generation``). For a
+continuation); nnsight computes it step by step inside ``model.generate`` (``core.generation``). For a
 causal model the two are the same residuals, so they agree to float32 rounding; the tests hold them to it.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from lens_plugins.core.generation import FORMAT
 from lens_plugins.logit_lens import LensRequest, assemble
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
@@ -64,7 +65,10 @@ def from_lens_result(result: LensResult, prompt_length: int) -> GeneratedLens:
 
 
 def from_saved_steps(saved: dict, tokenizer) -> GeneratedLens:
-    """The ``GeneratedLens`` of what ``remote_generation.generation_lens`` saved, one entry per step."""
+    """The ``GeneratedLens`` of what ``core.generation.generation_lens`` saved, one entry per step."""
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise TypeError(f"expected what generation_lens(model, tracer, steps) returned inside model.generate(...), "
+                        f"got {type(saved).__name__}")
     steps = saved["steps"]
     if not steps:
         raise ValueError("the generation lens holds no step: did the trace run (a failed remote job leaves "
@@ -72,10 +76,6 @@ def from_saved_steps(saved: dict, tokenizer) -> GeneratedLens:
     sequence = saved["sequence"].long()
     prompt_length = saved["prompt_ids"].shape[1]
     stats = {name: torch.cat([s[name] for s in steps], dim=0 if name == "final_top1" else 1) for name in steps[0]}
-    names = [n if n is not None else tokenizer.decode([i]) for n, i in zip(saved["target_names"], saved["target_ids"])]
-    request = LensRequest(
-        positions=generated_positions(prompt_length, len(steps)), reductions=tuple(saved["reductions"]),
-        target_names=names, target_ids=list(saved["target_ids"]), set_names=[], set_ids=[],
-    )
+    request = LensRequest.from_dict(dict(saved["request"], positions=generated_positions(prompt_length, len(steps))))
     result = assemble(stats, request, saved["labels"], sequence, tokenizer)
     return from_lens_result(result, prompt_length)

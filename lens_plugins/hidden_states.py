@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lens_plugins import architectures
+from lens_plugins.core import architectures
 from lens_plugins.core.rows import Row
 
 

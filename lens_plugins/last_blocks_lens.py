@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_plugins import architectures
+from lens_plugins.core import architectures
 from lens_plugins.core.rows import Row
 from lens_plugins.hidden_states import hf_model
 from lens_plugins.typecheck import typechecked

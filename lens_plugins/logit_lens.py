@@ -1,34 +1,39 @@
-"""From a residual stack to a ``LensResult``: the backend-free middle of every adapter.
+"""From a backend's rows to a ``LensResult``: the local, labelled ends of the one lens pipeline.
 
-An adapter's job ends at ``(stack, labels, decoder, token_ids, tokenizer)``; what happens next is the same
-for TransformerLens and nnsight: choose rows and positions, build the per-token targets (next token, input
-token, the user's targets and token-set members), stream the decoder over the stack, and label the
-result. ``prepare`` and ``assemble`` are split so that a remote trace can run the streamed part on the server.
+Both adapters build the same request (``core.request.build``) and run the same pipeline
+(``core.pipeline.logit_lens``) with their own reader; what comes back, here or from a trace, is labelled by
+``assemble``. ``logit_lens_from_stack`` runs the pipeline on a stack already in hand. The guards of the
+one-call forms (context length, prompts, padding, eval mode) live here too, shared by both adapters.
 """
 
 import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins import prompt, tokens
+from lens_plugins import tokens
+from lens_plugins.core import pipeline, reductions as reduction_table, request as lens_request, rows as row_plan
 from lens_plugins.decoder import Decoder
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
 DEFAULT_VOCAB_CHUNK = 4096
 DEFAULT_TOKEN_CHUNK = 256
+DEFAULT_TOP_K = 5
 TokenSets = Mapping[str, Sequence[tokens.TargetSpec]]
+# The result fields the readout fills directly (``targets`` is split into columns, targets and sets below).
+_READOUT_FIELDS = tuple(field for name in reduction_table.READOUT if name != "targets"
+                        for field in reduction_table.TABLE[name]["outputs"])
 
 
 @dataclass(frozen=True)
 class LensRequest:
-    """Everything about a lens call that is known before any activation is read."""
+    """Everything about a lens call that is known before any activation is read (``core.request.build``)."""
 
     positions: list[int]
     reductions: tuple[str, ...]
@@ -36,65 +41,16 @@ class LensRequest:
     target_ids: list[int]
     set_names: list[str]
     set_ids: list[list[int]]
+    top_k: int = DEFAULT_TOP_K
+
+    @classmethod
+    def from_dict(cls, request: dict) -> "LensRequest":
+        return cls(**{k: (tuple(v) if k == "reductions" else v) for k, v in request.items()})
 
     @property
     def user_ids(self) -> list[int]:
         """The scored ids after the next/input-token columns: targets, then every set's members."""
         return self.target_ids + [i for members in self.set_ids for i in members]
-
-
-def resolve_rows(layers: Optional[Sequence[Union[int, str]]], labels: list[str]) -> list[int]:
-    """Stack indices to decode, in stream order; ``None`` means all. The final row is always kept: it is
-    the reference every divergence and the final top-1 refer to."""
-    n = len(labels)
-    if layers is None:
-        return list(range(n))
-    if isinstance(layers, (int, str)):
-        layers = [layers]
-    chosen = set()
-    for layer in layers:
-        if isinstance(layer, str):
-            if layer not in labels:
-                raise KeyError(f"no row labelled {layer!r}; the rows are {labels}")
-            chosen.add(labels.index(layer))
-        elif -n <= layer < n:
-            chosen.add(layer % n)
-        else:
-            raise IndexError(f"layer {layer} is out of range: the stack has rows 0..{n - 1} "
-                             f"({labels[0]} .. {labels[-1]}), negative indices count from the end")
-    return sorted(chosen | {n - 1})
-
-
-def prepare(
-    seq_len: int,
-    tokenizer,
-    d_vocab: int,
-    positions: Optional[Union[int, Sequence[int]]],
-    targets: Sequence[tokens.TargetSpec],
-    reductions: Sequence[str] = prompt.DEFAULT_LENS_REDUCTIONS,
-    token_sets: Optional[TokenSets] = None,
-) -> LensRequest:
-    """Validate positions, reductions, targets and token sets against the prompt and vocabulary, before
-    any decoding."""
-    if isinstance(targets, (str, int)):
-        targets = [targets]
-    reductions = prompt.check_reductions(reductions)
-    ids = [prompt.single_token_id(tokenizer, t, d_vocab) for t in targets]
-    names = [t if isinstance(t, str) else tokenizer.decode([t]) for t in targets]
-    sets = dict(token_sets or {})
-    return LensRequest(
-        positions=prompt.resolve_positions(positions, seq_len),
-        reductions=reductions,
-        target_names=names,
-        target_ids=ids,
-        set_names=list(sets),
-        set_ids=[tokens.set_ids(tokenizer, members, d_vocab) for members in sets.values()],
-    )
-
-
-def per_token_targets(request: LensRequest, token_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-    mask = torch.ones_like(token_ids) if attention_mask is None else attention_mask
-    return prompt.target_columns(token_ids, mask, request.positions, request.reductions, request.user_ids)
 
 
 def assemble(
@@ -116,18 +72,17 @@ def assemble(
         return x.reshape(x.shape[0], batch, n_pos, *x.shape[2:])
 
     s = {name: unflatten(value) for name, value in stats.items()}
-    fields = {name: s.get(name) for name in (
-        "top_ids", "top_logprobs", "entropy", "kl_final_row", "kl_row_final", "js_final", "tv_final",
-        "kl_input_row", "kl_next_row", "final_top1", "final_top1_logprob", "final_top1_rank")}
+    fields = {name: s.get(name) for name in _READOUT_FIELDS}
     rows = len(labels)
     empty_f = torch.zeros(rows, batch, n_pos, 0)
     logprobs = s.get("target_logprobs", empty_f)
     ranks = s.get("target_ranks", empty_f.long())
     column = 0
-    for name in prompt.COLUMN_REDUCTIONS:
+    for name in reduction_table.COLUMNS:
         if name in request.reductions:
-            fields[f"{name}_logprob"] = logprobs[..., column]
-            fields[f"{name}_rank"] = ranks[..., column]
+            logprob_field, rank_field = reduction_table.TABLE[name]["outputs"]
+            fields[logprob_field] = logprobs[..., column]
+            fields[rank_field] = ranks[..., column]
             column += 1
     n_targets = len(request.target_ids)
     fields["target_logprobs"] = logprobs[..., column:column + n_targets]
@@ -161,6 +116,54 @@ def assemble(
     )
 
 
+class Labelled(NamedTuple):
+    """A row of a hand-made stack whose labels are not row labels ("layer 3"): selectable, not a ``Row``."""
+
+    label: str
+
+
+def rows_of(labels: Sequence[str]) -> list:
+    """The rows a stack's labels name (``Row``s when every label parses, else ``Labelled``)."""
+    try:
+        return [row_plan.Row.parse(label) for label in labels]
+    except ValueError:
+        return [Labelled(label) for label in labels]
+
+
+def run_lens(
+    read,
+    every: list,
+    layers: Optional[Sequence[Union[int, str]]],
+    token_ids: Int[Tensor, "batch seq"],
+    tokenizer,
+    decoder: Decoder,
+    *,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+    positions=None,
+    top_k: int = DEFAULT_TOP_K,
+    targets: Sequence[tokens.TargetSpec] = (),
+    token_sets: Optional[TokenSets] = None,
+    reductions: Sequence[str] = reduction_table.DEFAULT_LENS,
+    lens=None,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+) -> LensResult:
+    """The local run of the pipeline: select rows, build the request, run, label. ``read(rows)`` is the
+    backend's reader; ``every`` its full row plan."""
+    from lens_plugins.fused import step_for
+
+    chosen = row_plan.select(every, layers)
+    request = lens_request.build(tokenizer, decoder.d_vocab, token_ids.shape[1], top_k, positions, targets,
+                                 token_sets, reductions)
+    pipeline.check_rows(request, chosen, every)
+    mask = torch.ones_like(token_ids) if attention_mask is None else attention_mask
+    n_logits = len(chosen) * token_ids.shape[0] * len(request["positions"]) * decoder.d_vocab
+    stats = pipeline.logit_lens(read, chosen, request, decoder.tensors(), token_ids, mask, lens, vocab_chunk,
+                                token_chunk, fused_step=step_for(n_logits, "auto"))
+    return assemble(stats, LensRequest.from_dict(request), [row.label for row in chosen], token_ids,
+                    tokenizer, attention_mask)
+
+
 @typechecked
 def logit_lens_from_stack(
     stack: Float[Tensor, "row batch seq d_model"],
@@ -171,11 +174,12 @@ def logit_lens_from_stack(
     *,
     layers: Optional[Sequence[Union[int, str]]] = None,
     positions: Optional[Union[int, Sequence[int]]] = None,
-    top_k: int = 5,
+    top_k: int = DEFAULT_TOP_K,
     targets: Sequence[tokens.TargetSpec] = (),
     token_sets: Optional[TokenSets] = None,
-    reductions: Sequence[str] = prompt.DEFAULT_LENS_REDUCTIONS,
+    reductions: Sequence[str] = reduction_table.DEFAULT_LENS,
     attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+    lens=None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
 ) -> LensResult:
@@ -185,41 +189,23 @@ def logit_lens_from_stack(
     ``layers`` picks rows by index or label (the final row is always included); ``positions`` picks
     prompt positions; ``targets`` are single-token strings or ids scored at every row and position;
     ``token_sets`` maps a name to several tokens whose probabilities are summed (see
-    ``tokens.variants``); ``reductions`` names what to compute (``prompt.LENS_REDUCTIONS``).
+    ``tokens.variants``); ``reductions`` names what to compute (``core.reductions.LENS``); ``lens`` maps
+    each row before decoding (``lens_plugins.lenses``; row labels must then be row labels, "3_pre").
     """
     if len(labels) != stack.shape[0]:
         raise ValueError(f"{len(labels)} labels for a stack of {stack.shape[0]} rows")
-    rows = resolve_rows(layers, labels)
-    request = prepare(token_ids.shape[1], tokenizer, decoder.d_vocab, positions, targets, reductions, token_sets)
-    if "kl_input_row" in request.reductions and rows[0] != 0:
-        raise ValueError("kl_input_row compares every row with the input row ('embed'): keep row 0 in layers")
-    batch, d_model = stack.shape[1], stack.shape[3]
-    # Index only what is not taken whole: a full stack is a view, not a rows x tokens x d_model copy.
-    selected = stack if len(rows) == stack.shape[0] else stack[rows]
-    if len(request.positions) != stack.shape[2]:
-        selected = selected[:, :, request.positions]
-    check_finite(selected, [labels[i] for i in rows], request.positions)
-    flat = selected.reshape(len(rows), batch * len(request.positions), d_model)
-    columns = per_token_targets(request, token_ids, attention_mask)
-    stats = decoder.statistics(
-        flat, columns, top_k, vocab_chunk, token_chunk,
-        prompt.readout_reductions(request.reductions, len(request.user_ids)),
-    )
-    return assemble(stats, request, [labels[i] for i in rows], token_ids, tokenizer, attention_mask)
+    every = rows_of(labels)
+    if lens is not None and not isinstance(every[0], row_plan.Row):
+        raise ValueError(f"a lens maps rows by their labels ('embed', '3_pre', ...), but these labels are {labels}")
+    index = {row: i for i, row in enumerate(every)}
 
+    def read(rows):
+        picked = [index[row] for row in rows]
+        return stack if len(picked) == stack.shape[0] else stack[picked]
 
-def check_finite(stack: Tensor, labels: Sequence[str], positions: Sequence[int]) -> None:
-    """Refuse a residual stack ``[row, batch, pos, d_model]`` holding NaN or inf, naming the first bad entry:
-    the final norm would turn it into NaN log-probs everywhere downstream."""
-    bad = ~torch.isfinite(stack).all(-1)
-    if bad.any():
-        row, item, pos = (int(i) for i in bad.nonzero()[0])
-        kind = "NaN" if torch.isnan(stack[row, item, pos]).any() else "inf"
-        raise ValueError(
-            f"the residual stream contains {kind} at row {labels[row]!r}, batch item {item}, prompt position "
-            f"{positions[pos]} ({int(bad.sum())} non-finite vectors in all); the lens would only propagate it. "
-            "Check the activations (an overflow in half precision?) before decoding them."
-        )
+    return run_lens(read, every, layers, token_ids, tokenizer, decoder, attention_mask=attention_mask,
+                    positions=positions, top_k=top_k, targets=targets, token_sets=token_sets,
+                    reductions=reductions, lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk)
 
 
 def check_context(n_tokens: int, limit: Optional[int]) -> None:

@@ -25,6 +25,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from lens_plugins.core.reductions import METRIC_STYLES
 from lens_plugins.result import METRICS, LensResult
 
 # Above this many positions a cell is too narrow for its token, so the cells carry colour only
@@ -34,25 +35,9 @@ _CELL_CHARS = 7  # a cell shows at most this many characters of its token
 _CELL_PX = 52  # width of one position when cells carry text
 _ROW_PX = 22
 
-# Colour scale and axis title per metric. Dark means "confident" for prob and rank, and "far from the
-# model's own answer" for entropy and divergences.
-_STYLE = {
-    "prob": ("Blues", "P(top-1)"),
-    "logprob": ("Blues", "log P(top-1)"),
-    "entropy": ("Reds", "entropy (nats)"),
-    "kl_final_row": ("Reds", "KL(final || row) (nats)"),
-    "kl_row_final": ("Reds", "KL(row || final) (nats)"),
-    "js_final": ("Reds", "JS(row, final) (nats)"),
-    "tv_final": ("Reds", "TV(row, final)"),
-    "kl_input_row": ("Reds", "KL(input || row) (nats)"),
-    "kl_next_row": ("Reds", "KL(row || next row) (nats)"),
-    "final_top1_logprob": ("Blues", "log P(final top-1)"),
-    "final_top1_rank": ("Blues_r", "rank of final top-1"),
-    "next_token_logprob": ("Blues", "log P(next token)"),
-    "next_token_rank": ("Blues_r", "rank of next token"),
-    "input_token_logprob": ("Blues", "log P(input token)"),
-    "input_token_rank": ("Blues_r", "rank of input token"),
-}
+# Colour scale and axis title per metric, from the reductions table. Dark means "confident" for prob and
+# rank, and "far from the model's own answer" for entropy and divergences.
+_STYLE = METRIC_STYLES
 _TARGET_METRIC = re.compile(r"(rank|logprob)\[(.+)\]", re.DOTALL)
 _OUTLINE = "top-1 = final top-1"
 _RIGHT = "#1a7f37"  # the top axis colours a next token the model predicts correctly

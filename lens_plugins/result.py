@@ -13,17 +13,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from lens_plugins.core.reductions import FIELD_REDUCTION, METRICS
 from lens_plugins.typecheck import typechecked
 
 RowFloat = Float[Tensor, "row batch pos"]
 RowInt = Int[Tensor, "row batch pos"]
 
-# [row, batch, pos] quantities a heatmap can be coloured by ("prob" and "logprob" are the top-1's).
-METRICS = (
-    "prob", "logprob", "entropy", "kl_final_row", "kl_row_final", "js_final", "tv_final", "kl_input_row",
-    "kl_next_row", "final_top1_rank", "final_top1_logprob", "next_token_rank", "next_token_logprob",
-    "input_token_rank", "input_token_logprob",
-)
+# METRICS: the [row, batch, pos] quantities a heatmap can be coloured by ("prob" and "logprob" are the
+# top-1's), from the reductions table (``lens_plugins.core.reductions``), as is every optional field below.
 
 
 @typechecked
@@ -80,8 +77,7 @@ class LensResult:
     def _require(self, name: str) -> Tensor:
         value = getattr(self, name)
         if value is None:
-            hint = {"top_ids": "top_k", "top_logprobs": "top_k", "final_top1": "final_top1"}.get(name, name)
-            hint = hint.removesuffix("_logprob").removesuffix("_rank")
+            hint = FIELD_REDUCTION.get(name, name)
             raise ValueError(f"{name} was not computed: add {hint!r} to reductions=[...] when computing the lens")
         return value
 

@@ -5,7 +5,7 @@ from typing import Union
 
 import torch
 
-from lens_plugins.prompt import single_token_id
+from lens_plugins.core.request import single_token_id
 
 TargetSpec = Union[str, int]
 

@@ -28,6 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_plugins.core.rows import Row
+from lens_plugins.typecheck import typechecked
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.pt"
@@ -129,6 +130,7 @@ class TunedLens(torch.nn.Module):
             return h
         return h + self.layer_translators[index](h)
 
+    @typechecked
     def transform(self, resid: Float[Tensor, "rows tokens d_model"], rows: Sequence[Row]) -> Float[Tensor, "rows tokens d_model"]:
         """Each row's residual translated by its hidden state's translator (the lens-seam contract)."""
         if resid.shape[0] != len(rows):

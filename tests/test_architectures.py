@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lens_plugins import architectures
+from lens_plugins.core import architectures
 from lens_plugins.adapters import nnsight as lpn
 from tiny_models import FAMILIES, random_tokens, tiny_model
 
@@ -20,7 +20,7 @@ def test_every_table_family_has_a_tiny_model():
 def _trace(model, tokens, **paths):
     with model.trace(tokens):
         lens = lpn.logit_lens(model, top_k=3, **paths)
-        final = architectures.layer_output(architectures.get_path(model, paths.get("layers") or
+        final = architectures.layer_output(architectures.get_path(model, paths.get("paths", {}).get("layers") or
                                            architectures.resolve(model)["layers"])[-1].output).save()
         logits = model.output.logits.save()
     return lens, final, logits
@@ -101,11 +101,11 @@ def test_unknown_architecture_error_and_paths_by_hand(monkeypatch, smollm2_token
     tokens = random_tokens(batch=1, seq=5)
     known, _, _ = _trace(model, tokens)
     monkeypatch.delitem(architectures.ARCHITECTURES, "llama")
-    with pytest.raises(architectures.UnknownArchitectureError, match=r"layers='model.layers'.*lm_head="):
+    with pytest.raises(architectures.UnknownArchitectureError, match=r"'layers': 'model.layers'.*'lm_head'"):
         architectures.resolve(hf)
     with pytest.raises(architectures.UnknownArchitectureError, match="missing: \\['lm_head'\\]"):
-        architectures.resolve(hf, layers="model.layers", final_norm="model.norm")
-    by_hand, _, _ = _trace(model, tokens, layers="model.layers", final_norm="model.norm", lm_head="lm_head")
+        architectures.resolve(hf, {"layers": "model.layers", "final_norm": "model.norm"})
+    by_hand, _, _ = _trace(model, tokens, paths={"layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head"})
     for name, value in known["stats"].items():
         torch.testing.assert_close(value, by_hand["stats"][name], rtol=0, atol=0, equal_nan=True, msg=name)
 

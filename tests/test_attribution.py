@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins import remote_attribution
+from lens_plugins.core import trace
 from lens_plugins.adapters import nnsight as lpn
 from lens_plugins.attribution import result_from_saved
 from tiny_models import random_tokens, tiny_model
@@ -44,7 +44,7 @@ def bridge_attribution(family, tokenizer, compatibility_mode, tokens, **kwargs):
 def nnsight_attribution(family, tokenizer, tokens, target=TARGET, distractor=DISTRACTOR, by="head"):
     model = lpn.wrap_model(tiny_model(family), tokenizer)
     with model.trace(tokens):
-        saved = remote_attribution.attribution(model, target, distractor)
+        saved = trace.attribution(model, target, distractor)
     return result_from_saved(saved, tokenizer, by=by)
 
 
@@ -149,7 +149,7 @@ def test_errors_name_the_problem_and_the_fix(smollm2_tokenizer):
     model = lpn.wrap_model(tiny_model("bloom"), smollm2_tokenizer)
     with pytest.raises(NotImplementedError, match="BLOOM"):
         with model.trace(random_tokens()):
-            remote_attribution.attribution(model, TARGET)
+            trace.attribution(model, TARGET)
 
 
 # --- SmolLM2: the real model -----------------------------------------------------------------------
@@ -230,7 +230,7 @@ def test_smollm2_nnsight_gives_the_bridges_attribution(smollm2_hf, smollm2_dla):
     hf, tokenizer = smollm2_hf
     model = lpn.wrap_model(hf, tokenizer)
     with model.trace(tokens):
-        saved = remote_attribution.attribution(model, " Paris", " London")
+        saved = trace.attribution(model, " Paris", " London")
     traced = result_from_saved(saved, tokenizer, by="component")
     assert traced.labels == bridge.labels and traced.error.item() <= TOL
     torch.testing.assert_close(traced.values, bridge.values, atol=1e-3, rtol=0)

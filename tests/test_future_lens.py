@@ -48,6 +48,48 @@ def test_identity_at_n1_and_the_last_row_is_the_logit_lens_exactly(llama, smollm
     assert report.top1[-1] == 1 and report.kl[-1] == 0
 
 
+def test_lens_result_is_the_logit_lens_at_n1_and_reads_ahead_at_n2(llama, smollm2_tokenizer):
+    tokens = random_tokens(batch=2, seq=9)
+    stack, labels = fl.residual_stack(llama, tokens)
+    decoder = fl.hf_decoder(llama)
+    ours = fl.lens_result(fl.FutureLens(64, labels, 1), llama, tokens, smollm2_tokenizer, targets=[17])
+    theirs = logit_lens_from_stack(stack, labels, decoder, tokens, smollm2_tokenizer, targets=[17])
+    assert ours.labels == theirs.labels and ours.positions == theirs.positions
+    for name in ("top_ids", "top_logprobs", "entropy", "kl_final_row", "kl_row_final", "final_top1",
+                 "final_top1_rank", "next_token_logprob", "next_token_rank", "target_logprobs", "target_ranks"):
+        assert torch.equal(getattr(ours, name).nan_to_num(), getattr(theirs, name).nan_to_num()), name
+    two = fl.lens_result(fl.FutureLens(64, ["embed", "2_post"], 2), llama, tokens, smollm2_tokenizer)
+    assert two.positions == list(range(8)) and two.labels == ["embed", "2_post"]
+    with torch.no_grad():
+        own = llama(tokens).logits.argmax(-1)
+    assert torch.equal(two.final_top1, own[:, 1:])  # the model's prediction of token t + 2, made at t + 1
+    # next_token is the actual token t + 2: the identity map at 2_post decodes the state at t, so its rank of
+    # token t + 2 is the logit lens's rank of that token at t
+    lens = logit_lens_from_stack(stack, labels, decoder, tokens, smollm2_tokenizer,
+                                 targets=[int(tokens[0, 5])], positions=[3])
+    assert two.next_token_rank[1, 0, 3] == lens.target_ranks[-1, 0, 0, 0]
+    assert (two.next_token_rank[:, :, -1] == -1).all()
+    assert len(two.to_dataframe()) == 2 * 2 * 8
+
+
+def test_transformer_lens_cache_gives_the_same_future_lens(llama, smollm2_tokenizer):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from lens_plugins.adapters import transformer_lens as tla
+
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=tiny_model("llama"),
+                                                 tokenizer=smollm2_tokenizer).eval()
+    tokens = random_tokens(batch=1, seq=8)
+    lens = fl.FutureLens(64, ["embed", "1_pre", "2_post"], 2)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+        _, cache = bridge.run_with_cache(tokens, names_filter=tla.hook_filter(bridge))
+    theirs = fl.lens_result_from_stack(lens, *cache.lens.stack(), cache.lens.decoder(), tokens, smollm2_tokenizer)
+    ours = fl.lens_result(lens, llama, tokens, smollm2_tokenizer)
+    assert torch.equal(ours.top_ids, theirs.top_ids) and torch.equal(ours.final_top1, theirs.final_top1)
+    torch.testing.assert_close(ours.top_logprobs, theirs.top_logprobs, atol=1e-4, rtol=0)
+
+
 def test_the_model_residual_stack_matches_the_nnsight_lens_rows(llama, smollm2_tokenizer):
     """The hooks read the same rows as the in-trace lens (layer inputs, last output)."""
     from lens_plugins.adapters import nnsight as lpn

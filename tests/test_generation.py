@@ -93,3 +93,25 @@ def test_generation_lens_in_a_remote_local_body(smollm2_tokenizer):
         saved = lp.nnsight.generation_lens(model, tracer, 3, top_k=2)
     lens = lpn.generation_result(saved, model)
     assert lens.positions == [4, 5, 6] and (lens.next_token_rank[-1] == 1).all()
+
+
+def test_row_selection_and_a_lens_follow_the_logit_lens(smollm2_tokenizer):
+    """``layers`` / ``resid_mid`` / ``lens`` / ``token_sets`` mean what they mean for ``logit_lens``: the per-step
+    lens of the chosen rows through an affine lens equals the teacher-forced lens with the same arguments."""
+    model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    labels = ["embed", "0_mid", "1_mid", "2_mid", "2_post"]
+    tuned = lp.AffineLens(labels, torch.randn(5, 64, 64, generator=generator) * 0.05,
+                          torch.randn(5, 64, generator=generator) * 0.1)
+    kwargs = dict(top_k=3, layers=["0_mid", "2_mid"], resid_mid=True, lens=tuned, token_sets={"s": [17, 300]},
+                  reductions=REDUCTIONS)
+    lens = lpn.run_generation_lens(model, PROMPT, max_new_tokens=4, min_new_tokens=4, **kwargs)
+    assert lens.labels == ["0_mid", "2_mid", "2_post"]
+    with model.trace(lens.token_ids):
+        forced = lpn.logit_lens(model, positions=lens.positions, **kwargs)
+    forced = lpn.result(forced, model)
+    assert_same(lens, forced)
+    torch.testing.assert_close(lens.set_logprobs, forced.set_logprobs, atol=TOL, rtol=0)
+    with model.trace(lens.token_ids):
+        plain = lpn.logit_lens(model, positions=lens.positions, **dict(kwargs, lens=None))
+    assert not torch.allclose(lpn.result(plain, model).entropy, lens.entropy)  # the lens did change the rows

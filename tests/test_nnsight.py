@@ -1,6 +1,7 @@
 """The in-trace nnsight lens: agreement with TransformerLens, batching with padding, patched runs,
 ``remote="local"``, remote failures, and import order with beartype."""
 
+import math
 import subprocess
 import sys
 
@@ -119,7 +120,14 @@ def test_lens_sees_a_patch_made_in_another_invoke(tiny_llama):
             lens = lpn.logit_lens(tiny_llama, top_k=3, targets=[" the"])
     patched = lpn.result(lens, tiny_llama)
     assert torch.equal(patched.top_ids[:2], clean.top_ids[:2])  # embed, 1_pre: before the patch
-    assert patched.entropy[2:].sub(clean.entropy[2:]).abs().min() > 1e-3  # 2_pre, 2_post: after it
+    # 2_pre is the zeroed output itself: RMSNorm(0) = 0 and no lm_head bias, so every logit is 0 and the row
+    # is uniform over the vocabulary, where the clean row is not.
+    uniform = math.log(tiny_llama.config.vocab_size)
+    torch.testing.assert_close(patched.entropy[2], torch.full_like(patched.entropy[2], uniform), atol=1e-5, rtol=0)
+    assert (clean.entropy[2] - uniform).abs().min() > 1e-3
+    # 2_post is what the patched model predicted.
+    reference = logits.float().log_softmax(-1).topk(3, dim=-1).values
+    torch.testing.assert_close(patched.top_logprobs[-1], reference, atol=1e-4, rtol=0)
     assert torch.equal(patched.final_top1, logits.argmax(-1))
 
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lens_plugins import readout
+from lens_plugins.core import readout
 from lens_plugins.decoder import Decoder
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lens_plugins as lp
-from lens_plugins import prompt, readout
+from lens_plugins.core import readout, reductions, request as prompt
 from lens_plugins.decoder import Decoder
 from test_readout import random_case
 from tiny_models import random_tokens, tiny_model
@@ -43,7 +43,12 @@ def test_divergences_against_scipy_and_explicit_formulas(softcap):
 
 
 def test_js_is_not_symmetrised_kl_and_tv_is_not_max_difference():
-    """The two definitions tuned-lens gets wrong, on distributions where the difference is large."""
+    """The two definitions tuned-lens gets wrong, on distributions where each differs from ours.
+
+    JS: a near-one-hot pair, where symmetrised KL exceeds ln 2 and JS cannot. TV: mass that moves between
+    several tokens on both sides, p = (0.5, 0.5, 0, 0) and q = (0, 0, 0.5, 0.5), where half the L1 distance
+    is 1 and max |p - q| is 0.5 (with mass leaving or reaching a single token the two coincide, so such a
+    pair cannot tell them apart)."""
     decoder = Decoder(norm_kind="none", W_U=torch.eye(3))
     p = torch.tensor([0.98, 0.01, 0.01]).log()
     q = torch.tensor([0.01, 0.01, 0.98]).log()
@@ -54,11 +59,15 @@ def test_js_is_not_symmetrised_kl_and_tv_is_not_max_difference():
     symmetrised_kl = (p * (p / q).log()).sum() + (q * (q / p).log()).sum()
     assert js < math.log(2) < symmetrised_kl
     torch.testing.assert_close(out["js_final"][0, 0].double(), js, atol=1e-6, rtol=0)
-    assert out["tv_final"][0, 0].item() == pytest.approx(0.97, abs=1e-6)  # half L1; max |p - q| is also 0.97 here
-    # ... but not where the mass moves to several tokens: half L1 = 0.5 * (0.5 + 0.25 + 0.25), max |p - q| = 0.5
-    p2, q2 = torch.tensor([1.0, 1e-30, 1e-30]), torch.tensor([0.5, 0.25, 0.25])
-    out2 = decoder.statistics(torch.stack([p2.log(), q2.log()]).unsqueeze(1), torch.zeros(1, 0, dtype=torch.long), 1, 3, 1, ("tv_final",))
-    assert out2["tv_final"][0, 0].item() == pytest.approx(0.5, abs=1e-6)
+
+    tiny = 1e-30  # log(0) would be -inf; this is 0 to float32 probability
+    p2, q2 = torch.tensor([0.5, 0.5, tiny, tiny]), torch.tensor([tiny, tiny, 0.5, 0.5])
+    assert (p2 - q2).abs().max() == 0.5 and 0.5 * (p2 - q2).abs().sum() == 1.0
+    wide = Decoder(norm_kind="none", W_U=torch.eye(4))
+    for vocab_chunk in (4, 1):  # one tile, and one token per tile (the streamed sum across tiles)
+        out2 = wide.statistics(torch.stack([p2.log(), q2.log()]).unsqueeze(1), torch.zeros(1, 0, dtype=torch.long),
+                               1, vocab_chunk, 1, ("tv_final",))
+        assert out2["tv_final"][0, 0].item() == pytest.approx(1.0, abs=1e-6), f"vocab_chunk={vocab_chunk}"
 
 
 def test_one_hot_rows():
@@ -127,7 +136,7 @@ def gpt2_pair(smollm2_tokenizer):
     return bridge, nn_model
 
 
-LENS_ALL = prompt.LENS_REDUCTIONS
+LENS_ALL = reductions.LENS
 SETS = {"the": [" the", " The", "The"]}
 
 

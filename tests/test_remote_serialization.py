@@ -120,3 +120,46 @@ def test_remote_local_simulation_matches_local(smollm2_tokenizer):
         simulated = logit_lens(model, top_k=5, targets=[" the"])
     for name, value in local["stats"].items():
         torch.testing.assert_close(simulated["stats"][name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_an_affine_lens_ships_to_the_server_as_tensors(tmp_path, smollm2_tokenizer):
+    """A lens object cannot cross to a server; its affine tensors can, and the server applies them with the
+    shipped ``core.lenses.apply_affine``: the same numbers as the local trace."""
+    import lens_plugins as lp
+
+    hf = tiny_model("llama")
+    model = lpn.wrap_model(hf, smollm2_tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    tuned = lp.AffineLens(["embed", "1_pre", "2_pre", "2_post"], torch.randn(4, 64, 64, generator=generator) * 0.05,
+                          torch.randn(4, 64, generator=generator) * 0.1)
+    shipped = lpn.lens_tensors(model, tuned)
+    backend = SerializeThenRunLocally()
+    with model.trace("in it is the", backend=backend):
+        lens = logit_lens(model, top_k=3, lens=shipped)
+    served = run_on_server(tmp_path, hf, backend.blob)
+    assert_same_stats(served, lens)
+    with model.trace("in it is the"):
+        plain = logit_lens(model, top_k=3)
+    assert not torch.equal(plain["stats"]["top_logprobs"], lens["stats"]["top_logprobs"])
+
+
+def test_generation_lens_and_dola_run_where_lens_plugins_cannot_be_imported(tmp_path, smollm2_tokenizer):
+    """The generation verbs through ``lp`` in a serialised ``model.generate`` body (``core.generation``,
+    ``core.dola_trace`` and the modules they name reach the server by value): the same numbers as here."""
+    import lens_plugins as lp
+
+    hf = tiny_model("llama")
+    model = lpn.wrap_model(hf, smollm2_tokenizer)
+    prompt = torch.tensor([[5, 17, 300, 42, 7]])
+    for verb in ("generation_lens", "dola"):
+        backend = SerializeThenRunLocally()
+        with model.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False, backend=backend) as tracer:
+            if verb == "generation_lens":
+                lens = lp.nnsight.generation_lens(model, tracer, 3, top_k=3, targets=[17])
+            else:
+                lens = lp.nnsight.dola(model, tracer, 3, layers=[0, 1, 2])
+        served = run_on_server(tmp_path / verb, hf, backend.blob)
+        assert served.keys() == lens.keys() and len(served["steps"]) == len(lens["steps"]) == 3
+        for ours, theirs in zip(served["steps"], lens["steps"]):
+            for name, value in theirs.items():
+                torch.testing.assert_close(ours[name], value, rtol=0, atol=0, equal_nan=True, msg=name)

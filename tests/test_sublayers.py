@@ -1,7 +1,7 @@
 """Sublayer rows of the logit lens: the residual after each attention and MLP, or each write alone.
 
 TransformerLens rows come from ``hook_resid_mid`` / ``hook_resid_post`` / ``hook_attn_out`` / ``hook_mlp_out``;
-nnsight rows are rebuilt from module outputs inside the trace (``remote_attribution.sublayer_stack``). The
+nnsight rows are rebuilt from module outputs inside the trace (``core.trace.reader``). The
 two must agree on the same weights, and parallel blocks must not grow an invented ``resid_mid``.
 """
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins import architectures, remote_attribution
+from lens_plugins.core import architectures, rows, trace
 from lens_plugins.adapters import nnsight as lpn
 from tiny_models import random_tokens, tiny_model
 
@@ -33,7 +33,9 @@ def traced_stack(family, tokenizer, sublayers, tokens):
     model = lpn.wrap_model(tiny_model(family), tokenizer)
     with model.trace(tokens):
         spec = architectures.resolve(model)
-        stack, labels = remote_attribution.sublayer_stack(model, spec, sublayers)
+        plan = rows.plan(len(architectures.get_path(model, spec["layers"])), sublayers=sublayers,
+                         parallel=architectures.is_parallel(model, spec))
+        stack, labels = trace.reader(model, spec)(plan), [row.label for row in plan]
         saved = nnsight.save((stack.detach(), labels))
     return saved
 

@@ -26,7 +26,8 @@ FAMILIES = {
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                               max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=1)),
     "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=3, n_head=4)),
-    "llama": ("LlamaConfig", dict(_LLAMA_LIKE)),
+    # Llama takes optional attention and MLP biases: on here, so a rotary family has an attention output bias.
+    "llama": ("LlamaConfig", dict(_LLAMA_LIKE, attention_bias=True, mlp_bias=True)),
     "mistral": ("MistralConfig", dict(_LLAMA_LIKE, sliding_window=None)),
     "mixtral": ("MixtralConfig", dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2)),
     "qwen2": ("Qwen2Config", dict(_LLAMA_LIKE)),
@@ -41,17 +42,28 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, seed: int = 0):
+# Biases a family only has as an option, turned on above. TransformerLens 3.9's HookedTransformer conversion
+# cannot load them (lens_plugins refuses a biased Llama there), so its tests ask for the family without.
+OPTIONAL_BIASES = {"llama": dict(attention_bias=False, mlp_bias=False)}
+
+
+def tiny_model(family: str, seed: int = 0, optional_biases: bool = True):
     config_class, kwargs = FAMILIES[family]
+    if not optional_biases:
+        kwargs = {**kwargs, **OPTIONAL_BIASES.get(family, {})}
     config = getattr(transformers, config_class)(**COMMON, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    # Random init leaves norms at weight 1 / bias 0 (Gemma: 0 for its 1 + w), which would hide a lens that
-    # skips them or forgets Gemma's + 1; biases at 0 would hide a forgotten lm_head bias (GPT-J).
+    # Random init leaves norms at weight 1 / bias 0 (Gemma: 0 for its 1 + w) and every linear bias at 0, which
+    # would hide a lens that skips a norm or forgets Gemma's + 1, a forgotten lm_head bias (GPT-J), and an
+    # attribution that drops the attention output bias or an MLP bias. Perturb every norm parameter and every
+    # bias the family has (attention q/k/v/out, MLP, lm_head), from a generator of their own so the draw is
+    # fixed by the seed alone.
+    generator = torch.Generator().manual_seed(seed + 10_000)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or "ln" in name or name.startswith(("lm_head.bias", "embed_out.bias")):
-                param.add_(torch.randn_like(param) * 0.2)
+            if "norm" in name or "ln" in name or name.endswith("bias"):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
     return model.eval()
 
 

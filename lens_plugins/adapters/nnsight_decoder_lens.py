@@ -1,14 +1,15 @@
 """nnsight, local side of the DecoderLens (encoder-decoder models: T5, BART); the in-trace half is
-``lens_plugins.remote_decoder_lens``. Re-exported by ``lens_plugins.adapters.nnsight``."""
+``lens_plugins.core.decoder_lens``. Re-exported by ``lens_plugins.adapters.nnsight``."""
 
 from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
 
-from lens_plugins import prompt, remote_decoder_lens
-from lens_plugins.architectures import get_path
-from lens_plugins.logit_lens import LensRequest, assemble, eval_mode
+from lens_plugins.core import decoder_lens as core_decoder_lens
+from lens_plugins.core.architectures import get_path
+from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
+from lens_plugins.logit_lens import DEFAULT_TOP_K, LensRequest, assemble, eval_mode
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
@@ -17,13 +18,10 @@ from lens_plugins.typecheck import typechecked
 def decoder_lens_result(lens: dict, model) -> LensResult:
     """The ``LensResult`` of a saved DecoderLens: rows are encoder layers ("embed", "1_pre", ...,
     "<L-1>_post", the model's own encoder output), positions are decoder positions."""
-    if not isinstance(lens, dict) or lens.get("format") != remote_decoder_lens.FORMAT:
+    if not isinstance(lens, dict) or lens.get("format") != core_decoder_lens.FORMAT:
         raise TypeError(f"expected what decoder_lens(model, ...) returned inside a trace, got {type(lens).__name__}")
-    tokenizer = getattr(model, "tokenizer", model)
-    names = [n if n is not None else tokenizer.decode([i]) for n, i in zip(lens["target_names"], lens["target_ids"])]
-    request = LensRequest(positions=lens["positions"], reductions=tuple(lens["reductions"]), target_names=names,
-                          target_ids=list(lens["target_ids"]), set_names=[], set_ids=[])
-    return assemble(lens["stats"], request, lens["labels"], lens["token_ids"].long(), tokenizer)
+    return assemble(lens["stats"], LensRequest.from_dict(lens["request"]), lens["labels"], lens["token_ids"].long(),
+                    getattr(model, "tokenizer", model), lens["attention_mask"].long())
 
 
 @typechecked
@@ -32,10 +30,11 @@ def run_decoder_lens(
     input_ids: Union[str, torch.Tensor],
     decoder_input_ids: Union[str, torch.Tensor],
     *,
-    top_k: int = 10,
+    top_k: int = DEFAULT_TOP_K,
     targets: Sequence[Union[str, int]] = (),
+    token_sets: Optional[dict] = None,
     positions: Optional[Union[int, Sequence[int]]] = None,
-    reductions: Sequence[str] = prompt.DEFAULT_LENS_REDUCTIONS,
+    reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
     remote: Union[bool, str] = False,
     backend=None,
 ) -> LensResult:
@@ -44,7 +43,7 @@ def run_decoder_lens(
     copies, locally or remotely."""
     from lens_plugins.adapters.nnsight import _remote_error
 
-    spec = remote_decoder_lens.encoder_decoder_spec(model)
+    spec = core_decoder_lens.encoder_decoder_spec(model)
     n = len(get_path(model, spec["encoder_layers"]))
     encoder_ids, decoder_ids = (_ids(model, x, name) for x, name in ((input_ids, "input_ids"),
                                                                       (decoder_input_ids, "decoder_input_ids")))
@@ -53,8 +52,8 @@ def run_decoder_lens(
         with eval_mode(getattr(model, "_module", model)), model.trace(
             encoder_ids.repeat(n + 1, 1), decoder_input_ids=decoder_ids.repeat(n + 1, 1), **trace_kwargs
         ):
-            lens = remote_decoder_lens.decoder_lens(model, top_k=top_k, targets=list(targets), positions=positions,
-                                                    reductions=tuple(reductions))
+            lens = core_decoder_lens.decoder_lens(model, top_k=top_k, targets=list(targets), token_sets=token_sets,
+                                                  positions=positions, reductions=tuple(reductions))
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
     return decoder_lens_result(lens, model)

@@ -1,7 +1,7 @@
 """nnsight, local side of the generation verbs: the lens over generated text and DoLa decoding.
 
 Both run inside one ``model.generate(...)`` request, so a remote (NDIF) generation is one round trip; the
-in-trace halves are ``lens_plugins.remote_generation`` and ``lens_plugins.remote_dola`` (shipped by source).
+in-trace halves are ``lens_plugins.core.generation`` and ``lens_plugins.core.dola_trace`` (shipped by source).
 Re-exported by ``lens_plugins.adapters.nnsight`` (``lp.nnsight.generation_lens`` etc.).
 """
 
@@ -12,10 +12,12 @@ import nnsight
 import torch
 
 from lens_plugins import dola as dola_module
-from lens_plugins import generation, prompt, remote_dola, remote_generation
+from lens_plugins import generation
+from lens_plugins.core import dola_trace, generation as core_generation
+from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.dola import DolaOutput
 from lens_plugins.generation import GeneratedLens
-from lens_plugins.logit_lens import check_context, check_prompts, eval_mode
+from lens_plugins.logit_lens import DEFAULT_TOP_K, check_context, check_prompts, eval_mode
 from lens_plugins.models import context_length
 from lens_plugins.typecheck import typechecked
 
@@ -23,9 +25,6 @@ from lens_plugins.typecheck import typechecked
 @typechecked
 def generation_result(lens: dict, model) -> GeneratedLens:
     """The ``GeneratedLens`` of what ``generation_lens(model, tracer, steps)`` saved inside the generation."""
-    if not isinstance(lens, dict) or lens.get("format") != remote_generation.FORMAT:
-        raise TypeError(f"expected what generation_lens(model, tracer, steps) returned inside model.generate(...), "
-                        f"got {type(lens).__name__}")
     return generation.from_saved_steps(lens, getattr(model, "tokenizer", model))
 
 
@@ -55,29 +54,38 @@ def run_generation_lens(
     max_new_tokens: int = 10,
     remote: Union[bool, str] = False,
     backend=None,
-    top_k: int = 10,
+    top_k: int = DEFAULT_TOP_K,
     targets: Sequence[Union[str, int]] = (),
-    reductions: Sequence[str] = prompt.DEFAULT_LENS_REDUCTIONS,
+    token_sets: Optional[dict] = None,
+    reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    resid_mid: bool = False,
+    sublayers: Union[bool, str] = False,
+    lens=None,
+    paths: Optional[dict] = None,
     **generate_kwargs,
 ) -> GeneratedLens:
     """Generate greedily from ``text`` (``generate_kwargs`` go to ``model.generate``, e.g. ``do_sample=True``)
-    and lens every step, in one request: the one-call form."""
-    from lens_plugins.adapters.nnsight import _remote_error
+    and lens every step, in one request: the one-call form. The lens parameters are ``run_logit_lens``'s."""
+    from lens_plugins.adapters.nnsight import _remote_error, _shippable
 
     _one_prompt(model, text)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     generate_kwargs.setdefault("do_sample", False)
+    rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
+    lens = _shippable(model, lens, remote, backend, **rows)
     try:
         with eval_mode(getattr(model, "_module", model)), model.generate(
             text, max_new_tokens=max_new_tokens, **generate_kwargs, **_generate_kwargs(remote, backend)
         ) as tracer:
-            lens = nnsight.save({})  # filled step by step: a generation that stops early never returns
-            remote_generation.generation_lens(model, tracer, max_new_tokens, top_k=top_k, targets=list(targets),
-                                              reductions=tuple(reductions), into=lens)
+            saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
+            core_generation.generation_lens(model, tracer, max_new_tokens, top_k=top_k, targets=list(targets),
+                                            token_sets=token_sets, reductions=tuple(reductions), lens=lens,
+                                            into=saved, **rows)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
-    return generation_result(lens, model)
+    return generation_result(saved, model)
 
 
 @typechecked
@@ -92,9 +100,10 @@ def dola_generate(
     premature_norm: bool = True,
     remote: Union[bool, str] = False,
     backend=None,
+    paths: Optional[dict] = None,
 ) -> DolaOutput:
     """DoLa decoding (Chuang et al. 2023) of ``text`` in one ``model.generate`` request; see
-    ``lens_plugins.core.dola`` for the definition and ``remote_dola.dola`` for the in-trace form."""
+    ``lens_plugins.core.dola`` for the definition and ``core.dola_trace.dola`` for the in-trace form."""
     from lens_plugins.adapters.nnsight import _remote_error
 
     _one_prompt(model, text)
@@ -105,13 +114,12 @@ def dola_generate(
             text, max_new_tokens=max_new_tokens, do_sample=False, **_generate_kwargs(remote, backend)
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
-            remote_dola.dola(model, tracer, max_new_tokens, layers=layers, alpha=alpha,
-                             repetition_penalty=repetition_penalty, premature_norm=premature_norm, into=saved)
+            dola_trace.dola(model, tracer, max_new_tokens, layers=layers, alpha=alpha,
+                            repetition_penalty=repetition_penalty, premature_norm=premature_norm, paths=paths,
+                            into=saved)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
     return dola_output(saved, model)
-
-
 
 
 @typechecked

@@ -22,21 +22,27 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins import remote_attribution
 from lens_plugins import tokens as token_utils
-from lens_plugins.attribution import (
-    Attribution, LogitDiff, TokenSet, attribute_parts, from_values, logit_diff_from_stack, token_set,
-)
+from lens_plugins.attribution import Attribution, LogitDiff, TokenSet, attribute_parts, from_values, token_set
+from lens_plugins.core import dla, pipeline
+from lens_plugins.core.architectures import norm_params
+from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
+from lens_plugins.core.request import resolve_positions
+from lens_plugins.core.rows import Row, plan, select
 from lens_plugins.decoder import Decoder
 from lens_plugins.logit_lens import (
-    DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, TokenSets, check_context, check_prompts, eval_mode, logit_lens_from_stack,
-    pad_batch,
+    DEFAULT_TOKEN_CHUNK, DEFAULT_TOP_K, DEFAULT_VOCAB_CHUNK, TokenSets, check_context, check_prompts, eval_mode,
+    pad_batch, run_lens,
 )
 from lens_plugins.models import context_length
-from lens_plugins.prompt import DEFAULT_LENS_REDUCTIONS
-from lens_plugins.norms import hf_norm_params
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
+
+__all__ = [
+    "logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
+    "decoder_for", "hook_filter", "residual_stack", "hook_name", "run_generation_lens", "dola_generate",
+    "run_decoder_lens",
+]
 
 _NORMALIZATION_KINDS = {"LN": "layernorm", "LNPre": "layernorm", "RMS": "rmsnorm", "RMSPre": "rmsnorm", None: "none"}
 
@@ -51,14 +57,15 @@ def hook_filter(
     """What ``run_with_cache(names_filter=...)`` must keep for the lens, and nothing else.
 
     With a model, the exact hook names; without one, a predicate (it keeps every ``hook_resid_post``,
-    since it cannot know which block is last). ``sublayers`` adds what ``logit_lens(sublayers=...)``
-    reads, ``attribution`` what ``attribution`` reads (each layer's attention and MLP writes, ``hook_z``,
-    positional embeddings).
+    since it cannot know which block is last). ``resid_mid`` / ``sublayers`` add what ``logit_lens`` reads
+    with those rows, ``attribution`` what ``attribution`` reads (each layer's attention and MLP writes,
+    ``hook_z``, positional embeddings).
     """
     if model is not None:
-        names = ["hook_embed", *residual_hooks(model.cfg.n_layers, resid_mid)]
-        if sublayers:
-            names += [h for h in sublayer_rows(model.cfg.n_layers, sublayers, is_parallel(model))[0] if h not in names]
+        names = ["hook_embed"]
+        names += [hook_name(row) for row in plan(model.cfg.n_layers, False, False, is_parallel(model))]
+        if resid_mid or sublayers:
+            names += [hook_name(row) for row in plan(model.cfg.n_layers, resid_mid, sublayers, is_parallel(model))]
         if attribution:
             names += attribution_hooks(model)
         return list(dict.fromkeys(names))
@@ -73,27 +80,14 @@ def is_parallel(model) -> bool:
     return bool(getattr(model.cfg, "parallel_attn_mlp", False))
 
 
-def sublayer_rows(n_layers: int, sublayers: Sublayers, parallel: bool) -> tuple[list[str], list[str]]:
-    """``(hooks, labels)`` of the sublayer lens rows: the residual after each sublayer (``True``), or each
-    sublayer's own write (``"outputs"``, then the final residual as the reference row)."""
-    if sublayers not in (True, "outputs"):
-        raise ValueError(f"sublayers={sublayers!r}: pass True (residual after each sublayer) or 'outputs' "
-                         "(each attention / MLP write decoded alone)")
-    hooks, labels = ["blocks.0.hook_resid_pre"], ["embed"]
-    for layer in range(n_layers):
-        if sublayers == "outputs":
-            hooks += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
-            labels += [f"{layer}_attn_out", f"{layer}_mlp_out"]
-        elif parallel:  # no residual between attention and MLP: one row, named for both
-            hooks.append(f"blocks.{layer}.hook_resid_post")
-            labels.append(f"{layer}_attn+mlp")
-        else:
-            hooks += [f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_resid_post"]
-            labels += [f"{layer}_attn", f"{layer}_mlp"]
-    if sublayers == "outputs":
-        hooks.append(f"blocks.{n_layers - 1}.hook_resid_post")
-        labels.append(f"{n_layers - 1}_post")
-    return hooks, labels
+_SITE_HOOKS = {"embed": "hook_resid_pre", "pre": "hook_resid_pre", "mid": "hook_resid_mid", "attn": "hook_resid_mid",
+               "post": "hook_resid_post", "mlp": "hook_resid_post", "attn+mlp": "hook_resid_post",
+               "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+
+
+def hook_name(row: Row) -> str:
+    """The reader: the TransformerLens hook a row is read from (``Row(3, "mid")`` -> ``blocks.3.hook_resid_mid``)."""
+    return f"blocks.{row.layer}.{_SITE_HOOKS[row.site]}"
 
 
 def attribution_hooks(model) -> list[str]:
@@ -109,25 +103,6 @@ def attribution_hooks(model) -> list[str]:
 def has_pos_embed(model) -> bool:
     """Learned absolute positional embeddings (GPT-2, OPT), which DLA attributes on their own."""
     return getattr(model.cfg, "positional_embedding_type", "standard") == "standard"
-
-
-def residual_hooks(n_layers: int, resid_mid: bool = False) -> list[str]:
-    """Hook names of the lens rows, in stream order."""
-    names = []
-    for layer in range(n_layers):
-        names.append(f"blocks.{layer}.hook_resid_pre")
-        if resid_mid:
-            names.append(f"blocks.{layer}.hook_resid_mid")
-    names.append(f"blocks.{n_layers - 1}.hook_resid_post")
-    return names
-
-
-def row_label(hook: str) -> str:
-    """``blocks.0.hook_resid_pre`` -> "embed", ``blocks.3.hook_resid_mid`` -> "3_mid", ..."""
-    _, layer, kind = hook.split(".")
-    if layer == "0" and kind == "hook_resid_pre":
-        return "embed"
-    return f"{layer}_{kind.removeprefix('hook_resid_')}"
 
 
 def decoder_for(model) -> Decoder:
@@ -146,7 +121,7 @@ def decoder_for(model) -> Decoder:
     ln_final = getattr(model, "ln_final", None)
     original = getattr(ln_final, "_original_component", None)
     if original is not None:  # TransformerBridge: the wrapped Hugging Face norm
-        kind, weight, bias, eps = hf_norm_params(original)
+        kind, weight, bias, eps = _detached(norm_params(original))
     elif ln_final is not None and normalization in ("LN", "RMS"):  # HookedTransformer LayerNorm / RMSNorm
         weight = ln_final.w.detach()
         bias = getattr(ln_final, "b", None)
@@ -164,23 +139,40 @@ def decoder_for(model) -> Decoder:
     )
 
 
+def _detached(params: tuple) -> tuple:
+    return tuple(p.detach() if isinstance(p, Tensor) else p for p in params)
+
+
+def row_plan(cache, resid_mid: bool = False, sublayers: Sublayers = False) -> list[Row]:
+    """This cache's model's rows (``core.rows.plan``)."""
+    return plan(cache.model.cfg.n_layers, resid_mid, sublayers, is_parallel(cache.model))
+
+
+def reader(cache, fix: str = ""):
+    """``read(rows) -> [rows, batch, seq, d_model]`` from the cache's hooks, with a fix-it message for each
+    hook the cache lacks (``fix``: the ``hook_filter`` arguments that cache it)."""
+
+    def read(rows: Sequence[Row]) -> Tensor:
+        hooks = [hook_name(row) for row in rows]
+        _require(cache, hooks, fix)
+        stack = torch.stack([cache[h] for h in hooks])
+        if stack.dim() == 3:  # a cache taken with remove_batch_dim=True
+            stack = stack.unsqueeze(1)
+        return stack.detach()
+
+    return read
+
+
+def _fix(resid_mid: bool, sublayers: Sublayers) -> str:
+    return f"sublayers={sublayers!r}" if sublayers else ("resid_mid=True" if resid_mid else "")
+
+
 def residual_stack(
     cache, resid_mid: bool = False, sublayers: Sublayers = False
 ) -> tuple[Float[Tensor, "row batch seq d_model"], list[str]]:
     """The lens rows from a cache, with a fix-it message for each hook the cache lacks."""
-    n_layers = cache.model.cfg.n_layers
-    if sublayers:
-        hooks, labels = sublayer_rows(n_layers, sublayers, is_parallel(cache.model))
-        fix = f"sublayers={sublayers!r}"
-    else:
-        hooks = residual_hooks(n_layers, resid_mid)
-        labels = [row_label(h) for h in hooks]
-        fix = "resid_mid=True" if resid_mid else ""
-    _require(cache, hooks, fix)
-    stack = torch.stack([cache[h] for h in hooks])
-    if stack.dim() == 3:  # a cache taken with remove_batch_dim=True
-        stack = stack.unsqueeze(1)
-    return stack.detach(), labels
+    rows = row_plan(cache, resid_mid, sublayers)
+    return reader(cache, _fix(resid_mid, sublayers))(rows), [row.label for row in rows]
 
 
 def _require(cache, hooks: list[str], fix: str) -> None:
@@ -225,23 +217,51 @@ def _embed(cache) -> Tensor:
     return embed.unsqueeze(0) if embed.dim() == 2 else embed
 
 
-def check_tokens_match_embed(cache, tokens: Tensor) -> None:
-    """With ``tokens`` given and ``hook_embed`` cached, refuse a cache whose embeddings are not this model's
-    embeddings of those tokens (up to Gemma-style scaling): another model's cache, or other tokens."""
-    if "hook_embed" not in cache.cache_dict:
+def check_tokens_match_embed(cache, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> None:
+    """With ``tokens`` given, refuse a cache whose embeddings are not this model's embeddings of those tokens
+    (up to Gemma-style scaling): another model's cache, or other tokens. The embeddings are ``hook_embed``
+    when cached, else block 0's input less the positional embeddings (``hook_pos_embed``, or ``W_pos`` at the
+    positions the model used: counted from the first real token when ``attention_mask`` marks padding), so
+    a same-width cache from another model is refused whichever hooks it kept. Padding is not checked."""
+    embed = _token_embeddings(cache, attention_mask)
+    if embed is None:
         return
-    embed = _embed(cache)
     W_E = cache.model.W_E.detach().float()
     if embed.shape[-1] != W_E.shape[-1]:
         return  # the decoder's width check names this
     expected = W_E[tokens.to(W_E.device)]
     scale = (embed * expected).sum(-1, keepdim=True) / (expected * expected).sum(-1, keepdim=True).clamp(min=1e-12)
     error = (embed - scale * expected).norm(dim=-1) / embed.norm(dim=-1).clamp(min=1e-12)
+    if attention_mask is not None:
+        error = error * attention_mask.to(error.device)
     if error.max() > 1e-4:
+        source = "hook_embed" if "hook_embed" in cache.cache_dict else "the embedding row (blocks.0.hook_resid_pre)"
         raise ValueError(
-            f"hook_embed is not this model's embedding of the tokens (relative error {error.max().item():.2g}): "
+            f"{source} is not this model's embedding of the tokens (relative error {error.max().item():.2g}): "
             "the cache comes from a different model, or tokens= are not the prompt it was run on"
         )
+
+
+def _token_embeddings(cache, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``[batch, seq, d_model]`` token embeddings as the cache holds them, or ``None`` where they cannot be
+    told apart from learned positions (no ``hook_pos_embed`` and no ``W_pos``)."""
+    if "hook_embed" in cache.cache_dict:
+        return _embed(cache)
+    resid = cache["blocks.0.hook_resid_pre"].detach().float()
+    resid = resid.unsqueeze(0) if resid.dim() == 2 else resid
+    if not has_pos_embed(cache.model):
+        return resid
+    if "hook_pos_embed" in cache.cache_dict:
+        pos = cache["hook_pos_embed"].detach().float()
+        return resid - (pos.unsqueeze(0) if pos.dim() == 2 else pos)
+    W_pos = getattr(cache.model, "W_pos", None)
+    if W_pos is None:
+        return None
+    if attention_mask is None:
+        positions = torch.arange(resid.shape[1]).expand(resid.shape[:2])
+    else:  # as the model numbers them under padding: from 0 at the first real token
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return resid - W_pos.detach().float()[positions.to(W_pos.device)]
 
 
 @typechecked
@@ -254,10 +274,11 @@ def logit_lens(
     sublayers: Sublayers = False,
     layers: Optional[Sequence[Union[int, str]]] = None,
     positions: Optional[Union[int, Sequence[int]]] = None,
-    top_k: int = 5,
+    top_k: int = DEFAULT_TOP_K,
     targets: Sequence[token_utils.TargetSpec] = (),
     token_sets: Optional[TokenSets] = None,
     reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
+    lens=None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
 ) -> LensResult:
@@ -265,27 +286,37 @@ def logit_lens(
 
     ``tokens`` defaults to the ids recovered from ``hook_embed``; ``attention_mask`` (1 on real tokens, as
     passed to ``run_with_cache`` for a padded batch) marks padding, which scores nothing and is left out of
-    every average; ``layers`` picks rows by index or label
-    (the final row is always kept as the reference); ``positions`` (prompt indices, negative
-    allowed) defaults to all; ``targets`` are single-token strings or ids whose log-prob and rank are
-    reported at every row and position; ``token_sets`` maps names to several tokens whose probabilities
-    add up; ``reductions`` names what to compute (``lens_plugins.prompt.LENS_REDUCTIONS``); ``sublayers``
-    replaces the rows by the sublayer view (module docstring).
+    every average; ``resid_mid`` / ``sublayers`` choose the rows (module docstring) and ``layers`` selects
+    among them by index or label (the final row is always kept as the reference); ``positions`` (prompt
+    indices, negative allowed) defaults to all; ``targets`` are single-token strings or ids whose log-prob
+    and rank are reported at every row and position; ``token_sets`` maps names to several tokens whose
+    probabilities add up; ``reductions`` names what to compute (``lens_plugins.core.reductions.LENS``);
+    ``lens`` maps each row before decoding (``lens_plugins.lenses``; default the logit lens).
     """
-    model = _cache_model(cache)
-    stack, labels = residual_stack(cache, resid_mid, sublayers)
-    check_context(stack.shape[2], context_length(model))
+    model, every, read, (batch, seq) = _lens_rows(cache, resid_mid, sublayers)
+    check_context(seq, context_length(model))
     if tokens is None:
         tokens = recover_tokens(cache)
-    if tuple(tokens.shape) != tuple(stack.shape[1:3]):
-        raise ValueError(f"tokens have shape {tuple(tokens.shape)} but the cache holds [batch, seq] = {tuple(stack.shape[1:3])}")
-    check_tokens_match_embed(cache, tokens)
-    return logit_lens_from_stack(
-        stack, labels, decoder_for(model), tokens.to(torch.long).cpu(), model.tokenizer,
-        layers=layers, positions=positions, top_k=top_k, targets=targets, token_sets=token_sets,
-        reductions=reductions, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+    if tuple(tokens.shape) != (batch, seq):
+        raise ValueError(f"tokens have shape {tuple(tokens.shape)} but the cache holds [batch, seq] = {(batch, seq)}")
+    check_tokens_match_embed(cache, tokens, attention_mask)
+    return run_lens(
+        read, every, layers, tokens.to(torch.long).cpu(), model.tokenizer, decoder_for(model),
         attention_mask=None if attention_mask is None else attention_mask.to(torch.long).cpu(),
+        positions=positions, top_k=top_k, targets=targets, token_sets=token_sets, reductions=reductions,
+        lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
     )
+
+
+def _lens_rows(cache, resid_mid: bool, sublayers: Sublayers):
+    """``(model, row plan, reader, (batch, seq))`` of a cache, refusing a cache that lacks a row's hook."""
+    model = _cache_model(cache)
+    every = row_plan(cache, resid_mid, sublayers)
+    fix = _fix(resid_mid, sublayers)
+    _require(cache, [hook_name(row) for row in every], fix)
+    first = cache[hook_name(every[0])]
+    shape = (1, first.shape[0]) if first.dim() == 2 else tuple(first.shape[:2])
+    return model, every, reader(cache, fix), shape
 
 
 def _cache_model(cache):
@@ -313,7 +344,7 @@ def _post_attention_norm(model, layer: int):
         return None
     original = getattr(norm, "_original_component", None)
     if original is not None:  # TransformerBridge: the Hugging Face norm, with Gemma's 1 + w
-        return hf_norm_params(original)
+        return _detached(norm_params(original))
     return "rmsnorm", norm.w.detach(), None, float(model.cfg.eps)  # HookedTransformer RMSNorm (w includes the 1)
 
 
@@ -335,18 +366,20 @@ def _heads(cache, layer: int, position: int) -> tuple[Tensor, Tensor]:
     if post_norm is None:
         return heads, bias
     kind, weight, _, eps = post_norm
-    mapped = remote_attribution.frozen_norm(torch.cat([heads, bias.unsqueeze(1)], 1), heads.sum(1) + bias, kind, weight, eps)
+    mapped = dla.frozen_norm(torch.cat([heads, bias.unsqueeze(1)], 1), heads.sum(1) + bias, kind, weight, eps)
     return mapped[:, :-1], mapped[:, -1]
 
 
-def cache_parts(cache, position: int = -1) -> dict[str, Optional[Tensor]]:
+def cache_parts(cache, position: int = -1, attention_mask: Optional[Tensor] = None) -> dict[str, Optional[Tensor]]:
     """What the residual stream holds at ``position``, split into the writes DLA attributes (the ``parts``
-    of ``remote_attribution.attribute``): embeddings, per-head writes and output biases, each attention
+    of ``core.dla.attribute``): embeddings, per-head writes and output biases, each attention
     and MLP write (``hook_attn_out`` / ``hook_mlp_out``: after a sandwich norm), and the final residual."""
     model = _cache_model(cache)
     n = model.cfg.n_layers
     _require(cache, attribution_hooks(model), "attribution=True")
-    remote_attribution.check_position(position, cache["blocks.0.hook_resid_pre"].shape[-2])
+    first = cache["blocks.0.hook_resid_pre"]
+    lead = (1, first.shape[0]) if first.dim() == 2 else tuple(first.shape[:2])
+    dla.check_position(position, torch.ones(lead, dtype=torch.long) if attention_mask is None else attention_mask.cpu())
     pos_embed = _at(cache, "hook_pos_embed", position).float() if has_pos_embed(model) else None
     embed = _at(cache, "blocks.0.hook_resid_pre", position).float()
     heads, head_bias = zip(*[_heads(cache, layer, position) for layer in range(n)])
@@ -369,16 +402,18 @@ def attribution(
     *,
     by: str = "component",
     position: int = -1,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
 ) -> Attribution:
     """Direct logit attribution of ``target`` (minus ``distractor``) at ``position`` (the function behind
     ``cache.lens.attribution``). Targets are single-token strings or ids, or lists of them (token sets,
-    see ``lens_plugins.attribution``); ``by`` is ``"component"``, ``"layer"`` or ``"head"``. Cache with
+    see ``lens_plugins.attribution``); ``by`` is ``"component"``, ``"layer"`` or ``"head"``;
+    ``attention_mask`` (for a padded batch) refuses a position that is padding. Cache with
     ``hook_filter(model, attribution=True)``."""
     model = _cache_model(cache)
     decoder = decoder_for(model)
     target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
     distractor_ids, distractor_names = ([], []) if distractor is None else token_set(model.tokenizer, distractor, decoder.d_vocab)
-    values = attribute_parts(cache_parts(cache, position), decoder, target_ids, distractor_ids)
+    values = attribute_parts(cache_parts(cache, position, attention_mask), decoder, target_ids, distractor_ids)
     return from_values(values, by=by, position=position, target_names=target_names,
                        distractor_names=distractor_names, parallel=is_parallel(model))
 
@@ -391,27 +426,72 @@ def logit_diff(
     *,
     resid_mid: bool = False,
     sublayers: Sublayers = False,
-    positions: Optional[Sequence[int]] = None,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    lens=None,
 ) -> LogitDiff:
     """The lens's ``target`` minus ``distractor`` logit at every row and position (the function behind
-    ``cache.lens.logit_diff``); rows as in ``logit_lens``."""
-    model = _cache_model(cache)
-    stack, labels = residual_stack(cache, resid_mid, sublayers)
+    ``cache.lens.logit_diff``); rows, ``layers``, ``positions`` and ``lens`` as in ``logit_lens``."""
+    model, every, read, (batch, seq) = _lens_rows(cache, resid_mid, sublayers)
     decoder = decoder_for(model)
     target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
     distractor_ids, distractor_names = token_set(model.tokenizer, distractor, decoder.d_vocab)
-    chosen = None if positions is None else [p % stack.shape[2] for p in positions]
-    return logit_diff_from_stack(stack, labels, decoder, target_ids, distractor_ids, target_names=target_names,
-                                 distractor_names=distractor_names, positions=chosen)
+    chosen = select(every, layers)
+    chosen_positions = resolve_positions(positions, seq)
+    values = pipeline.logit_diff(read, chosen, chosen_positions, decoder.tensors(), target_ids, distractor_ids, batch,
+                                 lens)
+    return LogitDiff([row.label for row in chosen], chosen_positions, values.cpu(), target_names, distractor_names)
 
 
-def run_attribution(model, prompt: Union[str, list[str]], target: TokenSet, distractor: Optional[TokenSet] = None,
-                    **kwargs) -> Attribution:
-    """Run ``model`` on ``prompt`` caching only what attribution reads, then attribute: the one-call form."""
-    check_prompts(prompt)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(model.to_tokens(prompt), names_filter=hook_filter(model, attribution=True))
-    return attribution(cache, target, distractor, **kwargs)
+def _tokenize(model, prompt: Union[str, list[str]], padding_side: Optional[str]) -> tuple[Tensor, Tensor]:
+    """``(tokens, attention_mask)`` of the one-call forms: prompts checked, never truncated (a prompt longer
+    than the context is refused), a batch padded on ``padding_side`` (default the tokenizer's)."""
+    prompts = check_prompts(prompt)
+    sequences = [model.to_tokens(p, truncate=False)[0] for p in prompts]
+    check_context(max(len(s) for s in sequences), context_length(model))
+    tokenizer = model.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens, mask = pad_batch(sequences, pad_id, padding_side or getattr(tokenizer, "padding_side", "right"))
+    return tokens.to(sequences[0].device), mask.to(sequences[0].device)
+
+
+@typechecked
+def run_attribution(
+    model,
+    prompt: Union[str, list[str]],
+    target: TokenSet,
+    distractor: Optional[TokenSet] = None,
+    *,
+    by: str = "component",
+    position: int = -1,
+    padding_side: Optional[str] = None,
+) -> Attribution:
+    """Run ``model`` on ``prompt`` caching only what attribution reads, then attribute: the one-call form,
+    with ``run_logit_lens``'s guards (context length, no truncation, padding with its mask, eval mode)."""
+    tokens, mask = _tokenize(model, prompt, padding_side)
+    with eval_mode(model), torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=hook_filter(model, attribution=True))
+        return attribution(cache, target, distractor, by=by, position=position, attention_mask=mask)
+
+
+@typechecked
+def run_logit_diff(
+    model,
+    prompt: Union[str, list[str]],
+    target: TokenSet,
+    distractor: TokenSet,
+    *,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    padding_side: Optional[str] = None,
+    **kwargs,
+) -> LogitDiff:
+    """Run ``model`` on ``prompt`` caching only the lens hooks, then ``logit_diff``: the one-call form."""
+    tokens, mask = _tokenize(model, prompt, padding_side)
+    with eval_mode(model), torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask,
+                                        names_filter=hook_filter(model, resid_mid, sublayers))
+        return logit_diff(cache, target, distractor, resid_mid=resid_mid, sublayers=sublayers, **kwargs)
 
 
 @typechecked
@@ -431,13 +511,7 @@ def run_logit_lens(
     padding. A prompt longer than the model's context is refused (``to_tokens`` would truncate it). A
     model in training mode runs in eval mode for the call, with a warning, and is put back.
     """
-    prompts = check_prompts(prompt)
-    sequences = [model.to_tokens(p, truncate=False)[0] for p in prompts]
-    check_context(max(len(s) for s in sequences), context_length(model))
-    tokenizer = model.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokens, mask = pad_batch(sequences, pad_id, padding_side or getattr(tokenizer, "padding_side", "right"))
-    tokens, mask = tokens.to(sequences[0].device), mask.to(sequences[0].device)
+    tokens, mask = _tokenize(model, prompt, padding_side)
     with eval_mode(model), torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask,
                                         names_filter=hook_filter(model, resid_mid, sublayers))
@@ -481,6 +555,7 @@ def register_accessor(cache_class) -> None:
         cache_class.lens = _Accessor()
 
 
-# Generation verbs and the DecoderLens: their own modules, re-exported here (they import this one).
+
+# The verbs of the other methods, in their own modules.
 from lens_plugins.adapters.transformer_lens_decoder_lens import run_decoder_lens  # noqa: E402
 from lens_plugins.adapters.transformer_lens_generation import dola_generate, run_generation_lens  # noqa: E402

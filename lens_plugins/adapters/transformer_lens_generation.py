@@ -13,8 +13,8 @@ from typing import Optional, Union
 
 import torch
 
-from lens_plugins import generation, readout
-from lens_plugins.adapters.transformer_lens import decoder_for, hook_filter, logit_lens
+from lens_plugins import generation
+from lens_plugins.adapters.transformer_lens import decoder_for, hook_filter, hook_name, logit_lens
 from lens_plugins.core import dola as core_dola
 from lens_plugins.dola import DolaOutput, output
 from lens_plugins.generation import GeneratedLens
@@ -80,12 +80,12 @@ def dola_generate(
     n = model.cfg.n_layers
     tied = bool(getattr(model.cfg, "tie_word_embeddings", False)) if tied_embeddings is None else tied_embeddings
     chosen = core_dola.candidate_layers(layers, n, tied)
-    hooks = {layer: f"blocks.{layer}.hook_resid_pre" for layer in chosen if layer < n}
-    hooks[n] = f"blocks.{n - 1}.hook_resid_post"
-    decoder = vars(decoder_for(model))
+    read_layers = sorted(set(chosen) | {n})
+    hooks = dict(zip(read_layers, (hook_name(row) for row in core_dola.rows(read_layers, n))))
+    decoder = decoder_for(model).tensors()
     eos = getattr(model.tokenizer, "eos_token_id", None)
     sequence = tokens[0].tolist()
-    record = {"format": "lens_plugins.dola/1", "layers": chosen, "prompt_ids": list(sequence), "steps": []}
+    record = {"format": core_dola.FORMAT, "layers": chosen, "prompt_ids": list(sequence), "steps": []}
     with eval_mode(model), torch.no_grad():
         for _ in range(max_new_tokens):
             check_context(len(sequence), context_length(model))
@@ -93,7 +93,7 @@ def dola_generate(
                                             names_filter=list(dict.fromkeys(hooks.values())))
             last = {layer: cache[hook][0, -1] for layer, hook in hooks.items()}
             step = core_dola.dola_step(torch.stack([last[layer] for layer in chosen]), last[n], chosen, n, decoder,
-                                       alpha, sequence, repetition_penalty, premature_norm, readout)
+                                       alpha, sequence, repetition_penalty, premature_norm)
             sequence.append(step["token"])
             record["steps"].append({"token": step["token"], "layer": step["layer"], "js": step["js"]})
             if step["token"] == eos:

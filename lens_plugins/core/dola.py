@@ -18,14 +18,19 @@ Two choices of ours, both documented in the README:
   to raw hidden states), for a like-for-like comparison.
 
 Layers are Hugging Face ``output_hidden_states`` indices: 0 is the embeddings, ``i`` the input of block
-``i``, ``n_layers`` the final residual. Like every module of ``lens_plugins.core`` this imports only
-torch, carries no decorators and takes everything as arguments; the streamed readout comes in as
-``readout`` (a module or namespace with ``lens_statistics``, ``apply_final_norm`` and ``unembed``).
+``i``, ``n_layers`` the final residual (``rows`` maps them to ``Row``s). Like every module of
+``lens_plugins.core`` this imports only torch and core, carries no decorators and takes everything as
+arguments. The in-trace loop over a ``model.generate`` is ``core.dola_trace``.
 """
 
 import math
 
 import torch
+
+from lens_plugins.core import readout
+from lens_plugins.core.rows import Row
+
+FORMAT = "lens_plugins.dola/1"  # marks a DoLa record (either backend's), so the local side can refuse anything else
 
 
 def candidate_layers(layers, n_layers, tied_embeddings):
@@ -58,6 +63,13 @@ def candidate_layers(layers, n_layers, tied_embeddings):
     return list(dict.fromkeys(chosen))
 
 
+def rows(layers, n_layers):
+    """The ``Row`` of each hidden-state index (0: ``embed``, ``i < n_layers``: ``i_pre``, ``n_layers``: the last
+    block's ``post``), so either backend's reader reads the candidates."""
+    return [Row(0, "embed") if layer == 0 else Row(layer, "pre") if layer < n_layers else Row(n_layers - 1, "post")
+            for layer in layers]
+
+
 def contrast(mature_logits, premature_logits, alpha):
     """DoLa's scores ``[..., vocab]``: ``log p_mature - log p_premature`` on the plausible set, ``-inf``
     elsewhere (the mature top-1 is always plausible)."""
@@ -88,8 +100,7 @@ def pick(scores, mature_logprobs):
     return int(torch.where(tied, mature_logprobs, torch.full_like(mature_logprobs, float("-inf"))).argmax())
 
 
-def dola_step(candidates, mature, layers, n_layers, decoder, alpha, seen_ids, repetition_penalty, premature_norm,
-              readout):
+def dola_step(candidates, mature, layers, n_layers, decoder, alpha, seen_ids, repetition_penalty, premature_norm):
     """One DoLa step at one position.
 
     ``candidates [C, d_model]`` are the residuals at hidden-state indices ``layers`` and ``mature [d_model]``

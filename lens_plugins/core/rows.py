@@ -60,3 +60,63 @@ class Row:
             raise ValueError(f"{label!r} is not a row label: expected 'embed' or '<layer>_<site>' with a site "
                              f"in {list(SITES[1:])}, e.g. '3_pre'")
         return cls(int(layer), site)
+
+
+def plan(n_layers, resid_mid=False, sublayers=False, parallel=False):
+    """The rows of a lens, in stream order, the same for every backend.
+
+    Default: the embeddings, each block's input, the last block's output ("embed", "1_pre", ...,
+    "<L-1>_post"); ``resid_mid`` adds the residual between each block's attention and MLP ("0_mid", ...).
+    ``sublayers=True``: the residual after each attention and MLP ("0_attn", "0_mlp", ...; one
+    "0_attn+mlp" row per parallel block, which has no residual between them); ``sublayers="outputs"``:
+    each attention and MLP write alone ("0_attn_out", "0_mlp_out", ...), then "<L-1>_post" as reference.
+    """
+    if sublayers not in (False, True, "outputs"):
+        raise ValueError(f"sublayers={sublayers!r}: pass True (residual after each sublayer) or 'outputs' "
+                         "(each attention / MLP write decoded alone)")
+    if resid_mid and sublayers:
+        raise ValueError("resid_mid and sublayers both choose the rows: pass one of them")
+    if resid_mid and parallel:
+        raise ValueError("this model's blocks are parallel (attention and MLP read the same input), so there is "
+                         "no residual between them: drop resid_mid=True")
+    rows = [Row(0, "embed")]
+    for layer in range(n_layers):
+        if sublayers == "outputs":
+            rows += [Row(layer, "attn_out"), Row(layer, "mlp_out")]
+        elif sublayers and parallel:
+            rows.append(Row(layer, "attn+mlp"))
+        elif sublayers:
+            rows += [Row(layer, "attn"), Row(layer, "mlp")]
+        else:
+            rows += ([Row(layer, "pre")] if layer else []) + ([Row(layer, "mid")] if resid_mid else [])
+    if not sublayers or sublayers == "outputs":
+        rows.append(Row(n_layers - 1, "post"))
+    return rows
+
+
+def select(rows, layers):
+    """The rows ``layers`` picks (indices into ``rows``, negative from the end, or labels), in stream
+    order; ``None`` picks all. The last row is always kept: every divergence and the final top-1 refer to it."""
+    n = len(rows)
+    if layers is None:
+        return list(rows)
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    labels = [row.label for row in rows]
+    chosen = set()
+    for layer in layers:
+        if isinstance(layer, str):
+            if layer not in labels:
+                if "." in layer:
+                    raise ValueError(
+                        f"layers={layer!r} looks like a module path, but layers= selects rows (indices or labels "
+                        f"such as 3 or '3_pre'); give module paths as paths={{'layers': {layer!r}, "
+                        "'final_norm': ..., 'lm_head': ...}")
+                raise KeyError(f"no row labelled {layer!r}; the rows are {labels}")
+            chosen.add(labels.index(layer))
+        elif isinstance(layer, int) and not isinstance(layer, bool) and -n <= layer < n:
+            chosen.add(layer % n)
+        else:
+            raise IndexError(f"layer {layer!r} is out of range: the stack has rows 0..{n - 1} "
+                             f"({labels[0]} .. {labels[-1]}), negative indices count from the end")
+    return [rows[i] for i in sorted(chosen | {n - 1})]

@@ -24,7 +24,7 @@ NNSIGHT_SIDE = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     import torch
-    from lens_plugins import remote_attribution
+    from lens_plugins.core import trace
     from lens_plugins.adapters import nnsight as lpn
     from lens_plugins.attribution import result_from_saved
     from lens_plugins.models import default_model_dir, load_hf_model
@@ -33,9 +33,9 @@ NNSIGHT_SIDE = textwrap.dedent("""
     tokenizer = load_hf_model(default_model_dir())[1]
     out = {}
     for family in sys.argv[3:]:
-        model = lpn.wrap_model(tiny_model(family), tokenizer)
+        model = lpn.wrap_model(tiny_model(family, optional_biases=False), tokenizer)
         with model.trace(random_tokens()):
-            saved = remote_attribution.attribution(model, 17, 42)
+            saved = trace.attribution(model, 17, 42)
         dla = result_from_saved(saved, tokenizer, by="head")
         out[family] = {name: getattr(dla, name) for name in ("embed", "heads", "attn", "mlp", "constant", "values")}
     torch.save(out, sys.argv[2])
@@ -59,7 +59,7 @@ def nnsight_side(tmp_path_factory):
 def hooked(family, tokenizer, flags, attn_result):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        model = hooked_transformer_from_hf(tiny_model(family), tokenizer, **flags)
+        model = hooked_transformer_from_hf(tiny_model(family, optional_biases=False), tokenizer, **flags)
     model.set_use_attn_result(attn_result)
     return model
 
@@ -75,7 +75,7 @@ def test_hooked_transformer_attribution_is_exact_and_matches_nnsight(family, fla
     _, cache = model.run_with_cache(tokens, names_filter=names)
     dla = cache.lens.attribution(TARGET, DISTRACTOR, by="head")
     with torch.no_grad():
-        logits = tiny_model(family)(tokens).logits[:, -1]
+        logits = tiny_model(family, optional_biases=False)(tokens).logits[:, -1]
     assert dla.error.max() <= TOL, dla.report()
     assert (dla.model_value - (logits[:, TARGET] - logits[:, DISTRACTOR])).abs().max() <= TOL
     assert (dla.heads.sum(-1) + dla.head_bias - dla.attn).abs().max() <= TOL
@@ -100,5 +100,5 @@ def test_hooked_transformer_sublayer_rows(family, smollm2_tokenizer):
     assert torch.equal(stack[labels.index("1_attn")], cache["blocks.1.hook_resid_mid"])
     result = cache.lens.logit_lens(tokens=tokens, sublayers=True, top_k=1)
     with torch.no_grad():
-        reference = tiny_model(family)(tokens).logits.log_softmax(-1)
+        reference = tiny_model(family, optional_biases=False)(tokens).logits.log_softmax(-1)
     torch.testing.assert_close(result.top_logprobs[-1, ..., 0], reference.max(-1).values, atol=TOL, rtol=0)

@@ -141,7 +141,7 @@ def test_run_logit_lens_one_call(smollm2_ht):
 @pytest.mark.parametrize("fold_ln", [True, False])
 @pytest.mark.parametrize("center_unembed", [True, False])
 def test_tiny_models_match_hf_and_the_lens_reproduces_them(family, fold_ln, center_unembed, smollm2_tokenizer):
-    hf_model = tiny_model(family)
+    hf_model = tiny_model(family, optional_biases=False)
     model = build(hf_model, smollm2_tokenizer, fold_ln=fold_ln, center_writing_weights=fold_ln, center_unembed=center_unembed)
     assert model.cfg.original_architecture == type(hf_model).__name__
     expected_norm = {"gpt2": "LN", "llama": "RMS"}[family] + ("Pre" if fold_ln else "")
@@ -158,7 +158,7 @@ def test_tiny_models_match_hf_and_the_lens_reproduces_them(family, fold_ln, cent
 
 def test_tiny_gpt2_decoder_keeps_ln_final_bias(smollm2_tokenizer):
     """Unfolded GPT-2: the decoder applies ln_final's weight and bias; folded, they live in W_U and b_U."""
-    hf_model = tiny_model("gpt2")
+    hf_model = tiny_model("gpt2", optional_biases=False)
     raw = tl_adapter.decoder_for(build(hf_model, smollm2_tokenizer, fold_ln=False, center_writing_weights=False, center_unembed=False))
     folded = tl_adapter.decoder_for(build(hf_model, smollm2_tokenizer))
     ln_f = hf_model.transformer.ln_f
@@ -171,7 +171,7 @@ def test_tiny_gpt2_decoder_keeps_ln_final_bias(smollm2_tokenizer):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_conversion_leaves_the_hf_model_untouched(family, smollm2_tokenizer):
     """TransformerLens centres and folds weights in place; the conversion must work on copies."""
-    hf_model = tiny_model(family)
+    hf_model = tiny_model(family, optional_biases=False)
     before = {name: p.detach().clone() for name, p in hf_model.named_parameters()}
     build(hf_model, smollm2_tokenizer, fold_ln=True, center_writing_weights=True, center_unembed=True)
     for name, p in hf_model.named_parameters():

@@ -1,39 +1,46 @@
-"""Prompt bookkeeping shared by the local adapters and the in-trace (remote) lens: which positions to
-decode, which token ids to score at each of them, and which readout reductions that takes.
+"""The lens request: what to compute, where, and for which tokens, validated once for both backends.
 
-Like ``readout``, this module imports only torch and is shipped by source to NDIF servers, where the
-trace body encodes targets with the model's own tokenizer.
+``build`` turns a lens call's arguments into a request (a plain dict, so it pickles anywhere): the
+reductions (``lens_plugins.core.reductions``), the prompt positions (one position rule:
+``resolve_positions``), the targets and token sets as token ids (one token rule: ``single_token_id``).
+TransformerLens builds it on the caller's machine; the in-trace nnsight lens builds it where the model
+runs (on an NDIF server, with the model's own tokenizer). Either way the same function refuses the same
+bad input with the same message.
 """
 
 import torch
 
-from lens_plugins.readout import NO_TARGET, REDUCTIONS
+from lens_plugins.core.readout import NO_TARGET
+from lens_plugins.core.reductions import COLUMNS, LENS
 
-# Reductions that score a token per position, on top of the readout's own: the actual next token
-# (log-prob = -cross-entropy, rank) and the input token itself (nostalgebraist's "input discarding").
-COLUMN_REDUCTIONS = ("next_token", "input_token")
-LENS_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "targets") + COLUMN_REDUCTIONS
-DEFAULT_LENS_REDUCTIONS = ("top_k", "entropy", "kl_final_row", "kl_row_final", "final_top1", "next_token")
+
+def check_top_k(top_k):
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer (the number of best tokens kept per row), got {top_k!r}")
+    return top_k
 
 
 def check_reductions(reductions):
-    unknown = [name for name in reductions if name not in LENS_REDUCTIONS]
+    if isinstance(reductions, str):
+        reductions = [reductions]
+    unknown = [name for name in reductions if name not in LENS]
     if unknown:
-        raise ValueError(f"unknown reductions {unknown}; choose from {list(LENS_REDUCTIONS)}")
+        raise ValueError(f"unknown reductions {unknown}; choose from {list(LENS)}")
     return tuple(dict.fromkeys(reductions))
 
 
 def readout_reductions(reductions, n_user_columns):
     """The readout's reductions for a lens request: its own names, plus ``targets`` when any token is scored."""
-    columns = [c for c in COLUMN_REDUCTIONS if c in reductions]
-    wanted = [r for r in reductions if r not in COLUMN_REDUCTIONS]
+    columns = [c for c in COLUMNS if c in reductions]
+    wanted = [r for r in reductions if r not in COLUMNS]
     if columns or n_user_columns:
         wanted.append("targets")
     return tuple(wanted)
 
 
 def resolve_positions(positions, seq_len):
-    """Absolute, sorted, de-duplicated prompt positions (``None``: all); negative counts from the end."""
+    """Absolute, sorted, de-duplicated prompt positions (``None``: all); negative counts from the end; an
+    index outside the prompt is refused, never wrapped."""
     if seq_len == 0:
         raise ValueError("the prompt is empty: there is no position to decode")
     if positions is None:
@@ -73,6 +80,47 @@ def single_token_id(tokenizer, target, d_vocab):
             "the tokenizer does not belong to the model"
         )
     return ids[0]
+
+
+def token_set_ids(tokenizer, spec, d_vocab):
+    """The ids of an attribution target: one token (string or id) or a list of them (a token set), each
+    checked by ``single_token_id``; a token named twice is refused (it would count twice)."""
+    members = [spec] if isinstance(spec, (str, int)) else list(spec)
+    if not members:
+        raise ValueError("an empty token set: give at least one token, e.g. ' Paris' or [' Paris', 'Paris']")
+    ids = [single_token_id(tokenizer, m, d_vocab) for m in members]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the token set {members} names a token twice (ids {ids}): list each member once")
+    return ids
+
+
+def build(tokenizer, d_vocab, seq_len, top_k, positions, targets, token_sets, reductions):
+    """The request of one lens call, or the first error its arguments hold."""
+    if isinstance(targets, (str, int)):
+        targets = [targets]
+    reductions = check_reductions(reductions)
+    target_ids = [single_token_id(tokenizer, t, d_vocab) for t in targets]
+    sets = dict(token_sets or {})
+    set_ids = []
+    for name, members in sets.items():
+        ids = list(dict.fromkeys(single_token_id(tokenizer, m, d_vocab) for m in members))
+        if not ids:
+            raise ValueError(f"the token set {name!r} has no members: give it at least one token")
+        set_ids.append(ids)
+    return {
+        "top_k": check_top_k(top_k),
+        "positions": resolve_positions(positions, seq_len),
+        "reductions": reductions,
+        "target_names": [t if isinstance(t, str) else tokenizer.decode([t]) for t in targets],
+        "target_ids": target_ids,
+        "set_names": list(sets),
+        "set_ids": set_ids,
+    }
+
+
+def user_ids(request):
+    """The scored ids after the next/input-token columns: targets, then every set's members."""
+    return list(request["target_ids"]) + [i for members in request["set_ids"] for i in members]
 
 
 def target_columns(token_ids, attention_mask, positions, reductions, user_ids):

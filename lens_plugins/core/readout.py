@@ -21,6 +21,8 @@ the KL divergences and the final top-1 refer to; ranks are ``1 + #{v != t : l_v 
 
 import torch
 
+from lens_plugins.core.reductions import READOUT, TABLE
+
 NO_TARGET = -1  # a target id that means "nothing to score here" (e.g. the last position's next token)
 # Shifted logits are clamped here before exp: below about -87.3, float32 exp is subnormal, which torch's
 # vectorised exp computes some 70x slower (measured: 33 ms vs 0.46 ms per million). exp(-87) = 1.6e-38 is
@@ -123,14 +125,10 @@ def _reference_pass(normed_ref, W_U, b_U, softcap, vocab_chunk, fused_step=None,
 
 
 # Every reduction the readout can compute, each opt-in by name (a remote trace computes and downloads
-# only what was asked for). Output keys: top_k -> top_ids, top_logprobs; final_top1 -> final_top1,
-# final_top1_logprob, final_top1_rank; targets -> target_logprobs, target_ranks; the others -> their name.
+# only what was asked for), and the result fields each fills: ``lens_plugins.core.reductions.TABLE``.
 # ``log_partition`` (logsumexp of each row's logits) always comes back: every log-prob is a logit minus it.
-REDUCTIONS = (
-    "top_k", "entropy", "kl_final_row", "kl_row_final", "js_final", "tv_final", "final_top1", "targets",
-    "kl_input_row", "kl_next_row",
-)
-DEFAULT_REDUCTIONS = ("top_k", "entropy", "kl_final_row", "kl_row_final", "final_top1", "targets")
+REDUCTIONS = READOUT
+DEFAULT_REDUCTIONS = tuple(name for name in READOUT if TABLE[name]["default"]) + ("targets",)
 
 
 def lens_statistics(

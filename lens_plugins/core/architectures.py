@@ -4,7 +4,7 @@ The logit lens needs, per model: the decoder layers (their inputs are the lens r
 the unembedding (the decoder), and, for the quirks, what each family does between them. Rather than an
 ``isinstance`` ladder, ``ARCHITECTURES`` is a table keyed by ``config.model_type``: a new family is one
 entry, and a family the table does not know is one call with the paths by hand
-(``logit_lens(model, layers="model.layers", final_norm="model.norm", lm_head="lm_head")``).
+(``logit_lens(model, paths={"layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head"})``).
 
 Quirks are data, not code paths:
 
@@ -15,7 +15,7 @@ Quirks are data, not code paths:
 - Gemma scales the embeddings by ``sqrt(d_model)`` and BLOOM layer-norms them before layer 0; neither needs
   an entry, because the "embed" row is read at layer 0's input, after both.
 
-Direct logit attribution (``lens_plugins.remote_attribution``) needs more of each layer, also as data:
+Direct logit attribution (``lens_plugins.core.dla``) needs more of each layer, also as data:
 
 - ``o_proj``: the attention output projection, whose input is the per-head ``z`` (heads are read there).
 - ``attn_out`` / ``mlp_out``: the module whose output is what the sublayer adds to the residual; Gemma 2/3
@@ -29,8 +29,8 @@ Direct logit attribution (``lens_plugins.remote_attribution``) needs more of eac
 - ``adds_residual``: BLOOM's attention and MLP add the residual inside the module, which the attribution
   does not take apart; it refuses these families with a message.
 
-Like ``readout``, this module imports only torch and carries no decorators: the in-trace lens
-(``lens_plugins.remote``) calls it on the NDIF server, where it arrives by source.
+Like everything in ``lens_plugins.core``, this module imports only torch and carries no decorators: the
+in-trace lens (``lens_plugins.core.trace``) calls it on the NDIF server, where it arrives by source.
 """
 
 import torch
@@ -79,7 +79,7 @@ ARCHITECTURES = {
     "gemma3_text": dict(_LLAMA_LIKE, norm_one_plus=True, softcap_attr="final_logit_softcapping", **_SANDWICH),
 }
 
-# Encoder-decoder families, for the DecoderLens (``remote_decoder_lens``): ``encoder_layers`` are read,
+# Encoder-decoder families, for the DecoderLens (``core.decoder_lens``): ``encoder_layers`` are read,
 # ``layers`` / ``final_norm`` / ``lm_head`` are the decoder's lens. T5 scales the decoder output by
 # ``d_model ** -0.5`` before a tied ``lm_head`` (``logit_scale_attr``: the config flag that says so; folded
 # into ``W_U``); BART adds a ``final_logits_bias`` buffer (``logits_bias``, folded into ``b_U``) and has no
@@ -111,24 +111,32 @@ def model_type(model):
     return getattr(config, "model_type", None)
 
 
-def resolve(model, layers=None, final_norm=None, lm_head=None):
-    """The family spec of ``model``, with any hand-given path overriding the table's.
+PATH_ROLES = ("layers", "final_norm", "lm_head")
 
-    With all three of ``layers``, ``final_norm`` and ``lm_head`` given, the table is not consulted, so an
-    unknown family works; ``final_norm=""`` means the model has no final norm.
+
+def resolve(model, paths=None):
+    """The family spec of ``model``, with any module path in ``paths`` (a dict keyed by ``layers``,
+    ``final_norm``, ``lm_head``, ...) overriding the table's.
+
+    With ``layers``, ``final_norm`` and ``lm_head`` all given, the table is not consulted, so an unknown
+    family works; ``final_norm=""`` means the model has no final norm.
     """
+    if paths is not None and not isinstance(paths, dict):
+        raise TypeError(f"paths= is a dict of module paths, e.g. {{'layers': 'model.layers', 'final_norm': "
+                        f"'model.norm', 'lm_head': 'lm_head'}}; got {type(paths).__name__}")
+    by_hand = {k: v for k, v in (paths or {}).items() if v is not None}
     kind = model_type(model)
-    by_hand = {k: v for k, v in (("layers", layers), ("final_norm", final_norm), ("lm_head", lm_head)) if v is not None}
     if kind in ARCHITECTURES:
         return dict(ARCHITECTURES[kind], **by_hand)
-    if len(by_hand) == 3:
+    if all(k in by_hand for k in PATH_ROLES):
         return by_hand
-    missing = [k for k in ("layers", "final_norm", "lm_head") if k not in by_hand]
+    missing = [k for k in PATH_ROLES if k not in by_hand]
     raise UnknownArchitectureError(
         f"lens_plugins does not know the architecture {kind!r} ({type(model).__name__}); known: "
         f"{sorted(ARCHITECTURES)}. Pass the module paths by hand (missing: {missing}), e.g. "
-        "lp.nnsight.logit_lens(model, layers='model.layers', final_norm='model.norm', lm_head='lm_head') "
-        "(final_norm='' if the model has none), or add an entry to lens_plugins.architectures.ARCHITECTURES."
+        "lp.nnsight.logit_lens(model, paths={'layers': 'model.layers', 'final_norm': 'model.norm', "
+        "'lm_head': 'lm_head'}) (final_norm '' if the model has none), or add an entry to "
+        "lens_plugins.core.architectures.ARCHITECTURES."
     )
 
 
@@ -160,9 +168,20 @@ def component(model, spec, role, layer=None):
     return get_path(model, spec[role])
 
 
-def norm_params(norm, one_plus):
-    """``(kind, weight, bias, eps)`` of a final-norm module as plain tensors, ``weight`` already ``1 + w``
-    for Gemma-style norms; ``norm=None`` (no final norm) is ``("none", None, None, 0.0)``."""
+# Norm classes that scale by (1 + weight) instead of weight, for a norm read without a family entry
+# (a TransformerBridge's wrapped norm); a family entry says so itself (``norm_one_plus``).
+ONE_PLUS_WEIGHT_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "Gemma3nRMSNorm")
+
+
+class UnknownNormError(TypeError):
+    """A final norm whose class the lens does not recognise."""
+
+
+def norm_params(norm, one_plus=None):
+    """``(kind, weight, bias, eps)`` of a norm module as plain tensors, ``weight`` already ``1 + w`` for
+    Gemma-style norms (``one_plus``; ``None``: decided by the class name); ``norm=None`` (no final norm) is
+    ``("none", None, None, 0.0)``. The one norm reader: the in-trace lens, the nnsight decoder and the
+    TransformerLens bridge all read norms here. Not detached (inside a trace these are the server's)."""
     if norm is None:
         return "none", None, None, 0.0
     norm = getattr(norm, "_module", norm)  # an nnsight envoy wraps the module
@@ -175,11 +194,17 @@ def norm_params(norm, one_plus):
     if name.endswith("RMSNorm") or name == "T5LayerNorm":  # T5's is an RMSNorm by another name
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if eps is None:
-            raise TypeError(f"{name} has neither `variance_epsilon` nor `eps`; pass the final norm by hand")
+            raise UnknownNormError(f"{name} has neither `variance_epsilon` nor `eps`; pass the final norm by hand")
+        if one_plus is None:
+            one_plus = name in ONE_PLUS_WEIGHT_NORMS
         if weight is not None and one_plus:
             weight = 1.0 + weight.float()
         return "rmsnorm", weight, None, float(eps)
-    raise TypeError(f"unknown final norm class {name!r}: expected a LayerNorm or an RMSNorm")
+    raise UnknownNormError(
+        f"lens_plugins does not know the final norm class {name!r}: expected a LayerNorm or an RMSNorm. Build "
+        "the decoder by hand: lens_plugins.Decoder(norm_kind='rmsnorm' | 'layernorm' | 'none', W_U=..., "
+        "norm_weight=..., norm_bias=..., norm_eps=...)"
+    )
 
 
 def decoder_tensors(model, spec):

@@ -1,4 +1,4 @@
-"""Direct logit attribution, the part that runs where the activations live.
+"""Direct logit attribution arithmetic, on whichever machine holds the activations.
 
 A logit is ``softcap(norm(x) . u + b_U)`` with ``x`` the final residual, which is a sum of what every
 embedding, attention head, MLP and bias wrote into the stream. The final norm divides by ``x``'s scale, so
@@ -7,19 +7,14 @@ that scale (and folding the norm's weight, Gemma's ``1 + w`` included, into the 
 standard direct logit attribution: each write dotted with one direction, plus a constant for the norm's
 bias and ``b_U``, summing exactly to the pre-soft-cap logit (or logit difference) of the real pass.
 
-Everything here is torch-only, undecorated and returns plain dicts, like ``readout``: the same functions
-run on a TransformerLens cache on the caller's machine and inside an nnsight trace on an NDIF server
-(``attribution`` below, shipped by source), so both backends share one piece of arithmetic.
+Everything here is torch-only, undecorated and returns plain dicts: the same functions run on a
+TransformerLens cache on the caller's machine and inside an nnsight trace (``core.trace.attribution``) on an
+NDIF server, so both backends share one piece of arithmetic.
 """
 
 import torch
 
-from lens_plugins.architectures import (
-    decoder_tensors, get_path, is_parallel, layer_input, layer_output, norm_params, resolve,
-)
-from lens_plugins.readout import apply_final_norm
-
-FORMAT = "lens_plugins.attribution/1"  # marks a saved attribution, so the local side can refuse anything else
+from lens_plugins.core.readout import apply_final_norm
 
 
 def norm_scale(x, norm_kind, norm_eps):
@@ -156,53 +151,18 @@ def split_heads(z, o_proj, n_heads, post_norm):
     return mapped[:, :-1], mapped[:, -1]
 
 
-def collect(model, spec, position):
-    """Everything the stream holds at ``position``, read inside the trace in forward order: positional
-    embeddings, layer 0's input, then per layer the output projection's input (the heads), what attention
-    and MLP added, and the last layer's output. Returns the ``parts`` of ``attribute`` plus the residual
-    before each layer (``resid_pre [batch, layer, d]``) for the sublayer lens."""
-    blocks = get_path(model, spec["layers"])
-    n_heads = head_count(model)
-    pos_path = spec.get("pos_embed")
-    pos_embed = get_path(model, pos_path).output[:, position].float() if pos_path else None
-    resid_pre, heads, head_bias, attn, mlp = [], [], [], [], []
-    one_plus = spec.get("norm_one_plus", False)
-    for layer in range(len(blocks)):
-        block = blocks[layer]
-        resid = layer_input(block.inputs)
-        if layer == 0:
-            check_position(position, resid.shape[1])
-        resid_pre.append(resid[:, position].float())
-        post_norm = norm_params(get_path(block, spec["attn_out"]), one_plus) if spec.get("post_norms") else None
-        o_proj = get_path(block, spec["o_proj"])
-        h, b = split_heads(_at(o_proj.input, resid, position), o_proj, n_heads, post_norm)
-        heads.append(h)
-        head_bias.append(b)
-        attn.append(_at(layer_output(get_path(block, spec.get("attn_out", spec["attn"])).output), resid, position))
-        mlp.append(_at(layer_output(get_path(block, spec.get("mlp_out", spec["mlp"])).output), resid, position))
-    final = layer_output(blocks[len(blocks) - 1].output)[:, position].float()
-    embed = resid_pre[0] if pos_embed is None else resid_pre[0] - pos_embed
-    return {
-        "embed": embed, "pos_embed": pos_embed, "heads": _stack(heads, 1), "head_bias": _stack(head_bias, 1),
-        "attn": _stack(attn, 1), "mlp": _stack(mlp, 1), "final": final, "resid_pre": _stack(resid_pre, 1),
-    }
-
-
-def _stack(tensors, dim):
-    """``torch.stack`` of per-layer tensors that may live on different GPUs (a model split across devices)."""
-    return torch.stack([t.to(tensors[0].device) for t in tensors], dim)
-
-
-def _at(x, resid, position):
-    """``x`` at ``position``, ``[batch, width]``; OPT flattens ``[batch * seq, d]`` around its MLP, so ``x`` is
-    first given the ``[batch, seq]`` lead of the layer's residual input."""
-    return x.reshape(*resid.shape[:2], -1)[:, position].float()
-
-
-def check_position(position, seq_len):
+def check_position(position, attention_mask):
+    """Refuse a position outside the prompt, or one that is padding in any prompt of the batch (padding
+    has no prediction to attribute: pad on the left to attribute every prompt's last token)."""
+    seq_len = attention_mask.shape[-1]
     if not -seq_len <= position < seq_len:
         raise IndexError(f"position {position} is out of range for a prompt of {seq_len} tokens "
                          f"(valid: {-seq_len} .. {seq_len - 1})")
+    padded = (attention_mask[:, position] == 0).nonzero().reshape(-1).tolist()
+    if padded:
+        raise ValueError(f"position {position} is padding in prompt(s) {padded} of the batch: there is no "
+                         "prediction to attribute there. Pad on the left (padding_side='left') to attribute "
+                         "each prompt's last token at position -1, or attribute the prompts one at a time.")
 
 
 def check_sublayer_writes(spec):
@@ -222,89 +182,3 @@ def check_supported(spec):
                        "lens_plugins.architectures.ARCHITECTURES to attribute to heads")
 
 
-def token_ids(tokenizer, spec):
-    """A target as a list of ids: one token (string or id) or a list of them (a token set). A string that
-    is not exactly one token is refused with its tokenisation."""
-    members = [spec] if isinstance(spec, (str, int)) else list(spec)
-    ids = []
-    for member in members:
-        if isinstance(member, int):
-            ids.append(member)
-            continue
-        encoded = tokenizer.encode(member, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise ValueError(f"target {member!r} is {len(encoded)} tokens (ids {encoded}), not one: pass a "
-                             "single-token string (mind the leading space, e.g. ' Paris') or a token id")
-        ids.append(encoded[0])
-    if not ids:
-        raise ValueError("an empty token set: give at least one token, e.g. ' Paris' or [' Paris', 'Paris']")
-    return ids
-
-
-def attribution(model, target, distractor=None, position=-1, layers=None, final_norm=None, lm_head=None):
-    """Direct logit attribution at ``position`` of this invoke's prompts, called inside the trace.
-
-    ``target`` / ``distractor`` are single-token strings or ids, or lists of them (token sets, see
-    ``member_coefficients``); no distractor attributes the target logit alone. Saves only the attributions
-    (``O(layers x heads)`` numbers per prompt): the model's weights and activations stay where the model
-    runs. Reads layer 0's input first, so call it before anything later in its block (as ``logit_lens``).
-    Turn it into an ``Attribution`` after the trace with ``lp.nnsight.attribution_result(saved, model)``.
-    """
-    import nnsight
-
-    spec = resolve(model, layers, final_norm, lm_head)
-    check_supported(spec)
-    target_ids = token_ids(model.tokenizer, target)
-    distractor_ids = [] if distractor is None else token_ids(model.tokenizer, distractor)
-    parts = collect(model, spec, position)
-    with torch.no_grad():
-        decoder = decoder_tensors(model, spec)
-        out = attribute({k: v.detach() if v is not None else None for k, v in parts.items()}, decoder, target_ids, distractor_ids)
-    return nnsight.save({
-        "format": FORMAT,
-        "values": {name: value.detach().cpu() for name, value in out.items()},
-        "parallel": is_parallel(model, spec),
-        "position": position,
-        "target_ids": list(target_ids),
-        "distractor_ids": list(distractor_ids),
-    })
-
-
-def sublayer_stack(model, spec, sublayers):
-    """``([rows, batch, seq, d_model], labels)`` of the sublayer lens, read in forward order.
-
-    ``sublayers=True``: the embedding, then the residual after each attention ("3_attn": the layer's input
-    plus what attention wrote) and after each MLP ("3_mlp": the next layer's input, or the last layer's
-    output). A parallel block (GPT-J, NeoX) has no residual between the two, so it gets one row per layer,
-    "3_attn+mlp". ``sublayers="outputs"``: each attention and MLP write decoded alone ("3_attn_out",
-    "3_mlp_out"), then the last layer's output ("<L-1>_post") as the reference row.
-    """
-    if sublayers not in (True, "outputs"):
-        raise ValueError(f"sublayers={sublayers!r}: pass True (residual after each sublayer) or 'outputs' "
-                         "(each attention / MLP write decoded alone)")
-    check_sublayer_writes(spec)
-    blocks = get_path(model, spec["layers"])
-    n = len(blocks)
-    parallel = is_parallel(model, spec)
-    rows, labels = [], []
-    for layer in range(n):
-        block = blocks[layer]
-        resid = layer_input(block.inputs)
-        if layer == 0 or sublayers is True:  # the embedding; then the residual after the previous layer
-            rows.append(resid)
-        labels += ["embed"] if layer == 0 else []
-        if sublayers is True and parallel:
-            labels.append(f"{layer}_attn+mlp")
-            continue
-        attn = layer_output(get_path(block, spec.get("attn_out", spec["attn"])).output).reshape(resid.shape)
-        if sublayers is True:
-            rows.append(resid + attn)
-            labels += [f"{layer}_attn", f"{layer}_mlp"]
-            continue
-        mlp = layer_output(get_path(block, spec.get("mlp_out", spec["mlp"])).output).reshape(resid.shape)
-        rows += [attn, mlp]
-        labels += [f"{layer}_attn_out", f"{layer}_mlp_out"]
-    rows.append(layer_output(blocks[n - 1].output))
-    if sublayers == "outputs":
-        labels.append(f"{n - 1}_post")
-    return _stack([row.float() for row in rows], 0), labels

@@ -1,0 +1,97 @@
+"""DecoderLens (Langedijk et al. 2023) inside an nnsight trace: the part that runs where the model runs.
+
+The logit lens of an encoder: hand each encoder layer's output to the decoder as if it were the encoder's
+final output, and read what the decoder then predicts. One forward pass does all layers at once: the trace
+runs a batch of ``n_encoder_layers + 1`` copies of one (input, decoder input) pair, and at the last encoder
+layer's output copy ``i`` is replaced by encoder row ``i`` (the rows of ``rows.plan(n_encoder_layers)``:
+row 0 the input of layer 0, the embeddings; row ``i`` the input of layer ``i``; the last row the last
+layer's output, left as it is). The encoder's own tail (T5's final norm) then runs on every row, so the last
+copy is the model's own forward pass, bit for bit. The decoder's last residual of every copy is the "row"
+the one lens pipeline decodes (``pipeline.logit_lens``: request, checks, the decoder's final norm and
+``lm_head`` in the streamed readout), rows = encoder rows, tokens = decoder positions; only the reductions
+come back. ``decoder_lens_stats`` is that last step, shared with the TransformerLens adapter, which runs the
+same batch with hooks.
+
+Torch and core only (nnsight inside the function), no decorators, plain containers out: shipped by source.
+"""
+
+import torch
+
+from lens_plugins.core import pipeline, request, rows as row_plan
+from lens_plugins.core.architectures import (
+    ENCODER_DECODER, decoder_tensors, get_path, layer_input, layer_output, model_type,
+)
+from lens_plugins.core.reductions import DEFAULT_LENS
+
+FORMAT = "lens_plugins.decoder_lens/2"
+
+
+def encoder_decoder_spec(model):
+    """The ``ENCODER_DECODER`` entry of ``model``, or an error naming the families that have one."""
+    kind = model_type(model)
+    if kind not in ENCODER_DECODER:
+        raise ValueError(f"the DecoderLens needs an encoder-decoder model; {kind!r} is not one lens_plugins knows "
+                         f"(known: {sorted(ENCODER_DECODER)}); add an entry to "
+                         "lens_plugins.core.architectures.ENCODER_DECODER")
+    return ENCODER_DECODER[kind]
+
+
+def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers, top_k, targets, token_sets,
+                       positions, reductions, vocab_chunk=4096, token_chunk=256):
+    """The saved DecoderLens of the decoder's last residual ``resid [encoder rows, decoder tokens, d_model]``
+    (copy ``i`` ran on encoder row ``i``) and the example's ``decoder_ids [1, decoder tokens]``: a plain
+    dict in the saved-lens layout (``stats``, ``labels``, ``request``, ``token_ids``, ``attention_mask``)."""
+    rows = row_plan.plan(n_encoder_layers)
+    if resid.shape[0] != len(rows):
+        raise ValueError(f"the DecoderLens runs {len(rows)} copies of one example (one per encoder row), got a "
+                         f"batch of {resid.shape[0]}; use lp.nnsight.run_decoder_lens, or repeat the example")
+    token_ids = decoder_ids[:1].cpu().long()
+    mask = torch.ones_like(token_ids)
+    req = request.build(tokenizer, decoder["W_U"].shape[1], token_ids.shape[1], top_k, positions, targets,
+                        token_sets, reductions)
+    stack = resid.detach().float()[:, None]  # [rows, batch 1, decoder tokens, d_model]
+    stats = pipeline.logit_lens(lambda chosen: stack, rows, req, decoder, token_ids, mask, None, vocab_chunk,
+                                token_chunk)
+    return {
+        "format": FORMAT,
+        "stats": {name: value.cpu() for name, value in stats.items()},
+        "labels": [row.label for row in rows],
+        "request": req,
+        "token_ids": token_ids,
+        "attention_mask": mask,
+    }
+
+
+def _replace_output(module, new):
+    """Swap a layer's residual output for ``new``, keeping the rest of a tuple output (T5's position biases)."""
+    output = module.output
+    module.output = (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def decoder_lens(model, top_k=5, targets=(), token_sets=None, positions=None, reductions=DEFAULT_LENS,
+                 vocab_chunk=4096, token_chunk=256):
+    """Run the DecoderLens in a trace over ``n_encoder_layers + 1`` identical copies of one example
+    (``lp.nnsight.run_decoder_lens`` builds that batch); call it first in the body and label it afterwards
+    with ``lp.nnsight.decoder_lens_result(lens, model)``. ``positions`` are decoder positions; the other
+    parameters are ``trace.logit_lens``'s."""
+    import nnsight
+
+    spec = encoder_decoder_spec(model)
+    encoder = get_path(model, spec["encoder_layers"])
+    blocks = get_path(model, spec["layers"])
+    n = len(encoder)
+    args, kwargs = model.inputs
+    decoder_ids = kwargs.get("decoder_input_ids")
+    if decoder_ids is None:
+        raise ValueError("the DecoderLens needs decoder_input_ids: trace model(input_ids, decoder_input_ids=...)")
+    if decoder_ids.shape[0] != n + 1:
+        raise ValueError(f"the DecoderLens runs {n + 1} copies of one example (one per encoder row), got a batch "
+                         f"of {decoder_ids.shape[0]}; use lp.nnsight.run_decoder_lens, or repeat the example")
+    rows = [layer_input(encoder[layer].inputs) for layer in range(n)]
+    rows.append(layer_output(encoder[n - 1].output))
+    _replace_output(encoder[n - 1], torch.stack([row[i] for i, row in enumerate(rows)]))
+    resid = layer_output(blocks[len(blocks) - 1].output)  # [encoder rows, decoder tokens, d_model]
+    with torch.no_grad():
+        saved = decoder_lens_stats(resid, decoder_tensors(model, spec), model.tokenizer, decoder_ids, n, top_k,
+                                   targets, token_sets, positions, reductions, vocab_chunk, token_chunk)
+    return nnsight.save(saved)

@@ -1,0 +1,87 @@
+"""One lens pipeline for every backend: read the rows, check them, apply the lens, decode and reduce.
+
+A backend supplies a *reader*, ``read(rows) -> [rows, batch, seq, d_model]`` (TransformerLens: row ->
+hook name in a cache; nnsight: row -> a module's input or output inside a trace), and a request
+(``request.build``); ``logit_lens`` and ``logit_diff`` do the rest the same way for both, so every check
+and default is shared. Torch only: on a remote nnsight trace this runs on the server.
+"""
+
+import torch
+
+from lens_plugins.core import lenses
+from lens_plugins.core.readout import apply_final_norm, lens_statistics
+from lens_plugins.core.request import readout_reductions, target_columns, user_ids
+
+
+def check_finite(stack, labels, positions):
+    """Refuse a residual stack ``[row, batch, pos, d_model]`` holding NaN or inf, naming the first bad entry:
+    the final norm would turn it into NaN log-probs everywhere downstream."""
+    bad = ~torch.isfinite(stack).all(-1)
+    if bad.any():
+        row, item, pos = (int(i) for i in bad.nonzero()[0])
+        kind = "NaN" if torch.isnan(stack[row, item, pos]).any() else "inf"
+        raise ValueError(
+            f"the residual stream contains {kind} at row {labels[row]!r}, batch item {item}, prompt position "
+            f"{positions[pos]} ({int(bad.sum())} non-finite vectors in all); the lens would only propagate it. "
+            "Check the activations (an overflow in half precision?) before decoding them."
+        )
+
+
+def check_rows(request, chosen, all_rows):
+    """Refuse a row selection the request cannot be computed on."""
+    if "kl_input_row" in request["reductions"] and chosen[0] != all_rows[0]:
+        raise ValueError("kl_input_row compares every row with the input row ('embed'): keep row 0 in layers")
+
+
+def lens_rows(read, rows, request, positions, lens, d_model):
+    """``[rows, batch * positions, d_model]``: the rows read, checked and mapped through the lens."""
+    stack = read(rows)
+    labels = [row.label for row in rows]
+    if stack.shape[0] != len(rows):
+        raise ValueError(f"the reader returned {stack.shape[0]} rows for {len(rows)} rows asked for")
+    if stack.shape[-1] != d_model:
+        raise ValueError(
+            f"residual vectors have width {stack.shape[-1]} but this decoder's W_U expects d_model={d_model}: "
+            "the activations come from a different model than the one decoding them")
+    selected = stack if len(positions) == stack.shape[2] else stack[:, :, positions]
+    check_finite(selected, labels, positions)
+    flat = selected.reshape(len(rows), stack.shape[1] * len(positions), d_model)
+    weight, bias, transform = lenses.resolve(lens, rows, d_model)
+    with torch.no_grad():
+        return lenses.apply(flat.detach(), rows, weight, bias, transform)
+
+
+def logit_lens(read, rows, request, decoder, token_ids, attention_mask, lens=None, vocab_chunk=4096,
+               token_chunk=256, fused_step=None):
+    """The readout statistics (``readout.lens_statistics``) of ``rows`` at the request's positions.
+    ``decoder`` is the decoder as tensors (``architectures.decoder_tensors``)."""
+    positions = request["positions"]
+    flat = lens_rows(read, rows, request, positions, lens, decoder["W_U"].shape[0])
+    columns = target_columns(token_ids, attention_mask, positions, request["reductions"], user_ids(request))
+    with torch.no_grad():
+        return lens_statistics(
+            flat, **decoder, top_k=request["top_k"], target_ids=columns, vocab_chunk=vocab_chunk,
+            token_chunk=token_chunk, reductions=readout_reductions(request["reductions"], len(user_ids(request))),
+            fused_step=fused_step,
+        )
+
+
+def set_logit(normed, decoder, ids):
+    """Log-sum-exp of the logits of ``ids`` at every vector of ``normed``: ``d_model`` dot products per member."""
+    logits = normed @ decoder["W_U"][:, ids].float()
+    if decoder["b_U"] is not None:
+        logits = logits + decoder["b_U"][ids].float()
+    if decoder["softcap"] is not None:
+        logits = decoder["softcap"] * torch.tanh(logits / decoder["softcap"])
+    return logits.logsumexp(-1)
+
+
+def logit_diff(read, rows, positions, decoder, target_ids, distractor_ids, batch, lens=None):
+    """``[rows, batch, positions]``: each row decoded with the model's own final norm (its real scale at that
+    row) and compared on the two token sets: ``log P(target set) - log P(distractor set)``."""
+    flat = lens_rows(read, rows, {"reductions": ()}, positions, lens, decoder["W_U"].shape[0])
+    flat = flat.to(decoder["W_U"].device)
+    normed = apply_final_norm(flat, decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"],
+                              decoder["norm_eps"])
+    diff = set_logit(normed, decoder, target_ids) - set_logit(normed, decoder, distractor_ids)
+    return diff.reshape(len(rows), batch, len(positions))

@@ -1,0 +1,87 @@
+"""The shipping rule: ``lens_plugins/core`` is what may run on an NDIF server, ``core.SHIPPED`` says which
+modules that is, and every one of them imports only torch, the standard library and core (nnsight, which a
+server has, only inside functions), with no decorator but ``dataclass`` and Python's own ``property`` / ``classmethod`` / ``staticmethod``."""
+
+import ast
+import sys
+from pathlib import Path
+
+import lens_plugins
+import lens_plugins.core.readout  # noqa: F401
+from lens_plugins import core
+
+CORE = Path(core.__file__).parent
+# Decorators that need no module globals on the server (a type checker's would).
+BUILTIN_DECORATORS = ("dataclass", "property", "classmethod", "staticmethod")
+ROOT = CORE.parent.parent
+
+
+def _modules():
+    return sorted(p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
+
+
+def test_shipped_is_every_core_module():
+    assert sorted(core.SHIPPED) == _modules()
+
+
+def _imports(tree):
+    """``(module name, inside a function)`` of every import statement."""
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, inside) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                found.append(("." * child.level + (child.module or ""), inside))
+            visit(child, inside)
+
+    visit(tree, False)
+    return found
+
+
+def test_core_modules_import_only_torch_and_core():
+    for name in ("__init__", *_modules()):
+        tree = ast.parse((CORE / f"{name}.py").read_text())
+        for module, in_function in _imports(tree):
+            top = module.split(".")[0]
+            allowed = (top == "torch" or module.startswith("lens_plugins.core") or top in sys.stdlib_module_names
+                       or (top == "nnsight" and in_function))
+            assert allowed, f"lens_plugins/core/{name}.py imports {module!r}: core may import only torch and core"
+
+
+def test_core_functions_carry_no_decorators():
+    for name in _modules():
+        for node in ast.walk(ast.parse((CORE / f"{name}.py").read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                for decorator in node.decorator_list:
+                    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+                    assert ast.unparse(target) in BUILTIN_DECORATORS, f"core/{name}.py: @{ast.unparse(decorator)} on {node.name}"
+
+
+def test_the_nnsight_adapter_registers_exactly_what_ships():
+    from lens_plugins.adapters import nnsight as lpn
+
+    assert [m.__name__ for m in lpn.SHIPPED_MODULES] == [f"lens_plugins.core.{n}" for n in core.SHIPPED]
+
+
+def test_the_readme_lists_what_ships():
+    readme = (ROOT / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("Shipped to NDIF servers"))
+    assert [name.strip("`, .") for name in line.split(":", 1)[1].split()] == list(core.SHIPPED)
+
+
+def test_result_fields_follow_the_table():
+    """``LensResult``'s optional fields are exactly the table's outputs; metrics and plot styles come from it."""
+    import dataclasses
+
+    from lens_plugins import plot, result
+    from lens_plugins.core import reductions
+
+    optional = {f.name for f in dataclasses.fields(result.LensResult) if f.default is None}
+    outputs = {field for entry in reductions.TABLE.values() if entry["by"] != "internal" for field in entry["outputs"]}
+    assert optional == outputs
+    assert result.METRICS == tuple(reductions.METRIC_STYLES)
+    assert set(plot._STYLE) == set(result.METRICS)
+    assert lens_plugins.core.readout.REDUCTIONS == reductions.READOUT

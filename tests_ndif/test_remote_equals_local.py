@@ -1,0 +1,139 @@
+"""Against a real NDIF server: each remote lens equals the same lens run locally, bit for bit.
+
+The model is ``lp.nnsight.remote_model(<local SmolLM2 directory>)``: the server loads the same files, and
+``remote=False`` loads them here. Every comparison runs the identical trace body both ways.
+"""
+
+import pytest
+import torch
+
+import lens_plugins as lp
+from helpers import PROMPT, assert_identical
+
+ALL_REDUCTIONS = ["top_k", "entropy", "kl_final_row", "kl_row_final", "js_final", "tv_final", "kl_input_row",
+                  "kl_next_row", "final_top1", "next_token", "input_token"]
+
+LENS_CASES = {
+    "defaults and targets": dict(targets=[" Paris", " London"]),
+    "every reduction, token sets, positions": dict(
+        top_k=3, targets=[" Paris", 1234], positions=[0, -2, -1], reductions=ALL_REDUCTIONS,
+        token_sets={"France": [" Paris", " Lyon", "Paris"], "England": [" London"]},
+    ),
+    "a single reduction": dict(top_k=20, reductions=["top_k"], positions=-1),
+}
+
+
+def both(model, body, prompt=PROMPT):
+    """``body(model)`` inside a trace of ``prompt`` on the server and here. (A remote body runs only on
+    the server, which sends back what it saved into the body's own variables: assign to plain names.)"""
+    with model.trace(prompt, remote=True):
+        remote = body(model)
+    with model.trace(prompt):
+        local = body(model)
+    return remote, local
+
+
+def local_lens(model, **kwargs):
+    with model.trace(PROMPT):
+        lens = lp.nnsight.logit_lens(model, **kwargs)
+    return lp.nnsight.result(lens, model)
+
+
+def test_the_server_cannot_import_lens_plugins(model):
+    """So anything the lens needs there must ship with the request (what a site-packages install does
+    through nnsight.register); this suite would catch a helper that forgot to."""
+    with model.trace(PROMPT, remote=True):
+        import importlib.util
+
+        import nnsight
+
+        spec = nnsight.save(str(importlib.util.find_spec("lens_plugins")))
+    assert spec == "None"
+
+
+@pytest.mark.parametrize("kwargs", LENS_CASES.values(), ids=LENS_CASES.keys())
+def test_logit_lens(model, kwargs):
+    remote, local = both(model, lambda m: lp.nnsight.logit_lens(m, **kwargs))
+    assert_identical(remote, local)
+    result = lp.nnsight.result(remote, model)
+    assert result.labels[0] == "embed" and result.labels[-1] == "29_post"
+    if "targets" in kwargs and "positions" not in kwargs:
+        assert result.top_tokens(pos=-1)["29_post"][0][0] == " Paris"
+        assert result.rank_of(" Paris")[-1, 0, -1] == 1
+
+
+@pytest.mark.parametrize("sublayers", [True, "outputs"])
+def test_sublayers(model, sublayers):
+    remote, local = both(model, lambda m: lp.nnsight.logit_lens(m, top_k=5, targets=[" Paris"], sublayers=sublayers))
+    assert_identical(remote, local)
+    labels = lp.nnsight.result(remote, model).labels
+    suffix = "_out" if sublayers == "outputs" else ""
+    assert labels[:3] == ["embed", f"0_attn{suffix}", f"0_mlp{suffix}"] and f"29_mlp{suffix}" in labels[-2:]
+
+
+def test_attribution_by_head(model):
+    remote, local = both(model, lambda m: lp.nnsight.attribution(m, " Paris", " London"))
+    assert_identical(remote, local)
+    by_head = lp.nnsight.attribution_result(remote, model, by="head")
+    assert by_head.top(10) == lp.nnsight.attribution_result(local, model, by="head").top(10)
+    assert abs(by_head.error) < 1e-4  # the parts sum to the logit difference they explain
+
+
+def test_a_batch_of_invokes(model):
+    out = {}
+    for remote in (True, False):
+        with model.trace(remote=remote) as tracer:
+            with tracer.invoke(PROMPT):
+                france = lp.nnsight.logit_lens(model, top_k=5, targets=[" Paris"])
+            with tracer.invoke("The Eiffel Tower stands in the city of"):
+                eiffel = lp.nnsight.logit_lens(model, top_k=5, targets=[" Paris"])
+        out[remote] = (france, eiffel)
+    assert_identical(out[True], out[False])
+    for lens, prompt in zip(out[True], [PROMPT, "The Eiffel Tower stands in the city of"]):
+        result = lp.nnsight.result(lens, model)  # each invoke's own prompt, padded to the batch's length
+        real = result.token_ids[0][result.attention_mask[0].bool()]
+        assert real.tolist() == model.tokenizer(prompt)["input_ids"]
+
+
+def test_a_lens_after_a_patch_in_an_earlier_invoke(model):
+    out = {}
+    for remote in (True, False):
+        with model.trace(remote=remote) as tracer:
+            with tracer.invoke(PROMPT):
+                model.model.layers[20].output[:, -1] = 0.0
+            with tracer.invoke():
+                lens = lp.nnsight.logit_lens(model, top_k=5, targets=[" Paris"])
+        out[remote] = lens
+    assert_identical(out[True], out[False])
+    patched = lp.nnsight.result(out[True], model)
+    clean = local_lens(model, top_k=5, targets=[" Paris"])
+    assert torch.equal(patched.top_ids[:21], clean.top_ids[:21])  # embed .. 20_pre: before the patch
+    assert not torch.equal(patched.entropy[21:, :, -1], clean.entropy[21:, :, -1])  # 21_pre on: after it
+    assert torch.equal(patched.entropy[21:, :, :-1], clean.entropy[21:, :, :-1])  # other positions untouched
+
+
+def test_a_session_of_two_traces(model):
+    """The second trace patches in what the first read: one request, two forward passes."""
+    out = {}
+    for remote in (True, False):
+        with model.session(remote=remote):
+            with model.trace() as tracer:
+                with tracer.invoke("The capital of Italy is"):
+                    rome = model.model.layers[20].output[:, -1].clone()
+                with tracer.invoke():
+                    first = lp.nnsight.logit_lens(model, top_k=5, targets=[" Rome", " Paris"])
+            with model.trace() as tracer:
+                with tracer.invoke(PROMPT):
+                    model.model.layers[20].output[:, -1] = rome
+                with tracer.invoke():
+                    second = lp.nnsight.logit_lens(model, top_k=5, targets=[" Rome", " Paris"])
+        out[remote] = (first, second)
+    assert_identical(out[True], out[False])
+    italy, patched = (lp.nnsight.result(lens, model) for lens in out[True])
+    assert italy.rank_of(" Rome")[-1, 0, -1] == 1
+    clean = local_lens(model, top_k=5, targets=[" Rome", " Paris"])
+    assert torch.equal(patched.top_ids[:21], clean.top_ids[:21])  # before the patch: France's own rows
+    # From 21_pre on, France's last position carries Italy's layer-20 residual: Rome gains on Paris there.
+    rome, paris = patched.logprob_of(" Rome")[21:, 0, -1], patched.logprob_of(" Paris")[21:, 0, -1]
+    clean_gap = clean.logprob_of(" Rome")[21:, 0, -1] - clean.logprob_of(" Paris")[21:, 0, -1]
+    assert ((rome - paris) > clean_gap).all()

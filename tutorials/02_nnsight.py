@@ -9,7 +9,7 @@
 #
 # **Setup** (from the repository root): `make venv`, then open this notebook with the `.venv` kernel
 # (e.g. `.venv/bin/pip install jupyterlab && .venv/bin/jupyter lab tutorials/`). For NDIF, set `NDIF_API_KEY`
-# (and `NDIF_HOST` for another server) before starting Jupyter.
+# (and `NDIF_HOST` for another server, e.g. a local NDIF from `make ndif-up`) before starting Jupyter.
 
 # %%
 import os
@@ -79,32 +79,45 @@ lp.plot.trajectory_figure(after, kind="rank").show()
 # ## The same trace, remotely
 #
 # `remote=True` ships the trace to the NDIF host in `nnsight.CONFIG.API.HOST` (the `NDIF_HOST` variable);
-# the lens code travels by source and imports only torch, and only the reductions come back. Which one runs:
-# - `NDIF_API_KEY` set (or a key in nnsight's config): the configured NDIF host;
-# - else, if a server answers `/status` on the configured host (a local NDIF, e.g. `make ndif-up`): that one;
+# the lens code travels by source and imports only torch, and only the reductions come back. A remote trace
+# runs on a model the server loads, named by `lp.nnsight.remote_model` (its weights never load here). Which one:
+# - `NDIF_API_KEY` set (or a key in nnsight's config): NDIF, with the model named by `LENS_PLUGINS_NDIF_MODEL`
+#   (default `HuggingFaceTB/SmolLM2-135M-Instruct`, which must be deployed there; its tokenizer is fetched from
+#   the model hub, so this needs network). Its weights are the original ones, not the embedded copy, so only the
+#   answer is compared below;
+# - else, if a server answers `/status` on the configured host (a local NDIF: `make ndif-up`, then
+#   `NDIF_HOST=http://127.0.0.1:18001` before starting Jupyter): that server, loading the embedded model's own
+#   directory, so the numbers must match the local trace;
 # - else `remote="local"`: nnsight serialises the trace and runs it here as a server would, which checks that
-#   everything the trace needs can be shipped.
+#   everything the trace needs can be shipped; again the numbers must match.
 
 # %%
 import httpx
 import nnsight
 
+from lens_plugins.models import default_model_dir
+
 host = nnsight.CONFIG.API.HOST
 if nnsight.CONFIG.API.APIKEY or os.environ.get("NDIF_API_KEY"):
-    remote, where = True, f"NDIF at {host} (API key configured)"
+    remote, name = True, os.environ.get("LENS_PLUGINS_NDIF_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    where = f"NDIF at {host} (API key configured), model {name}"
 else:
     try:
         httpx.get(f"{host}/status", timeout=3).raise_for_status()
-        remote, where = True, f"the NDIF server answering at {host} (no API key: a local NDIF)"
+        remote, name = True, str(default_model_dir())
+        where = f"the NDIF server answering at {host} (no API key: a local NDIF), model {name}"
     except httpx.HTTPError as error:
-        remote, where = "local", f"nnsight's local rehearsal, remote='local' (no API key; {host} did not answer: {type(error).__name__})"
+        remote, name = "local", None
+        where = f"nnsight's local rehearsal, remote='local' (no API key; {host} did not answer: {type(error).__name__})"
 print("running the lens on", where)
 
-with model.trace(clean, remote=remote):
-    lens = lp.nnsight.logit_lens(model, top_k=5, targets=targets)
-shipped = lp.nnsight.result(lens, model)
+remote_lm = model if name is None else lp.nnsight.remote_model(name)
+with remote_lm.trace(clean, remote=remote):
+    lens = lp.nnsight.logit_lens(remote_lm, top_k=5, targets=targets)
+shipped = lp.nnsight.result(lens, remote_lm)
 print(shipped.top_tokens(-1)[shipped.labels[-1]])
-# the same numbers as the in-process trace
-assert torch.equal(shipped.top_ids, before.top_ids)
-assert torch.allclose(shipped.top_logprobs, before.top_logprobs, atol=1e-4)
+assert shipped.top_tokens(-1)[shipped.labels[-1]][0][0] == " Paris"
+if name is None or name == str(default_model_dir()):   # the same weights: the same numbers as the local trace
+    assert torch.equal(shipped.top_ids, before.top_ids)
+    assert torch.allclose(shipped.top_logprobs, before.top_logprobs, atol=1e-4)
 shipped.plot("prob").show()

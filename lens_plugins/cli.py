@@ -251,8 +251,8 @@ def _fail(error: Exception) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``lens-plugins`` console script; returns the exit status. ``report`` as the first
-    argument selects the report; any other first argument is the prompt of the lens table (a prompt that is
-    the word "report" itself goes after ``--``)."""
+    argument selects the report, ``train-lens`` the tuned-lens trainer; any other first argument is the prompt
+    of the lens table (a prompt that is the word "report" itself goes after ``--``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub time-out
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-lens"]:  # the tuned-lens trainer has its own parser (lens_plugins.cli_train_lens)

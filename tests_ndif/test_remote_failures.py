@@ -36,11 +36,11 @@ def test_server_down(model, ndif, monkeypatch):
 
 def test_a_job_that_raises_on_the_server_shows_its_traceback(model):
     with pytest.raises(lp.nnsight.RemoteLensError, match="failed on the server") as failure:
-        lp.nnsight.run_logit_lens(model, PROMPT, remote=True, layers="model.no_such_layers")
+        lp.nnsight.run_logit_lens(model, PROMPT, remote=True, paths={"layers": "model.no_such_layers"})
     message = str(failure.value)
     assert "Traceback (most recent call last)" in message
     assert "has no submodule at 'model.no_such_layers'" in message  # the server's own exception
-    assert "remote.py" in message  # with the frames of the lens code that raised it, as shipped
+    assert "architectures.py" in message  # with the frames of the lens code that raised it, as shipped
     still_works(model)
 
 

@@ -21,8 +21,8 @@ from lens_plugins.decoder import Decoder
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
-DEFAULT_VOCAB_CHUNK = 4096
-DEFAULT_TOKEN_CHUNK = 256
+DEFAULT_VOCAB_CHUNK = None  # tile sizes for the device W_U lives on: readout.tile_sizes
+DEFAULT_TOKEN_CHUNK = None
 TokenSets = Mapping[str, Sequence[tokens.TargetSpec]]
 
 
@@ -176,8 +176,9 @@ def logit_lens_from_stack(
     token_sets: Optional[TokenSets] = None,
     reductions: Sequence[str] = prompt.DEFAULT_LENS_REDUCTIONS,
     attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+    precision: str = "float32",
 ) -> LensResult:
     """The logit lens of a residual stack whose first row is the embeddings and last row the model's
     final residual stream.
@@ -203,7 +204,7 @@ def logit_lens_from_stack(
     columns = per_token_targets(request, token_ids, attention_mask)
     stats = decoder.statistics(
         flat, columns, top_k, vocab_chunk, token_chunk,
-        prompt.readout_reductions(request.reductions, len(request.user_ids)),
+        prompt.readout_reductions(request.reductions, len(request.user_ids)), precision,
     )
     return assemble(stats, request, [labels[i] for i in rows], token_ids, tokenizer, attention_mask)
 

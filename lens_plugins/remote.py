@@ -34,9 +34,10 @@ def logit_lens(
     layers=None,
     final_norm=None,
     lm_head=None,
-    vocab_chunk=4096,
-    token_chunk=256,
+    vocab_chunk=None,
+    token_chunk=None,
     sublayers=False,
+    precision="float32",
 ):
     """Run the logit lens on this invoke's rows; call it inside the trace, turn it into a ``LensResult``
     after the trace with ``lp.nnsight.result(lens, model)``.
@@ -52,7 +53,8 @@ def logit_lens(
     are computed and downloaded. ``layers`` / ``final_norm`` / ``lm_head`` are module paths for a family
     ``lens_plugins.architectures`` does not know. ``sublayers=True`` puts a row after every attention and
     MLP ("0_attn", "0_mlp", ...; "0_attn+mlp" for parallel blocks), ``sublayers="outputs"`` decodes each
-    write alone (``remote_attribution.sublayer_stack``).
+    write alone (``remote_attribution.sublayer_stack``). ``precision`` ("float32", "tf32" on CUDA, "bf16x3")
+    says how the server's unembedding matmul runs (``readout.PRECISIONS``); the statistics are float32 either way.
     """
     import nnsight
     from nnsight.intervention.interleaver import OutOfOrderError
@@ -81,7 +83,7 @@ def logit_lens(
     with torch.no_grad():
         stats = lens_statistics(
             flat.detach(), **decoder, top_k=top_k, target_ids=per_token,
-            vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+            vocab_chunk=vocab_chunk, token_chunk=token_chunk, precision=precision,
             reductions=readout_reductions(reductions, len(user_ids)),
         )
     return nnsight.save({

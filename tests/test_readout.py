@@ -157,31 +157,3 @@ def test_bad_chunk_sizes_and_widths_are_refused():
         decoder.statistics(resid[..., :5], targets, top_k=2, vocab_chunk=10, token_chunk=4)
     with pytest.raises(ValueError, match="top_k"):
         decoder.statistics(resid, targets, top_k=0, vocab_chunk=10, token_chunk=4)
-
-
-def test_compiled_fused_step_agrees_with_the_eager_passes():
-    """The torch.compile'd tile step (one loop per tile) against the eager one-pass-per-quantity step."""
-    pytest.importorskip("torch._inductor")
-    resid, decoder, targets = random_case(rows=4, tokens=9, vocab=300, softcap=None, seed=13)
-    reductions = ("top_k", "entropy", "kl_final_row", "kl_row_final", "kl_input_row", "final_top1", "targets")
-    eager = decoder.statistics(resid, targets, 4, 64, 4, reductions, fused=False)
-    fused = decoder.statistics(resid, targets, 4, 64, 4, reductions, fused=True)
-    for name, value in eager.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(fused[name], value, atol=5e-5, rtol=1e-5, equal_nan=True, msg=name)
-        else:
-            assert torch.equal(fused[name], value), name
-    assert torch.equal(fused["kl_final_row"][-1], torch.zeros(9))
-    assert torch.equal(fused["kl_row_final"][-1], torch.zeros(9))
-    assert (fused["final_top1_rank"][-1] == 1).all()
-
-
-def test_fused_choice(monkeypatch):
-    from lens_plugins import fused
-
-    assert fused.step_for(10, "auto") is None  # small work: not worth a compile
-    assert fused.step_for(10, False) is None
-    monkeypatch.setenv("LENS_PLUGINS_FUSED", "0")
-    assert fused.step_for(10**9, "auto") is None
-    with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
-        fused.step_for(10, "yes")

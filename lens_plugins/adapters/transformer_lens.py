@@ -258,8 +258,9 @@ def logit_lens(
     targets: Sequence[token_utils.TargetSpec] = (),
     token_sets: Optional[TokenSets] = None,
     reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+    precision: str = "float32",
 ) -> LensResult:
     """The logit lens of a TransformerLens ``ActivationCache`` (the function behind ``cache.lens.logit_lens``).
 
@@ -283,7 +284,7 @@ def logit_lens(
     return logit_lens_from_stack(
         stack, labels, decoder_for(model), tokens.to(torch.long).cpu(), model.tokenizer,
         layers=layers, positions=positions, top_k=top_k, targets=targets, token_sets=token_sets,
-        reductions=reductions, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        reductions=reductions, vocab_chunk=vocab_chunk, token_chunk=token_chunk, precision=precision,
         attention_mask=None if attention_mask is None else attention_mask.to(torch.long).cpu(),
     )
 

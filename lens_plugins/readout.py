@@ -374,18 +374,20 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want):
     sum_e_own = torch.zeros(rows, n) if want & {"entropy", "kl_row_final", "kl_next_row"} else None
     sum_e_final = torch.zeros(rows - 1, n) if "kl_row_final" in want else None
     sum_e_next = torch.zeros(rows - 1, n) if "kl_next_row" in want else None
-    counts = torch.zeros(rows, n, ids.shape[1], dtype=torch.int32)
+    counts = torch.zeros(rows, n, ids.shape[1], dtype=torch.int32)  # per tile: float sums, exact below 2^24
     top_vals = torch.full((rows * n, k), float("-inf"))
     top_ids = torch.zeros(rows * n, k, dtype=torch.long)
     size = tiles.buffer.storage.numel()
-    e_buffer, product, above = _Buffer(size), _Buffer(size), _Buffer(size, torch.bool)
+    e_buffer, product = _Buffer(size), _Buffer(size)
 
     def dot(a, b):  # row-wise dot product over the last dim, through a reused buffer
         return torch.mul(a, b, out=product.view(*torch.broadcast_shapes(a.shape, b.shape))).sum(-1)
 
     for v0, chunk, tile in tiles:
         e = e_buffer.view(*tile.shape)
-        tile_max = tile.amax(-1)
+        group = _group_size(tile.shape[-1])
+        group_max = tile.view(rows * n, -1, group).amax(-1) if group else None  # [vectors, groups]
+        tile_max = tile.amax(-1) if group is None else group_max.amax(-1).view(rows, n)
         m_new = torch.maximum(m, tile_max)
         rescale = torch.exp(m - m_new)
         torch.sub(tile, m_new.unsqueeze(-1), out=e)
@@ -405,9 +407,9 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want):
                     ref_b[name] = ref_b[name] * ref_rescale + ref_e @ chunk[2]
             else:
                 ref_l[name] = ref_l[name] * ref_rescale + dot(tile, ref_e)
-        _count_above(tile, tile_max, thresholds, ids, v0, counts, above.view(*tile.shape))
+        _count_above(tile, tile_max, thresholds, ids, v0, counts, product.view(*tile.shape))
         if "top_k" in want:
-            _merge_top_k(tile.view(rows * n, -1), tile_max.view(-1), v0, top_vals, top_ids)
+            _merge_top_k(tile.view(rows * n, -1), tile_max.view(-1), group_max, v0, top_vals, top_ids)
         m = m_new
 
     lse = m + torch.log(s)
@@ -473,23 +475,44 @@ def _divergence_pass(tiles, lse, want):
     return out
 
 
-def _merge_top_k(tile, tile_max, v0, top_vals, top_ids):
+def _group_size(width):
+    """Width of the groups a tile's rows are cut into for the top-k (a power of two from 8 to 64 that divides
+    ``width``), or ``None`` when none does: then the top-k reads whole rows."""
+    for group in (64, 32, 16, 8):
+        if width % group == 0 and width >= 4 * group:
+            return group
+    return None
+
+
+def _merge_top_k(tile, tile_max, group_max, v0, top_vals, top_ids):
     """Merge a tile ``[vectors, width]`` into a running top-k, touching only the vectors whose tile max
-    beats their k-th best."""
+    beats their k-th best. With ``group_max [vectors, groups]`` (the max of each group of consecutive
+    columns) only the k groups with the largest maxima are read: they hold the k largest values (any other
+    group's max has k larger values above it), so the top-k costs a small gather instead of a pass."""
     k = top_vals.shape[-1]
     beat = tile_max > top_vals[:, -1]
-    if bool(beat.all()):
-        vals, idx = tile.topk(min(k, tile.shape[-1]), dim=-1)
-        merged_vals = torch.cat([top_vals, vals], dim=-1)
-        merged_ids = torch.cat([top_ids, idx + v0], dim=-1)
+    rows = None if bool(beat.all()) else torch.nonzero(beat).squeeze(-1)
+    if rows is not None and rows.numel() == 0:
+        return
+    n_groups = 0 if group_max is None else group_max.shape[-1]
+    if n_groups > k:
+        width = tile.shape[-1] // n_groups
+        maxima = group_max if rows is None else group_max.index_select(0, rows)
+        groups = maxima.topk(k, dim=-1).indices  # [chosen, k]
+        vectors = torch.arange(tile.shape[0], device=tile.device) if rows is None else rows
+        columns = (groups.unsqueeze(-1) * width + torch.arange(width, device=tile.device)).flatten(1)  # [chosen, k*w]
+        candidates = tile.view(-1)[(vectors.unsqueeze(-1) * tile.shape[-1] + columns)]
+        vals, where = candidates.topk(k, dim=-1)
+        idx = columns.gather(-1, where)
+    else:
+        candidates = tile if rows is None else tile.index_select(0, rows)
+        vals, idx = candidates.topk(min(k, tile.shape[-1]), dim=-1)
+    if rows is None:
+        merged_vals, merged_ids = torch.cat([top_vals, vals], dim=-1), torch.cat([top_ids, idx + v0], dim=-1)
         best_vals, order = merged_vals.topk(k, dim=-1)
         top_vals.copy_(best_vals)
         top_ids.copy_(merged_ids.gather(-1, order))
         return
-    rows = torch.nonzero(beat).squeeze(-1)
-    if rows.numel() == 0:
-        return
-    vals, idx = tile.index_select(0, rows).topk(min(k, tile.shape[-1]), dim=-1)
     merged_vals = torch.cat([top_vals.index_select(0, rows), vals], dim=-1)
     merged_ids = torch.cat([top_ids.index_select(0, rows), idx + v0], dim=-1)
     best_vals, order = merged_vals.topk(k, dim=-1)
@@ -500,14 +523,14 @@ def _merge_top_k(tile, tile_max, v0, top_vals, top_ids):
 def _count_above(tile, tile_max, thresholds, ids, v0, counts, above):
     """Add, per row, token and target, how many tile logits lie strictly above the target's logit
     (``thresholds [rows, n, targets]``), not counting the target itself: its tile logit may round a hair
-    above its dot-product logit."""
+    above its dot-product logit. ``above`` is a float buffer of the tile's shape: comparing into floats and
+    summing them is faster than summing booleans, and exact (a tile holds fewer than 2^24 columns)."""
     w = tile.shape[-1]
     for j in range(thresholds.shape[-1]):
         threshold = thresholds[..., j]
         if bool((tile_max > threshold).any()):
-            torch.gt(tile, threshold.unsqueeze(-1), out=above)
-            counts[..., j] += above.view(torch.uint8).sum(-1, dtype=torch.int16)
+            counts[..., j] += torch.gt(tile, threshold.unsqueeze(-1), out=above).sum(-1).int()
         here = torch.nonzero((ids[:, j] >= v0) & (ids[:, j] < v0 + w)).squeeze(-1)
         if here.numel():
-            own = tile[:, here].gather(-1, (ids[here, j] - v0).view(1, -1, 1).expand(tile.shape[0], -1, 1))
-            counts[:, here, j] -= (own.squeeze(-1) > threshold[:, here]).int()
+            own = tile[:, here, ids[here, j] - v0]  # [rows, tokens here]
+            counts[:, here, j] -= (own > threshold[:, here]).int()

@@ -170,16 +170,19 @@ def summarise(results):
     return med
 
 
-def table(by_tokens, markdown):
+def table(by_tokens, markdown, skipped):
     lines = []
     sizes = sorted(by_tokens)
     if markdown:
         head = "| approach | " + " | ".join(f"{n} tokens: first call, steady (x floor) | peak - floor's" for n in sizes)
         lines += [head + " |", "| --- |" + " --- | --- |" * len(sizes)]
-    for approach in APPROACHES:
+    for approach in [a for a in APPROACHES if any(a in med for med in by_tokens.values()) or a in MATERIALISING]:
         cells = []
         for n in sizes:
             med = by_tokens[n]
+            if approach not in med and approach not in skipped.get(n, ()):
+                cells += ["not run", ""]
+                continue
             if approach not in med:
                 gb = ROWS * n * VOCAB * 4 / 2**30
                 cells += [f"not run (would hold {gb:.0f} GB of log-probs)", ""]
@@ -213,17 +216,18 @@ def main() -> None:
         print(json.dumps(run(args.only, args.tokens[0], not args.no_steady)))
         return
     approaches = ["floor"] + [a for a in args.approaches if a != "floor"]
-    by_tokens = {}
+    by_tokens, skipped = {}, {}
     for n in args.tokens:
         fits = [a for a in approaches
                 if a not in MATERIALISING or ROWS * n * VOCAB * 4 / 2**30 <= args.max_materialised_gb]
+        skipped[n] = [a for a in approaches if a not in fits]
         by_tokens[n] = summarise(measure(fits, n, args.rounds, not args.no_steady))
     import torch
 
     print(f"SmolLM2-135M, {ROWS} rows, top-5 + entropy + KL both ways + 2 ranks; {cpu_model()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.rounds} fresh-process "
           "rounds (peak: VmHWM rise over the first call)")
-    print(table(by_tokens, args.markdown))
+    print(table(by_tokens, args.markdown, skipped))
     print(json.dumps(by_tokens))
 
 

@@ -6,14 +6,13 @@ Hugging Face model); everything downstream of it is shared, which is why the two
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_plugins.core import readout
-from lens_plugins.fused import step_for as fused_step_for
 from lens_plugins.typecheck import typechecked
 
 NormKind = Literal["rmsnorm", "layernorm", "none"]
@@ -59,13 +58,13 @@ class Decoder:
         resid: Float[Tensor, "row token d_model"],
         target_ids: Int[Tensor, "token n_targets"],
         top_k: int,
-        vocab_chunk: int,
-        token_chunk: int,
+        vocab_chunk: Optional[int] = None,
+        token_chunk: Optional[int] = None,
         reductions: Sequence[str] = readout.DEFAULT_REDUCTIONS,
-        fused: Union[bool, str] = "auto",
+        precision: str = "float32",
     ) -> dict[str, Tensor]:
-        """The streamed reductions of ``readout.lens_statistics`` (its docstring lists them); ``fused`` picks
-        the compiled tile step (``lens_plugins.fused``)."""
+        """The streamed reductions of ``readout.lens_statistics`` (its docstring lists them, the tile sizes
+        that ``None`` picks and the ``precision`` modes)."""
         self.check_width(resid)
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -73,8 +72,7 @@ class Decoder:
             return readout.lens_statistics(
                 resid, self.norm_kind, self.norm_weight, self.norm_bias, self.norm_eps, self.W_U, self.b_U,
                 self.softcap, top_k, target_ids, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-                reductions=tuple(reductions),
-                fused_step=fused_step_for(resid.shape[0] * resid.shape[1] * self.d_vocab, fused),
+                reductions=tuple(reductions), precision=precision,
             )
 
     def tensors(self) -> dict:

@@ -84,8 +84,8 @@ def evaluate_lenses(
     names: Optional[Sequence[str]] = None,
     seq_len: int = 256,
     max_blocks: Optional[int] = None,
-    vocab_chunk: int = 4096,
-    token_chunk: int = 1024,
+    vocab_chunk: Optional[int] = 4096,
+    token_chunk: Optional[int] = 1024,
 ) -> LensEvaluation:
     """Score ``lenses`` (objects with ``transform(resid, rows)``, e.g. ``LogitLens()``, a ``TunedLens``, a
     ``LastBlocksLens``) on ``texts``: a text source as in training, or token blocks ``[blocks, seq]`` such as

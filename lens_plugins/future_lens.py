@@ -231,8 +231,8 @@ def evaluate(
     *,
     bigram: Optional[Int[Tensor, "vocab"]] = None,
     batch_size: int = 8,
-    vocab_chunk: int = 4096,
-    token_chunk: int = 256,
+    vocab_chunk: Optional[int] = 4096,
+    token_chunk: Optional[int] = 256,
 ) -> FutureLensEval:
     """Evaluate ``lens`` on ``blocks`` with the streamed readout: each row's mapped state, with the model's own
     final residual at ``t + N - 1`` as the reference row (so ``kl_final_row`` is the held-out loss and
@@ -250,7 +250,7 @@ def evaluate(
         with torch.no_grad():
             mapped = lens.transform(sources, lens.labels)
         stats = decoder.statistics(torch.cat([mapped, targets.unsqueeze(0)]), torch.zeros(targets.shape[0], 0, dtype=torch.long),
-                                   1, vocab_chunk, token_chunk, ("top_k", "kl_final_row", "final_top1"), fused=False)
+                                   1, vocab_chunk, token_chunk, ("top_k", "kl_final_row", "final_top1"))
         own = stats["final_top1"]
         hits += (stats["top_ids"][:-1, :, 0] == own).sum(-1)
         kl += stats["kl_final_row"][:-1].sum(-1)
@@ -284,8 +284,8 @@ def lens_result_from_stack(
     *,
     top_k: int = 5,
     targets: Sequence[Union[str, int]] = (),
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
 ) -> LensResult:
     """The Future Lens of one residual stack (``cache.lens.stack()`` on TransformerLens, ``residual_stack`` on a
     Hugging Face model) as a ``LensResult``: rows are the lens's rows, positions ``t = 0 .. seq - N``, and each
@@ -308,8 +308,7 @@ def lens_result_from_stack(
     user = [single_token_id(tokenizer, t, decoder.d_vocab) for t in targets]
     columns = torch.cat([ahead.reshape(-1, 1), torch.tensor(user, dtype=torch.long).expand(batch * span, -1)], -1)
     stats = decoder.statistics(torch.cat([mapped, targets_.unsqueeze(0)]), columns, top_k, vocab_chunk, token_chunk,
-                               ("top_k", "entropy", "kl_final_row", "kl_row_final", "final_top1", "targets"),
-                               fused=False)
+                               ("top_k", "entropy", "kl_final_row", "kl_row_final", "final_top1", "targets"))
     stats = {name: value if name == "final_top1" else value[:-1] for name, value in stats.items()}
     request = LensRequest(positions=list(range(span)), reductions=RESULT_REDUCTIONS,
                           target_names=[t if isinstance(t, str) else tokenizer.decode([t]) for t in targets],

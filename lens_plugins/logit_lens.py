@@ -22,8 +22,8 @@ from lens_plugins.decoder import Decoder
 from lens_plugins.result import LensResult
 from lens_plugins.typecheck import typechecked
 
-DEFAULT_VOCAB_CHUNK = 4096
-DEFAULT_TOKEN_CHUNK = 256
+DEFAULT_VOCAB_CHUNK = None  # tile sizes for the device W_U lives on: readout.tile_sizes
+DEFAULT_TOKEN_CHUNK = None
 DEFAULT_TOP_K = 5
 TokenSets = Mapping[str, Sequence[tokens.TargetSpec]]
 # The result fields the readout fills directly (``targets`` is split into columns, targets and sets below).
@@ -145,21 +145,19 @@ def run_lens(
     token_sets: Optional[TokenSets] = None,
     reductions: Sequence[str] = reduction_table.DEFAULT_LENS,
     lens=None,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+    precision: str = "float32",
 ) -> LensResult:
     """The local run of the pipeline: select rows, build the request, run, label. ``read(rows)`` is the
     backend's reader; ``every`` its full row plan."""
-    from lens_plugins.fused import step_for
-
     chosen = row_plan.select(every, layers)
     request = lens_request.build(tokenizer, decoder.d_vocab, token_ids.shape[1], top_k, positions, targets,
                                  token_sets, reductions)
     pipeline.check_rows(request, chosen, every)
     mask = torch.ones_like(token_ids) if attention_mask is None else attention_mask
-    n_logits = len(chosen) * token_ids.shape[0] * len(request["positions"]) * decoder.d_vocab
     stats = pipeline.logit_lens(read, chosen, request, decoder.tensors(), token_ids, mask, lens, vocab_chunk,
-                                token_chunk, fused_step=step_for(n_logits, "auto"))
+                                token_chunk, precision)
     return assemble(stats, LensRequest.from_dict(request), [row.label for row in chosen], token_ids,
                     tokenizer, attention_mask)
 
@@ -180,8 +178,9 @@ def logit_lens_from_stack(
     reductions: Sequence[str] = reduction_table.DEFAULT_LENS,
     attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
     lens=None,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+    precision: str = "float32",
 ) -> LensResult:
     """The logit lens of a residual stack whose first row is the embeddings and last row the model's
     final residual stream.
@@ -205,7 +204,8 @@ def logit_lens_from_stack(
 
     return run_lens(read, every, layers, token_ids, tokenizer, decoder, attention_mask=attention_mask,
                     positions=positions, top_k=top_k, targets=targets, token_sets=token_sets,
-                    reductions=reductions, lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk)
+                    reductions=reductions, lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+                    precision=precision)
 
 
 def check_context(n_tokens: int, limit: Optional[int]) -> None:

@@ -159,29 +159,62 @@ def test_bad_chunk_sizes_and_widths_are_refused():
         decoder.statistics(resid, targets, top_k=0, vocab_chunk=10, token_chunk=4)
 
 
-def test_compiled_fused_step_agrees_with_the_eager_passes():
-    """The torch.compile'd tile step (one loop per tile) against the eager one-pass-per-quantity step."""
-    pytest.importorskip("torch._inductor")
-    resid, decoder, targets = random_case(rows=4, tokens=9, vocab=300, softcap=None, seed=13)
-    reductions = ("top_k", "entropy", "kl_final_row", "kl_row_final", "kl_input_row", "final_top1", "targets")
-    eager = decoder.statistics(resid, targets, 4, 64, 4, reductions, fused=False)
-    fused = decoder.statistics(resid, targets, 4, 64, 4, reductions, fused=True)
-    for name, value in eager.items():
+def test_default_tiles_stack_rows_and_tokens_and_give_the_chunked_result():
+    """With no chunk sizes the readout picks tiles for W_U's device (rows x tokens vectors per matmul) and
+    agrees with explicit tiny tiles: ids and ranks exactly, floats within rounding."""
+    resid, decoder, targets = random_case(rows=5, tokens=11, vocab=300, seed=17)
+    vocab_chunk, token_chunk = readout.tile_sizes(torch.device("cpu"), 5, 11, 300)
+    assert vocab_chunk == 300 and token_chunk == 11  # small work: one tile
+    assert readout.tile_sizes(torch.device("cpu"), 31, 256, 49152) == (4096, 32)  # 8 blocks of 31 x 32 vectors
+    auto = decoder.statistics(resid, targets, 4)
+    tiny = decoder.statistics(resid, targets, 4, vocab_chunk=7, token_chunk=2)
+    for name, value in tiny.items():
         if value.is_floating_point():
-            torch.testing.assert_close(fused[name], value, atol=5e-5, rtol=1e-5, equal_nan=True, msg=name)
+            torch.testing.assert_close(auto[name], value, atol=5e-5, rtol=1e-5, equal_nan=True, msg=name)
         else:
-            assert torch.equal(fused[name], value), name
-    assert torch.equal(fused["kl_final_row"][-1], torch.zeros(9))
-    assert torch.equal(fused["kl_row_final"][-1], torch.zeros(9))
-    assert (fused["final_top1_rank"][-1] == 1).all()
+            assert torch.equal(auto[name], value), name
 
 
-def test_fused_choice(monkeypatch):
-    from lens_plugins import fused
+def test_tf32_is_refused_off_cuda_and_unknown_precisions_are_refused():
+    resid, decoder, targets = random_case()
+    with pytest.raises(ValueError, match="precision='tf32' needs W_U on a CUDA device.*'bf16x3'"):
+        decoder.statistics(resid, targets, 2, precision="tf32")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        decoder.statistics(resid, targets, 2, precision="fp8")
 
-    assert fused.step_for(10, "auto") is None  # small work: not worth a compile
-    assert fused.step_for(10, False) is None
-    monkeypatch.setenv("LENS_PLUGINS_FUSED", "0")
-    assert fused.step_for(10**9, "auto") is None
-    with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
-        fused.step_for(10, "yes")
+
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_split_bfloat16_stays_close_to_float32(bf16_weights):
+    """bf16x3 keeps about 16 mantissa bits of each operand (hi + lo), so its logits differ from float32 by
+    about 2^-16 of the terms' size, far below bfloat16's own 2^-8: checked against both, relative to the
+    logits' scale. A final row against itself is still exactly zero (same tile arithmetic)."""
+    resid, decoder, targets = random_case(rows=4, tokens=16, d=64, vocab=500, seed=23)
+    if bf16_weights:  # a bfloat16 model: W_U has no low part, only the activations are split
+        decoder = Decoder(norm_kind=decoder.norm_kind, W_U=decoder.W_U.bfloat16(), norm_weight=decoder.norm_weight,
+                          norm_bias=decoder.norm_bias, b_U=decoder.b_U)
+    exact = decoder.statistics(resid, targets, 5, reductions=readout.REDUCTIONS)
+    split = decoder.statistics(resid, targets, 5, reductions=readout.REDUCTIONS, precision="bf16x3")
+    normed = readout.apply_final_norm(resid, decoder.norm_kind, decoder.norm_weight, decoder.norm_bias, 1e-5)
+    scale = float((normed.abs() @ decoder.W_U.float().abs()).max())  # bound on |sum of the products|
+    # Error of a bf16x3 logit: each product is exact up to the dropped lo*lo term (~2^-16 relative) and the
+    # rounding of the split (2^-17 each side), summed: a few times 2^-16 of the absolute-terms sum.
+    bound = 4 * 2.0**-16 * scale
+    plain = torch.einsum("rnd,dv->rnv", normed.bfloat16().float(), decoder.W_U.bfloat16().float())
+    assert (plain - readout.unembed(normed, decoder.W_U, None, None)).abs().max() > 8 * bound  # bf16 alone: far worse
+    for name in ("entropy", "kl_final_row", "kl_row_final", "js_final", "tv_final", "log_partition"):
+        torch.testing.assert_close(split[name], exact[name], atol=4 * bound, rtol=0, msg=name)
+    assert torch.equal(split["kl_final_row"][-1], torch.zeros(16))
+    assert torch.equal(split["kl_row_final"][-1], torch.zeros(16))
+    assert torch.equal(split["js_final"][-1], torch.zeros(16))
+    assert torch.equal(split["kl_input_row"][0], torch.zeros(16))
+    assert (split["final_top1_rank"][-1] == 1).all()
+
+
+@pytest.mark.parametrize("vocab_chunk", [512, 256, 200])
+def test_top_k_from_the_largest_groups_equals_the_full_top_k(vocab_chunk):
+    """Tiles whose width a group size divides take the top-k from the k groups with the largest maxima
+    (512: 8 groups of 64, 256: 8 of 32, 200: 25 of 8); the result is the full-vocabulary top-k."""
+    assert readout._group_size(vocab_chunk) is not None
+    resid, decoder, targets = random_case(rows=3, tokens=20, d=16, vocab=2000, seed=29)
+    out = decoder.statistics(resid, targets, top_k=5, vocab_chunk=vocab_chunk, token_chunk=7)
+    check_against_reference(out, full_reference(resid, decoder, 5, targets))

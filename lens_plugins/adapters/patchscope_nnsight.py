@@ -76,8 +76,8 @@ def patchscope(
     remote: Union[bool, str] = False,
     backend=None,
     paths: Optional[dict] = None,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, or its token ids ``[1, seq]``) on an nnsight ``model``; the
     options are those of ``lp.transformer_lens.patchscope``. ``remote`` / ``backend`` go to every

@@ -61,7 +61,7 @@ class _Runner(TargetRunner):
                                            fwd_hooks=self._writes(values, target_labels) + [(self.final_hook, capture)])
         stats = self.decoder.statistics(
             readout_stack(captured["final"], reference), target_ids.to(torch.long), self.request.lens.top_k,
-            *self.chunks, self.request.readout, fused=False,  # the in-trace readout's arithmetic, so backends agree
+            *self.chunks, self.request.readout,
         )
         return stats, logits[:, -1].argmax(-1) if read_next_token else None
 
@@ -88,8 +88,8 @@ def patchscope(
     reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
     batch_size: int = 64,
     max_new_tokens: int = 0,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, its token ids ``[1, seq]``, or an ``ActivationCache`` of one
     prompt cached with ``hook_filter()``; ``tokens`` overrides the ids recovered from a cache) on a

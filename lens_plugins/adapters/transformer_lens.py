@@ -279,8 +279,9 @@ def logit_lens(
     token_sets: Optional[TokenSets] = None,
     reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
     lens=None,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+    precision: str = "float32",
 ) -> LensResult:
     """The logit lens of a TransformerLens ``ActivationCache`` (the function behind ``cache.lens.logit_lens``).
 
@@ -304,7 +305,7 @@ def logit_lens(
         read, every, layers, tokens.to(torch.long).cpu(), model.tokenizer, decoder_for(model),
         attention_mask=None if attention_mask is None else attention_mask.to(torch.long).cpu(),
         positions=positions, top_k=top_k, targets=targets, token_sets=token_sets, reductions=reductions,
-        lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk, precision=precision,
     )
 
 

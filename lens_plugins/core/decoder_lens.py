@@ -37,7 +37,7 @@ def encoder_decoder_spec(model):
 
 
 def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers, top_k, targets, token_sets,
-                       positions, reductions, vocab_chunk=4096, token_chunk=256):
+                       positions, reductions, vocab_chunk=None, token_chunk=None):
     """The saved DecoderLens of the decoder's last residual ``resid [encoder rows, decoder tokens, d_model]``
     (copy ``i`` ran on encoder row ``i``) and the example's ``decoder_ids [1, decoder tokens]``: a plain
     dict in the saved-lens layout (``stats``, ``labels``, ``request``, ``token_ids``, ``attention_mask``)."""
@@ -69,7 +69,7 @@ def _replace_output(module, new):
 
 
 def decoder_lens(model, top_k=5, targets=(), token_sets=None, positions=None, reductions=DEFAULT_LENS,
-                 vocab_chunk=4096, token_chunk=256):
+                 vocab_chunk=None, token_chunk=None):
     """Run the DecoderLens in a trace over ``n_encoder_layers + 1`` identical copies of one example
     (``lp.nnsight.run_decoder_lens`` builds that batch); call it first in the body and label it afterwards
     with ``lp.nnsight.decoder_lens_result(lens, model)``. ``positions`` are decoder positions; the other

@@ -39,7 +39,7 @@ def generation_lens(
     sublayers=False,
     lens=None,
     paths=None,
-    vocab_chunk=4096,
+    vocab_chunk=None,
     into=None,
 ):
     """Lens every step of ``with model.generate(prompt, max_new_tokens=steps) as tracer:``; call it first

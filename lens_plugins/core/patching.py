@@ -150,7 +150,7 @@ def _write(model, spec, values, target_labels, position):
 
 
 def patch_and_read(model, values, target_labels, position, reference, target_ids, top_k, reductions,
-                   read_next_token=False, paths=None, vocab_chunk=4096, token_chunk=256):
+                   read_next_token=False, paths=None, vocab_chunk=None, token_chunk=None):
     """In a trace over ``k`` copies of the target prompt: write ``values [k, d]`` at ``(b, position)`` of row
     ``target_labels[b]``, then reduce the last layer's output at ``position`` against ``reference [k, d]``
     (the source's own final residual for each pair) with ``readout.lens_statistics``; ``target_ids [k, C]``

@@ -51,10 +51,11 @@ def lens_rows(read, rows, request, positions, lens, d_model):
         return lenses.apply(flat.detach(), rows, weight, bias, transform)
 
 
-def logit_lens(read, rows, request, decoder, token_ids, attention_mask, lens=None, vocab_chunk=4096,
-               token_chunk=256, fused_step=None):
+def logit_lens(read, rows, request, decoder, token_ids, attention_mask, lens=None, vocab_chunk=None,
+               token_chunk=None, precision="float32"):
     """The readout statistics (``readout.lens_statistics``) of ``rows`` at the request's positions.
-    ``decoder`` is the decoder as tensors (``architectures.decoder_tensors``)."""
+    ``decoder`` is the decoder as tensors (``architectures.decoder_tensors``); tile sizes ``None`` are
+    chosen for the device ``W_U`` lives on, ``precision`` is the unembedding matmul's (``readout.PRECISIONS``)."""
     positions = request["positions"]
     flat = lens_rows(read, rows, request, positions, lens, decoder["W_U"].shape[0])
     columns = target_columns(token_ids, attention_mask, positions, request["reductions"], user_ids(request))
@@ -62,7 +63,7 @@ def logit_lens(read, rows, request, decoder, token_ids, attention_mask, lens=Non
         return lens_statistics(
             flat, **decoder, top_k=request["top_k"], target_ids=columns, vocab_chunk=vocab_chunk,
             token_chunk=token_chunk, reductions=readout_reductions(request["reductions"], len(user_ids(request))),
-            fused_step=fused_step,
+            precision=precision,
         )
 
 

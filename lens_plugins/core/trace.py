@@ -101,14 +101,16 @@ def logit_lens(
     sublayers=False,
     lens=None,
     paths=None,
-    vocab_chunk=4096,
-    token_chunk=256,
+    vocab_chunk=None,
+    token_chunk=None,
+    precision="float32",
 ):
     """Run the logit lens on this invoke's rows; call it inside the trace, turn it into a ``LensResult``
     after the trace with ``lp.nnsight.result(lens, model)``. Parameters as the TransformerLens
     ``logit_lens`` (``lens_plugins.adapters.nnsight`` documents them); ``paths`` holds module paths for a
     family ``core.architectures`` does not know; ``lens`` is a lens object (a local trace) or
-    ``lp.nnsight.lens_tensors(...)`` (any trace)."""
+    ``lp.nnsight.lens_tensors(...)`` (any trace); ``precision`` is how the unembedding matmul runs where the
+    model runs ("float32", "tf32" on CUDA, "bf16x3"; ``readout.PRECISIONS``), the statistics being float32."""
     import nnsight
     from nnsight.intervention.interleaver import OutOfOrderError
 
@@ -121,7 +123,7 @@ def logit_lens(
                             targets, token_sets, reductions)
         pipeline.check_rows(req, chosen, every)
         stats = pipeline.logit_lens(reader(model, spec), chosen, req, decoder, token_ids.cpu(), mask.cpu(), lens,
-                                    vocab_chunk, token_chunk)
+                                    vocab_chunk, token_chunk, precision)
     except OutOfOrderError as error:
         raise _out_of_order(error) from error
     return nnsight.save({

@@ -102,6 +102,8 @@ bench: venv
 	$(VENV)/bin/python benchmarks/bench_logit_lens.py
 	$(VENV)/bin/python benchmarks/bench_nnsight_bytes.py
 	$(VENV)/bin/python benchmarks/bench_typecheck.py
+	$(VENV)/bin/python benchmarks/bench_half_precision.py
+	$(VENV)/bin/python benchmarks/bench_train_loss.py --tokens 2048
 
 clean:
 	rm -rf $(VENV) $(TL3) $(NDIF_VENV) build lens.html .browser-installed

@@ -113,3 +113,14 @@ def test_unknown_architecture_error_and_paths_by_hand(monkeypatch, smollm2_token
 def test_wrong_path_names_the_path():
     with pytest.raises(AttributeError, match="'model.blocks'"):
         architectures.get_path(tiny_model("llama"), "model.blocks")
+
+
+def test_a_misspelled_final_norm_path_is_refused_not_dropped():
+    """A final norm named by hand must exist: a decoder built without it would decode every row wrongly
+    (``final_norm=""`` is how a model without one says so)."""
+    hf = tiny_model("llama")
+    paths = {"layers": "model.layers", "final_norm": "model.nrom", "lm_head": "lm_head"}
+    with pytest.raises(AttributeError, match="'model.nrom'"):
+        architectures.decoder_tensors(hf, architectures.resolve(hf, paths))
+    without = architectures.decoder_tensors(hf, architectures.resolve(hf, dict(paths, final_norm="")))
+    assert without["norm_kind"] == "none" and without["norm_weight"] is None

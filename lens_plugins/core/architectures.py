@@ -227,7 +227,8 @@ def decoder_tensors(model, spec):
     if spec.get("logits_bias"):
         extra = getattr(model, spec["logits_bias"]).reshape(-1)
         b_U = extra if b_U is None else b_U + extra
-    norm = get_path(model, spec["final_norm"], optional=True) if spec["final_norm"] else None
+    # A named final norm must exist: dropping it silently would decode every row wrongly ("" means none).
+    norm = get_path(model, spec["final_norm"]) if spec["final_norm"] else None
     kind, weight, bias, eps = norm_params(norm, spec.get("norm_one_plus", False))
     softcap = getattr(getattr(model, "config", None), spec["softcap_attr"], None) if spec.get("softcap_attr") else None
     return {

@@ -58,18 +58,12 @@ class LensEvaluation:
         values = getattr(self, metric)
         return pd.DataFrame(values.T.numpy(), index=pd.Index(self.row_labels, name="row"), columns=self.lens_names)
 
-    def plot(self, metric: str = "kl"):
-        """A plotly line per lens across rows; KL and perplexity on a log axis, as in the tuned-lens paper."""
-        import plotly.graph_objects as go
+    def plot(self, metrics: Union[str, Sequence[str]] = ("kl", "cross_entropy")):
+        """A line per lens across rows, one panel per metric (``kl``, ``cross_entropy``, ``perplexity``):
+        ``plot.lens_comparison_figure`` of ``to_dataframe()``."""
+        from lens_plugins.plot import lens_comparison_figure
 
-        table = self.table(metric)
-        figure = go.Figure()
-        for name in table.columns:
-            figure.add_trace(go.Scatter(x=list(table.index), y=table[name].tolist(), mode="lines+markers", name=name))
-        title = {"kl": "KL(final ‖ lens), nats", "cross_entropy": "cross-entropy, nats", "perplexity": "perplexity"}
-        figure.update_layout(title=f"held-out {title[metric]} per row ({self.tokens} tokens)", xaxis_title="row",
-                             yaxis_title=title[metric], yaxis_type="log" if metric != "cross_entropy" else "linear")
-        return figure
+        return lens_comparison_figure(self.to_dataframe(), (metrics,) if isinstance(metrics, str) else metrics)
 
 
 def lens_name(lens) -> str:

@@ -473,19 +473,19 @@ def logit_diff_trajectory(diff, pos: int = -1, batch: Union[None, int, Sequence[
 
 # --- lens comparison ------------------------------------------------------------------------------------
 
-COMPARISON_COLUMNS = ("lens", "row", "kl", "ce", "perplexity")
+COMPARISON_COLUMNS = ("lens", "row", "kl", "cross_entropy", "perplexity")
 
 
-def lens_comparison_figure(frame, metrics: Sequence[str] = ("kl", "ce")) -> go.Figure:
+def lens_comparison_figure(frame, metrics: Sequence[str] = ("kl", "cross_entropy")) -> go.Figure:
     """Per-row KL to the final row and cross-entropy of several lenses (logit lens, tuned lens, ...).
 
-    ``frame``: a pandas DataFrame with columns lens, row, kl, ce, perplexity (one line per lens and row),
-    as ``evaluate_lenses`` returns. Rows keep their order of first appearance; one subplot per metric.
+    ``frame``: a pandas DataFrame with columns lens, row, kl, cross_entropy, perplexity (one line per lens and
+    row), as ``evaluate_lenses(...).to_dataframe()`` returns. Rows keep their order of first appearance; one subplot per metric.
     """
     missing = [c for c in ("lens", "row", *metrics) if c not in frame.columns]
     if missing:
         raise ValueError(f"the frame lacks column(s) {missing}; expected columns {list(COMPARISON_COLUMNS)}")
-    titles = {"kl": "KL(final || lens) (nats)", "ce": "cross-entropy (nats)", "perplexity": "perplexity"}
+    titles = {"kl": "KL(final || lens) (nats)", "cross_entropy": "cross-entropy (nats)", "perplexity": "perplexity"}
     figure = make_subplots(rows=1, cols=len(metrics), subplot_titles=[titles.get(m, m) for m in metrics])
     order = list(dict.fromkeys(frame["row"].tolist()))
     for i, lens in enumerate(dict.fromkeys(frame["lens"].tolist())):

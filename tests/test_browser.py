@@ -89,7 +89,7 @@ def check_rendered(shown: dict, figures: int) -> None:
 
 def test_every_figure_renders_hostile_tokens_as_text(browser, tmp_path):
     lens, heads = lens_result(), attention_result()
-    frame = pd.DataFrame([{"lens": name, "row": row, "kl": kl, "ce": kl + 1, "perplexity": math.exp(kl + 1)}
+    frame = pd.DataFrame([{"lens": name, "row": row, "kl": kl, "cross_entropy": kl + 1, "perplexity": math.exp(kl + 1)}
                           for name, scale in (("logit lens", 1.0), ("tuned <lens>", 0.3))
                           for row, kl in zip(lens.labels, [scale * (6 - i) for i in range(len(lens.labels))])])
     sections = [

@@ -149,19 +149,19 @@ def test_trajectory_needs_something_to_trace(result):
 def test_lens_comparison_takes_evaluate_lenses_frame():
     rows = ["embed", "1_pre", "2_pre", "2_post"]
     frame = pd.DataFrame([
-        {"lens": lens, "row": row, "kl": kl, "ce": kl + 2.0, "perplexity": math.exp(kl + 2.0)}
+        {"lens": lens, "row": row, "kl": kl, "cross_entropy": kl + 2.0, "perplexity": math.exp(kl + 2.0)}
         for lens, scale in (("logit", 1.0), ("tuned", 0.25)) for row, kl in zip(rows, [scale * v for v in (5.0, 3.0, 1.0, 0.0)])
     ]).sample(frac=1.0, random_state=0)  # order of rows must come from the row column, not the frame order
     frame = frame.sort_values(["lens"], kind="stable")
-    fig = lens_comparison_figure(frame, metrics=("kl", "ce"))
+    fig = lens_comparison_figure(frame, metrics=("kl", "cross_entropy"))
     for trace in fig.data:
         part = frame[frame["lens"] == trace.name].set_index("row")
-        metric = "kl" if trace.xaxis == "x" else "ce"
+        metric = "kl" if trace.xaxis == "x" else "cross_entropy"
         assert list(trace.x) == list(dict.fromkeys(frame["row"]))
         np.testing.assert_array_equal(trace.y, part.loc[list(trace.x), metric].to_numpy())
     assert {t.name for t in fig.data} == {"logit", "tuned"} and len(fig.data) == 4
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['ce'\]"):
-        lens_comparison_figure(frame.drop(columns=["ce"]))
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['cross_entropy'\]"):
+        lens_comparison_figure(frame.drop(columns=["cross_entropy"]))
 
 
 def _attribution() -> Attribution:

@@ -20,9 +20,13 @@ from lens_plugins.adapters import transformer_lens as tl_adapter
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 ATOL = 1e-4
-# float32 spacing near 200 nats (the largest KL here) is 1.5e-5; a relative term of 1e-5 lets large
-# values differ by a few ulps, everything below 10 nats is held to ATOL.
+# The two sides are different float32 programs (HookedTransformer's kernels and processed weights, the HF
+# model under the bridge), so their residual streams differ by float32 rounding accumulated over 30 blocks.
+# A divergence of D nats is a difference of sums whose terms reach D (sum_v q_v (log q_v - log p_v)), so it
+# inherits that relative rounding times D: divergences may move by 1e-4 of themselves (about 100 float32 ulps
+# at 200 nats); other statistics by 1e-5 of themselves; everything below 1 nat is held to ATOL.
 RTOL = 1e-5
+RTOL_DIVERGENCE = 1e-4
 # Ranks deep in the vocabulary may differ where another token's log-prob is within this of the target's.
 TIE = 2 * ATOL
 
@@ -106,7 +110,8 @@ def test_hooked_transformer_and_bridge_give_the_same_lens(bridge_export, hooked_
         assert torch.equal(ours[field], theirs[field]), f"{field} differs between {hooked_name} and {bridge_name}"
     for field in FIELDS:
         if ours[field].is_floating_point():
-            torch.testing.assert_close(ours[field], theirs[field], atol=ATOL, rtol=RTOL, equal_nan=True,
+            rtol = RTOL_DIVERGENCE if field.startswith(("kl_", "js_")) else RTOL
+            torch.testing.assert_close(ours[field], theirs[field], atol=ATOL, rtol=rtol, equal_nan=True,
                                        msg=lambda m, f=field: f"{f}: {m}")
 
     # Ranks: exact unless a near-tie makes them ambiguous (checked against this side's full distribution).

@@ -124,6 +124,19 @@ def test_bad_top_k_is_refused(backend, top_k):
         backend.lens(PROMPT, top_k=top_k)
 
 
+def test_precision_option_on_both_one_call_forms(backend):
+    """The one-call forms take ``precision`` on both backends: bf16x3 keeps the float32 lens's top-1 wherever
+    its margin over the runner-up exceeds bf16x3's error (~1e-5 relative; 1e-3 nats leaves a wide margin), and
+    TF32 off CUDA is refused with the same message."""
+    exact = backend.lens(PROMPT)
+    split = backend.lens(PROMPT, precision="bf16x3")
+    clear = (exact.top_logprobs[..., 0] - exact.top_logprobs[..., 1]) > 1e-3
+    assert clear.any() and torch.equal(split.top_ids[..., 0][clear], exact.top_ids[..., 0][clear])
+    torch.testing.assert_close(split.entropy, exact.entropy, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="tf32"):
+        backend.lens(PROMPT, precision="tf32")
+
+
 @pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "inf")])
 def test_non_finite_residual_is_refused(value, kind, smollm2_tokenizer):
     """Bug: nnsight skipped the NaN/inf refusal. A poisoned MLP weight in layer 1 makes every row from

@@ -202,6 +202,9 @@ def run_logit_lens(
     reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
     lens=None,
     paths: Optional[dict] = None,
+    vocab_chunk: Optional[int] = None,
+    token_chunk: Optional[int] = None,
+    precision: str = "float32",
 ) -> LensResult:
     """Trace ``prompt`` (one string or a batch) and return its lens: the one-call form.
 
@@ -217,7 +220,8 @@ def run_logit_lens(
     lens = _shippable(model, lens, remote, backend, **rows)
     saved = _trace(model, prompt, remote, backend, lambda: logit_lens(
         model, top_k=top_k, targets=list(targets), positions=positions, token_sets=token_sets,
-        reductions=tuple(reductions), lens=lens, **rows))
+        reductions=tuple(reductions), lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        precision=precision, **rows))
     return result(saved, model)
 
 

@@ -13,8 +13,9 @@ multiply-adds, and then every statistic wants another pass over the same logits.
 their rows, by a chunk of the vocabulary) at a time: one matmul per tile, so that each
 ``W_U`` chunk is reused by ``M = rows x block`` vectors while it is in cache (a per-row
 matmul re-reads all of ``W_U`` for every row), and every reduction is one vectorised op
-over the whole tile. Each tile is consumed while it is still hot, with an online softmax
-(running max, running sums of ``e`` and ``e*l``), a merged running top-k and running rank
+over the whole tile. Each tile is consumed while it is still in cache: one fused softmax,
+whose results enter running sums kept relative to a running max (an online softmax), a
+dot product per expectation a statistic needs, a merged running top-k and running rank
 counts, so that no ``[rows, tokens, vocab]`` tensor ever exists.
 
 Conventions: the last row of the stack is the reference ("final") distribution that
@@ -38,10 +39,12 @@ EXP_FLOOR = -87.0
 #            accumulation (about 16 mantissa bits; the lo*hi term vanishes when W_U is already bfloat16).
 PRECISIONS = ("float32", "tf32", "bf16x3")
 # Tile sizes when the caller gives none, by where W_U lives. A CPU wants M = rows x tokens per tile large
-# enough that each W_U chunk is reused from cache by many vectors, and tiles that fit the last-level cache; a
-# GPU wants few, large tiles (every tile costs a few dozen kernel launches).
-CPU_TILE_VECTORS, CPU_VOCAB_CHUNK = 1024, 4096
-GPU_TILE_ELEMENTS, GPU_VOCAB_CHUNK = 2**27, 16384
+# enough that each W_U chunk is reused from cache by many vectors (a 2.4 MB chunk of SmolLM2's W_U by about
+# 4,000 vectors runs the matmul at the machine's peak) and tiles that stay in the last-level cache while the
+# reductions read them (16 MB); a GPU wants few, large tiles (every tile costs a few dozen kernel launches).
+# A block's final-row logits are kept over the whole vocabulary (``_Tiles``): at most ``*_KEPT_LOGITS`` floats.
+CPU_TILE_VECTORS, CPU_VOCAB_CHUNK, CPU_KEPT_LOGITS = 4096, 1024, 2**23
+GPU_TILE_ELEMENTS, GPU_VOCAB_CHUNK, GPU_KEPT_LOGITS = 2**27, 16384, 2**27
 
 
 def apply_final_norm(x, norm_kind, norm_weight, norm_bias, norm_eps):
@@ -78,14 +81,17 @@ def unembed(normed, W_U, b_U, softcap):
 def tile_sizes(device, rows, tokens, vocab):
     """``(vocab_chunk, token_chunk)`` for a stack of ``rows x tokens`` vectors decoded on ``device``: about
     ``CPU_TILE_VECTORS`` vectors by ``CPU_VOCAB_CHUNK`` columns on a CPU, ``GPU_TILE_ELEMENTS`` logits per tile
-    on a GPU; token blocks of equal size, so that no small remainder tile costs a pass of its own."""
+    on a GPU, with no more than ``*_KEPT_LOGITS`` final-row logits per block (a long prompt with few rows would
+    otherwise keep ``tokens x vocab`` of them); token blocks of equal size, so that no small remainder tile
+    costs a pass of its own."""
     if device.type == "cpu":
-        vocab_chunk, vectors = min(CPU_VOCAB_CHUNK, vocab), CPU_TILE_VECTORS
+        vocab_chunk, vectors, kept = min(CPU_VOCAB_CHUNK, vocab), CPU_TILE_VECTORS, CPU_KEPT_LOGITS
     else:
         vocab_chunk = min(GPU_VOCAB_CHUNK, vocab)
-        vectors = GPU_TILE_ELEMENTS // vocab_chunk
-    blocks = -(-rows * tokens // max(vectors, rows))
-    return vocab_chunk, max(1, -(-tokens // blocks))
+        vectors, kept = GPU_TILE_ELEMENTS // vocab_chunk, GPU_KEPT_LOGITS
+    per_block = max(1, min(vectors // rows, kept // vocab))
+    blocks = -(-tokens // per_block)
+    return vocab_chunk, -(-tokens // blocks)
 
 
 def lens_statistics(
@@ -147,16 +153,18 @@ def lens_statistics(
     target_ids = target_ids.to(device)
     if "targets" not in want:
         target_ids = target_ids[:, :0]
+    if b_U is not None and not bool(b_U.any()):
+        b_U = None  # TransformerLens gives every model a b_U, mostly zeros: adding them is a pass per tile for nothing
     unembedding = Unembedding(W_U, b_U, softcap, precision)
     blocks = []
     previous_tf32 = _allow_tf32(precision == "tf32")
     try:
-        with torch.device(device):  # every buffer below is allocated next to W_U; results stay there too
-            for n0 in range(0, tokens, token_chunk):
-                n1 = min(n0 + token_chunk, tokens)
-                normed = apply_final_norm(resid[:, n0:n1], norm_kind, norm_weight, norm_bias, norm_eps)
-                blocks.append(_lens_block(normed, unembedding, min(top_k, W_U.shape[1]), target_ids[n0:n1],
-                                          vocab_chunk, want))
+        scratch = _Scratch(device)  # every buffer is allocated next to W_U, once for all blocks
+        for n0 in range(0, tokens, token_chunk):
+            n1 = min(n0 + token_chunk, tokens)
+            normed = apply_final_norm(resid[:, n0:n1], norm_kind, norm_weight, norm_bias, norm_eps)
+            blocks.append(_lens_block(normed, unembedding, min(top_k, W_U.shape[1]), target_ids[n0:n1],
+                                      vocab_chunk, want, scratch))
     finally:
         _allow_tf32(previous_tf32)
     return {name: torch.cat([b[name] for b in blocks], dim=0 if name == "final_top1" else 1) for name in blocks[0]}
@@ -248,12 +256,6 @@ class Unembedding:
             torch.tanh(out.div_(self.softcap), out=out).mul_(self.softcap)
         return out
 
-    def weighted_rows(self, p, chunk):
-        """``p [n, chunk width] @ W_chunk.T``: a probability-weighted sum of unembedding vectors, in float32."""
-        W, W_lo, _ = chunk
-        W = W.float() if W_lo is None else W.float() + W_lo.float()
-        return p @ W.T
-
 
 def _target_logits(normed, W_U, b_U, softcap, ids):
     """Logit of ``ids [tokens, T]`` at every row of ``normed [rows, tokens, d]``: d_model dot products,
@@ -269,34 +271,50 @@ def _target_logits(normed, W_U, b_U, softcap, ids):
     return torch.where(valid, logits, torch.full_like(logits, float("inf")))
 
 
-class _Buffer:
-    """Flat storage for tiles of up to ``size`` elements, handed out as contiguous views of any shape (the last
-    vocabulary chunk is narrower), so that no tile allocates: a fresh multi-megabyte tensor costs page faults."""
+class _Scratch:
+    """Named flat float32 buffers on one device, handed out as contiguous views of any shape and kept from
+    tile to tile (the last vocabulary chunk is narrower) and block to block, so that no tile allocates: a
+    fresh multi-megabyte tensor costs page faults."""
 
-    def __init__(self, size, dtype=torch.float32):
-        self.storage = torch.empty(size, dtype=dtype)
+    def __init__(self, device):
+        self.device, self.storage = device, {}
 
-    def view(self, *shape):
+    def flat(self, name, numel):
+        storage = self.storage.get(name)
+        if storage is None or storage.numel() < numel:
+            storage = self.storage[name] = torch.empty(numel, device=self.device)
+        return storage[:numel]
+
+    def view(self, name, *shape):
         numel = 1
         for dim in shape:
             numel *= dim
-        return self.storage[:numel].view(shape)
+        return self.flat(name, numel).view(shape)
 
 
 class _Tiles:
     """The logits of one token block, ``[rows, n, chunk width]``, tile by tile, each from one matmul over all
-    ``rows x n`` vectors. With ``split_final`` the final row is a matmul of its own, the very call that
-    ``final_argmax`` makes, so the final top-1 found before the main pass is bitwise the argmax of the final
-    row's logits in it."""
+    ``rows x n`` vectors. With ``final_first`` the final row's logits over the whole vocabulary are computed
+    before the pass (every row's count of logits above the final top-1 needs that top-1 from the start) and
+    kept, ``[n, vocab]``: each tile copies its chunk of them instead of computing it again, so the final top-1
+    is bitwise the argmax of the final row the pass reads."""
 
-    def __init__(self, normed, unembedding, vocab_chunk, split_final):
+    def __init__(self, normed, unembedding, vocab_chunk, final_first, scratch):
         self.rows, self.n, d = normed.shape
+        self.scratch = scratch
         self.unembedding, self.vocab_chunk, self.vocab = unembedding, vocab_chunk, unembedding.W_U.shape[1]
         self.width = min(vocab_chunk, self.vocab)
-        self.split_final = split_final
-        self.final = unembedding.operand(normed[-1])
-        self.all = unembedding.operand(normed[:-1].reshape(-1, d) if split_final else normed.reshape(-1, d))
-        self.buffer = _Buffer(self.rows * self.n * self.width)
+        self.all = unembedding.operand(normed[:-1].reshape(-1, d) if final_first else normed.reshape(-1, d))
+        self.final = None
+        if final_first:
+            self.final = scratch.flat("final", self.n * self.vocab)
+            final = unembedding.operand(normed[-1])
+            for v0, w, chunk in self.chunks():
+                unembedding.logits(final, chunk, self._final_chunk(v0, w))
+
+    def _final_chunk(self, v0, w):
+        """The kept final-row logits of columns ``v0 : v0 + w``, contiguous ``[n, w]``."""
+        return self.final[self.n * v0: self.n * (v0 + w)].view(self.n, w)
 
     def chunks(self):
         for v0 in range(0, self.vocab, self.vocab_chunk):
@@ -304,23 +322,22 @@ class _Tiles:
             yield v0, v1 - v0, self.unembedding.chunk(v0, v1)
 
     def __iter__(self):
-        """``(v0, chunk, tile)`` for every vocabulary chunk; ``tile`` is a view of one reused buffer."""
+        """``(v0, tile)`` for every vocabulary chunk; ``tile`` is a view of one reused buffer."""
         for v0, w, chunk in self.chunks():
-            tile = self.buffer.view(self.rows, self.n, w)
-            if self.split_final:
-                self.unembedding.logits(self.all, chunk, tile[:-1].view(-1, w))
-                self.unembedding.logits(self.final, chunk, tile[-1])
-            else:
+            tile = self.scratch.view("tile", self.rows, self.n, w)
+            if self.final is None:
                 self.unembedding.logits(self.all, chunk, tile.view(-1, w))
-            yield v0, chunk, tile
+            else:
+                self.unembedding.logits(self.all, chunk, tile[:-1].view(-1, w))
+                tile[-1].copy_(self._final_chunk(v0, w))
+            yield v0, tile
 
     def final_argmax(self):
-        """The final row's argmax ``[n]`` over the whole vocabulary, from the main pass's own final-row matmul."""
-        best = torch.full((self.n,), float("-inf"))
-        best_id = torch.zeros(self.n, dtype=torch.long)
-        for v0, w, chunk in self.chunks():
-            final = self.buffer.view(self.rows, self.n, w)[-1]  # where the main pass puts it: the very same call
-            value, index = self.unembedding.logits(self.final, chunk, final).max(-1)
+        """The final row's argmax ``[n]`` over the whole vocabulary, from the kept final-row logits."""
+        best = torch.full((self.n,), float("-inf"), device=self.scratch.device)
+        best_id = torch.zeros(self.n, dtype=torch.long, device=self.scratch.device)
+        for v0 in range(0, self.vocab, self.vocab_chunk):
+            value, index = self._final_chunk(v0, min(self.vocab_chunk, self.vocab - v0)).max(-1)
             better = value > best
             best = torch.where(better, value, best)
             best_id = torch.where(better, index + v0, best_id)
@@ -332,82 +349,79 @@ class _Tiles:
 # ``log_partition`` (logsumexp of each row's logits) always comes back: every log-prob is a logit minus it.
 REDUCTIONS = READOUT
 DEFAULT_REDUCTIONS = tuple(name for name in READOUT if TABLE[name]["default"]) + ("targets",)
+# Row selections of a ``[rows, n, width]`` tile; a one-row slice keeps its dim, to broadcast against all rows.
+_ALL, _BUT_LAST, _FROM_SECOND = slice(None), slice(None, -1), slice(1, None)
+_FIRST, _LAST = slice(0, 1), slice(-1, None)
 
 
-def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want):
+def _expectations(want):
+    """The sums ``sum_v p_a(v) l_b(v)`` the requested reductions need, ``name -> (a rows, b rows)``: the
+    expectation under row ``a``'s distribution of row ``b``'s logits. Its own logits give the entropy; the
+    final row's, KL(row || final); the next row's, KL(row || next); every row's logits under the final
+    (input) row's distribution give KL(final (input) || row)."""
+    terms = {}
+    if want & {"entropy", "kl_row_final", "kl_next_row"}:
+        terms["own"] = (_ALL, _ALL)
+    if "kl_row_final" in want:
+        terms["final"] = (_BUT_LAST, _LAST)
+    if "kl_next_row" in want:
+        terms["next"] = (_BUT_LAST, _FROM_SECOND)
+    if "kl_final_row" in want:
+        terms["under_final"] = (_LAST, _ALL)
+    if "kl_input_row" in want:
+        terms["under_input"] = (_FIRST, _ALL)
+    return terms
+
+
+def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch):
     """All requested reductions for one block of tokens ``normed [rows, n, d_model]`` (already through the
-    final norm): one pass over the vocabulary, after a pass over the final row alone when the final top-1's
-    ranks are wanted (every row's count needs its threshold from the start), and before the second pass that
+    final norm): one pass over the vocabulary, after the final row's logits when the final top-1's ranks are
+    wanted (every row's count needs its threshold from the start), and before the second pass that
     Jensen-Shannon and total variation need.
 
-    The reference rows (final, input) are rows of the same tiles, so a row compared with itself gives
-    divergences of exactly zero. KL(ref || row) needs ``E_ref[l_row]``: the reference's ``e = exp(l - m)``
-    is accumulated online with the running max, and without a soft-cap logits are affine in the normed
-    residual, so ``sum_v e_ref(v) l_row(v) = normed_row . (W_U e_ref) + b_U . e_ref``: one ``[n, d_model]``
-    vector per reference instead of a pass over every row's logits. With a soft-cap it is summed per tile.
+    Each tile goes through one fused softmax (row by row, while the row is in cache), which gives the tile's
+    own distribution ``p``; its normaliser is ``1 / max p`` (the max's own term is ``exp(0) = 1``). The
+    running sums are kept relative to a running max, as an online softmax does: a tile enters them weighted
+    by its normaliser times ``exp(tile max - running max)``, so each expectation is one dot product of ``p``
+    with a row of logits per tile. The reference rows (final, input) are rows of the same tiles, so a row
+    compared with itself gives divergences of exactly zero.
     """
-    rows, n, d_model = normed.shape
-    W_U, b_U, softcap = unembedding.W_U, unembedding.b_U, unembedding.softcap
-    tiles = _Tiles(normed, unembedding, vocab_chunk, split_final="final_top1" in want)
+    rows, n, _ = normed.shape
+    tiles = _Tiles(normed, unembedding, vocab_chunk, "final_top1" in want, scratch)
+    device = normed.device
     columns = [target_ids.long()]
     final_top1 = None
     if "final_top1" in want:
         final_top1 = tiles.final_argmax()
         columns.insert(0, final_top1.unsqueeze(-1))
     ids = torch.cat(columns, dim=-1)  # [n, targets to rank]
-    thresholds = _target_logits(normed, W_U, b_U, softcap, ids)  # [rows, n, targets]
+    thresholds = _target_logits(normed, unembedding.W_U, unembedding.b_U, unembedding.softcap, ids)
+    own_columns = _columns_by_chunk(ids, vocab_chunk)
 
-    affine = softcap is None
-    refs = {}  # name -> source row
-    if "kl_final_row" in want:
-        refs["final"] = rows - 1
-    if "kl_input_row" in want:
-        refs["input"] = 0
-    ref_W = {name: torch.zeros(n, d_model) for name in refs}  # sum_v e_ref(v) W_U[:, v]
-    ref_b = {name: torch.zeros(n) for name in refs}  # sum_v e_ref(v) b_U[v]
-    ref_l = {name: torch.zeros(rows, n) for name in refs}  # sum_v e_ref(v) l_row(v) (soft-capped)
+    terms = _expectations(want)
+    sums = {name: 0.0 for name in terms}  # sum_v e_a(v) l_b(v), e relative to the running max
+    m = torch.full((rows, n), float("-inf"), device=device)
+    s = torch.zeros(rows, n, device=device)
+    counts = torch.zeros(rows, n, ids.shape[1], dtype=torch.int32, device=device)  # exact below 2^31
+    top_vals = torch.full((rows * n, k), float("-inf"), device=device)
+    top_ids = torch.zeros(rows * n, k, dtype=torch.long, device=device)
 
-    m = torch.full((rows, n), float("-inf"))
-    s = torch.zeros(rows, n)
-    sum_e_own = torch.zeros(rows, n) if want & {"entropy", "kl_row_final", "kl_next_row"} else None
-    sum_e_final = torch.zeros(rows - 1, n) if "kl_row_final" in want else None
-    sum_e_next = torch.zeros(rows - 1, n) if "kl_next_row" in want else None
-    counts = torch.zeros(rows, n, ids.shape[1], dtype=torch.int32)  # per tile: float sums, exact below 2^24
-    top_vals = torch.full((rows * n, k), float("-inf"))
-    top_ids = torch.zeros(rows * n, k, dtype=torch.long)
-    size = tiles.buffer.storage.numel()
-    e_buffer, product = _Buffer(size), _Buffer(size)
-
-    def dot(a, b):  # row-wise dot product over the last dim, through a reused buffer
-        return torch.mul(a, b, out=product.view(*torch.broadcast_shapes(a.shape, b.shape))).sum(-1)
-
-    for v0, chunk, tile in tiles:
-        e = e_buffer.view(*tile.shape)
+    for v0, tile in tiles:
         group = _group_size(tile.shape[-1])
         group_max = tile.view(rows * n, -1, group).amax(-1) if group else None  # [vectors, groups]
         tile_max = tile.amax(-1) if group is None else group_max.amax(-1).view(rows, n)
-        m_new = torch.maximum(m, tile_max)
-        rescale = torch.exp(m - m_new)
-        torch.sub(tile, m_new.unsqueeze(-1), out=e)
-        torch.exp(e.clamp_(min=EXP_FLOOR), out=e)
-        s = s * rescale + e.sum(-1)
-        if sum_e_own is not None:
-            sum_e_own = sum_e_own * rescale + dot(e, tile)
-        if sum_e_final is not None:
-            sum_e_final = sum_e_final * rescale[:-1] + dot(e[:-1], tile[-1])
-        if sum_e_next is not None:
-            sum_e_next = sum_e_next * rescale[:-1] + dot(e[:-1], tile[1:])
-        for name, source in refs.items():
-            ref_e, ref_rescale = e[source], rescale[source]
-            if affine:
-                ref_W[name] = ref_W[name] * ref_rescale.unsqueeze(-1) + unembedding.weighted_rows(ref_e, chunk)
-                if b_U is not None:
-                    ref_b[name] = ref_b[name] * ref_rescale + ref_e @ chunk[2]
-            else:
-                ref_l[name] = ref_l[name] * ref_rescale + dot(tile, ref_e)
-        _count_above(tile, tile_max, thresholds, ids, v0, counts, product.view(*tile.shape))
+        _count_above(tile, tile_max, thresholds, own_columns.get(v0), counts, scratch.view("product", *tile.shape))
         if "top_k" in want:
             _merge_top_k(tile.view(rows * n, -1), tile_max.view(-1), group_max, v0, top_vals, top_ids)
+        p = torch.softmax(tile, -1, out=scratch.view("p", *tile.shape))
+        m_new = torch.maximum(m, tile_max)
+        kept = torch.exp(m - m_new)  # rescales what was summed so far to the new max
+        weight = torch.exp(tile_max - m_new) / p.amax(-1)  # this tile's normaliser, relative to the new max
+        s = s * kept + weight
+        for name, (a, b) in terms.items():
+            shape = torch.broadcast_shapes(p[a].shape, tile[b].shape)
+            dot = torch.mul(p[a], tile[b], out=scratch.view("product", *shape))
+            sums[name] = sums[name] * kept[a] + weight[a] * dot.sum(-1)
         m = m_new
 
     lse = m + torch.log(s)
@@ -415,22 +429,18 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want):
     if "top_k" in want:
         out["top_ids"] = top_ids.view(rows, n, k)
         out["top_logprobs"] = top_vals.view(rows, n, k) - lse.unsqueeze(-1)
+    expected = {name: total / s[terms[name][0]] for name, total in sums.items()}  # E_{p_a}[l_b]
     if "entropy" in want:
-        out["entropy"] = lse - sum_e_own / s
-    for name, key in (("final", "kl_final_row"), ("input", "kl_input_row")):
-        if name in refs:
-            source = refs[name]
-            if affine:  # E_ref[l_row] = normed_row . (W_U p_ref) + b_U . p_ref
-                expected = ((normed * ref_W[name]).sum(-1) + ref_b[name]) / s[source]
-            else:
-                expected = ref_l[name] / s[source]
-            out[key] = (expected[source] - lse[source]) - (expected - lse)
+        out["entropy"] = lse - expected["own"]
     if "kl_row_final" in want:  # the final row's own cross term is its own sum: exactly zero against itself
-        cross = torch.cat([sum_e_final, sum_e_own[-1:]])
-        out["kl_row_final"] = (sum_e_own - cross) / s - lse + lse[-1]
+        cross = torch.cat([expected["final"], expected["own"][-1:]])
+        out["kl_row_final"] = (expected["own"] - cross) - lse + lse[-1]
     if "kl_next_row" in want:
-        kl_next = (sum_e_own[:-1] - sum_e_next) / s[:-1] - lse[:-1] + lse[1:]
-        out["kl_next_row"] = torch.cat([kl_next, torch.full((1, n), float("nan"))])
+        kl_next = (expected["own"][:-1] - expected["next"]) - lse[:-1] + lse[1:]
+        out["kl_next_row"] = torch.cat([kl_next, torch.full((1, n), float("nan"), device=device)])
+    for name, key, source in (("under_final", "kl_final_row", -1), ("under_input", "kl_input_row", 0)):
+        if name in expected:  # KL(ref || row) = (E_ref[l_ref] - lse_ref) - (E_ref[l_row] - lse_row)
+            out[key] = (expected[name][source] - lse[source]) - (expected[name] - lse)
     if want & {"js_final", "tv_final"}:
         out.update(_divergence_pass(tiles, lse, want))
 
@@ -454,9 +464,9 @@ def _divergence_pass(tiles, lse, want):
     JS = sum [p log p + q log q] / 2 - sum m log m with m = (p + q) / 2, so a row equal to the final row
     (m == p bitwise) gives exactly 0."""
     rows, n = lse.shape
-    js_terms = torch.zeros(rows, n)
-    tv = torch.zeros(rows, n)
-    for _, _, tile in tiles:
+    js_terms = torch.zeros_like(lse)
+    tv = torch.zeros_like(lse)
+    for _, tile in tiles:
         p = torch.exp(torch.sub(tile, lse.unsqueeze(-1), out=tile).clamp_(min=EXP_FLOOR), out=tile)
         q = p[-1]
         if "js_final" in want:
@@ -518,17 +528,31 @@ def _merge_top_k(tile, tile_max, group_max, v0, top_vals, top_ids):
     top_ids[rows] = merged_ids.gather(-1, order)
 
 
-def _count_above(tile, tile_max, thresholds, ids, v0, counts, above):
+def _columns_by_chunk(ids, vocab_chunk):
+    """Where each id to rank lies, by vocabulary chunk: ``{v0: (tokens, targets, columns in the chunk)}``,
+    so that a tile finds the targets it holds without a search."""
+    chunk = torch.where(ids >= 0, ids // vocab_chunk, -1)
+    where = {}
+    for c in chunk.unique().tolist():
+        if c >= 0:
+            token, target = torch.nonzero(chunk == c, as_tuple=True)
+            where[c * vocab_chunk] = (token, target, ids[token, target] - c * vocab_chunk)
+    return where
+
+
+def _count_above(tile, tile_max, thresholds, own, counts, above):
     """Add, per row, token and target, how many tile logits lie strictly above the target's logit
-    (``thresholds [rows, n, targets]``), not counting the target itself: its tile logit may round a hair
-    above its dot-product logit. ``above`` is a float buffer of the tile's shape: comparing into floats and
-    summing them is faster than summing booleans, and exact (a tile holds fewer than 2^24 columns)."""
-    w = tile.shape[-1]
+    (``thresholds [rows, n, targets]``), not counting the target itself (``own``: the targets this tile
+    holds, from ``_columns_by_chunk``): its tile logit may round a hair above its dot-product logit.
+    ``above`` is a float buffer of the tile's shape: comparing into floats and summing them is faster than
+    summing booleans, and exact (a tile holds fewer than 2^24 columns)."""
     for j in range(thresholds.shape[-1]):
         threshold = thresholds[..., j]
-        if bool((tile_max > threshold).any()):
-            counts[..., j] += torch.gt(tile, threshold.unsqueeze(-1), out=above).sum(-1).int()
-        here = torch.nonzero((ids[:, j] >= v0) & (ids[:, j] < v0 + w)).squeeze(-1)
-        if here.numel():
-            own = tile[:, here, ids[here, j] - v0]  # [rows, tokens here]
-            counts[:, here, j] -= (own > threshold[:, here]).int()
+        rows = torch.nonzero((tile_max > threshold).any(-1)).squeeze(-1).tolist()  # rows with anything above
+        if rows:  # a late row's target is often at the top, with nothing above it in most tiles
+            r0, r1 = rows[0], rows[-1] + 1
+            above_here = above[r0:r1]
+            counts[r0:r1, :, j] += torch.gt(tile[r0:r1], threshold[r0:r1].unsqueeze(-1), out=above_here).sum(-1).int()
+    if own is not None:
+        token, target, column = own
+        counts[:, token, target] -= (tile[:, token, column] > thresholds[:, token, target]).int()

@@ -17,6 +17,7 @@ materialising approaches are skipped where their ``[rows, tokens, vocab]`` float
 in ``--max-materialised-gb``.
 
     python benchmarks/bench_logit_lens.py [--tokens 256 4096] [--rounds 3] [--markdown]
+    python benchmarks/bench_logit_lens.py --from-log stderr.log --markdown   # the table of a stopped run
 """
 
 import argparse
@@ -170,6 +171,20 @@ def summarise(results):
     return med
 
 
+def rounds_from_log(path):
+    """Medians from the ``round ...: {...}`` lines ``measure`` writes to stderr, so that a run stopped before
+    its last round still gives its table."""
+    import ast
+
+    results = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip().startswith("round ") and ": {" in line:
+                r = ast.literal_eval(line.split(": ", 1)[1].strip())
+                results.setdefault(r["tokens"], {}).setdefault(r["approach"], []).append(r)
+    return {n: summarise(runs) for n, runs in sorted(results.items())}
+
+
 def table(by_tokens, markdown, skipped):
     lines = []
     sizes = sorted(by_tokens)
@@ -210,10 +225,18 @@ def main() -> None:
                         help="skip the approaches that hold [rows, tokens, vocab] log-probs above this size")
     parser.add_argument("--no-steady", action="store_true", help="time only the first call in each process")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--from-log", metavar="FILE",
+                        help="print the table from the per-round lines of an earlier run's stderr (an interrupted run)")
     parser.add_argument("--only", choices=APPROACHES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
         print(json.dumps(run(args.only, args.tokens[0], not args.no_steady)))
+        return
+    if args.from_log:
+        by_tokens = rounds_from_log(args.from_log)
+        print(f"SmolLM2-135M, {ROWS} rows, top-5 + entropy + KL both ways + 2 ranks; rounds per size "
+              f"{ {n: max(m['n'] for m in med.values()) for n, med in by_tokens.items()} } (from {args.from_log})")
+        print(table(by_tokens, args.markdown, {}))
         return
     approaches = ["floor"] + [a for a in args.approaches if a != "floor"]
     by_tokens, skipped = {}, {}

@@ -151,8 +151,11 @@ def test_bad_chunk_sizes_and_widths_are_refused():
     resid, decoder, targets = random_case()
     with pytest.raises(ValueError, match="chunk sizes must be positive"):
         decoder.statistics(resid, targets, top_k=2, vocab_chunk=0, token_chunk=4)
-    with pytest.raises(ValueError, match="int16"):
-        decoder.statistics(resid, targets, top_k=2, vocab_chunk=40000, token_chunk=4)
+    with pytest.raises(ValueError, match="exact only up to 2\\^24 columns"):
+        decoder.statistics(resid, targets, top_k=2, vocab_chunk=2**24 + 1, token_chunk=4)
+    wide = decoder.statistics(resid, targets, top_k=2, vocab_chunk=40000, token_chunk=4)  # was refused (int16)
+    torch.testing.assert_close(wide["entropy"], decoder.statistics(resid, targets, top_k=2)["entropy"],
+                               atol=5e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="different model"):
         decoder.statistics(resid[..., :5], targets, top_k=2, vocab_chunk=10, token_chunk=4)
     with pytest.raises(ValueError, match="top_k"):

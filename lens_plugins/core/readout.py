@@ -45,6 +45,7 @@ PRECISIONS = ("float32", "tf32", "bf16x3")
 # A block's final-row logits are kept over the whole vocabulary (``_Tiles``): at most ``*_KEPT_LOGITS`` floats.
 CPU_TILE_VECTORS, CPU_VOCAB_CHUNK, CPU_KEPT_LOGITS = 4096, 1024, 2**23
 GPU_TILE_ELEMENTS, GPU_VOCAB_CHUNK, GPU_KEPT_LOGITS = 2**27, 16384, 2**27
+MAX_VOCAB_CHUNK = 2**24  # a tile's rank counts are float32 sums of ones: exact up to here
 
 
 def apply_final_norm(x, norm_kind, norm_weight, norm_bias, norm_eps):
@@ -146,8 +147,9 @@ def lens_statistics(
     token_chunk = auto_tokens if token_chunk is None else token_chunk
     if vocab_chunk < 1 or token_chunk < 1:
         raise ValueError(f"chunk sizes must be positive, got vocab_chunk={vocab_chunk}, token_chunk={token_chunk}")
-    if vocab_chunk > 32767:
-        raise ValueError(f"vocab_chunk={vocab_chunk} exceeds 32767, the largest tile the int16 rank counter holds")
+    if vocab_chunk > MAX_VOCAB_CHUNK:
+        raise ValueError(f"vocab_chunk={vocab_chunk} exceeds {MAX_VOCAB_CHUNK}: a tile's rank counts are float32 "
+                         f"sums of ones, exact only up to 2^24 columns; use a smaller vocab_chunk")
     want = set(reductions)
     resid = resid.to(device)
     target_ids = target_ids.to(device)
@@ -215,8 +217,7 @@ def _bf16_matmul(a, b):
 class Unembedding:
     """``W_U`` (+ ``b_U``, soft-cap) at a precision, producing float32 logit tiles: ``chunk(v0, v1)`` prepares
     a vocabulary chunk once, ``logits(normed, chunk, out)`` writes the logits of ``normed [M, d]`` into
-    ``out [M, chunk width]``. The same call on the same vectors gives the same bits, which is what lets a
-    reference row match itself exactly."""
+    ``out [M, chunk width]``."""
 
     def __init__(self, W_U, b_U, softcap, precision):
         self.W_U, self.b_U, self.softcap, self.precision = W_U, b_U, softcap, precision

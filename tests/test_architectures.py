@@ -124,3 +124,25 @@ def test_a_misspelled_final_norm_path_is_refused_not_dropped():
         architectures.decoder_tensors(hf, architectures.resolve(hf, paths))
     without = architectures.decoder_tensors(hf, architectures.resolve(hf, dict(paths, final_norm="")))
     assert without["norm_kind"] == "none" and without["norm_weight"] is None
+
+
+def test_one_plus_w_is_read_from_the_norm_class_when_the_spec_is_silent():
+    """Gemma, Gemma 2 and Gemma 3 norms multiply by ``1 + w``; Gemma 3n's by ``w`` (transformers 5 source). A
+    family given by hand (no ``norm_one_plus`` in its spec) must still get ``1 + w`` from the class name."""
+    import transformers.models.gemma.modeling_gemma as gemma
+    import transformers.models.gemma3n.modeling_gemma3n as gemma3n
+
+    x = torch.randn(3, 8)
+    for norm in (gemma.GemmaRMSNorm(8), gemma3n.Gemma3nRMSNorm(8)):
+        with torch.no_grad():
+            norm.weight.fill_(0.5)
+        kind, weight, _, eps = architectures.norm_params(norm)
+        ours = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+        torch.testing.assert_close(ours, norm(x))
+    hf = tiny_model("gemma")
+    with torch.no_grad():
+        hf.model.norm.weight.fill_(0.5)
+    paths = {"layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head"}
+    by_hand = {k: v for k, v in architectures.resolve(hf, paths).items() if k != "norm_one_plus"}
+    weight = architectures.decoder_tensors(hf, by_hand)["norm_weight"]
+    torch.testing.assert_close(weight, torch.full((hf.config.hidden_size,), 1.5))

@@ -3,7 +3,7 @@
 The reference is independent of lens_plugins: ``output_hidden_states`` (index ``i`` is block ``i``'s input,
 so ``embed`` and every ``i_pre`` row), pushed through the family's final norm module, OPT's ``project_out``,
 the model's own output embedding and soft-cap, named per family below rather than read from
-``lens_plugins.architectures``. The final row is compared with the model's own logits (Hugging Face's last
+``lens_plugins.core.architectures``. The final row is compared with the model's own logits (Hugging Face's last
 hidden state is taken after the final norm in most families, so it is not a row).
 
 Tolerance: 1e-4 on log-probabilities. The lens and the reference decode the same float32 vector with the

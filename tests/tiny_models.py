@@ -2,7 +2,7 @@
 
 Each family is one entry: ``(config class name, config kwargs)``. Weights come from a fixed seed; the
 vocabulary is 1000 ids, which the SmolLM2 tokenizer decodes (its first 1000 ids are ordinary tokens).
-Every family of ``lens_plugins.architectures.ARCHITECTURES`` has an entry here, so the architecture
+Every family of ``lens_plugins.core.architectures.ARCHITECTURES`` has an entry here, so the architecture
 tests cover the whole table.
 """
 

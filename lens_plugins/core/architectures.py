@@ -170,7 +170,7 @@ def component(model, spec, role, layer=None):
 
 # Norm classes that scale by (1 + weight) instead of weight, for a norm read without a family entry
 # (a TransformerBridge's wrapped norm); a family entry says so itself (``norm_one_plus``).
-ONE_PLUS_WEIGHT_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "Gemma3nRMSNorm")
+ONE_PLUS_WEIGHT_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")  # Gemma 3n multiplies by w itself
 
 
 class UnknownNormError(TypeError):
@@ -229,7 +229,7 @@ def decoder_tensors(model, spec):
         b_U = extra if b_U is None else b_U + extra
     # A named final norm must exist: dropping it silently would decode every row wrongly ("" means none).
     norm = get_path(model, spec["final_norm"]) if spec["final_norm"] else None
-    kind, weight, bias, eps = norm_params(norm, spec.get("norm_one_plus", False))
+    kind, weight, bias, eps = norm_params(norm, spec.get("norm_one_plus"))  # not in the spec: by class name
     softcap = getattr(getattr(model, "config", None), spec["softcap_attr"], None) if spec.get("softcap_attr") else None
     return {
         "norm_kind": kind, "norm_weight": weight, "norm_bias": bias, "norm_eps": eps,

@@ -38,7 +38,7 @@ def frozen_norm(parts, raw, norm_kind, norm_weight, norm_eps):
 
 
 def member_coefficients(final, decoder, target_ids, distractor_ids):
-    """``coef [batch, members]``: each target token's share of the target set's probability at the real
+    """``(ids [members], coef [batch, members])``: each target token's share of the target set's probability at the real
     forward pass, and minus each distractor's share of the distractor set's (one token: +1 / -1).
 
     The weighted member logit is what a token set's attribution explains: it is linear in the residual, and
@@ -179,6 +179,6 @@ def check_supported(spec):
     check_sublayer_writes(spec)
     if "o_proj" not in spec:
         raise KeyError("the architecture entry has no 'o_proj' (attention output projection) path; add one to "
-                       "lens_plugins.architectures.ARCHITECTURES to attribute to heads")
+                       "lens_plugins.core.architectures.ARCHITECTURES to attribute to heads")
 
 

@@ -33,7 +33,7 @@ def check_rows(request, chosen, all_rows):
         raise ValueError("kl_input_row compares every row with the input row ('embed'): keep row 0 in layers")
 
 
-def lens_rows(read, rows, request, positions, lens, d_model):
+def lens_rows(read, rows, positions, lens, d_model):
     """``[rows, batch * positions, d_model]``: the rows read, checked and mapped through the lens."""
     stack = read(rows)
     labels = [row.label for row in rows]
@@ -57,7 +57,7 @@ def logit_lens(read, rows, request, decoder, token_ids, attention_mask, lens=Non
     ``decoder`` is the decoder as tensors (``architectures.decoder_tensors``); tile sizes ``None`` are
     chosen for the device ``W_U`` lives on, ``precision`` is the unembedding matmul's (``readout.PRECISIONS``)."""
     positions = request["positions"]
-    flat = lens_rows(read, rows, request, positions, lens, decoder["W_U"].shape[0])
+    flat = lens_rows(read, rows, positions, lens, decoder["W_U"].shape[0])
     columns = target_columns(token_ids, attention_mask, positions, request["reductions"], user_ids(request))
     with torch.no_grad():
         return lens_statistics(
@@ -80,7 +80,7 @@ def set_logit(normed, decoder, ids):
 def logit_diff(read, rows, positions, decoder, target_ids, distractor_ids, batch, lens=None):
     """``[rows, batch, positions]``: each row decoded with the model's own final norm (its real scale at that
     row) and compared on the two token sets: ``log P(target set) - log P(distractor set)``."""
-    flat = lens_rows(read, rows, {"reductions": ()}, positions, lens, decoder["W_U"].shape[0])
+    flat = lens_rows(read, rows, positions, lens, decoder["W_U"].shape[0])
     flat = flat.to(decoder["W_U"].device)
     normed = apply_final_norm(flat, decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"],
                               decoder["norm_eps"])

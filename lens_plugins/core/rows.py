@@ -17,7 +17,6 @@ tuned-lens checkpoints use; sublayer rows have none.
 from dataclasses import dataclass
 
 SITES = ("embed", "pre", "mid", "post", "attn", "mlp", "attn+mlp", "attn_out", "mlp_out")
-RESIDUAL_SITES = ("embed", "pre", "mid", "post", "attn", "mlp", "attn+mlp")
 
 
 @dataclass(frozen=True)
@@ -35,11 +34,6 @@ class Row:
     def label(self):
         """``embed``, ``3_pre``, ``3_mid``, ``29_post``, ``3_attn``, ``3_mlp``, ``3_attn+mlp``, ``3_attn_out``, ..."""
         return "embed" if self.site == "embed" else f"{self.layer}_{self.site}"
-
-    @property
-    def is_residual(self):
-        """True for a point of the residual stream, False for a sublayer's own write."""
-        return self.site in RESIDUAL_SITES
 
     @property
     def hidden_index(self):

@@ -176,6 +176,7 @@ def attribution(model, target, distractor=None, position=-1, paths=None):
     Turn it into an ``Attribution`` after the trace with ``lp.nnsight.attribution_result(saved, model)``.
     """
     import nnsight
+    from nnsight.intervention.interleaver import OutOfOrderError
 
     spec = resolve(model, paths)
     dla.check_supported(spec)
@@ -183,9 +184,12 @@ def attribution(model, target, distractor=None, position=-1, paths=None):
     d_vocab = decoder["W_U"].shape[1]
     target_ids = request.token_set_ids(model.tokenizer, target, d_vocab)
     distractor_ids = [] if distractor is None else request.token_set_ids(model.tokenizer, distractor, d_vocab)
-    _, mask = model_input(model)
-    dla.check_position(position, mask)
-    parts = collect(model, spec, position)
+    try:
+        _, mask = model_input(model)
+        dla.check_position(position, mask)
+        parts = collect(model, spec, position)
+    except OutOfOrderError as error:
+        raise _out_of_order(error) from error
     with torch.no_grad():
         out = dla.attribute({k: v.detach() if v is not None else None for k, v in parts.items()}, decoder,
                             target_ids, distractor_ids)
@@ -202,18 +206,18 @@ def attribution(model, target, distractor=None, position=-1, paths=None):
 def collect(model, spec, position):
     """Everything the stream holds at ``position``, read inside the trace in forward order: positional
     embeddings, layer 0's input, then per layer the output projection's input (the heads), what attention
-    and MLP added, and the last layer's output. Returns the ``parts`` of ``attribute`` plus the residual
-    before each layer (``resid_pre [batch, layer, d]``)."""
+    and MLP added, and the last layer's output: the ``parts`` of ``dla.attribute``."""
     blocks = get_path(model, spec["layers"])
     n_heads = dla.head_count(model)
     pos_path = spec.get("pos_embed")
     pos_embed = get_path(model, pos_path).output[:, position].float() if pos_path else None
-    resid_pre, heads, head_bias, attn, mlp = [], [], [], [], []
-    one_plus = spec.get("norm_one_plus", False)
+    embed, heads, head_bias, attn, mlp = None, [], [], [], []
+    one_plus = spec.get("norm_one_plus")  # not in the spec: by class name
     for layer in range(len(blocks)):
         block = blocks[layer]
         resid = layer_input(block.inputs)
-        resid_pre.append(resid[:, position].float())
+        if layer == 0:
+            embed = resid[:, position].float() if pos_embed is None else resid[:, position].float() - pos_embed
         post_norm = norm_params(get_path(block, spec["attn_out"]), one_plus) if spec.get("post_norms") else None
         o_proj = get_path(block, spec["o_proj"])
         h, b = dla.split_heads(_at(o_proj.input, resid, position), o_proj, n_heads, post_norm)
@@ -222,10 +226,9 @@ def collect(model, spec, position):
         attn.append(_at(layer_output(get_path(block, spec.get("attn_out", spec["attn"])).output), resid, position))
         mlp.append(_at(layer_output(get_path(block, spec.get("mlp_out", spec["mlp"])).output), resid, position))
     final = layer_output(blocks[len(blocks) - 1].output)[:, position].float()
-    embed = resid_pre[0] if pos_embed is None else resid_pre[0] - pos_embed
     return {
         "embed": embed, "pos_embed": pos_embed, "heads": _stack(heads, 1), "head_bias": _stack(head_bias, 1),
-        "attn": _stack(attn, 1), "mlp": _stack(mlp, 1), "final": final, "resid_pre": _stack(resid_pre, 1),
+        "attn": _stack(attn, 1), "mlp": _stack(mlp, 1), "final": final,
     }
 
 

@@ -21,7 +21,7 @@ Like every core module: imports only torch, everything as arguments, no decorato
 
 import torch
 
-EXP_FLOOR = -87.0  # as in readout: exp below this is subnormal (slow) and negligible in any sum it joins
+from lens_plugins.core.readout import EXP_FLOOR
 
 
 def _logits(normed, W_U, b_U, softcap, v0, v1):
@@ -57,22 +57,23 @@ def reference_summary(ref_normed, W_U, b_U, softcap, vocab_chunk=4096, token_chu
     CPUs with bfloat16 units, at about 3 significant digits per logit); everything else is float32."""
     with torch.no_grad():
         ref_normed = ref_normed.float()
+        device = ref_normed.device
         W_mm = W_U.detach().to(matmul_dtype)
         n, d = ref_normed.shape
         vocab = W_U.shape[1]
         linear = softcap is None
-        log_partition = torch.empty(n)
-        neg_entropy = torch.empty(n)
-        mean_unembed = torch.empty(n, d) if linear else None
-        mean_bias = torch.zeros(n) if linear else None
+        log_partition = torch.empty(n, device=device)
+        neg_entropy = torch.empty(n, device=device)
+        mean_unembed = torch.empty(n, d, device=device) if linear else None
+        mean_bias = torch.zeros(n, device=device) if linear else None
         for t0 in range(0, n, token_chunk):
             h = ref_normed[t0:t0 + token_chunk]
             h_mm = h.to(matmul_dtype)
-            m = torch.full((h.shape[0],), float("-inf"))
-            s = torch.zeros(h.shape[0])
-            el = torch.zeros(h.shape[0])  # running sum of e * l
-            ew = torch.zeros(h.shape[0], d) if linear else None
-            eb = torch.zeros(h.shape[0]) if linear and b_U is not None else None
+            m = torch.full((h.shape[0],), float("-inf"), device=device)
+            s = torch.zeros(h.shape[0], device=device)
+            el = torch.zeros(h.shape[0], device=device)  # running sum of e * l
+            ew = torch.zeros(h.shape[0], d, device=device) if linear else None
+            eb = torch.zeros(h.shape[0], device=device) if linear and b_U is not None else None
             for v0 in range(0, vocab, vocab_chunk):
                 v1 = min(v0 + vocab_chunk, vocab)
                 tile, _ = _logits(h_mm, W_mm, b_U, softcap, v0, v1)
@@ -110,20 +111,21 @@ def _pass(normed, W_U, b_U, softcap, kind, target, vocab_chunk, token_chunk, wan
     """
     n, d = normed.shape
     vocab = W_U.shape[1]
-    loss = torch.empty(n)
-    log_partition = torch.empty(n)
-    grad = torch.empty(n, d) if want_grad else None
+    device = normed.device
+    loss = torch.empty(n, device=device)
+    log_partition = torch.empty(n, device=device)
+    grad = torch.empty(n, d, device=device) if want_grad else None
     linear = softcap is None
     W_mm = W_U.to(matmul_dtype)  # callers that loop over rows pass W_U already cast: then this is free
     for t0 in range(0, n, token_chunk):
         t1 = min(t0 + token_chunk, n)
         h = normed[t0:t1]
         h_mm = h.to(matmul_dtype)
-        m = torch.full((t1 - t0,), float("-inf"))
-        s = torch.zeros(t1 - t0)
-        eg = torch.zeros(t1 - t0, d) if want_grad else None  # running sum of e * dl/dz * W_v
-        cross = torch.zeros(t1 - t0)  # KL with soft-capping: running sum of p * l
-        pg = torch.zeros(t1 - t0, d) if want_grad and kind == "kl" and not linear else None
+        m = torch.full((t1 - t0,), float("-inf"), device=device)
+        s = torch.zeros(t1 - t0, device=device)
+        eg = torch.zeros(t1 - t0, d, device=device) if want_grad else None  # running sum of e * dl/dz * W_v
+        cross = torch.zeros(t1 - t0, device=device)  # KL with soft-capping: running sum of p * l
+        pg = torch.zeros(t1 - t0, d, device=device) if want_grad and kind == "kl" and not linear else None
         if kind == "kl" and not linear:
             ref_h = target["ref_normed"][t0:t1].to(matmul_dtype)
             ref_logz = target["log_partition"][t0:t1].unsqueeze(-1)

@@ -50,6 +50,13 @@ class GeneratedLens(LensResult):
         return fig
 
 
+def refuse_positions(kwargs: dict) -> None:
+    """The generation lens decodes the generated positions: a ``positions=`` (which would otherwise reach the
+    lens, or ``model.generate``, and mean something else) is refused the same way on both backends."""
+    if "positions" in kwargs:
+        raise ValueError("the generation lens decodes the generated positions; it takes no positions=")
+
+
 def generated_positions(prompt_length: int, n_generated: int) -> list[int]:
     """The positions whose predictions are the generated tokens."""
     if prompt_length < 1:

@@ -76,6 +76,8 @@ def _summary(report: str, name: str, signature: inspect.Signature, args, kwargs)
     if parameter is None or expected is None:
         return None
     argument = parameter.group(1)
+    if argument not in signature.parameters:  # an inner checked call's, forwarded by **kwargs: already explained
+        return None
     try:
         value = signature.bind_partial(*args, **kwargs).arguments.get(argument)
     except TypeError:

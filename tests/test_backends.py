@@ -303,3 +303,13 @@ def test_both_backend_modules_export_the_same_verbs_with_the_same_parameters():
         if verb == "decoder_for":
             continue
         assert params[0] == params[1], verb
+
+
+def test_a_badly_typed_option_is_explained_on_both_backends(backend):
+    """A wrong type is named with the argument, on both backends, also where the TransformerLens one-call form
+    forwards it through ``**kwargs`` to the cache form (its own signature does not have it: that used to
+    surface as a ``KeyError``)."""
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises(TypeCheckError, match=r"argument 'top_k' has the wrong type\. Expected int, got str"):
+        backend.lens(PROMPT, top_k="5")

@@ -95,3 +95,20 @@ def test_refuses_a_causal_model_and_a_wrong_batch(smollm2_tokenizer, family):
     with pytest.raises(ValueError, match=r"runs 4 copies of one example"):
         with model.trace(ENCODER_IDS, decoder_input_ids=DECODER_IDS):
             lpn.decoder_lens(model)
+
+
+def test_a_batch_or_an_empty_example_is_refused_on_both_backends(smollm2_tokenizer, family):
+    """The DecoderLens runs one copy of a single example per encoder row: a batch of two would interleave the
+    examples' rows (the TransformerLens form used to return such a mix), so both one-call forms refuse it."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=tiny_seq2seq(family),
+                                                 tokenizer=smollm2_tokenizer).eval()
+    nn_model = lpn.wrap_model(tiny_seq2seq(family), smollm2_tokenizer)
+    for run, model in ((tl_adapter.run_decoder_lens, bridge), (lpn.run_decoder_lens, nn_model)):
+        with pytest.raises(ValueError, match=r"input_ids must be one non-empty sequence, shape \[1, seq\], got \(2, "):
+            run(model, ENCODER_IDS.repeat(2, 1), DECODER_IDS)
+        with pytest.raises(ValueError, match=r"decoder_input_ids must be one non-empty sequence.*got \(1, 0\)"):
+            run(model, ENCODER_IDS, DECODER_IDS[:, :0])
+        with pytest.raises(ValueError, match="input_ids is empty"):
+            run(model, " ", DECODER_IDS)

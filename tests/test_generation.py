@@ -115,3 +115,16 @@ def test_row_selection_and_a_lens_follow_the_logit_lens(smollm2_tokenizer):
     with model.trace(lens.token_ids):
         plain = lpn.logit_lens(model, positions=lens.positions, **dict(kwargs, lens=None))
     assert not torch.allclose(lpn.result(plain, model).entropy, lens.entropy)  # the lens did change the rows
+
+
+def test_positions_are_refused_on_both_backends(smollm2_tokenizer):
+    """The generation lens decodes the generated positions; ``positions=`` used to reach ``model.generate`` on
+    nnsight (a transformers warning about unused model_kwargs) while TransformerLens refused it."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=tiny_model("llama"),
+                                                 tokenizer=smollm2_tokenizer).eval()
+    model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
+    for run, m in ((tl_adapter.run_generation_lens, bridge), (lpn.run_generation_lens, model)):
+        with pytest.raises(ValueError, match="decodes the generated positions; it takes no positions="):
+            run(m, PROMPT, max_new_tokens=2, positions=[0])

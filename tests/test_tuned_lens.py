@@ -1,7 +1,6 @@
 """The tuned lens: checkpoint format, decoding, the tiled training loss, training, evaluation, the variant
-decoder, and (once the lens seam is merged) both backends and the remote request."""
+decoder, and, through the lens seam, both backends and the remote request."""
 
-import inspect
 import json
 
 import pytest
@@ -327,19 +326,7 @@ def test_last_blocks_decoder_reproduces_the_model(family):
         LastBlocksLens(hf, k=4)
 
 
-# --- both backends and remote, through the lens seam (enabled when `lens=` exists) ---------------------------
-
-
-def _seam_available() -> bool:
-    try:
-        from lens_plugins.adapters import transformer_lens as tl_adapter
-    except ImportError:
-        return False
-    return "lens" in inspect.signature(tl_adapter.logit_lens).parameters
-
-
-seam_available = _seam_available()
-needs_seam = pytest.mark.skipif(not seam_available, reason="the lens seam (lens= on every entry point) is not merged")
+# --- both backends and remote, through the lens seam (`lens=` on every entry point) ---------------------------
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +342,6 @@ def expected_from_stack(hf, tokens, lens, tokenizer):
     return lp.logit_lens_from_stack(flat, [r.label for r in rows], decoder_of(hf), tokens, tokenizer, top_k=3)
 
 
-@needs_seam
 def test_seam_transformer_lens_cache_with_a_tuned_lens(tiny_tuned, smollm2_tokenizer):
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -369,7 +355,6 @@ def test_seam_transformer_lens_cache_with_a_tuned_lens(tiny_tuned, smollm2_token
     torch.testing.assert_close(ours.kl_final_row, expected.kl_final_row, atol=1e-4, rtol=0)
 
 
-@needs_seam
 def test_seam_nnsight_trace_with_a_tuned_lens_and_its_request_size(tiny_tuned, smollm2_tokenizer):
     from nnsight.schema.request import RequestModel
 

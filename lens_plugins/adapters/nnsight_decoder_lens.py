@@ -45,8 +45,8 @@ def run_decoder_lens(
 
     spec = core_decoder_lens.encoder_decoder_spec(model)
     n = len(get_path(model, spec["encoder_layers"]))
-    encoder_ids, decoder_ids = (_ids(model, x, name) for x, name in ((input_ids, "input_ids"),
-                                                                      (decoder_input_ids, "decoder_input_ids")))
+    encoder_ids, decoder_ids = (core_decoder_lens.one_example(model.tokenizer, x, name) for x, name in
+                                ((input_ids, "input_ids"), (decoder_input_ids, "decoder_input_ids")))
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     try:
         with eval_mode(getattr(model, "_module", model)), model.trace(
@@ -57,13 +57,3 @@ def run_decoder_lens(
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
     return decoder_lens_result(lens, model)
-
-
-def _ids(model, value, name: str) -> torch.Tensor:
-    if isinstance(value, str):
-        if not value.strip():
-            raise ValueError(f"{name} is empty ({value!r}): give the model some text")
-        return model.tokenizer(value, return_tensors="pt")["input_ids"]
-    if value.dim() != 2 or value.shape[0] != 1 or value.shape[1] == 0:
-        raise ValueError(f"{name} must be one non-empty sequence, shape [1, seq], got {tuple(value.shape)}")
-    return value.long()

@@ -72,6 +72,7 @@ def run_generation_lens(
     _one_prompt(model, text)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    generation.refuse_positions(generate_kwargs)
     generate_kwargs.setdefault("do_sample", False)
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = _shippable(model, lens, remote, backend, **rows)

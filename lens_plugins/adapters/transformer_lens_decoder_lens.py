@@ -9,7 +9,7 @@ from typing import Optional, Union
 import torch
 
 from lens_plugins.core.architectures import decoder_tensors, get_path
-from lens_plugins.core.decoder_lens import decoder_lens_stats, encoder_decoder_spec
+from lens_plugins.core.decoder_lens import decoder_lens_stats, encoder_decoder_spec, one_example
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.logit_lens import DEFAULT_TOP_K, LensRequest, assemble, eval_mode
 from lens_plugins.result import LensResult
@@ -24,8 +24,8 @@ def _unwrapped(module):
 @typechecked
 def run_decoder_lens(
     model,
-    input_ids: torch.Tensor,
-    decoder_input_ids: torch.Tensor,
+    input_ids: Union[str, torch.Tensor],
+    decoder_input_ids: Union[str, torch.Tensor],
     *,
     top_k: int = DEFAULT_TOP_K,
     targets: Sequence[Union[str, int]] = (),
@@ -33,7 +33,9 @@ def run_decoder_lens(
     positions: Optional[Union[int, Sequence[int]]] = None,
     reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
 ) -> LensResult:
-    """The DecoderLens of one example (``[1, seq]`` encoder and decoder ids) on a TransformerBridge."""
+    """The DecoderLens of one example (text, or ``[1, seq]`` encoder and decoder ids) on a TransformerBridge."""
+    input_ids, decoder_input_ids = (one_example(model.tokenizer, x, name) for x, name in
+                                    ((input_ids, "input_ids"), (decoder_input_ids, "decoder_input_ids")))
     hf = model.original_model
     spec = encoder_decoder_spec(hf)
     n = len(get_path(hf, spec["encoder_layers"]))

@@ -44,8 +44,7 @@ def run_generation_lens(model, text: Union[str, torch.Tensor], *, max_new_tokens
     cached forward pass; ``lens_kwargs`` go to ``logit_lens`` (``top_k``, ``targets``, ``reductions``, ...)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if "positions" in lens_kwargs:
-        raise ValueError("the generation lens decodes the generated positions; it takes no positions=")
+    generation.refuse_positions(lens_kwargs)
     tokens = _prompt_tokens(model, text)
     with eval_mode(model), torch.no_grad():
         # Without the key-value cache: TransformerBridge's cached generate (TL 4.3) drifted from Hugging Face's

@@ -36,6 +36,19 @@ def encoder_decoder_spec(model):
     return ENCODER_DECODER[kind]
 
 
+def one_example(tokenizer, value, name):
+    """``value`` (text, or token ids ``[1, seq]``) as the one example's ids ``[1, seq]``: the DecoderLens runs
+    one copy of a single example per encoder row, so a batch or an empty sequence is refused, on either
+    backend, before anything runs."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{name} is empty ({value!r}): give the model some text")
+        return tokenizer(value, return_tensors="pt")["input_ids"]
+    if value.dim() != 2 or value.shape[0] != 1 or value.shape[1] == 0:
+        raise ValueError(f"{name} must be one non-empty sequence, shape [1, seq], got {tuple(value.shape)}")
+    return value.long()
+
+
 def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers, top_k, targets, token_sets,
                        positions, reductions, vocab_chunk=None, token_chunk=None):
     """The saved DecoderLens of the decoder's last residual ``resid [encoder rows, decoder tokens, d_model]``
@@ -44,7 +57,7 @@ def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers,
     rows = row_plan.plan(n_encoder_layers)
     if resid.shape[0] != len(rows):
         raise ValueError(f"the DecoderLens runs {len(rows)} copies of one example (one per encoder row), got a "
-                         f"batch of {resid.shape[0]}; use lp.nnsight.run_decoder_lens, or repeat the example")
+                         f"batch of {resid.shape[0]}; use run_decoder_lens, or repeat the example")
     token_ids = decoder_ids[:1].cpu().long()
     mask = torch.ones_like(token_ids)
     req = request.build(tokenizer, decoder["W_U"].shape[1], token_ids.shape[1], top_k, positions, targets,

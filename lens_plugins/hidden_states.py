@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lens_plugins.core import architectures
-from lens_plugins.core.rows import Row
+from lens_plugins.core.rows import Row, plan
 
 
 def hf_model(model) -> torch.nn.Module:
@@ -30,8 +30,8 @@ def hf_model(model) -> torch.nn.Module:
 
 
 def stack_rows(n_layers: int) -> list[Row]:
-    """The rows of ``residual_stack``: ``embed``, ``1_pre`` .. ``{L-1}_pre``, ``{L-1}_post``."""
-    return [Row(0, "embed"), *(Row(i, "pre") for i in range(1, n_layers)), Row(n_layers - 1, "post")]
+    """The rows of ``residual_stack``: ``embed``, ``1_pre`` .. ``{L-1}_pre``, ``{L-1}_post`` (the default plan)."""
+    return plan(n_layers)
 
 
 def decoder_tensors(hf, spec: Optional[dict] = None) -> dict:

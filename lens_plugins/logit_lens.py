@@ -50,7 +50,7 @@ class LensRequest:
     @property
     def user_ids(self) -> list[int]:
         """The scored ids after the next/input-token columns: targets, then every set's members."""
-        return self.target_ids + [i for members in self.set_ids for i in members]
+        return lens_request.user_ids(vars(self))
 
 
 def assemble(
@@ -198,9 +198,10 @@ def logit_lens_from_stack(
         raise ValueError(f"a lens maps rows by their labels ('embed', '3_pre', ...), but these labels are {labels}")
     index = {row: i for i, row in enumerate(every)}
 
-    def read(rows):
+    def read(rows, positions=None):
         picked = [index[row] for row in rows]
-        return stack if len(picked) == stack.shape[0] else stack[picked]
+        chosen = stack if len(picked) == stack.shape[0] else stack[picked]
+        return chosen if positions is None else chosen[:, :, positions]
 
     return run_lens(read, every, layers, token_ids, tokenizer, decoder, attention_mask=attention_mask,
                     positions=positions, top_k=top_k, targets=targets, token_sets=token_sets,

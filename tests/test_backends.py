@@ -313,3 +313,27 @@ def test_a_badly_typed_option_is_explained_on_both_backends(backend):
 
     with pytest.raises(TypeCheckError, match=r"argument 'top_k' has the wrong type\. Expected int, got str"):
         backend.lens(PROMPT, top_k="5")
+
+
+def test_the_pipeline_reads_only_the_positions_asked_for(smollm2_tokenizer):
+    """A reader is asked for the lens's positions, so a server cuts each row to them before upcasting and
+    stacking (``positions=[-1]`` on a long prompt holds one column per row, not the whole prompt in float32);
+    the nnsight reader inside a trace returns exactly those columns of what it would read in full."""
+    from lens_plugins.core import pipeline
+
+    asked = []
+
+    def read(rows, positions=None):
+        asked.append(positions)
+        return torch.ones(len(rows), 2, len(positions), 8)
+
+    rows = row_plan.plan(3)
+    flat = pipeline.lens_rows(read, rows, [4, 6], None, 8)
+    assert asked == [[4, 6]] and flat.shape == (len(rows), 2 * 2, 8)
+    model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
+    spec = architectures.resolve(model)
+    with model.trace(TOKENS):
+        full = trace.reader(model, spec)(rows).save()
+    with model.trace(TOKENS):
+        cut = trace.reader(model, spec)(rows, [1, 5]).save()
+    assert torch.equal(cut, full[:, :, [1, 5]])

@@ -133,7 +133,7 @@ def patchscope(
             token_sets=token_sets, reductions=reductions, top_k=top_k, batch_size=batch_size,
             max_new_tokens=max_new_tokens, context=context_length(model),
         )
-        hidden = read(request.rows)[:, 0][:, request.lens.positions]
+        hidden = read(request.rows, list(request.lens.positions))[:, 0]
         runner = _Runner(model, request, target_ids.reshape(1, -1), vocab_chunk, token_chunk)
         return run(runner, request, hidden.float(), source_ids.to(torch.long).cpu(), target_ids.cpu(),
                    target_prompt if isinstance(target_prompt, str) else model.tokenizer.decode(target_ids.tolist()),

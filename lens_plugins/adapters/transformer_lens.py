@@ -149,13 +149,14 @@ def row_plan(cache, resid_mid: bool = False, sublayers: Sublayers = False) -> li
 
 
 def reader(cache, fix: str = ""):
-    """``read(rows) -> [rows, batch, seq, d_model]`` from the cache's hooks, with a fix-it message for each
-    hook the cache lacks (``fix``: the ``hook_filter`` arguments that cache it)."""
+    """``read(rows, positions=None) -> [rows, batch, positions or seq, d_model]`` from the cache's hooks, cut to
+    ``positions`` before they are stacked, with a fix-it message for each hook the cache lacks (``fix``: the
+    ``hook_filter`` arguments that cache it)."""
 
-    def read(rows: Sequence[Row]) -> Tensor:
+    def read(rows: Sequence[Row], positions: Optional[list[int]] = None) -> Tensor:
         hooks = [hook_name(row) for row in rows]
         _require(cache, hooks, fix)
-        stack = torch.stack([cache[h] for h in hooks])
+        stack = torch.stack([cache[h] if positions is None else cache[h][..., positions, :] for h in hooks])
         if stack.dim() == 3:  # a cache taken with remove_batch_dim=True
             stack = stack.unsqueeze(1)
         return stack.detach()

@@ -63,8 +63,8 @@ def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers,
     req = request.build(tokenizer, decoder["W_U"].shape[1], token_ids.shape[1], top_k, positions, targets,
                         token_sets, reductions)
     stack = resid.detach().float()[:, None]  # [rows, batch 1, decoder tokens, d_model]
-    stats = pipeline.logit_lens(lambda chosen: stack, rows, req, decoder, token_ids, mask, None, vocab_chunk,
-                                token_chunk)
+    stats = pipeline.logit_lens(lambda chosen, positions: stack[:, :, positions], rows, req, decoder, token_ids,
+                                mask, None, vocab_chunk, token_chunk)
     return {
         "format": FORMAT,
         "stats": {name: value.cpu() for name, value in stats.items()},

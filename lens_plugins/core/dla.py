@@ -37,30 +37,26 @@ def frozen_norm(parts, raw, norm_kind, norm_weight, norm_eps):
     return parts if norm_weight is None else parts * norm_weight.float()
 
 
-def member_coefficients(final, decoder, target_ids, distractor_ids):
-    """``(ids [members], coef [batch, members])``: each target token's share of the target set's probability at the real
-    forward pass, and minus each distractor's share of the distractor set's (one token: +1 / -1).
+def member_coefficients(capped, n_targets):
+    """``coef [batch, members]`` from the members' soft-capped logits (targets first): each target token's share
+    of the target set's probability at the real forward pass, and minus each distractor's share of the
+    distractor set's (one token: +1 / -1).
 
     The weighted member logit is what a token set's attribution explains: it is linear in the residual, and
     at the frozen point its gradient equals that of the set's log-probability (the log-sum-exp direction).
     """
-    ids = torch.tensor(list(target_ids) + list(distractor_ids), dtype=torch.long, device=decoder["W_U"].device)
-    logits = member_logits(final, decoder, ids, capped=True)
-    n = len(target_ids)
-    coef = torch.cat([logits[:, :n].softmax(-1), -logits[:, n:].softmax(-1)], dim=-1)
-    return ids, coef
+    return torch.cat([capped[:, :n_targets].softmax(-1), -capped[:, n_targets:].softmax(-1)], dim=-1)
 
 
-def member_logits(final, decoder, ids, capped):
-    """The logits of ``ids`` at the final residual, before or after the soft-cap: d_model dot products."""
-    normed = apply_final_norm(final, decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"], decoder["norm_eps"])
-    columns = decoder["W_U"][:, ids].float()
-    logits = normed @ columns
+def column_logits(normed, decoder, ids):
+    """``(raw, capped)``: the logits of the vocabulary columns ``ids`` at already-normed residuals, before and
+    after the soft-cap (the same tensor without one): ``d_model`` dot products per id, no vocabulary pass."""
+    logits = normed @ decoder["W_U"][:, ids].float()
     if decoder["b_U"] is not None:
         logits = logits + decoder["b_U"][ids].float()
-    if capped and decoder["softcap"] is not None:
-        logits = decoder["softcap"] * torch.tanh(logits / decoder["softcap"])
-    return logits
+    if decoder["softcap"] is None:
+        return logits, logits
+    return logits, decoder["softcap"] * torch.tanh(logits / decoder["softcap"])
 
 
 def direction(final, decoder, ids, coef):
@@ -94,7 +90,11 @@ def attribute(parts, decoder, target_ids, distractor_ids):
     the parts really are everything the stream holds).
     """
     final = parts["final"].to(decoder["W_U"].device).float()  # work where the unembedding lives
-    ids, coef = member_coefficients(final, decoder, target_ids, distractor_ids)
+    ids = torch.tensor(list(target_ids) + list(distractor_ids), dtype=torch.long, device=decoder["W_U"].device)
+    normed = apply_final_norm(final, decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"],
+                              decoder["norm_eps"])
+    raw, capped = column_logits(normed, decoder, ids)
+    coef = member_coefficients(capped, len(target_ids))
     vec, constant = direction(final, decoder, ids, coef)
     device = vec.device
 
@@ -107,10 +107,8 @@ def attribute(parts, decoder, target_ids, distractor_ids):
     if parts.get("pos_embed") is not None:
         out["pos_embed"] = dot(parts["pos_embed"])
         total = total + parts["pos_embed"].to(device).float()
-    member = member_logits(final, decoder, ids, capped=False) * coef
-    capped = member_logits(final, decoder, ids, capped=True) * coef
     out.update(
-        constant=constant, explained=member.sum(-1), model_value=capped.sum(-1), coef=coef, ids=ids,
+        constant=constant, explained=(raw * coef).sum(-1), model_value=(capped * coef).sum(-1), coef=coef, ids=ids,
         reconstruction_error=(final - total).norm(dim=-1) / final.norm(dim=-1).clamp(min=1e-12),
     )
     return out

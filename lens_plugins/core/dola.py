@@ -28,7 +28,7 @@ import math
 import torch
 
 from lens_plugins.core import readout
-from lens_plugins.core.rows import Row
+from lens_plugins.core.rows import plan
 
 FORMAT = "lens_plugins.dola/1"  # marks a DoLa record (either backend's), so the local side can refuse anything else
 
@@ -66,8 +66,8 @@ def candidate_layers(layers, n_layers, tied_embeddings):
 def rows(layers, n_layers):
     """The ``Row`` of each hidden-state index (0: ``embed``, ``i < n_layers``: ``i_pre``, ``n_layers``: the last
     block's ``post``), so either backend's reader reads the candidates."""
-    return [Row(0, "embed") if layer == 0 else Row(layer, "pre") if layer < n_layers else Row(n_layers - 1, "post")
-            for layer in layers]
+    every = plan(n_layers)  # hidden-state index i is the default plan's row i
+    return [every[layer] for layer in layers]
 
 
 def contrast(mature_logits, premature_logits, alpha):

@@ -69,11 +69,11 @@ def generation_lens(
     saved["prompt_ids"] = sequence
     for step in tracer.iter[:steps]:
         # A fresh reader per step: a reader reads each module's input once, and every step is a new forward.
-        stack = reader(model, spec)(chosen)[:, :, -1:]  # [rows, 1, 1, d_model]
+        stack = reader(model, spec)(chosen, [-1])  # [rows, 1, 1, d_model]: the step's position, read alone
         for _ in tracer.iter[step + 1]:  # the token this step chose (occurrence 0 was the prompt)
             token = model.generator.streamer.output
         sequence = torch.cat([sequence, token.cpu().long().reshape(1, 1)], dim=1)
-        stats = pipeline.logit_lens(lambda rows: stack, chosen, req, decoder, sequence[:, -2:],
+        stats = pipeline.logit_lens(lambda rows, positions: stack, chosen, req, decoder, sequence[:, -2:],
                                     torch.ones(1, 2, dtype=torch.long), lens, vocab_chunk, 1)
         saved["steps"].append({name: value.cpu() for name, value in stats.items()})
         saved["sequence"] = sequence

@@ -1,7 +1,8 @@
 """One lens pipeline for every backend: read the rows, check them, apply the lens, decode and reduce.
 
-A backend supplies a *reader*, ``read(rows) -> [rows, batch, seq, d_model]`` (TransformerLens: row ->
-hook name in a cache; nnsight: row -> a module's input or output inside a trace), and a request
+A backend supplies a *reader*, ``read(rows, positions=None) -> [rows, batch, positions or seq, d_model]``
+(TransformerLens: row -> hook name in a cache; nnsight: row -> a module's input or output inside a trace;
+only the positions asked for are read), and a request
 (``request.build``); ``logit_lens`` and ``logit_diff`` do the rest the same way for both, so every check
 and default is shared. Torch only: on a remote nnsight trace this runs on the server.
 """
@@ -9,6 +10,7 @@ and default is shared. Torch only: on a remote nnsight trace this runs on the se
 import torch
 
 from lens_plugins.core import lenses
+from lens_plugins.core.dla import column_logits
 from lens_plugins.core.readout import apply_final_norm, lens_statistics
 from lens_plugins.core.request import readout_reductions, target_columns, user_ids
 
@@ -35,17 +37,16 @@ def check_rows(request, chosen, all_rows):
 
 def lens_rows(read, rows, positions, lens, d_model):
     """``[rows, batch * positions, d_model]``: the rows read, checked and mapped through the lens."""
-    stack = read(rows)
+    selected = read(rows, list(positions))
     labels = [row.label for row in rows]
-    if stack.shape[0] != len(rows):
-        raise ValueError(f"the reader returned {stack.shape[0]} rows for {len(rows)} rows asked for")
-    if stack.shape[-1] != d_model:
+    if selected.shape[0] != len(rows):
+        raise ValueError(f"the reader returned {selected.shape[0]} rows for {len(rows)} rows asked for")
+    if selected.shape[-1] != d_model:
         raise ValueError(
-            f"residual vectors have width {stack.shape[-1]} but this decoder's W_U expects d_model={d_model}: "
+            f"residual vectors have width {selected.shape[-1]} but this decoder's W_U expects d_model={d_model}: "
             "the activations come from a different model than the one decoding them")
-    selected = stack if len(positions) == stack.shape[2] else stack[:, :, positions]
     check_finite(selected, labels, positions)
-    flat = selected.reshape(len(rows), stack.shape[1] * len(positions), d_model)
+    flat = selected.reshape(len(rows), selected.shape[1] * len(positions), d_model)
     weight, bias, transform = lenses.resolve(lens, rows, d_model)
     with torch.no_grad():
         return lenses.apply(flat.detach(), rows, weight, bias, transform)
@@ -69,12 +70,7 @@ def logit_lens(read, rows, request, decoder, token_ids, attention_mask, lens=Non
 
 def set_logit(normed, decoder, ids):
     """Log-sum-exp of the logits of ``ids`` at every vector of ``normed``: ``d_model`` dot products per member."""
-    logits = normed @ decoder["W_U"][:, ids].float()
-    if decoder["b_U"] is not None:
-        logits = logits + decoder["b_U"][ids].float()
-    if decoder["softcap"] is not None:
-        logits = decoder["softcap"] * torch.tanh(logits / decoder["softcap"])
-    return logits.logsumexp(-1)
+    return column_logits(normed, decoder, ids)[1].logsumexp(-1)
 
 
 def logit_diff(read, rows, positions, decoder, target_ids, distractor_ids, batch, lens=None):

@@ -46,7 +46,9 @@ def plan(model, spec, layers, resid_mid, sublayers):
 
 
 def reader(model, spec):
-    """``read(rows) -> [rows, batch, seq, d_model]`` (float32): each row from a module's input or output.
+    """``read(rows, positions=None) -> [rows, batch, positions or seq, d_model]`` (float32): each row from a
+    module's input or output, cut to ``positions`` before it is upcast and stacked (a remote server then holds
+    only the positions asked for, not every row of a long prompt in float32).
 
     embed / pre L: block L's input; post / mlp / attn+mlp L: block L's output; mid / attn L: block L's input
     plus what its attention wrote; attn_out / mlp_out L: that write alone.
@@ -73,8 +75,8 @@ def reader(model, spec):
             return block_input(row.layer) + write(row.layer, "attn")
         return write(row.layer, row.site.removesuffix("_out"))
 
-    def read(rows):
-        values = [read_row(row) for row in rows]
+    def read(rows, positions=None):
+        values = [read_row(row) if positions is None else read_row(row)[:, positions] for row in rows]
         return torch.stack([v.to(values[0].device).float() for v in values])
 
     return read

@@ -203,20 +203,9 @@ def test_attribution_has_the_lens_guards(backend):
     with pytest.raises(ValueError, match=r"the prompt is empty"):
         backend.attribution("   ", " the")
     with pytest.raises(ValueError, match=r"position -1 is padding in prompt\(s\) \[1\]"):
-        backend.attribution([PROMPT, "in"], " the", padding_side="right") if backend.name == "transformer_lens" \
-            else _right_padded(backend, lambda: backend.attribution([PROMPT, "in"], " the"))
+        backend.attribution([PROMPT, "in"], " the", padding_side="right")
     result = backend.attribution(PROMPT, " the", " it")
     assert float(result.error.max()) < 1e-4
-
-
-def _right_padded(backend, call):
-    tokenizer = backend.model.tokenizer
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        return call()
-    finally:
-        tokenizer.padding_side = side
 
 
 # --- the lens seam -----------------------------------------------------------------------------------
@@ -282,9 +271,9 @@ def test_affine_lens_ships_to_a_remote_trace(both):
 SHARED_VERBS = ("logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
                 "decoder_for", "patchscope")
 # What only one backend has: where its input comes from (a cache's tokens and mask; a trace's remote/backend and
-# module paths), its own tokenisation control, and ``by`` (an in-trace verb saves values; nnsight's
-# ``attribution_result(saved, model, by=...)`` takes it).
-BACKEND_SPECIFIC = {"tokens", "attention_mask", "padding_side", "remote", "backend", "paths", "kwargs", "by"}
+# module paths), and ``by`` (an in-trace verb saves values; nnsight's ``attribution_result(saved, model, by=...)``
+# takes it). ``padding_side`` is shared: both one-call forms take it.
+BACKEND_SPECIFIC = {"tokens", "attention_mask", "remote", "backend", "paths", "kwargs", "by"}
 
 
 def test_both_backend_modules_export_the_same_verbs_with_the_same_parameters():
@@ -337,3 +326,17 @@ def test_the_pipeline_reads_only_the_positions_asked_for(smollm2_tokenizer):
     with model.trace(TOKENS):
         cut = trace.reader(model, spec)(rows, [1, 5]).save()
     assert torch.equal(cut, full[:, :, [1, 5]])
+
+
+def test_padding_side_is_an_option_of_both_one_call_forms(backend):
+    """nnsight's one-call forms took the tokenizer's side only (tests used to flip it by hand); both now take
+    ``padding_side``, refuse anything but left / right the same way, and leave the tokenizer as it was."""
+    side = backend.model.tokenizer.padding_side
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'middle'"):
+        backend.lens([PROMPT, "in"], padding_side="middle")
+    left = backend.lens([PROMPT, "in"], padding_side="left")
+    right = backend.lens([PROMPT, "in"], padding_side="right")
+    assert backend.model.tokenizer.padding_side == side
+    assert left.attention_mask[1, 0] == 0 and right.attention_mask[1, -1] == 0  # where the short prompt is padded
+    n = int(left.attention_mask[1].sum())
+    torch.testing.assert_close(left.entropy[:, 1, -n:], right.entropy[:, 1, :n], atol=TOL, rtol=0)

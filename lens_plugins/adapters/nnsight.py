@@ -164,17 +164,25 @@ def attribution_result(saved: dict, model, by: str = "component") -> Attribution
     return result_from_saved(saved, getattr(model, "tokenizer", model), by=by)
 
 
-def _trace(model, prompt, remote, backend, body):
-    """Run ``body()`` inside ``model.trace(prompt)`` with the one-call guards (prompts, context, eval mode)
-    and name a remote failure."""
+def _trace(model, prompt, remote, backend, body, padding_side=None):
+    """Run ``body()`` inside ``model.trace(prompt)`` with the one-call guards (prompts, context, eval mode),
+    a batch padded on ``padding_side`` (default the tokenizer's, as on TransformerLens), and name a remote
+    failure."""
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     prompts = check_prompts(prompt)
-    check_context(max(len(ids) for ids in model.tokenizer(prompts)["input_ids"]), context_length(model))
+    tokenizer = model.tokenizer
+    check_context(max(len(ids) for ids in tokenizer(prompts)["input_ids"]), context_length(model))
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
+    side = tokenizer.padding_side
+    tokenizer.padding_side = padding_side or side  # the batch is tokenized when the trace starts
     try:
         with eval_mode(getattr(model, "_module", model)), model.trace(prompt, **trace_kwargs):
             saved = body()
     except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
+    finally:
+        tokenizer.padding_side = side
     return saved
 
 
@@ -205,6 +213,7 @@ def run_logit_lens(
     vocab_chunk: Optional[int] = None,
     token_chunk: Optional[int] = None,
     precision: str = "float32",
+    padding_side: Optional[str] = None,
 ) -> LensResult:
     """Trace ``prompt`` (one string or a batch) and return its lens: the one-call form.
 
@@ -212,16 +221,16 @@ def run_logit_lens(
     happened (unreachable host, job error, timeout); the model, prompt and arguments are untouched, so the
     call can simply be retried, or run with ``remote=False``.
 
-    A batch is padded on the tokenizer's ``padding_side`` and run with its attention mask (padding is
-    marked in ``result.attention_mask`` and scores nothing). A prompt longer than the model's context is
-    refused before tracing; a model in training mode runs in eval mode for the call, with a warning.
+    A batch is padded on ``padding_side`` ("left" or "right"; default the tokenizer's) and run with its
+    attention mask (padding is marked in ``result.attention_mask`` and scores nothing). A prompt longer than
+    the model's context is refused before tracing; a model in training mode runs in eval mode for the call, with a warning.
     """
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = _shippable(model, lens, remote, backend, **rows)
     saved = _trace(model, prompt, remote, backend, lambda: logit_lens(
         model, top_k=top_k, targets=list(targets), positions=positions, token_sets=token_sets,
         reductions=tuple(reductions), lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-        precision=precision, **rows))
+        precision=precision, **rows), padding_side)
     return result(saved, model)
 
 
@@ -240,13 +249,15 @@ def run_logit_diff(
     positions: Optional[Union[int, Sequence[int]]] = None,
     lens=None,
     paths: Optional[dict] = None,
+    padding_side: Optional[str] = None,
 ) -> LogitDiff:
     """Trace ``prompt`` and return the lens's ``target`` minus ``distractor`` at every row and position:
     the one-call form of ``logit_diff``, with ``run_logit_lens``'s guards."""
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = _shippable(model, lens, remote, backend, **rows)
     saved = _trace(model, prompt, remote, backend,
-                   lambda: logit_diff(model, target, distractor, positions=positions, lens=lens, **rows))
+                   lambda: logit_diff(model, target, distractor, positions=positions, lens=lens, **rows),
+                   padding_side)
     return logit_diff_result(saved, model)
 
 
@@ -262,12 +273,13 @@ def run_attribution(
     remote: Union[bool, str] = False,
     backend=None,
     paths: Optional[dict] = None,
+    padding_side: Optional[str] = None,
 ) -> Attribution:
     """Trace ``prompt`` and return the direct logit attribution of ``target`` (minus ``distractor``) at
     ``position``: the one-call form, with ``run_logit_lens``'s guards (context length, padding with its
     mask, eval mode) and its remote errors."""
     saved = _trace(model, prompt, remote, backend,
-                   lambda: attribution(model, target, distractor, position=position, paths=paths))
+                   lambda: attribution(model, target, distractor, position=position, paths=paths), padding_side)
     return attribution_result(saved, model, by=by)
 
 

@@ -269,7 +269,7 @@ def test_affine_lens_ships_to_a_remote_trace(both):
 # --- the same surface --------------------------------------------------------------------------------
 
 SHARED_VERBS = ("logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
-                "decoder_for", "patchscope")
+                "decoder_for", "patchscope", "run_decoder_lens", "dola_generate")
 # What only one backend has: where its input comes from (a cache's tokens and mask; a trace's remote/backend and
 # module paths), and ``by`` (an in-trace verb saves values; nnsight's ``attribution_result(saved, model, by=...)``
 # takes it). ``padding_side`` is shared: both one-call forms take it.

@@ -136,3 +136,15 @@ def test_backends_agree_and_layer_choice_is_the_js_argmax(penalty, hf, nn_model,
         torch.testing.assert_close(ours.js[step], divergences, atol=1e-6, rtol=1e-4)
     greedy = hf.generate(PROMPT, do_sample=False, max_new_tokens=6)[0]
     assert not torch.equal(ours.token_ids, greedy)  # the contrast does change the decoding here
+
+
+def test_tied_embeddings_choose_the_low_bucket_on_both_backends(nn_model, bridge):
+    """``tied_embeddings=`` (tied embeddings are skipped from the "low" bucket: they decode to the input token)
+    is an option of both backends: untied, the 3-layer model's low bucket is the embeddings; tied, it is empty,
+    which both refuse."""
+    runs = (lambda **kw: lpn.dola_generate(nn_model, PROMPT, max_new_tokens=2, layers="low", **kw),
+            lambda **kw: tl_adapter.dola_generate(bridge, PROMPT, max_new_tokens=2, layers="low", **kw))
+    for run in runs:
+        assert run(tied_embeddings=False).candidate_layers == dola.candidate_layers("low", N_LAYERS, False) == [0]
+        with pytest.raises(ValueError, match="names no layer of a 3-layer model with tie_word_embeddings=True"):
+            run(tied_embeddings=True)

@@ -99,12 +99,14 @@ def dola_generate(
     alpha: float = 0.1,
     repetition_penalty: Optional[float] = None,
     premature_norm: bool = True,
+    tied_embeddings: Optional[bool] = None,
     remote: Union[bool, str] = False,
     backend=None,
     paths: Optional[dict] = None,
 ) -> DolaOutput:
     """DoLa decoding (Chuang et al. 2023) of ``text`` in one ``model.generate`` request; see
-    ``lens_plugins.core.dola`` for the definition and ``core.dola_trace.dola`` for the in-trace form."""
+    ``lens_plugins.core.dola`` for the definition and ``core.dola_trace.dola`` for the in-trace form.
+    ``tied_embeddings`` (for ``layers="low"``) defaults to the model config's ``tie_word_embeddings``."""
     from lens_plugins.adapters.nnsight import _remote_error
 
     _one_prompt(model, text)
@@ -117,7 +119,7 @@ def dola_generate(
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
             dola_trace.dola(model, tracer, max_new_tokens, layers=layers, alpha=alpha,
                             repetition_penalty=repetition_penalty, premature_norm=premature_norm, paths=paths,
-                            into=saved)
+                            into=saved, tied_embeddings=tied_embeddings)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise _remote_error(error, remote, backend) from error
     return dola_output(saved, model)

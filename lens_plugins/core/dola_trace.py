@@ -18,14 +18,15 @@ from lens_plugins.core.trace import reader  # a name, not the module: see trace.
 
 
 def dola(model, tracer, steps, layers="high", alpha=0.1, repetition_penalty=None, premature_norm=True, paths=None,
-         into=None):
+         into=None, tied_embeddings=None):
     """DoLa over ``with model.generate(prompt, max_new_tokens=steps, do_sample=False) as tracer:``; call it
     first in the body and read the result afterwards with ``lp.nnsight.dola_output(saved, model)``.
 
     ``layers`` are hidden-state indices of the premature candidates, or ``"low"`` / ``"high"``
     (``dola.candidate_layers``). Pass no ``repetition_penalty`` to ``generate`` itself: the step's logits
     are replaced by DoLa's choice, and the penalty belongs to DoLa's scores (``repetition_penalty=`` here).
-    ``paths`` holds module paths for a family the table lacks. A generation that ends at an end-of-text token
+    ``tied_embeddings`` (for ``layers="low"``) defaults to the config's ``tie_word_embeddings``. ``paths``
+    holds module paths for a family the table lacks. A generation that ends at an end-of-text token
     before ``steps`` unwinds the body from inside this function (nnsight's cut-short loop), so pass
     ``into=nnsight.save({})`` made before the call and read that.
     """
@@ -35,7 +36,7 @@ def dola(model, tracer, steps, layers="high", alpha=0.1, repetition_penalty=None
     decoder = decoder_tensors(model, spec)
     head = get_path(model, spec["lm_head"])
     n = len(get_path(model, spec["layers"]))
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) if tied_embeddings is None else tied_embeddings
     chosen = dola_core.candidate_layers(layers, n, tied)
     read_layers = sorted(set(chosen) | {n})  # stream order: the reader reads modules in forward order
     read_rows = dola_core.rows(read_layers, n)

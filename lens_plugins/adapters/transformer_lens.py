@@ -364,12 +364,7 @@ def _heads(cache, layer: int, position: int) -> tuple[Tensor, Tensor]:
         heads = torch.einsum("bhk,hkd->bhd", z, model.W_O[layer].detach().float())
     b_O = getattr(model, "b_O", None)
     bias = torch.zeros_like(heads[:, 0]) if b_O is None else b_O[layer].detach().float().expand_as(heads[:, 0])
-    post_norm = _post_attention_norm(model, layer)
-    if post_norm is None:
-        return heads, bias
-    kind, weight, _, eps = post_norm
-    mapped = dla.frozen_norm(torch.cat([heads, bias.unsqueeze(1)], 1), heads.sum(1) + bias, kind, weight, eps)
-    return mapped[:, :-1], mapped[:, -1]
+    return dla.through_post_norm(heads, bias, _post_attention_norm(model, layer))
 
 
 def cache_parts(cache, position: int = -1, attention_mask: Optional[Tensor] = None) -> dict[str, Optional[Tensor]]:

@@ -141,11 +141,16 @@ def split_heads(z, o_proj, n_heads, post_norm):
     d_head = z.shape[-1] // n_heads
     heads = torch.einsum("bhk,hkd->bhd", z.float().reshape(batch, n_heads, d_head), W_O.float().reshape(n_heads, d_head, -1))
     bias = torch.zeros_like(heads[:, 0]) if b_O is None else b_O.float().expand_as(heads[:, 0])
+    return through_post_norm(heads, bias, post_norm)
+
+
+def through_post_norm(heads, bias, post_norm):
+    """``(heads, bias)`` through a sandwich norm frozen at the attention's real output (their sum), or as they
+    are without one (``post_norm`` ``None``): each part scaled as the sum was, so the parts still add up."""
     if post_norm is None:
         return heads, bias
     kind, weight, _, eps = post_norm
-    raw = heads.sum(1) + bias
-    mapped = frozen_norm(torch.cat([heads, bias.unsqueeze(1)], dim=1), raw, kind, weight, eps)
+    mapped = frozen_norm(torch.cat([heads, bias.unsqueeze(1)], dim=1), heads.sum(1) + bias, kind, weight, eps)
     return mapped[:, :-1], mapped[:, -1]
 
 

@@ -39,11 +39,14 @@ EXP_FLOOR = -87.0
 #            accumulation (about 16 mantissa bits; the lo*hi term vanishes when W_U is already bfloat16).
 PRECISIONS = ("float32", "tf32", "bf16x3")
 # Tile sizes when the caller gives none, by where W_U lives. A CPU wants M = rows x tokens per tile large
-# enough that each W_U chunk is reused from cache by many vectors (a 2.4 MB chunk of SmolLM2's W_U by about
-# 4,000 vectors runs the matmul at the machine's peak) and tiles that stay in the last-level cache while the
-# reductions read them (16 MB); a GPU wants few, large tiles (every tile costs a few dozen kernel launches).
-# A block's final-row logits are kept over the whole vocabulary (``_Tiles``): at most ``*_KEPT_LOGITS`` floats.
-CPU_TILE_VECTORS, CPU_VOCAB_CHUNK, CPU_KEPT_LOGITS = 4096, 1024, 2**23
+# enough that each W_U chunk is reused from cache by many vectors (a 1.2 MB chunk of SmolLM2's W_U by about
+# 4,000 vectors runs the matmul at the machine's peak; 256 to 1,024 columns run at the same rate) and tiles
+# small enough that the three tile-sized buffers the reductions read (logits, probabilities, products: 8 MB
+# each) stay in a 32 MB last-level cache together, which on a shared machine other tenants also use (16 MB
+# tiles measured 3-6% slower there, and no faster on a quiet one); a GPU wants few, large tiles (every tile
+# costs a few dozen kernel launches). A block's final-row logits are kept over the whole vocabulary
+# (``_Tiles``): at most ``*_KEPT_LOGITS`` floats.
+CPU_TILE_VECTORS, CPU_VOCAB_CHUNK, CPU_KEPT_LOGITS = 4096, 512, 2**23
 GPU_TILE_ELEMENTS, GPU_VOCAB_CHUNK, GPU_KEPT_LOGITS = 2**27, 16384, 2**27
 MAX_VOCAB_CHUNK = 2**24  # a tile's rank counts are float32 sums of ones: exact up to here
 

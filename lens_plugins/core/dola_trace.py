@@ -49,7 +49,7 @@ def dola(model, tracer, steps, layers="high", alpha=0.1, repetition_penalty=None
     saved["prompt_ids"] = list(seen)
     for _ in tracer.iter[:steps]:
         # A fresh reader per step: a reader reads each module's input once, and every step is a new forward.
-        stack = reader(model, spec)(read_rows)[:, 0, -1]  # [read layers, d_model]
+        stack = reader(model, spec)(read_rows, [-1])[:, 0, 0]  # [read layers, d_model]: the step's position alone
         hidden = dict(zip(read_layers, stack))
         with torch.no_grad():
             step = dola_core.dola_step(torch.stack([hidden[layer] for layer in chosen]), hidden[n], chosen, n,

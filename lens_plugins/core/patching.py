@@ -128,10 +128,10 @@ def read_source(model, labels, positions, paths=None):
     token_ids, _ = model_input(model)
     if token_ids.shape[0] != 1:
         raise ValueError(f"a Patchscope reads one source prompt, got a batch of {token_ids.shape[0]}")
-    stack = reader(model, resolve(model, paths))([patch_row(label) for label in labels])
+    stack = reader(model, resolve(model, paths))([patch_row(label) for label in labels], list(positions))
     return nnsight.save({
         "format": SOURCE_FORMAT,
-        "hidden": stack[:, 0, list(positions)].detach().cpu(),
+        "hidden": stack[:, 0].detach().cpu(),
         "labels": list(labels),
         "token_ids": token_ids.cpu(),
     })
@@ -160,7 +160,7 @@ def patch_and_read(model, values, target_labels, position, reference, target_ids
 
     spec = resolve(model, paths)
     blocks = _write(model, spec, values, target_labels, position)
-    final = reader(model, spec)([Row(len(blocks) - 1, "post")])[0][:, position]
+    final = reader(model, spec)([Row(len(blocks) - 1, "post")], [position])[0][:, 0]
     with torch.no_grad():
         stats = lens_statistics(readout_stack(final.detach(), reference), **decoder_tensors(model, spec),
                                 top_k=top_k, target_ids=target_ids, vocab_chunk=vocab_chunk,

@@ -314,11 +314,14 @@ def test_the_pipeline_reads_only_the_positions_asked_for(smollm2_tokenizer):
 
     def read(rows, positions=None):
         asked.append(positions)
-        return torch.ones(len(rows), 2, len(positions), 8)
+        return torch.ones(len(rows), 2, 10, 8)[:, :, positions]
 
     rows = row_plan.plan(3)
     flat = pipeline.lens_rows(read, rows, [4, 6], None, 8)
     assert asked == [[4, 6]] and flat.shape == (len(rows), 2 * 2, 8)
+    # Contiguous positions (every position, or the last) are a slice: each row is cut as a view, not copied.
+    flat = pipeline.lens_rows(read, rows, [3, 4, 5], None, 8)
+    assert asked[-1] == slice(3, 6) and flat.shape == (len(rows), 2 * 3, 8)
     model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
     spec = architectures.resolve(model)
     with model.trace(TOKENS):
@@ -326,6 +329,9 @@ def test_the_pipeline_reads_only_the_positions_asked_for(smollm2_tokenizer):
     with model.trace(TOKENS):
         cut = trace.reader(model, spec)(rows, [1, 5]).save()
     assert torch.equal(cut, full[:, :, [1, 5]])
+    with model.trace(TOKENS):
+        span = trace.reader(model, spec)(rows, slice(2, 5)).save()
+    assert torch.equal(span, full[:, :, 2:5])
 
 
 def test_padding_side_is_an_option_of_both_one_call_forms(backend):

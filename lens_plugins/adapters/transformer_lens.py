@@ -150,10 +150,10 @@ def row_plan(cache, resid_mid: bool = False, sublayers: Sublayers = False) -> li
 
 def reader(cache, fix: str = ""):
     """``read(rows, positions=None) -> [rows, batch, positions or seq, d_model]`` from the cache's hooks, cut to
-    ``positions`` before they are stacked, with a fix-it message for each hook the cache lacks (``fix``: the
-    ``hook_filter`` arguments that cache it)."""
+    ``positions`` (a list or a slice of the sequence axis) before they are stacked, with a fix-it message for
+    each hook the cache lacks (``fix``: the ``hook_filter`` arguments that cache it)."""
 
-    def read(rows: Sequence[Row], positions: Optional[list[int]] = None) -> Tensor:
+    def read(rows: Sequence[Row], positions: Union[list[int], slice, None] = None) -> Tensor:
         hooks = [hook_name(row) for row in rows]
         _require(cache, hooks, fix)
         stack = torch.stack([cache[h] if positions is None else cache[h][..., positions, :] for h in hooks])

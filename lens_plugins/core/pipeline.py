@@ -2,7 +2,7 @@
 
 A backend supplies a *reader*, ``read(rows, positions=None) -> [rows, batch, positions or seq, d_model]``
 (TransformerLens: row -> hook name in a cache; nnsight: row -> a module's input or output inside a trace;
-only the positions asked for are read), and a request
+only the positions asked for are read: ``positions`` indexes the sequence axis, a list or a slice), and a request
 (``request.build``); ``logit_lens`` and ``logit_diff`` do the rest the same way for both, so every check
 and default is shared. Torch only: on a remote nnsight trace this runs on the server.
 """
@@ -35,9 +35,17 @@ def check_rows(request, chosen, all_rows):
         raise ValueError("kl_input_row compares every row with the input row ('embed'): keep row 0 in layers")
 
 
+def sequence_index(positions):
+    """What a reader cuts the sequence axis with for ``positions`` (sorted, unique, absolute): a slice when they
+    are contiguous (every position, or ``[-1]``), so that each row is cut as a view, not copied (a full-prompt
+    lens would otherwise copy the whole stack once more); the list otherwise."""
+    first = positions[0]
+    return slice(first, first + len(positions)) if positions[-1] - first == len(positions) - 1 else list(positions)
+
+
 def lens_rows(read, rows, positions, lens, d_model):
     """``[rows, batch * positions, d_model]``: the rows read, checked and mapped through the lens."""
-    selected = read(rows, list(positions))
+    selected = read(rows, sequence_index(positions))
     labels = [row.label for row in rows]
     if selected.shape[0] != len(rows):
         raise ValueError(f"the reader returned {selected.shape[0]} rows for {len(rows)} rows asked for")

@@ -47,8 +47,9 @@ def plan(model, spec, layers, resid_mid, sublayers):
 
 def reader(model, spec):
     """``read(rows, positions=None) -> [rows, batch, positions or seq, d_model]`` (float32): each row from a
-    module's input or output, cut to ``positions`` before it is upcast and stacked (a remote server then holds
-    only the positions asked for, not every row of a long prompt in float32).
+    module's input or output, cut to ``positions`` (a list or a slice of the sequence axis) before it is
+    upcast and stacked (a remote server then holds only the positions asked for, not every row of a long
+    prompt in float32).
 
     embed / pre L: block L's input; post / mlp / attn+mlp L: block L's output; mid / attn L: block L's input
     plus what its attention wrote; attn_out / mlp_out L: that write alone.

@@ -40,13 +40,15 @@ EXP_FLOOR = -87.0
 PRECISIONS = ("float32", "tf32", "bf16x3")
 # Tile sizes when the caller gives none, by where W_U lives. A CPU wants M = rows x tokens per tile large
 # enough that each W_U chunk is reused from cache by many vectors (a 1.2 MB chunk of SmolLM2's W_U by about
-# 4,000 vectors runs the matmul at the machine's peak; 256 to 1,024 columns run at the same rate) and tiles
-# small enough that the three tile-sized buffers the reductions read (logits, probabilities, products: 8 MB
-# each) stay in a 32 MB last-level cache together, which on a shared machine other tenants also use (16 MB
-# tiles measured 3-6% slower there, and no faster on a quiet one); a GPU wants few, large tiles (every tile
-# costs a few dozen kernel launches). A block's final-row logits are kept over the whole vocabulary
-# (``_Tiles``): at most ``*_KEPT_LOGITS`` floats.
-CPU_TILE_VECTORS, CPU_VOCAB_CHUNK, CPU_KEPT_LOGITS = 4096, 512, 2**23
+# 4,000 vectors runs the matmul at the machine's peak; 256 to 1,024 columns run at the same rate) and tiles of
+# about ``CPU_TILE_ELEMENTS`` logits, so that the three tile-sized buffers the reductions read (logits,
+# probabilities, products: 8 MB each) stay in a 32 MB last-level cache together, which on a shared machine other
+# tenants also use (16 MB tiles measured 3-6% slower there, and no faster on a quiet one). Fewer vectors (a short
+# prompt) get wider chunks: every tile costs a few dozen small ops, and 512-column tiles of a 6-token prompt took
+# 0.3 s where 2,048 to 8,192 columns took 0.17-0.19 s. A GPU wants few, large tiles (every tile costs a few dozen
+# kernel launches). A block's final-row logits are kept over the whole vocabulary (``_Tiles``): at most
+# ``*_KEPT_LOGITS`` floats.
+CPU_TILE_VECTORS, CPU_TILE_ELEMENTS, CPU_KEPT_LOGITS = 4096, 2**21, 2**23
 GPU_TILE_ELEMENTS, GPU_VOCAB_CHUNK, GPU_KEPT_LOGITS = 2**27, 16384, 2**27
 MAX_VOCAB_CHUNK = 2**24  # a tile's rank counts are float32 sums of ones: exact up to here
 
@@ -83,19 +85,22 @@ def unembed(normed, W_U, b_U, softcap):
 
 
 def tile_sizes(device, rows, tokens, vocab):
-    """``(vocab_chunk, token_chunk)`` for a stack of ``rows x tokens`` vectors decoded on ``device``: about
-    ``CPU_TILE_VECTORS`` vectors by ``CPU_VOCAB_CHUNK`` columns on a CPU, ``GPU_TILE_ELEMENTS`` logits per tile
-    on a GPU, with no more than ``*_KEPT_LOGITS`` final-row logits per block (a long prompt with few rows would
-    otherwise keep ``tokens x vocab`` of them); token blocks of equal size, so that no small remainder tile
-    costs a pass of its own."""
+    """``(vocab_chunk, token_chunk)`` for a stack of ``rows x tokens`` vectors decoded on ``device``: blocks of
+    at most ``CPU_TILE_VECTORS`` vectors by a power-of-two chunk of about ``CPU_TILE_ELEMENTS`` logits (at least
+    256 columns) on a CPU, ``GPU_TILE_ELEMENTS`` logits per tile on a GPU, with no more than ``*_KEPT_LOGITS``
+    final-row logits per block (a long prompt with few rows would otherwise keep ``tokens x vocab`` of them);
+    token blocks of equal size, so that no small remainder tile costs a pass of its own."""
     if device.type == "cpu":
-        vocab_chunk, vectors, kept = min(CPU_VOCAB_CHUNK, vocab), CPU_TILE_VECTORS, CPU_KEPT_LOGITS
+        vectors, kept = CPU_TILE_VECTORS, CPU_KEPT_LOGITS
     else:
-        vocab_chunk = min(GPU_VOCAB_CHUNK, vocab)
-        vectors, kept = GPU_TILE_ELEMENTS // vocab_chunk, GPU_KEPT_LOGITS
+        vectors, kept = GPU_TILE_ELEMENTS // min(GPU_VOCAB_CHUNK, vocab), GPU_KEPT_LOGITS
     per_block = max(1, min(vectors // rows, kept // vocab))
     blocks = -(-tokens // per_block)
-    return vocab_chunk, -(-tokens // blocks)
+    token_chunk = -(-tokens // blocks)
+    if device.type != "cpu":
+        return min(GPU_VOCAB_CHUNK, vocab), token_chunk
+    width = max(CPU_TILE_ELEMENTS // (rows * token_chunk), 256)
+    return min(1 << (width.bit_length() - 1), vocab), token_chunk
 
 
 def lens_statistics(

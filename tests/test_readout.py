@@ -169,7 +169,7 @@ def test_default_tiles_stack_rows_and_tokens_and_give_the_chunked_result():
     vocab_chunk, token_chunk = readout.tile_sizes(torch.device("cpu"), 5, 11, 300)
     assert vocab_chunk == 300 and token_chunk == 11  # small work: one tile
     assert readout.tile_sizes(torch.device("cpu"), 31, 256, 49152) == (512, 128)  # 2 blocks of 31 x 128 vectors
-    assert readout.tile_sizes(torch.device("cpu"), 31, 6, 49152) == (8192, 6)  # a short prompt: fewer, wider tiles
+    assert readout.tile_sizes(torch.device("cpu"), 31, 6, 49152) == (1024, 6)  # a short prompt: fewer, wider tiles
     assert readout.tile_sizes(torch.device("cpu"), 5000, 2, 49152) == (256, 1)  # more rows than a block holds
     auto = decoder.statistics(resid, targets, 4)
     tiny = decoder.statistics(resid, targets, 4, vocab_chunk=7, token_chunk=2)

@@ -44,11 +44,13 @@ PRECISIONS = ("float32", "tf32", "bf16x3")
 # about ``CPU_TILE_ELEMENTS`` logits, so that the three tile-sized buffers the reductions read (logits,
 # probabilities, products: 8 MB each) stay in a 32 MB last-level cache together, which on a shared machine other
 # tenants also use (16 MB tiles measured 3-6% slower there, and no faster on a quiet one). Fewer vectors (a short
-# prompt) get wider chunks: every tile costs a few dozen small ops, and 512-column tiles of a 6-token prompt took
-# 0.3 s where 2,048 to 8,192 columns took 0.17-0.19 s. A GPU wants few, large tiles (every tile costs a few dozen
-# kernel launches). A block's final-row logits are kept over the whole vocabulary (``_Tiles``): at most
-# ``*_KEPT_LOGITS`` floats.
-CPU_TILE_VECTORS, CPU_TILE_ELEMENTS, CPU_KEPT_LOGITS = 4096, 2**21, 2**23
+# prompt) get wider chunks, up to ``CPU_MAX_VOCAB_CHUNK``: every tile costs a few dozen small ops, and 512-column
+# tiles of a 6-token prompt took 0.29-0.32 s where 1,024 columns took 0.19-0.21 s. Not wider: the same rows
+# decoded in another geometry (a Patchscope's k copies, a one-prompt lens) then sum in much the same order, so
+# their floats agree to well within 1e-4; 32,768- against 16,384-column sums differed by 1.2e-4 in a 109-nat KL.
+# A GPU wants few, large tiles (every tile costs a few dozen kernel launches). A block's final-row logits are
+# kept over the whole vocabulary (``_Tiles``): at most ``*_KEPT_LOGITS`` floats.
+CPU_TILE_VECTORS, CPU_TILE_ELEMENTS, CPU_MAX_VOCAB_CHUNK, CPU_KEPT_LOGITS = 4096, 2**21, 1024, 2**23
 GPU_TILE_ELEMENTS, GPU_VOCAB_CHUNK, GPU_KEPT_LOGITS = 2**27, 16384, 2**27
 MAX_VOCAB_CHUNK = 2**24  # a tile's rank counts are float32 sums of ones: exact up to here
 
@@ -86,8 +88,8 @@ def unembed(normed, W_U, b_U, softcap):
 
 def tile_sizes(device, rows, tokens, vocab):
     """``(vocab_chunk, token_chunk)`` for a stack of ``rows x tokens`` vectors decoded on ``device``: blocks of
-    at most ``CPU_TILE_VECTORS`` vectors by a power-of-two chunk of about ``CPU_TILE_ELEMENTS`` logits (at least
-    256 columns) on a CPU, ``GPU_TILE_ELEMENTS`` logits per tile on a GPU, with no more than ``*_KEPT_LOGITS``
+    at most ``CPU_TILE_VECTORS`` vectors by a power-of-two chunk of about ``CPU_TILE_ELEMENTS`` logits (256 to
+    ``CPU_MAX_VOCAB_CHUNK`` columns) on a CPU, ``GPU_TILE_ELEMENTS`` logits per tile on a GPU, with no more than ``*_KEPT_LOGITS``
     final-row logits per block (a long prompt with few rows would otherwise keep ``tokens x vocab`` of them);
     token blocks of equal size, so that no small remainder tile costs a pass of its own."""
     if device.type == "cpu":
@@ -99,7 +101,7 @@ def tile_sizes(device, rows, tokens, vocab):
     token_chunk = -(-tokens // blocks)
     if device.type != "cpu":
         return min(GPU_VOCAB_CHUNK, vocab), token_chunk
-    width = max(CPU_TILE_ELEMENTS // (rows * token_chunk), 256)
+    width = min(max(CPU_TILE_ELEMENTS // (rows * token_chunk), 256), CPU_MAX_VOCAB_CHUNK)
     return min(1 << (width.bit_length() - 1), vocab), token_chunk
 
 

@@ -89,18 +89,18 @@ def unembed(normed, W_U, b_U, softcap):
 def tile_sizes(device, rows, tokens, vocab):
     """``(vocab_chunk, token_chunk)`` for a stack of ``rows x tokens`` vectors decoded on ``device``: blocks of
     at most ``CPU_TILE_VECTORS`` vectors by a power-of-two chunk of about ``CPU_TILE_ELEMENTS`` logits (256 to
-    ``CPU_MAX_VOCAB_CHUNK`` columns) on a CPU, ``GPU_TILE_ELEMENTS`` logits per tile on a GPU, with no more than ``*_KEPT_LOGITS``
-    final-row logits per block (a long prompt with few rows would otherwise keep ``tokens x vocab`` of them);
-    token blocks of equal size, so that no small remainder tile costs a pass of its own."""
-    if device.type == "cpu":
-        vectors, kept = CPU_TILE_VECTORS, CPU_KEPT_LOGITS
-    else:
-        vectors, kept = GPU_TILE_ELEMENTS // min(GPU_VOCAB_CHUNK, vocab), GPU_KEPT_LOGITS
+    ``CPU_MAX_VOCAB_CHUNK`` columns) on a CPU, ``GPU_TILE_ELEMENTS`` logits per tile on a GPU, with no more
+    than ``*_KEPT_LOGITS`` final-row logits per block (a long prompt with few rows would otherwise keep
+    ``tokens x vocab`` of them); token blocks of equal size, so that no small remainder tile costs a pass of
+    its own."""
+    cpu = device.type == "cpu"
+    gpu_chunk = min(GPU_VOCAB_CHUNK, vocab)
+    vectors, kept = (CPU_TILE_VECTORS, CPU_KEPT_LOGITS) if cpu else (GPU_TILE_ELEMENTS // gpu_chunk, GPU_KEPT_LOGITS)
     per_block = max(1, min(vectors // rows, kept // vocab))
     blocks = -(-tokens // per_block)
     token_chunk = -(-tokens // blocks)
-    if device.type != "cpu":
-        return min(GPU_VOCAB_CHUNK, vocab), token_chunk
+    if not cpu:
+        return gpu_chunk, token_chunk
     width = min(max(CPU_TILE_ELEMENTS // (rows * token_chunk), 256), CPU_MAX_VOCAB_CHUNK)
     return min(1 << (width.bit_length() - 1), vocab), token_chunk
 

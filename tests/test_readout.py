@@ -1,6 +1,7 @@
 """The streamed readout against closed forms computed on the full distribution."""
 
 import math
+import platform
 
 import pytest
 import torch
@@ -72,8 +73,14 @@ def check_against_reference(out, ref, atol=2e-5):
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
 @pytest.mark.parametrize("softcap", [None, 7.0])
-def test_streamed_statistics_equal_full_vocabulary_closed_forms(norm, softcap):
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch_matmul"])
+def test_streamed_statistics_equal_full_vocabulary_closed_forms(norm, softcap, onednn, monkeypatch):
+    """Through either matmul a CPU may use: oneDNN (the default on x86) and ``torch.matmul`` (elsewhere)."""
+    if onednn and not readout.onednn_matmul(torch.device("cpu")):
+        pytest.skip("no oneDNN matmul on this machine")
+    monkeypatch.setattr(readout, "onednn_matmul", lambda device: onednn)
     resid, decoder, targets = random_case(norm=norm, softcap=softcap)
+    assert readout.Unembedding(decoder.W_U, None, None, "float32").onednn == onednn
     out = decoder.statistics(resid, targets, top_k=4, vocab_chunk=64, token_chunk=4)
     check_against_reference(out, full_reference(resid, decoder, 4, targets))
 
@@ -183,6 +190,22 @@ def test_default_tiles_stack_rows_and_tokens_and_give_the_chunked_result():
             torch.testing.assert_close(auto[name], value, atol=5e-5, rtol=1e-5, equal_nan=True, msg=name)
         else:
             assert torch.equal(auto[name], value), name
+
+
+def test_exact_float32_tiles_go_through_onednn_on_an_x86_cpu():
+    """The CPU speed the README reports is oneDNN's: a torch that renamed or dropped the op would silently fall
+    back to MKL (1.4x slower tiles on AVX-512), so x86 machines assert the choice. Only exact float32 takes
+    it, on a CPU; a ``[d_model, vocab]`` W_U's chunks are handed over as contiguous rows (a strided view of
+    them runs three orders of magnitude slower)."""
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        assert readout.onednn_matmul(torch.device("cpu"))
+    assert not readout.onednn_matmul(torch.device("meta"))
+    W_U = torch.randn(16, 100)  # contiguous [d_model, vocab], as TransformerLens's HookedTransformer holds it
+    assert not readout.Unembedding(W_U, None, None, "bf16x3").onednn
+    unembedding = readout.Unembedding(W_U, None, None, "float32")
+    if unembedding.onednn:
+        rows, _, _ = unembedding.chunk(10, 42)
+        assert rows.is_contiguous() and torch.equal(rows, W_U[:, 10:42].T)
 
 
 def test_tf32_is_refused_off_cuda_and_unknown_precisions_are_refused():

@@ -23,6 +23,8 @@ the KL divergences and the final top-1 refer to; ranks are ``1 + #{v != t : l_v 
 (ties share the best rank); every statistic is computed and returned in float32.
 """
 
+import platform
+
 import torch
 
 from lens_plugins.core.reductions import READOUT, TABLE
@@ -224,6 +226,16 @@ def _bf16_matmul(a, b):
     return a.float() @ b.float()
 
 
+def onednn_matmul(device):
+    """Whether exact float32 tiles on ``device`` go through oneDNN's matmul rather than ``torch.matmul`` (MKL):
+    on an x86 CPU with a oneDNN build. For the lens's tiles of a ``W_U`` held as ``lm_head.weight`` rows, MKL's
+    float32 GEMM took 1.4x oneDNN's time on this project's AVX-512 machines (AMD EPYC) and the same time where
+    only AVX2 is used (``benchmarks/bench_matmul.py``, which also checks both against float64). Both accumulate
+    in float32: the choice moves logits by float32 rounding only."""
+    return (device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 class Unembedding:
     """``W_U`` (+ ``b_U``, soft-cap) at a precision, producing float32 logit tiles: ``chunk(v0, v1)`` prepares
     a vocabulary chunk once, ``logits(normed, chunk, out)`` writes the logits of ``normed [M, d]`` into
@@ -231,6 +243,7 @@ class Unembedding:
 
     def __init__(self, W_U, b_U, softcap, precision):
         self.W_U, self.b_U, self.softcap, self.precision = W_U, b_U, softcap, precision
+        self.onednn = precision == "float32" and onednn_matmul(W_U.device)
 
     def chunk(self, v0, v1):
         W = self.W_U[:, v0:v1]
@@ -240,12 +253,14 @@ class Unembedding:
             if W.device.type != "cuda":  # the float32 emulation: convert once per chunk, not once per matmul
                 hi, lo = hi.float(), None if lo is None else lo.float()
             return hi, lo, b
+        if self.onednn:  # as [out, in] rows: a strided view (a [d_model, vocab] W_U's chunk) took 1,400x longer
+            return W.T.contiguous().float(), None, b
         return W.float(), None, b
 
     def operand(self, normed):
         """``normed`` as the matmul wants it: float32, or its bfloat16 split."""
         if self.precision != "bf16x3":
-            return normed
+            return normed.contiguous() if self.onednn else normed
         hi, lo = _split_bf16(normed)
         if normed.device.type != "cuda":
             hi, lo = hi.float(), lo.float()
@@ -253,7 +268,9 @@ class Unembedding:
 
     def logits(self, a, chunk, out):
         W, W_lo, b = chunk
-        if self.precision != "bf16x3":
+        if self.onednn:
+            out.copy_(torch.ops.mkldnn._linear_pointwise(a, W, None, "none", [], ""))
+        elif self.precision != "bf16x3":
             torch.matmul(a, W, out=out)
         else:  # small terms first, then the large one
             hi, lo = a

@@ -50,11 +50,18 @@ class GeneratedLens(LensResult):
         return fig
 
 
-def refuse_positions(kwargs: dict) -> None:
-    """The generation lens decodes the generated positions: a ``positions=`` (which would otherwise reach the
-    lens, or ``model.generate``, and mean something else) is refused the same way on both backends."""
+def refuse_arguments(kwargs: dict, lens_parameters) -> None:
+    """Refuse, the same way on both backends and before anything runs, what the extra keyword arguments of the
+    one-call generation lens (``model.generate``'s on nnsight, ``logit_lens``'s on TransformerLens) would
+    otherwise take in another sense or refuse late: ``positions=`` (the generation lens decodes the generated
+    positions) and a lens argument in the wrong case (``top_K=``: transformers refused it as an unused model
+    kwarg once the trace had begun, TransformerLens with a ``TypeError`` after generating)."""
     if "positions" in kwargs:
         raise ValueError("the generation lens decodes the generated positions; it takes no positions=")
+    for key in kwargs:
+        meant = [name for name in lens_parameters if name.lower() == key.lower() and name != key]
+        if meant:
+            raise ValueError(f"the generation lens has no argument {key}=; did you mean {meant[0]}=?")
 
 
 def generated_positions(prompt_length: int, n_generated: int) -> list[int]:

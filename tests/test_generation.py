@@ -128,3 +128,20 @@ def test_positions_are_refused_on_both_backends(smollm2_tokenizer):
     for run, m in ((tl_adapter.run_generation_lens, bridge), (lpn.run_generation_lens, model)):
         with pytest.raises(ValueError, match="decodes the generated positions; it takes no positions="):
             run(m, PROMPT, max_new_tokens=2, positions=[0])
+
+
+def test_a_lens_argument_in_the_wrong_case_is_refused_on_both_backends(smollm2_tokenizer):
+    """``top_K=`` used to reach ``model.generate`` on nnsight (transformers: "model_kwargs are not used") and
+    ``logit_lens`` on TransformerLens (a TypeError after generating): one ValueError naming the argument meant."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=tiny_model("llama"),
+                                                 tokenizer=smollm2_tokenizer).eval()
+    model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
+    for run, m in ((tl_adapter.run_generation_lens, bridge), (lpn.run_generation_lens, model)):
+        with pytest.raises(ValueError, match=r"the generation lens has no argument top_K=; did you mean top_k=\?"):
+            run(m, PROMPT, max_new_tokens=2, top_K=3)
+        with pytest.raises(ValueError, match=r"no argument Targets=; did you mean targets=\?"):
+            run(m, PROMPT, max_new_tokens=2, Targets=[17])
+    lens = lpn.run_generation_lens(model, PROMPT, max_new_tokens=2, min_new_tokens=2, top_p=1.0)  # generate's own
+    assert lens.top_ids.shape[-1] == 5

@@ -5,6 +5,7 @@ in-trace halves are ``lens_plugins.core.generation`` and ``lens_plugins.core.dol
 Re-exported by ``lens_plugins.adapters.nnsight`` (``lp.nnsight.generation_lens`` etc.).
 """
 
+import inspect
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -72,7 +73,7 @@ def run_generation_lens(
     _one_prompt(model, text)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    generation.refuse_positions(generate_kwargs)
+    generation.refuse_arguments(generate_kwargs, inspect.signature(run_generation_lens).parameters)
     generate_kwargs.setdefault("do_sample", False)
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = _shippable(model, lens, remote, backend, **rows)

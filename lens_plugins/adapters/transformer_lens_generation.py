@@ -8,6 +8,7 @@ rounding. DoLa re-runs the growing sequence once per generated token, reading on
 residuals at the last position, and scores with ``lens_plugins.core.dola``.
 """
 
+import inspect
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -44,7 +45,7 @@ def run_generation_lens(model, text: Union[str, torch.Tensor], *, max_new_tokens
     cached forward pass; ``lens_kwargs`` go to ``logit_lens`` (``top_k``, ``targets``, ``reductions``, ...)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    generation.refuse_positions(lens_kwargs)
+    generation.refuse_arguments(lens_kwargs, inspect.signature(logit_lens).parameters)
     tokens = _prompt_tokens(model, text)
     with eval_mode(model), torch.no_grad():
         # Without the key-value cache: TransformerBridge's cached generate (TL 4.3) drifted from Hugging Face's

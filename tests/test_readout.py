@@ -194,7 +194,7 @@ def test_default_tiles_stack_rows_and_tokens_and_give_the_chunked_result():
 
 def test_exact_float32_tiles_go_through_onednn_on_an_x86_cpu():
     """The CPU speed the README reports is oneDNN's: a torch that renamed or dropped the op would silently fall
-    back to MKL (tiles up to 1.4x slower on AVX-512), so x86 machines assert the choice. Only exact float32 takes
+    back to MKL (tiles up to 1.2x slower on AVX-512), so x86 machines assert the choice. Only exact float32 takes
     it, on a CPU; a ``[d_model, vocab]`` W_U's chunks are handed over as contiguous rows (a strided view of
     them runs three orders of magnitude slower)."""
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():

@@ -229,7 +229,7 @@ def _bf16_matmul(a, b):
 def onednn_matmul(device):
     """Whether exact float32 tiles on ``device`` go through oneDNN's matmul rather than ``torch.matmul`` (MKL):
     on an x86 CPU with a oneDNN build. For the lens's tiles of a ``W_U`` held as ``lm_head.weight`` rows, oneDNN
-    took 0.72x-0.94x of MKL's time on this project's AVX-512 machines (AMD EPYC; two runs on a shared host) and
+    took 0.83x-0.94x of MKL's time on this project's AVX-512 machines (AMD EPYC; three runs on a shared host) and
     the same time where only AVX2 is used (``benchmarks/bench_matmul.py``, which also checks both against
     float64). Both accumulate in float32: the choice moves logits by float32 rounding only."""
     return (device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")

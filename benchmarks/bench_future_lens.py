@@ -1,7 +1,7 @@
 """Future Lens on SmolLM2-135M: per source row and per N, top-1 agreement with the model's own prediction of
 token t+N (its argmax at position t+N-1) on held-out text, next to a bigram baseline.
 
-Training uses ``lens_plugins.train`` (the tuned-lens recipe: SGD with Nesterov momentum, linear decay) on the
+Training uses ``lens_plugins.training.loop`` (the tuned-lens recipe: SGD with Nesterov momentum, linear decay) on the
 offline ``pydoc_data.topics`` corpus cut into 32-token blocks, 10% held out; a short run sized for a 2-core
 CPU (``--steps``), so the maps are far from converged: a measurement of this run, not of the method's ceiling.
 The bigram baseline predicts token t+N as the token seen most often N positions after token t in the
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from lens_plugins import future_lens as fl
-from lens_plugins import train
+from lens_plugins.lenses import future as fl
+from lens_plugins.training import loop as train
 from lens_plugins.models import default_model_dir, load_hf_model
 
 LAYERS = ["embed", "8_pre", "16_pre", "24_pre", "29_post"]

@@ -113,7 +113,7 @@ def run(approach: str, n_tokens: int, steady: bool) -> dict:
     def ours_nnsight():
         with nn_model.trace(tokens):
             lens = lp.nnsight.logit_lens(nn_model, top_k=5)
-        lp.nnsight.result(lens, nn_model)
+        lp.nnsight.logit_lens_result(lens, nn_model)
 
     def tl_tool():
         from transformer_lens.tools.analysis import logit_lens

@@ -44,7 +44,7 @@ def measure_smollm2(tokens: int = 256) -> tuple[int, int, int]:
     import nnsight
 
     import lens_plugins as lp
-    from lens_plugins.adapters.nnsight import logit_lens
+    from lens_plugins.backends.nnsight import logit_lens
 
     model = lp.load_default_model(backend="nnsight")
     ids = torch.randint(100, 40000, (1, tokens), generator=torch.Generator().manual_seed(0))

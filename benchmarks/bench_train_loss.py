@@ -45,7 +45,7 @@ def peak_rss_mb() -> float:
 
 
 def setup(tokens: int):
-    from lens_plugins.hidden_states import decoder_tensors
+    from lens_plugins.backends.hf import decoder_tensors
     from lens_plugins.models import default_model_dir, load_hf_model
 
     hf, _ = load_hf_model(default_model_dir())

@@ -19,7 +19,7 @@ PROBE = r"""
 import dataclasses, json, sys, time
 import torch
 from lens_plugins.decoder import Decoder
-from lens_plugins.logit_lens import logit_lens_from_stack
+from lens_plugins.methods.lens import logit_lens_from_stack
 
 torch.manual_seed(0)
 repeats = int(sys.argv[1])

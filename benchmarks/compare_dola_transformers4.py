@@ -5,7 +5,7 @@ throwaway venv (never the project's): ``DOLA_T4_PYTHON`` names its python, else 
 ``/tmp/lens-plugins-dola-t4`` (torch 2.13.0 CPU from ``/opt/wheels`` when present, transformers 4.49.0).
 That venv builds a tiny random Llama from its config class (fixed seed, norms perturbed so that skipping a
 norm shows), saves it, and greedy-decodes with DoLa; this process loads the same weights with
-transformers 5 and runs ``lp.transformer_lens.dola_generate`` and ``lp.nnsight.dola_generate``.
+transformers 5 and runs ``lp.transformer_lens.run_dola`` and ``lp.nnsight.run_dola``.
 
 Run: ``python benchmarks/compare_dola_transformers4.py`` (about a minute plus the venv build). It prints,
 per candidate setting, whether the tokens match with ``premature_norm=False`` (transformers 4's definition:
@@ -87,9 +87,9 @@ def main() -> int:
             expected = reference["results"][f"{setting}|{i}"]
             ids = torch.tensor([prompt])
             kwargs = dict(max_new_tokens=STEPS, layers=setting, repetition_penalty=1.2)
-            like = lp.nnsight.dola_generate(nn_model, ids, premature_norm=False, **kwargs).token_ids.tolist()
-            like_tl = lp.transformer_lens.dola_generate(bridge, ids, premature_norm=False, **kwargs).token_ids.tolist()
-            ours = lp.nnsight.dola_generate(nn_model, ids, **kwargs).token_ids.tolist()
+            like = lp.nnsight.run_dola(nn_model, ids, premature_norm=False, **kwargs).token_ids.tolist()
+            like_tl = lp.transformer_lens.run_dola(bridge, ids, premature_norm=False, **kwargs).token_ids.tolist()
+            ours = lp.nnsight.run_dola(nn_model, ids, **kwargs).token_ids.tolist()
             same = like == expected and like_tl == expected
             failures += not same
             differ = sum(a != b for a, b in zip(ours[len(prompt):], expected[len(prompt):]))

@@ -1,13 +1,10 @@
 """lens_plugins: the logit lens and its family on TransformerLens caches and inside nnsight traces.
 
-The map (ARCHITECTURE.md has the page):
-
-- ``core/``: torch only, may run on an NDIF server (``core.SHIPPED``): rows, reductions table, request,
-  streamed readout, architectures table, lens maps, the pipeline, DLA arithmetic, the in-trace nnsight lens
-- ``adapters/transformer_lens.py`` / ``adapters/nnsight.py``: one reader each (row -> hook name; row -> module
-  input/output) and the same verbs: ``logit_lens``, ``logit_diff``, ``attribution`` and their ``run_*`` forms
-- ``lenses.py`` (``LogitLens``, ``AffineLens``), ``decoder.py``, ``logit_lens.py`` (labelling, one-call guards),
-  ``result.py`` / ``attribution.py`` (results), ``tokens.py``, ``plot.py``, ``cli.py``, ``models.py``
+The map (ARCHITECTURE.md has the page): ``core/`` (torch only, may run on an NDIF server; ``core/trace/`` is
+the in-trace half of every nnsight method), ``backends/`` (``transformer_lens``, ``nnsight``: one module per
+method each, the same names; ``lp.transformer_lens`` and ``lp.nnsight`` are their verbs), ``methods/`` (result
+types and backend-free drivers), ``lenses/`` (what ``lens=`` takes), ``training/``, ``plot/``, ``models/``,
+``cli/``. Every error is an ``lp.LensError``.
 
 Heavy modules load on first use: ``import lens_plugins`` imports neither TransformerLens nor nnsight,
 yet ``ActivationCache.lens`` appears as soon as TransformerLens is imported.
@@ -22,36 +19,41 @@ from lens_plugins import _import_hooks
 __version__ = "0.1.0"
 
 _LAZY = {
-    "transformer_lens": ("lens_plugins.adapters.transformer_lens", None),
-    "nnsight": ("lens_plugins.adapters.nnsight", None),
+    "transformer_lens": ("lens_plugins.transformer_lens", None),
+    "nnsight": ("lens_plugins.nnsight", None),
+    "errors": ("lens_plugins.errors", None),
+    "LensError": ("lens_plugins.core.errors", "LensError"),
+    "RemoteLensError": ("lens_plugins.core.errors", "RemoteLensError"),
+    "backends": ("lens_plugins.backends", None),
     "Decoder": ("lens_plugins.decoder", "Decoder"),
-    "LensResult": ("lens_plugins.result", "LensResult"),
-    "Attribution": ("lens_plugins.attribution", "Attribution"),
-    "LogitDiff": ("lens_plugins.attribution", "LogitDiff"),
+    "LensResult": ("lens_plugins.methods.result", "LensResult"),
+    "Attribution": ("lens_plugins.methods.attribution", "Attribution"),
+    "LogitDiff": ("lens_plugins.methods.attribution", "LogitDiff"),
     "tokens": ("lens_plugins.tokens", None),
-    "logit_lens_from_stack": ("lens_plugins.logit_lens", "logit_lens_from_stack"),
+    "logit_lens_from_stack": ("lens_plugins.methods.lens", "logit_lens_from_stack"),
     "Row": ("lens_plugins.core.rows", "Row"),
-    "LogitLens": ("lens_plugins.lenses", "LogitLens"),
-    "AffineLens": ("lens_plugins.lenses", "AffineLens"),
-    "Lens": ("lens_plugins.lenses", "Lens"),
+    "LogitLens": ("lens_plugins.lenses.affine", "LogitLens"),
+    "AffineLens": ("lens_plugins.lenses.affine", "AffineLens"),
+    "Lens": ("lens_plugins.lenses.affine", "Lens"),
     "load_default_model": ("lens_plugins.models", "load_default_model"),
     "load_hf_model": ("lens_plugins.models", "load_hf_model"),
     "lens_heatmap": ("lens_plugins.plot", "lens_heatmap"),
     "html_report": ("lens_plugins.plot", "html_report"),
-    "attention": ("lens_plugins.attention", None),
-    "AttentionResult": ("lens_plugins.attention", "AttentionResult"),
+    "attention": ("lens_plugins.methods.attention", None),
+    "AttentionUnavailableError": ("lens_plugins.core.errors", "AttentionUnavailableError"),
+    "AttentionResult": ("lens_plugins.methods.attention", "AttentionResult"),
     "plot": ("lens_plugins.plot", None),
-    "write_report": ("lens_plugins.report", "write_report"),
-    "run_report": ("lens_plugins.report", "run_report"),
-    "patchscope": ("lens_plugins.patchscopes", "patchscope"),
-    "PatchscopeResult": ("lens_plugins.patchscopes", "PatchscopeResult"),
-    "FutureLens": ("lens_plugins.future_lens", "FutureLens"),
-    "future_lens": ("lens_plugins.future_lens", None),
-    "TunedLens": ("lens_plugins.tuned_lens", "TunedLens"),
-    "LastBlocksLens": ("lens_plugins.last_blocks_lens", "LastBlocksLens"),
-    "evaluate_lenses": ("lens_plugins.evaluate", "evaluate_lenses"),
-    "LensEvaluation": ("lens_plugins.evaluate", "LensEvaluation"),
-    "decoder_from_checkpoint": ("lens_plugins.checkpoint_decoder", "decoder_from_checkpoint"),
+    "write_report": ("lens_plugins.methods.report", "write_report"),
+    "run_report": ("lens_plugins.methods.report", "run_report"),
+    "patchscope": ("lens_plugins.methods.patchscope", "patchscope"),
+    "PatchscopeResult": ("lens_plugins.methods.patchscope", "PatchscopeResult"),
+    "FutureLens": ("lens_plugins.lenses.future", "FutureLens"),
+    "future_lens": ("lens_plugins.lenses.future", None),
+    "TunedLens": ("lens_plugins.lenses.tuned", "TunedLens"),
+    "LastBlocksLens": ("lens_plugins.lenses.last_blocks", "LastBlocksLens"),
+    "evaluate_lenses": ("lens_plugins.methods.evaluate", "evaluate_lenses"),
+    "LensEvaluation": ("lens_plugins.methods.evaluate", "LensEvaluation"),
+    "decoder_from_checkpoint": ("lens_plugins.models.checkpoint", "decoder_from_checkpoint"),
 }
 
 __all__ = list(_LAZY)
@@ -76,16 +78,16 @@ class _Package(types.ModuleType):
 
     A remote nnsight trace ships the globals its body names, and ``lp.nnsight.logit_lens(model)`` names
     ``lp``. An NDIF server cannot import lens_plugins, so rather than a reference to the package, ``lp``
-    pickles as ``core.trace.server_namespace()``: a namespace whose ``nnsight.logit_lens`` (and
-    ``logit_diff``, ``attribution``) is the in-trace entry point, shipped by source with the torch-only
-    modules of ``core.SHIPPED``, which ``adapters.nnsight`` registers.
+    pickles as ``core.trace.namespace.server_namespace()``: a namespace whose ``nnsight.logit_lens`` (and
+    every other in-trace verb) is the in-trace entry point, shipped by source with the torch-only modules of
+    ``core.SHIPPED``, which ``backends.nnsight`` registers.
     """
 
     def __reduce__(self):
-        from lens_plugins.adapters import nnsight as _registers_the_shipped_modules  # noqa: F401
-        from lens_plugins.core import trace
+        from lens_plugins.backends.nnsight import _run as _registers_the_shipped_modules  # noqa: F401
+        from lens_plugins.core.trace import namespace
 
-        return (trace.server_namespace, ())
+        return (namespace.server_namespace, ())
 
 
 sys.modules[__name__].__class__ = _Package

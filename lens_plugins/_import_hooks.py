@@ -13,7 +13,7 @@ _CACHE_MODULE = "transformer_lens.ActivationCache"
 
 
 def _register(module) -> None:
-    from lens_plugins.adapters.transformer_lens import register_accessor
+    from lens_plugins.backends.transformer_lens.accessor import register_accessor
 
     register_accessor(module.ActivationCache)
 
@@ -50,3 +50,5 @@ def install() -> None:
         _register(sys.modules[_CACHE_MODULE])
     elif not any(isinstance(f, _ActivationCacheFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _ActivationCacheFinder())
+
+__all__ = ["install"]

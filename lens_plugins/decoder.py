@@ -13,6 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_plugins.core import readout
+from lens_plugins.core.errors import LensValueError
 from lens_plugins.typecheck import typechecked
 
 NormKind = Literal["rmsnorm", "layernorm", "none"]
@@ -67,7 +68,7 @@ class Decoder:
         that ``None`` picks and the ``precision`` modes)."""
         self.check_width(resid)
         if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
+            raise LensValueError(f"top_k must be at least 1, got {top_k}")
         with torch.no_grad():
             return readout.lens_statistics(
                 resid, self.norm_kind, self.norm_weight, self.norm_bias, self.norm_eps, self.W_U, self.b_U,
@@ -82,7 +83,9 @@ class Decoder:
 
     def check_width(self, resid: Tensor) -> None:
         if resid.shape[-1] != self.d_model:
-            raise ValueError(
+            raise LensValueError(
                 f"residual vectors have width {resid.shape[-1]} but this decoder's W_U expects d_model="
                 f"{self.d_model}: the activations come from a different model than the one decoding them"
             )
+
+__all__ = ["NormKind", "Decoder"]

@@ -5,10 +5,11 @@ Set ``LENS_PLUGINS_TYPECHECK=0`` to turn the checks off (they cost tens of micro
 (``readout``) never use this: nnsight rebuilds shipped functions without their decorators, and the server
 has no jaxtyping.
 
-A failed check raises jaxtyping's ``TypeCheckError`` whose first line says, in a user's terms, which
-argument is wrong, which axis or dtype, what was expected and what came: e.g. ``logit_lens_from_stack():
-argument 'token_ids' has seq=5 at dimension 1, but the arguments before it fixed seq=3. Expected
-Int[Tensor, 'batch seq'], got a tensor of dtype int64 and shape (1, 5).`` jaxtyping's full report follows it.
+A failed check raises ``ArgumentTypeError`` (an ``lp.LensError`` and jaxtyping's ``TypeCheckError``) whose
+first line says, in a user's terms, which argument is wrong, which axis or dtype, what was expected and
+what came: e.g. ``logit_lens_from_stack(): argument 'token_ids' has seq=5 at dimension 1, but the arguments
+before it fixed seq=3. Expected Int[Tensor, 'batch seq'], got a tensor of dtype int64 and shape (1, 5).``
+jaxtyping's full report follows it.
 """
 
 import functools
@@ -41,6 +42,12 @@ beartype = _import_beartype()
 
 from jaxtyping import AbstractArray, TypeCheckError, jaxtyped  # noqa: E402  (after beartype: jaxtyping may import it)
 
+from lens_plugins.core.errors import LensTypeError  # noqa: E402
+
+
+class ArgumentTypeError(LensTypeError, TypeCheckError):
+    """An argument of the wrong shape, dtype or type at the public boundary (a jaxtyping check failed)."""
+
 ENABLED = os.environ.get("LENS_PLUGINS_TYPECHECK", "1") not in ("0", "false", "False")
 
 
@@ -60,11 +67,11 @@ def _explained(checked, name: str, signature: inspect.Signature):
     def wrapper(*args, **kwargs):
         try:
             return checked(*args, **kwargs)
+        except ArgumentTypeError:
+            raise
         except TypeCheckError as error:
             summary = _summary(str(error), name, signature, args, kwargs)
-            if summary is None:
-                raise
-            raise TypeCheckError(f"{summary}\n\n{error}") from None
+            raise ArgumentTypeError(str(error) if summary is None else f"{summary}\n\n{error}") from None
 
     return wrapper
 
@@ -141,3 +148,5 @@ def _describe(value) -> str:
         return f"{type(value).__name__} {value!r}"[:200]
     dtype = str(getattr(value, "dtype", "?")).removeprefix("torch.")
     return f"a tensor of dtype {dtype} and shape {tuple(shape)}"
+
+__all__ = ["ENABLED", "typechecked", "ArgumentTypeError"]

@@ -7,8 +7,8 @@ with the final row all come from the same logits).
 
 import torch
 
-from lens_plugins.attention import AttentionResult
-from lens_plugins.result import LensResult
+from lens_plugins.methods.attention import AttentionResult
+from lens_plugins.methods.result import LensResult
 
 HOSTILE = [
     "<script>alert(1)</script>", "</script>", '"double" \'single\'', "line\nbreak", "\ufffd", "שלום", "مرحبا",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lens_plugins.core import architectures
-from lens_plugins.adapters import nnsight as lpn
+from lens_plugins.backends import nnsight as lpn
 from tiny_models import FAMILIES, random_tokens, tiny_model
 
 TOL = 1e-4
@@ -45,7 +45,7 @@ def test_final_row_reproduces_model_logprobs(family_run):
 
 def test_final_row_statistics_match_model(family_run, smollm2_tokenizer):
     family, hf, model, tokens, lens, _, logits = family_run
-    result = lpn.result(lens, model)
+    result = lpn.logit_lens_result(lens, model)
     logp = torch.log_softmax(logits.float(), -1)
     assert torch.equal(result.top_ids[-1, ..., 0], logp.argmax(-1)), family
     assert torch.equal(result.final_top1, logp.argmax(-1)), family

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from lens_plugins import attention
-from lens_plugins.attention import AttentionUnavailableError
-from lens_plugins.plot_attention import head_view, model_view, model_view_grid, sink_figure
+from lens_plugins.core.trace import attention as core_attention
+from lens_plugins.methods import attention
+import lens_plugins as lp
+from lens_plugins.errors import AttentionUnavailableError
+from lens_plugins.plot.attention import head_view, model_view, model_view_grid, sink_figure
 from synthetic_results import attention_result
 from tiny_models import random_tokens, tiny_model
 
@@ -27,16 +29,16 @@ def both_backends(family, tokenizer, tokens):
     nnsight trace."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    from lens_plugins.adapters.nnsight import wrap_model
+    from lens_plugins.backends.nnsight import wrap_model
 
     bridge = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=tiny_model(family), tokenizer=tokenizer).eval()
     with torch.no_grad():
-        _, cache = bridge.run_with_cache(tokens, names_filter=attention.hook_filter(bridge))
-    from_tl = attention.from_cache(cache, tokens)
+        _, cache = bridge.run_with_cache(tokens, names_filter=lp.transformer_lens.attention_hook_filter(bridge))
+    from_tl = lp.transformer_lens.attention(cache, tokens)
     model = wrap_model(tiny_model(family), tokenizer)
     with torch.no_grad(), model.trace(tokens):
-        saved = attention.trace_patterns(model)
-    return from_tl, attention.nnsight_result(saved, model)
+        saved = lp.nnsight.attention(model)
+    return from_tl, lp.nnsight.attention_result(saved, model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,35 +59,35 @@ def test_a_layer_subset_and_its_errors(tokenizer):
 
     bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=tiny_model("llama"), tokenizer=tokenizer).eval()
     with torch.no_grad():
-        _, cache = bridge.run_with_cache(tokens, names_filter=attention.hook_filter(bridge, [-1]))
-    result = attention.from_cache(cache, tokens, layers=[2])
+        _, cache = bridge.run_with_cache(tokens, names_filter=lp.transformer_lens.attention_hook_filter(bridge, [-1]))
+    result = lp.transformer_lens.attention(cache, tokens, layers=[2])
     assert result.layers == [2] and result.head(2, 0).shape == (5, 5)
     with pytest.raises(KeyError, match=r"no 'blocks.0.attn.hook_pattern'.*attention.hook_filter\(model\)"):
-        attention.from_cache(cache, tokens)
+        lp.transformer_lens.attention(cache, tokens)
     with pytest.raises(IndexError, match="layer 0 was not read; this result holds layers \\[2\\]"):
         result.head(0, 0)
     with pytest.raises(IndexError, match="head 4 is out of range: layers here have 4 heads"):
         result.head(2, 4)
     with pytest.raises(IndexError, match="layer 3 is out of range for a model of 3 layers"):
-        attention.hook_filter(bridge, [3])
+        lp.transformer_lens.attention_hook_filter(bridge, [3])
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flex_attention"])
 def test_implementations_without_weights_are_refused_with_the_fix(implementation, tokenizer):
-    from lens_plugins.adapters.nnsight import wrap_model
+    from lens_plugins.backends.nnsight import wrap_model
 
     hf = tiny_model("llama")
     hf.config._attn_implementation = implementation if implementation == "sdpa" else "sdpa"
     model = wrap_model(hf, tokenizer)
     if implementation != "sdpa":  # cannot run here without the kernels; the check reads the config alone
         with pytest.raises(AttentionUnavailableError, match=f"attn_implementation='{implementation}'.*attn_implementation=\"eager\""):
-            attention.check_implementation(type("Config", (), {"_attn_implementation": implementation})())
+            core_attention.check_implementation(type("Config", (), {"_attn_implementation": implementation})())
         return
     with pytest.raises(AttentionUnavailableError, match="attn_implementation='sdpa', which never forms the attention probabilities"):
-        attention.run_nnsight(model, "hello")
+        lp.nnsight.run_attention(model, "hello")
     with pytest.raises(AttentionUnavailableError, match='attn_implementation="eager"'):
         with model.trace(random_tokens(1, 4)):
-            attention.trace_patterns(model)
+            lp.nnsight.attention(model)
 
 
 def test_sink_score_is_the_mean_share_on_the_first_token():
@@ -138,15 +140,15 @@ def test_model_view_refuses_a_huge_grid():
 def test_smollm2_backends_agree_and_show_sinks(smollm2_bridge, smollm2_hf):
     """The real model: 30 layers x 9 heads, the same patterns through both backends; most heads of the
     middle layers park most of their attention on the first token (the attention sink)."""
-    from lens_plugins.adapters.nnsight import wrap_model
+    from lens_plugins.backends.nnsight import wrap_model
 
     prompt = "The capital of France is"
-    tl = attention.run_transformer_lens(smollm2_bridge, prompt)
+    tl = lp.transformer_lens.run_attention(smollm2_bridge, prompt)
     model = wrap_model(*smollm2_hf)
     tokens = smollm2_bridge.to_tokens(prompt)
     with torch.no_grad(), model.trace(tokens):
-        saved = attention.trace_patterns(model)
-    ns = attention.nnsight_result(saved, model)
+        saved = lp.nnsight.attention(model)
+    ns = lp.nnsight.attention_result(saved, model)
     torch.testing.assert_close(tl.patterns, ns.patterns, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(tl.patterns.sum(-1), torch.ones(tl.patterns.shape[:-1]), rtol=0, atol=1e-5)
     sink = tl.sink_score()[:, 0]

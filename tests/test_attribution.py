@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.core import trace
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.attribution import result_from_saved
+from lens_plugins.core.trace import attribution as trace_attribution, reader as trace_reader
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.methods.attribution import result_from_saved
 from tiny_models import random_tokens, tiny_model
 
 TOL = 1e-4
@@ -44,7 +44,7 @@ def bridge_attribution(family, tokenizer, compatibility_mode, tokens, **kwargs):
 def nnsight_attribution(family, tokenizer, tokens, target=TARGET, distractor=DISTRACTOR, by="head"):
     model = lpn.wrap_model(tiny_model(family), tokenizer)
     with model.trace(tokens):
-        saved = trace.attribution(model, target, distractor)
+        saved = trace_attribution.attribution(model, target, distractor)
     return result_from_saved(saved, tokenizer, by=by)
 
 
@@ -149,7 +149,7 @@ def test_errors_name_the_problem_and_the_fix(smollm2_tokenizer):
     model = lpn.wrap_model(tiny_model("bloom"), smollm2_tokenizer)
     with pytest.raises(NotImplementedError, match="BLOOM"):
         with model.trace(random_tokens()):
-            trace.attribution(model, TARGET)
+            trace_attribution.attribution(model, TARGET)
 
 
 # --- SmolLM2: the real model -----------------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_smollm2_top_head_is_causal_too(smollm2_bridge, smollm2_dla):
 def test_attribution_request_runs_where_lens_plugins_cannot_be_imported(tmp_path, smollm2_tokenizer):
     """The NDIF harness of ``test_remote_serialization``: the trace body is serialised, then run in a process
     that cannot import lens_plugins, jaxtyping or beartype, and must give the local numbers exactly."""
-    from lens_plugins.adapters.nnsight import attribution
+    from lens_plugins.backends.nnsight import attribution
     from test_remote_serialization import SerializeThenRunLocally, run_on_server
 
     hf = tiny_model("gemma2")  # sandwich norms, (1 + w), soft-cap
@@ -230,7 +230,7 @@ def test_smollm2_nnsight_gives_the_bridges_attribution(smollm2_hf, smollm2_dla):
     hf, tokenizer = smollm2_hf
     model = lpn.wrap_model(hf, tokenizer)
     with model.trace(tokens):
-        saved = trace.attribution(model, " Paris", " London")
+        saved = trace_attribution.attribution(model, " Paris", " London")
     traced = result_from_saved(saved, tokenizer, by="component")
     assert traced.labels == bridge.labels and traced.error.item() <= TOL
     torch.testing.assert_close(traced.values, bridge.values, atol=1e-3, rtol=0)

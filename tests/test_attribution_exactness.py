@@ -29,10 +29,11 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.core import architectures, trace
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters import transformer_lens as tl_adapter
-from lens_plugins.attribution import result_from_saved
+from lens_plugins.core import architectures
+from lens_plugins.core.trace import attribution as trace_attribution, reader as trace_reader
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends import transformer_lens as tl_adapter
+from lens_plugins.methods.attribution import result_from_saved
 from tiny_models import random_tokens, tiny_model
 
 U = 2.0 ** -24  # float32 unit roundoff
@@ -63,9 +64,9 @@ def traced_parts(model, tokens, target, distractor):
     the saved attribution of a second trace of the same prompt (a trace reads each module once)."""
     with model.trace(tokens):
         spec = architectures.resolve(model)
-        parts = nnsight.save({k: v for k, v in trace.collect(model, spec, -1).items() if v is not None})
+        parts = nnsight.save({k: v for k, v in trace_attribution.collect(model, spec, -1).items() if v is not None})
     with model.trace(tokens):
-        saved = trace.attribution(model, target, distractor)
+        saved = trace_attribution.attribution(model, target, distractor)
     return {k: v.detach() for k, v in parts.items()}, saved
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters import transformer_lens as tl_adapter
-from lens_plugins.core import architectures, lenses as core_lenses, rows as row_plan, trace
-from lens_plugins.logit_lens import DEFAULT_TOP_K, logit_lens_from_stack
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends import transformer_lens as tl_adapter
+from lens_plugins.core import architectures, lenses as core_lenses, rows as row_plan
+from lens_plugins.core.trace import reader as trace_reader
+from lens_plugins.methods.lens import DEFAULT_TOP_K, logit_lens_from_stack
 from tiny_models import random_tokens, tiny_model
 
 PROMPT = "in it is the"
@@ -73,7 +74,7 @@ class NnsightBackend:
     def on_tokens(self, verb, tokens, *args, **kwargs):
         with self.model.trace(tokens):
             saved = getattr(lpn, verb)(self.model, *args, **kwargs)
-        return lpn.result(saved, self.model) if verb == "logit_lens" else lpn.logit_diff_result(saved, self.model)
+        return lpn.logit_lens_result(saved, self.model) if verb == "logit_lens" else lpn.logit_diff_result(saved, self.model)
 
     def stack(self, prompt):
         import nnsight
@@ -82,8 +83,8 @@ class NnsightBackend:
         spec = architectures.resolve(model)
         plan = row_plan.plan(len(architectures.get_path(model, spec["layers"])))
         with model.trace(prompt):
-            token_ids, _ = trace.model_input(model)
-            saved = nnsight.save((trace.reader(model, spec)(plan).detach(), token_ids.cpu()))
+            token_ids, _ = trace_reader.model_input(model)
+            saved = nnsight.save((trace_reader.reader(model, spec)(plan).detach(), token_ids.cpu()))
         stack, tokens = saved
         return stack, [row.label for row in plan], lpn.decoder_for(model), tokens
 
@@ -325,12 +326,12 @@ def test_the_pipeline_reads_only_the_positions_asked_for(smollm2_tokenizer):
     model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
     spec = architectures.resolve(model)
     with model.trace(TOKENS):
-        full = trace.reader(model, spec)(rows).save()
+        full = trace_reader.reader(model, spec)(rows).save()
     with model.trace(TOKENS):
-        cut = trace.reader(model, spec)(rows, [1, 5]).save()
+        cut = trace_reader.reader(model, spec)(rows, [1, 5]).save()
     assert torch.equal(cut, full[:, :, [1, 5]])
     with model.trace(TOKENS):
-        span = trace.reader(model, spec)(rows, slice(2, 5)).save()
+        span = trace_reader.reader(model, spec)(rows, slice(2, 5)).save()
     assert torch.equal(span, full[:, :, 2:5])
 
 

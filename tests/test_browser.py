@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from lens_plugins.plot import lens_comparison_figure, lens_heatmap, trajectory_figure, visible_text, write_page
-from lens_plugins.plot_attention import head_view, model_view, sink_figure
-from lens_plugins.report import write_report
+from lens_plugins.plot.attention import head_view, model_view, sink_figure
+from lens_plugins.methods.report import write_report
 from synthetic_results import HOSTILE, attention_result, lens_result
 
 
@@ -125,7 +125,7 @@ def test_report_of_hostile_tokens(browser, tmp_path):
 @pytest.mark.slow
 def test_cli_report_on_the_default_model(browser, tmp_path, monkeypatch, capsys):
     """``lens-plugins report`` on the embedded SmolLM2, loaded as the command loads it, opened in Chromium."""
-    from lens_plugins import cli
+    from lens_plugins.cli.main import main as cli
 
     path = tmp_path / "report.html"
     assert cli.main(["report", "The capital of France is", "-o", str(path)]) == 0

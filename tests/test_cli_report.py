@@ -2,7 +2,7 @@
 
 import pytest
 
-from lens_plugins import cli
+from lens_plugins.cli.main import main as cli
 
 PROMPT = "The capital of France is"
 
@@ -53,11 +53,11 @@ def test_report_as_a_prompt_goes_after_a_double_dash(invoke, monkeypatch):
 
 
 def test_model_path_reaches_the_report(invoke, monkeypatch, tmp_path):
-    import lens_plugins.report
+    import lens_plugins.methods.report
 
     calls = []
     monkeypatch.setattr(cli, "load_model", lambda path: calls.append(("load", path)) or "MODEL")
-    monkeypatch.setattr(lens_plugins.report, "run_report", lambda model, prompt, path, top_k: calls.append((model, prompt, path, top_k)))
+    monkeypatch.setattr(lens_plugins.methods.report, "run_report", lambda model, prompt, path, top_k: calls.append((model, prompt, path, top_k)))
     status, _, err, _ = invoke("report", PROMPT, "--model", "some/dir", "-o", "r.html", "--top-k", "3")
     assert status == 0 and calls == [("load", "some/dir"), ("MODEL", PROMPT, "r.html", 3)]
     assert err == "report written to r.html\n"

@@ -5,8 +5,8 @@ import pytest
 import torch
 import transformers
 
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters import transformer_lens as tl_adapter
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends import transformer_lens as tl_adapter
 
 ENCODER_IDS = torch.tensor([[5, 17, 300, 42, 7, 99]])
 DECODER_IDS = torch.tensor([[0, 55, 66, 77]])

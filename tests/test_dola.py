@@ -4,8 +4,8 @@ layer choice is the independent JS argmax, and both backends decode the same tok
 import pytest
 import torch
 
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters import transformer_lens as tl_adapter
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends import transformer_lens as tl_adapter
 from lens_plugins.core import dola
 from tiny_models import tiny_model
 
@@ -111,7 +111,7 @@ def test_candidate_buckets_follow_transformers_4():
 
 @pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
 def test_final_layer_alone_is_greedy(backend, hf, nn_model, bridge):
-    run = lpn.dola_generate if backend == "nnsight" else tl_adapter.dola_generate
+    run = lpn.run_dola if backend == "nnsight" else tl_adapter.run_dola
     model = nn_model if backend == "nnsight" else bridge
     out = run(model, PROMPT, max_new_tokens=6, layers=[N_LAYERS])
     greedy = hf.generate(PROMPT, do_sample=False, max_new_tokens=6)
@@ -122,8 +122,8 @@ def test_final_layer_alone_is_greedy(backend, hf, nn_model, bridge):
 @pytest.mark.parametrize("penalty", [None, 1.3])
 def test_backends_agree_and_layer_choice_is_the_js_argmax(penalty, hf, nn_model, bridge):
     layers = [0, 1, 2]
-    ours = lpn.dola_generate(nn_model, PROMPT, max_new_tokens=6, layers=layers, repetition_penalty=penalty)
-    theirs = tl_adapter.dola_generate(bridge, PROMPT, max_new_tokens=6, layers=layers, repetition_penalty=penalty)
+    ours = lpn.run_dola(nn_model, PROMPT, max_new_tokens=6, layers=layers, repetition_penalty=penalty)
+    theirs = tl_adapter.run_dola(bridge, PROMPT, max_new_tokens=6, layers=layers, repetition_penalty=penalty)
     assert torch.equal(ours.token_ids, theirs.token_ids)
     assert ours.premature_layers == theirs.premature_layers
     torch.testing.assert_close(ours.js, theirs.js, atol=1e-6, rtol=1e-4)
@@ -142,8 +142,8 @@ def test_tied_embeddings_choose_the_low_bucket_on_both_backends(nn_model, bridge
     """``tied_embeddings=`` (tied embeddings are skipped from the "low" bucket: they decode to the input token)
     is an option of both backends: untied, the 3-layer model's low bucket is the embeddings; tied, it is empty,
     which both refuse."""
-    runs = (lambda **kw: lpn.dola_generate(nn_model, PROMPT, max_new_tokens=2, layers="low", **kw),
-            lambda **kw: tl_adapter.dola_generate(bridge, PROMPT, max_new_tokens=2, layers="low", **kw))
+    runs = (lambda **kw: lpn.run_dola(nn_model, PROMPT, max_new_tokens=2, layers="low", **kw),
+            lambda **kw: tl_adapter.run_dola(bridge, PROMPT, max_new_tokens=2, layers="low", **kw))
     for run in runs:
         assert run(tied_embeddings=False).candidate_layers == dola.candidate_layers("low", N_LAYERS, False) == [0]
         with pytest.raises(ValueError, match="names no layer of a 3-layer model with tie_word_embeddings=True"):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.logit_lens import pad_batch
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends._common import pad_batch
 from lens_plugins.plot import display_token, metric_values
 from tiny_models import random_tokens, tiny_model
 

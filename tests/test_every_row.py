@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.adapters import nnsight as lpn
+from lens_plugins.backends import nnsight as lpn
 from tiny_models import FAMILIES, random_tokens, tiny_model
 
 TOL = 1e-4
@@ -84,7 +84,7 @@ def test_nnsight_every_row_matches_hugging_face(family, smollm2_tokenizer):
     tokens = random_tokens(batch=2, seq=6)
     with model.trace(tokens):
         lens = lpn.logit_lens(model, top_k=4, targets=TARGETS)
-    assert_rows_match(lpn.result(lens, model), hand_logprobs(hf, family, tokens), family)
+    assert_rows_match(lpn.logit_lens_result(lens, model), hand_logprobs(hf, family, tokens), family)
 
 
 @pytest.mark.parametrize("family", [

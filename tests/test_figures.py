@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from lens_plugins import plot
-from lens_plugins.attribution import Attribution
+from lens_plugins.methods.attribution import Attribution
 from lens_plugins.plot import (
     agreement_cells, display_token, heatmap_values, lens_comparison_figure, lens_heatmap, logit_diff_trajectory,
     metric_trajectory, outlined_cells, row_selection, top_axis_labels, trajectory_figure, visible_text,
 )
-from lens_plugins.plot_attribution import attribution_bars
+from lens_plugins.plot.attribution import attribution_bars
 from synthetic_results import HOSTILE, lens_result
 
 
@@ -127,7 +127,7 @@ def test_metric_trajectory_and_logit_diff(result):
     np.testing.assert_array_equal(np.array(fig.data[0].y, dtype=np.float32), result.entropy[:, 0, -2].numpy())
     np.testing.assert_array_equal(fig.data[1].y, result.final_top1_rank[:, 0, -2].float().numpy())
     assert fig.layout.yaxis2.type == "log"
-    from lens_plugins.attribution import LogitDiff
+    from lens_plugins.methods.attribution import LogitDiff
 
     diff = LogitDiff(result.labels, result.positions, result.log_partition - 1.0, ["a"], ["b"])
     fig = logit_diff_trajectory(diff, pos=-1, batch=[1])

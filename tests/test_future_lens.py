@@ -4,10 +4,10 @@ loss, save/load round-trips bit for bit, the pairing and bigram arithmetic."""
 import pytest
 import torch
 
-from lens_plugins import future_lens as fl
-from lens_plugins import train
+from lens_plugins.lenses import future as fl
+from lens_plugins.training import loop as train
 from lens_plugins.core import future
-from lens_plugins.logit_lens import logit_lens_from_stack
+from lens_plugins.methods.lens import logit_lens_from_stack
 from tiny_models import VOCAB, random_tokens, tiny_model
 
 
@@ -75,7 +75,7 @@ def test_lens_result_is_the_logit_lens_at_n1_and_reads_ahead_at_n2(llama, smollm
 def test_transformer_lens_cache_gives_the_same_future_lens(llama, smollm2_tokenizer):
     from transformer_lens.model_bridge import TransformerBridge
 
-    from lens_plugins.adapters import transformer_lens as tla
+    from lens_plugins.backends import transformer_lens as tla
 
     bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=tiny_model("llama"),
                                                  tokenizer=smollm2_tokenizer).eval()
@@ -92,7 +92,7 @@ def test_transformer_lens_cache_gives_the_same_future_lens(llama, smollm2_tokeni
 
 def test_the_model_residual_stack_matches_the_nnsight_lens_rows(llama, smollm2_tokenizer):
     """The hooks read the same rows as the in-trace lens (layer inputs, last output)."""
-    from lens_plugins.adapters import nnsight as lpn
+    from lens_plugins.backends import nnsight as lpn
 
     model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
     tokens = random_tokens(batch=1, seq=6)
@@ -108,7 +108,7 @@ def test_a_future_lens_is_a_lens_on_every_entry_point(llama, smollm2_tokenizer):
     """The lens seam: ``lens=FutureLens`` on the pipeline decodes the same mapped rows as ``lens_result`` (which
     applies ``transform``; the pipeline applies ``affine``), and reaches a simulated remote trace as tensors."""
     import lens_plugins as lp
-    from lens_plugins.adapters import nnsight as lpn
+    from lens_plugins.backends import nnsight as lpn
 
     lens = fl.FutureLens(64, ["embed", "1_pre", "2_post"], 2)
     with torch.no_grad():

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters import transformer_lens as tl_adapter
-from lens_plugins.generation import GeneratedLens
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends import transformer_lens as tl_adapter
+from lens_plugins.methods.generation import GeneratedLens
 from tiny_models import tiny_model
 
 PROMPT = torch.tensor([[5, 17, 300, 42, 7]])
@@ -62,7 +62,7 @@ def test_per_step_equals_teacher_forced_nnsight(family, per_step):
     model, lens = per_step
     with model.trace(lens.token_ids):
         forced = lpn.logit_lens(model, top_k=4, targets=[17], positions=lens.positions, reductions=REDUCTIONS)
-    assert_same(lens, lpn.result(forced, model))
+    assert_same(lens, lpn.logit_lens_result(forced, model))
 
 
 def test_per_step_equals_transformer_lens(family, per_step, smollm2_tokenizer):
@@ -109,12 +109,12 @@ def test_row_selection_and_a_lens_follow_the_logit_lens(smollm2_tokenizer):
     assert lens.labels == ["0_mid", "2_mid", "2_post"]
     with model.trace(lens.token_ids):
         forced = lpn.logit_lens(model, positions=lens.positions, **kwargs)
-    forced = lpn.result(forced, model)
+    forced = lpn.logit_lens_result(forced, model)
     assert_same(lens, forced)
     torch.testing.assert_close(lens.set_logprobs, forced.set_logprobs, atol=TOL, rtol=0)
     with model.trace(lens.token_ids):
         plain = lpn.logit_lens(model, positions=lens.positions, **dict(kwargs, lens=None))
-    assert not torch.allclose(lpn.result(plain, model).entropy, lens.entropy)  # the lens did change the rows
+    assert not torch.allclose(lpn.logit_lens_result(plain, model).entropy, lens.entropy)  # the lens did change the rows
 
 
 def test_positions_are_refused_on_both_backends(smollm2_tokenizer):

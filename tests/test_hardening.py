@@ -17,10 +17,10 @@ import torch
 import transformers
 from jaxtyping import TypeCheckError
 
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters import transformer_lens as tl_adapter
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends import transformer_lens as tl_adapter
 from lens_plugins.decoder import Decoder
-from lens_plugins.logit_lens import logit_lens_from_stack
+from lens_plugins.methods.lens import logit_lens_from_stack
 from lens_plugins.models import context_length
 from tiny_models import random_tokens, tiny_model
 
@@ -114,7 +114,7 @@ def test_transformer_lens_entry_points_are_checked(tiny_lens):
 def test_nnsight_entry_points_are_checked(nn_llama):
     with pytest.raises(TypeCheckError, match=r"result\(\): argument 'lens' has the wrong type\. Expected dict, got a tensor of dtype float32 "
                                              r"and shape \(3,\)\.\n"):
-        lpn.result(torch.zeros(3), nn_llama)
+        lpn.logit_lens_result(torch.zeros(3), nn_llama)
     with pytest.raises(TypeCheckError, match=r"run_logit_lens\(\): argument 'prompt' has the wrong type"):
         lpn.run_logit_lens(nn_llama, torch.zeros(1, 3, dtype=torch.long))
 

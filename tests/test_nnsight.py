@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters import transformer_lens as tl_adapter
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends import transformer_lens as tl_adapter
 from tiny_models import random_tokens, tiny_model
 
 PROMPT = "The capital of France is"
@@ -55,7 +55,7 @@ def test_matches_transformer_lens_on_smollm2(smollm2, smollm2_bridge):
     theirs = tl_adapter.logit_lens(cache, tokens=tokens, top_k=10, targets=[" Paris", " London"])
     with smollm2.trace(tokens):
         lens = lpn.logit_lens(smollm2, top_k=10, targets=[" Paris", " London"])
-    assert_same_result(lpn.result(lens, smollm2), theirs)
+    assert_same_result(lpn.logit_lens_result(lens, smollm2), theirs)
 
 
 def test_matches_transformer_lens_on_tiny_gpt2(smollm2_tokenizer):
@@ -70,13 +70,13 @@ def test_matches_transformer_lens_on_tiny_gpt2(smollm2_tokenizer):
     theirs = tl_adapter.logit_lens(cache, tokens=tokens, top_k=4, targets=[17], positions=[1, -1])
     with model.trace(tokens):
         lens = lpn.logit_lens(model, top_k=4, targets=[17], positions=[1, -1])
-    assert_same_result(lpn.result(lens, model), theirs)
+    assert_same_result(lpn.logit_lens_result(lens, model), theirs)
 
 
 def _single(model, prompt):
     with model.trace(prompt):
         lens = lpn.logit_lens(model, top_k=3, targets=[" the"])
-    return lpn.result(lens, model)
+    return lpn.logit_lens_result(lens, model)
 
 
 def test_batched_prompts_with_padding_match_one_at_a_time(tiny_llama):
@@ -91,8 +91,8 @@ def test_batched_prompts_with_padding_match_one_at_a_time(tiny_llama):
             pass
         with tracer.invoke():
             whole = lpn.logit_lens(tiny_llama, top_k=3, targets=[" the"])
-    whole = lpn.result(whole, tiny_llama)
-    per_invoke = [lpn.result(first, tiny_llama), lpn.result(second, tiny_llama)]
+    whole = lpn.logit_lens_result(whole, tiny_llama)
+    per_invoke = [lpn.logit_lens_result(first, tiny_llama), lpn.logit_lens_result(second, tiny_llama)]
     assert whole.top_ids.shape[1] == 3
     for b, single in enumerate(singles):
         n = single.token_ids.shape[1]
@@ -118,7 +118,7 @@ def test_lens_sees_a_patch_made_in_another_invoke(tiny_llama):
             logits = tiny_llama.output.logits.save()
         with tracer.invoke():
             lens = lpn.logit_lens(tiny_llama, top_k=3, targets=[" the"])
-    patched = lpn.result(lens, tiny_llama)
+    patched = lpn.logit_lens_result(lens, tiny_llama)
     assert torch.equal(patched.top_ids[:2], clean.top_ids[:2])  # embed, 1_pre: before the patch
     # 2_pre is the zeroed output itself: RMSNorm(0) = 0 and no lm_head bias, so every logit is 0 and the row
     # is uniform over the vocabulary, where the clean row is not.
@@ -145,7 +145,7 @@ def test_remote_local_matches_local(smollm2):
         local = lpn.logit_lens(smollm2, top_k=5, targets=[" Paris"], positions=[-1])
     with smollm2.trace(PROMPT, remote="local"):
         simulated = lpn.logit_lens(smollm2, top_k=5, targets=[" Paris"], positions=[-1])
-    assert_same_result(lpn.result(simulated, smollm2), lpn.result(local, smollm2))
+    assert_same_result(lpn.logit_lens_result(simulated, smollm2), lpn.logit_lens_result(local, smollm2))
 
 
 def test_unknown_target_is_refused_with_its_tokenisation(tiny_llama):
@@ -155,7 +155,7 @@ def test_unknown_target_is_refused_with_its_tokenisation(tiny_llama):
 
 def test_result_refuses_other_values(tiny_llama):
     with pytest.raises(TypeError, match="expected what logit_lens"):
-        lpn.result({"top_ids": torch.zeros(1)}, tiny_llama)
+        lpn.logit_lens_result({"top_ids": torch.zeros(1)}, tiny_llama)
 
 
 # --- remote failures (never a real server: 127.0.0.1 and mocks only) --------------------------------------

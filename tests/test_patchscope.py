@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters import transformer_lens as tla
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends import transformer_lens as tla
 from lens_plugins.core import patching
-from lens_plugins.patchscopes import IDENTITY_PROMPT, PatchscopeResult
-from lens_plugins.core.patching import patch_and_read
+from lens_plugins.methods.patchscope import IDENTITY_PROMPT, PatchscopeResult
+from lens_plugins.core.trace.patchscope import patch_and_read
 from test_remote_serialization import SerializeThenRunLocally, run_on_server
 from tiny_models import tiny_model
 
@@ -235,8 +235,8 @@ def test_bad_input_is_refused_alike(tiny, backend, kwargs, error, match):
         lp.patchscope(tiny[backend], SOURCE, target_prompt=TARGET, **kwargs)
 
 
-@pytest.mark.parametrize("first", ["lens_plugins.adapters.patchscope_transformer_lens",
-                                   "lens_plugins.adapters.patchscope_nnsight"])
+@pytest.mark.parametrize("first", ["lens_plugins.backends.transformer_lens.patchscope",
+                                   "lens_plugins.backends.nnsight.patchscope"])
 def test_the_verb_is_exported_by_each_backend_whichever_module_loads_first(first):
     """``lp.transformer_lens.patchscope`` / ``lp.nnsight.patchscope`` come from the Patchscope adapters, which
     read through the backend modules: importing either side first must work (a fresh interpreter)."""

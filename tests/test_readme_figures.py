@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters import transformer_lens as tl_adapter
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends import transformer_lens as tl_adapter
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
@@ -34,7 +34,7 @@ def lenses(smollm2_bridge, smollm2_hf):
     model = lpn.wrap_model(hf, tokenizer)
     with model.trace(bridge.token_ids):
         lens = lp.nnsight.logit_lens(model, top_k=5, targets=[" Paris"])
-    return {"transformer_lens": (bridge, cache), "nnsight": (lp.nnsight.result(lens, model), cache)}
+    return {"transformer_lens": (bridge, cache), "nnsight": (lp.nnsight.logit_lens_result(lens, model), cache)}
 
 
 def rank_interval(resid, decoder, target):

@@ -147,7 +147,7 @@ def test_every_reduction_agrees_between_transformer_lens_and_nnsight(gpt2_pair):
     tl = cache.lens.logit_lens(tokens=tokens, reductions=LENS_ALL, targets=[" of"], token_sets=SETS)
     with nn_model.trace(tokens):
         saved = lp.nnsight.logit_lens(nn_model, top_k=5, reductions=LENS_ALL, targets=[" of"], token_sets=SETS)
-    nn = lp.nnsight.result(saved, nn_model)
+    nn = lp.nnsight.logit_lens_result(saved, nn_model)
     for name in ("entropy", "kl_final_row", "kl_row_final", "js_final", "tv_final", "kl_input_row", "kl_next_row",
                  "next_token_logprob", "input_token_logprob", "target_logprobs", "set_logprobs", "top_logprobs"):
         torch.testing.assert_close(getattr(nn, name), getattr(tl, name), atol=1e-4, rtol=1e-4, equal_nan=True, msg=name)

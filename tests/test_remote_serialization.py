@@ -14,8 +14,8 @@ import torch
 from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
 
-from lens_plugins.adapters import nnsight as lpn
-from lens_plugins.adapters.nnsight import logit_lens  # the body must name a function, not our package
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.backends.nnsight import logit_lens  # the body must name a function, not our package
 from lens_plugins.models import default_model_dir
 from tiny_models import tiny_model
 
@@ -95,7 +95,7 @@ def test_request_runs_where_lens_plugins_cannot_be_imported(tmp_path, smollm2_to
     assert len(backend.blob) < 100_000, "the request must not carry weights"
     served = run_on_server(tmp_path, hf, backend.blob)
     assert_same_stats(served, lens)
-    assert lpn.result(served, model).top_ids.shape == (4, 1, 2, 5)
+    assert lpn.logit_lens_result(served, model).top_ids.shape == (4, 1, 2, 5)
 
 
 def test_the_package_name_itself_ships_to_a_server(tmp_path, smollm2_tokenizer):
@@ -109,7 +109,7 @@ def test_the_package_name_itself_ships_to_a_server(tmp_path, smollm2_tokenizer):
         lens = lp.nnsight.logit_lens(model, top_k=3, targets=[" the"])
     served = run_on_server(tmp_path, hf, backend.blob)
     assert_same_stats(served, lens)
-    assert lp.nnsight.result(served, model).rank_of(" the").shape == (4, 1, 4)
+    assert lp.nnsight.logit_lens_result(served, model).rank_of(" the").shape == (4, 1, 4)
 
 
 def test_remote_local_simulation_matches_local(smollm2_tokenizer):

@@ -1,5 +1,5 @@
-"""The shipping rule: ``lens_plugins/core`` is what may run on an NDIF server, ``core.SHIPPED`` says which
-modules that is, and every one of them imports only torch, the standard library and core (nnsight, which a
+"""The shipping rule: ``lens_plugins/core`` (with ``core/trace``) is what may run on an NDIF server,
+``core.SHIPPED`` lists the modules of that folder, and every one of them imports only torch, the standard library and core (nnsight, which a
 server has, only inside functions), with no decorator but ``dataclass`` and Python's own ``property`` / ``classmethod`` / ``staticmethod``."""
 
 import ast
@@ -17,11 +17,25 @@ ROOT = CORE.parent.parent
 
 
 def _modules():
-    return sorted(p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
+    """Every module under core/, dotted relative to core (a sub-package by its own name), from the files."""
+    names = []
+    for path in CORE.rglob("*.py"):
+        parts = path.relative_to(CORE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            names.append(".".join(parts))
+    return sorted(names)
+
+
+def _path(name):
+    path = CORE.joinpath(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def test_shipped_is_every_core_module():
     assert sorted(core.SHIPPED) == _modules()
+    assert "trace.reader" in core.SHIPPED and "trace.namespace" in core.SHIPPED
 
 
 def _imports(tree):
@@ -42,18 +56,19 @@ def _imports(tree):
 
 
 def test_core_modules_import_only_torch_and_core():
-    for name in ("__init__", *_modules()):
-        tree = ast.parse((CORE / f"{name}.py").read_text())
+    for path in [CORE / "__init__.py", *map(_path, _modules())]:
+        name = path.relative_to(CORE).as_posix()
+        tree = ast.parse(path.read_text())
         for module, in_function in _imports(tree):
             top = module.split(".")[0]
             allowed = (top == "torch" or module.startswith("lens_plugins.core") or top in sys.stdlib_module_names
                        or (top == "nnsight" and in_function))
-            assert allowed, f"lens_plugins/core/{name}.py imports {module!r}: core may import only torch and core"
+            assert allowed, f"lens_plugins/core/{name} imports {module!r}: core may import only torch and core"
 
 
 def test_core_functions_carry_no_decorators():
     for name in _modules():
-        for node in ast.walk(ast.parse((CORE / f"{name}.py").read_text())):
+        for node in ast.walk(ast.parse(_path(name).read_text())):
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 for decorator in node.decorator_list:
                     target = decorator.func if isinstance(decorator, ast.Call) else decorator
@@ -61,7 +76,7 @@ def test_core_functions_carry_no_decorators():
 
 
 def test_the_nnsight_adapter_registers_exactly_what_ships():
-    from lens_plugins.adapters import nnsight as lpn
+    from lens_plugins.backends import nnsight as lpn
 
     assert [m.__name__ for m in lpn.SHIPPED_MODULES] == [f"lens_plugins.core.{n}" for n in core.SHIPPED]
 
@@ -76,7 +91,8 @@ def test_result_fields_follow_the_table():
     """``LensResult``'s optional fields are exactly the table's outputs; metrics and plot styles come from it."""
     import dataclasses
 
-    from lens_plugins import plot, result
+    from lens_plugins import plot
+    from lens_plugins.methods import result
     from lens_plugins.core import reductions
 
     optional = {f.name for f in dataclasses.fields(result.LensResult) if f.default is None}

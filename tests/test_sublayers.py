@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.core import architectures, rows, trace
-from lens_plugins.adapters import nnsight as lpn
+from lens_plugins.core import architectures, rows
+from lens_plugins.core.trace import reader as trace_reader
+from lens_plugins.backends import nnsight as lpn
 from tiny_models import random_tokens, tiny_model
 
 TOL = 1e-4
@@ -35,7 +36,7 @@ def traced_stack(family, tokenizer, sublayers, tokens):
         spec = architectures.resolve(model)
         plan = rows.plan(len(architectures.get_path(model, spec["layers"])), sublayers=sublayers,
                          parallel=architectures.is_parallel(model, spec))
-        stack, labels = trace.reader(model, spec)(plan), [row.label for row in plan]
+        stack, labels = trace_reader.reader(model, spec)(plan), [row.label for row in plan]
         saved = nnsight.save((stack.detach(), labels))
     return saved
 
@@ -116,7 +117,7 @@ def test_nnsight_logit_lens_with_sublayers_matches_transformer_lens(family, subl
     model = lpn.wrap_model(tiny_model(family), smollm2_tokenizer)
     with model.trace(tokens):
         lens = lpn.logit_lens(model, top_k=3, sublayers=sublayers)
-    result = lpn.result(lens, model)
+    result = lpn.logit_lens_result(lens, model)
     assert result.labels == expected.labels
     torch.testing.assert_close(result.top_logprobs, expected.top_logprobs, atol=TOL, rtol=0)
     torch.testing.assert_close(result.kl_final_row, expected.kl_final_row, atol=TOL, rtol=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.adapters import transformer_lens as tl_adapter
+from lens_plugins.backends import transformer_lens as tl_adapter
 from tiny_models import random_tokens, tiny_model
 
 PROMPT = "The capital of France is"

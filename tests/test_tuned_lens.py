@@ -11,11 +11,11 @@ from lens_plugins.core import readout
 from lens_plugins.core import vocab_loss
 from lens_plugins.core.rows import Row
 from lens_plugins.decoder import Decoder
-from lens_plugins.evaluate import evaluate_lenses
-from lens_plugins.hidden_states import decoder_tensors, residual_stack, stack_rows
-from lens_plugins.last_blocks_lens import LastBlocksLens
-from lens_plugins.train_lens import train_tuned_lens
-from lens_plugins.tuned_lens import TunedLens
+from lens_plugins.methods.evaluate import evaluate_lenses
+from lens_plugins.backends.hf import decoder_tensors, residual_stack, stack_rows
+from lens_plugins.lenses.last_blocks import LastBlocksLens
+from lens_plugins.training.tuned_lens import train_tuned_lens
+from lens_plugins.lenses.tuned import TunedLens
 from tiny_models import VOCAB, random_tokens, tiny_model
 
 
@@ -224,7 +224,7 @@ def test_training_lowers_heldout_kl_at_every_layer_and_a_seed_fixes_the_lens():
 
 
 def test_a_resumed_run_gives_the_uninterrupted_lens(tmp_path, monkeypatch):
-    from lens_plugins import train_lens
+    from lens_plugins.training import tuned_lens as train_lens
 
     hf = tiny_model("llama")
     blocks = tiny_blocks(n=20)
@@ -261,7 +261,7 @@ def test_cross_entropy_training_and_the_shortcut_start():
 
 
 def test_text_sources(tmp_path, smollm2_tokenizer):
-    from lens_plugins import train
+    from lens_plugins.training import loop as train
 
     (tmp_path / "a.txt").write_text("First document.\n\nSecond one.\n\n\n")
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
@@ -358,14 +358,14 @@ def test_seam_transformer_lens_cache_with_a_tuned_lens(tiny_tuned, smollm2_token
 def test_seam_nnsight_trace_with_a_tuned_lens_and_its_request_size(tiny_tuned, smollm2_tokenizer):
     from nnsight.schema.request import RequestModel
 
-    from lens_plugins.adapters import nnsight as lpn
-    from lens_plugins.adapters.nnsight import logit_lens
+    from lens_plugins.backends import nnsight as lpn
+    from lens_plugins.backends.nnsight import logit_lens
 
     model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
     tokens = random_tokens(batch=1, seq=6)
     with model.trace(tokens):
         saved = logit_lens(model, top_k=3, lens=tiny_tuned)
-    ours = lpn.result(saved, model)
+    ours = lpn.logit_lens_result(saved, model)
     expected = expected_from_stack(tiny_model("llama"), tokens, tiny_tuned, smollm2_tokenizer)
     torch.testing.assert_close(ours.top_logprobs, expected.top_logprobs, atol=1e-4, rtol=0)
 
@@ -397,7 +397,7 @@ def test_public_names():
 
 @pytest.mark.parametrize("family,shard", [("llama", False), ("gemma2", True), ("opt", False), ("gpt2", True)])
 def test_decoder_read_alone_from_safetensors_equals_the_models(tmp_path, family, shard):
-    from lens_plugins.checkpoint_decoder import decoder_from_checkpoint
+    from lens_plugins.models.checkpoint import decoder_from_checkpoint
 
     hf = tiny_model(family)
     hf.save_pretrained(tmp_path, max_shard_size="200KB" if shard else "2GB")
@@ -408,8 +408,8 @@ def test_decoder_read_alone_from_safetensors_equals_the_models(tmp_path, family,
 
 
 def test_rows_downloaded_from_a_trace_decode_on_the_client(tmp_path, tiny_tuned, smollm2_tokenizer):
-    from lens_plugins.adapters import nnsight as lpn
-    from lens_plugins.checkpoint_decoder import decode_rows, decoder_from_checkpoint
+    from lens_plugins.backends import nnsight as lpn
+    from lens_plugins.models.checkpoint import decode_rows, decoder_from_checkpoint
 
     hf = tiny_model("llama")
     hf.save_pretrained(tmp_path)
@@ -435,7 +435,7 @@ def test_rows_downloaded_from_a_trace_decode_on_the_client(tmp_path, tiny_tuned,
 def test_train_lens_command_saves_a_loadable_lens_and_reports_heldout_kl(tmp_path, smollm2_tokenizer, capsys):
     import transformers
 
-    from lens_plugins import cli
+    from lens_plugins.cli.main import main as cli
 
     config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

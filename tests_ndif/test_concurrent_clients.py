@@ -79,5 +79,5 @@ def test_four_clients_five_requests_each(model, ndif, smollm2_dir, tmp_path):
             with model.trace(text):
                 local = lp.nnsight.logit_lens(model, top_k=5)
             assert_identical(remote, local, text)
-            ids = lp.nnsight.result(remote, model).token_ids[0].tolist()
+            ids = lp.nnsight.logit_lens_result(remote, model).token_ids[0].tolist()
             assert ids == model.tokenizer(text)["input_ids"]  # its own prompt, not another client's

@@ -36,7 +36,7 @@ def both(model, body, prompt=PROMPT):
 def local_lens(model, **kwargs):
     with model.trace(PROMPT):
         lens = lp.nnsight.logit_lens(model, **kwargs)
-    return lp.nnsight.result(lens, model)
+    return lp.nnsight.logit_lens_result(lens, model)
 
 
 def test_the_server_cannot_import_lens_plugins(model):
@@ -55,7 +55,7 @@ def test_the_server_cannot_import_lens_plugins(model):
 def test_logit_lens(model, kwargs):
     remote, local = both(model, lambda m: lp.nnsight.logit_lens(m, **kwargs))
     assert_identical(remote, local)
-    result = lp.nnsight.result(remote, model)
+    result = lp.nnsight.logit_lens_result(remote, model)
     assert result.labels[0] == "embed" and result.labels[-1] == "29_post"
     if "targets" in kwargs and "positions" not in kwargs:
         assert result.top_tokens(pos=-1)["29_post"][0][0] == " Paris"
@@ -66,7 +66,7 @@ def test_logit_lens(model, kwargs):
 def test_sublayers(model, sublayers):
     remote, local = both(model, lambda m: lp.nnsight.logit_lens(m, top_k=5, targets=[" Paris"], sublayers=sublayers))
     assert_identical(remote, local)
-    labels = lp.nnsight.result(remote, model).labels
+    labels = lp.nnsight.logit_lens_result(remote, model).labels
     suffix = "_out" if sublayers == "outputs" else ""
     assert labels[:3] == ["embed", f"0_attn{suffix}", f"0_mlp{suffix}"] and f"29_mlp{suffix}" in labels[-2:]
 
@@ -90,7 +90,7 @@ def test_a_batch_of_invokes(model):
         out[remote] = (france, eiffel)
     assert_identical(out[True], out[False])
     for lens, prompt in zip(out[True], [PROMPT, "The Eiffel Tower stands in the city of"]):
-        result = lp.nnsight.result(lens, model)  # each invoke's own prompt, padded to the batch's length
+        result = lp.nnsight.logit_lens_result(lens, model)  # each invoke's own prompt, padded to the batch's length
         real = result.token_ids[0][result.attention_mask[0].bool()]
         assert real.tolist() == model.tokenizer(prompt)["input_ids"]
 
@@ -105,7 +105,7 @@ def test_a_lens_after_a_patch_in_an_earlier_invoke(model):
                 lens = lp.nnsight.logit_lens(model, top_k=5, targets=[" Paris"])
         out[remote] = lens
     assert_identical(out[True], out[False])
-    patched = lp.nnsight.result(out[True], model)
+    patched = lp.nnsight.logit_lens_result(out[True], model)
     clean = local_lens(model, top_k=5, targets=[" Paris"])
     assert torch.equal(patched.top_ids[:21], clean.top_ids[:21])  # embed .. 20_pre: before the patch
     assert not torch.equal(patched.entropy[21:, :, -1], clean.entropy[21:, :, -1])  # 21_pre on: after it
@@ -129,7 +129,7 @@ def test_a_session_of_two_traces(model):
                     second = lp.nnsight.logit_lens(model, top_k=5, targets=[" Rome", " Paris"])
         out[remote] = (first, second)
     assert_identical(out[True], out[False])
-    italy, patched = (lp.nnsight.result(lens, model) for lens in out[True])
+    italy, patched = (lp.nnsight.logit_lens_result(lens, model) for lens in out[True])
     assert italy.rank_of(" Rome")[-1, 0, -1] == 1
     clean = local_lens(model, top_k=5, targets=[" Rome", " Paris"])
     assert torch.equal(patched.top_ids[:21], clean.top_ids[:21])  # before the patch: France's own rows

@@ -35,7 +35,7 @@ print(f"{len(tokens)} tokens; the subject ' France' is at position {subject}")
 targets = [" Paris", " Rome"]
 with model.trace(clean):
     lens = lp.nnsight.logit_lens(model, top_k=5, targets=targets)
-before = lp.nnsight.result(lens, model)
+before = lp.nnsight.logit_lens_result(lens, model)
 print(before)
 
 # %% [markdown]
@@ -59,7 +59,7 @@ with model.trace() as tracer:
         model.model.layers[L].output[:, subject] = italy
     with tracer.invoke():
         lens = lp.nnsight.logit_lens(model, top_k=5, targets=targets)
-after = lp.nnsight.result(lens, model)
+after = lp.nnsight.logit_lens_result(lens, model)
 
 for label in list(dict.fromkeys(before.labels[L - 2 :: 3] + [before.labels[-1]])):
     r = before.row_index(label)
@@ -114,7 +114,7 @@ print("running the lens on", where)
 remote_lm = model if name is None else lp.nnsight.remote_model(name)
 with remote_lm.trace(clean, remote=remote):
     lens = lp.nnsight.logit_lens(remote_lm, top_k=5, targets=targets)
-shipped = lp.nnsight.result(lens, remote_lm)
+shipped = lp.nnsight.logit_lens_result(lens, remote_lm)
 print(shipped.top_tokens(-1)[shipped.labels[-1]])
 assert shipped.top_tokens(-1)[shipped.labels[-1]][0][0] == " Paris"
 if name is None or name == str(default_model_dir()):   # the same weights: the same numbers as the local trace

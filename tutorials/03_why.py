@@ -14,7 +14,7 @@ import torch
 
 import lens_plugins as lp
 from lens_plugins import plot
-from lens_plugins.plot_attribution import attribution_bars
+from lens_plugins.plot.attribution import attribution_bars
 
 model = lp.load_default_model(backend="transformer_lens")
 prompt, answer, rival = "The capital of France is", " Paris", " London"

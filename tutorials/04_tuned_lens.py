@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 import lens_plugins as lp
-from lens_plugins import checkpoint_decoder
+from lens_plugins.models import checkpoint as checkpoint_decoder
 
 # Training and evaluation run the Hugging Face model inside with hooks; the nnsight model carries its tokenizer.
 # (A TransformerBridge rewires the model's modules: train on an nnsight or HF model, see the report below.)

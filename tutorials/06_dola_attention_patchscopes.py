@@ -16,7 +16,7 @@
 import torch
 
 import lens_plugins as lp
-from lens_plugins import plot_attention
+from lens_plugins.plot import attention as plot_attention
 
 model = lp.load_default_model(backend="transformer_lens")
 n_layers = model.cfg.n_layers
@@ -43,7 +43,7 @@ def greedy(text, steps):
 
 
 steps = 6
-dola = lp.transformer_lens.dola_generate(model, prompt, max_new_tokens=steps, layers="high")
+dola = lp.transformer_lens.run_dola(model, prompt, max_new_tokens=steps, layers="high")
 reference = greedy(prompt, steps)
 print("greedy:", repr(model.tokenizer.decode(reference[-steps:])))
 print("DoLa:  ", repr(dola.text), " premature layers", dola.premature_layers)
@@ -51,17 +51,17 @@ print("DoLa:  ", repr(dola.text), " premature layers", dola.premature_layers)
 chosen = [dola.candidate_layers[i] for i in dola.js.argmax(dim=1).tolist()]
 assert chosen == dola.premature_layers and all(l in dola.candidate_layers for l in chosen)
 # with the final layer as the only candidate DoLa is greedy decoding
-only_final = lp.transformer_lens.dola_generate(model, prompt, max_new_tokens=steps, layers=[n_layers])
+only_final = lp.transformer_lens.run_dola(model, prompt, max_new_tokens=steps, layers=[n_layers])
 assert only_final.generated_ids == reference[-steps:].tolist()
 
 # %% [markdown]
 # ## Attention views and the attention sink
 #
-# `lp.attention.run_transformer_lens` caches every layer's attention pattern (`[layer, batch, head, query, key]`,
+# `lp.transformer_lens.run_attention` caches every layer's attention pattern (`[layer, batch, head, query, key]`,
 # float32). A head's *sink score* is the mean share of attention its queries put on the first token.
 
 # %%
-attn = lp.attention.run_transformer_lens(model, "The Eiffel Tower is in the city of Paris, in France.")
+attn = lp.transformer_lens.run_attention(model, "The Eiffel Tower is in the city of Paris, in France.")
 patterns = attn.patterns
 assert torch.allclose(patterns.sum(-1), torch.ones(patterns.shape[:-1]), atol=1e-4)   # each query's row sums to 1
 sink = attn.sink_score()[:, 0]                       # [layer, head]

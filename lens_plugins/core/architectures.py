@@ -35,6 +35,8 @@ in-trace lens (``lens_plugins.core.trace``) calls it on the NDIF server, where i
 
 import torch
 
+from lens_plugins.core.errors import LensAttributeError, LensTypeError, UnknownArchitectureError, UnknownNormError
+
 _LLAMA_LIKE = {
     "layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head", "embed": "model.embed_tokens",
     "attn": "self_attn", "mlp": "mlp", "o_proj": "self_attn.o_proj",
@@ -98,13 +100,6 @@ ENCODER_DECODER = {
 ROLES = ("layers", "final_norm", "lm_head", "embed", "attn", "mlp")
 
 
-class UnknownArchitectureError(KeyError):
-    """The model's family is not in ``ARCHITECTURES`` and no paths were given by hand."""
-
-    def __str__(self):
-        return str(self.args[0])
-
-
 def model_type(model):
     """``config.model_type`` of an HF model or of an nnsight envoy around one (``None`` if it has none)."""
     config = getattr(model, "config", None)
@@ -122,7 +117,7 @@ def resolve(model, paths=None):
     family works; ``final_norm=""`` means the model has no final norm.
     """
     if paths is not None and not isinstance(paths, dict):
-        raise TypeError(f"paths= is a dict of module paths, e.g. {{'layers': 'model.layers', 'final_norm': "
+        raise LensTypeError(f"paths= is a dict of module paths, e.g. {{'layers': 'model.layers', 'final_norm': "
                         f"'model.norm', 'lm_head': 'lm_head'}}; got {type(paths).__name__}")
     by_hand = {k: v for k, v in (paths or {}).items() if v is not None}
     kind = model_type(model)
@@ -155,7 +150,7 @@ def get_path(root, path, optional=False):
             return node
     if optional:
         return None
-    raise AttributeError(
+    raise LensAttributeError(
         f"{type(root).__name__} has no submodule at {' or '.join(map(repr, candidates))}; check the path "
         "(print(model) shows the module tree) and pass it by hand"
     )
@@ -171,10 +166,6 @@ def component(model, spec, role, layer=None):
 # Norm classes that scale by (1 + weight) instead of weight, for a norm read without a family entry
 # (a TransformerBridge's wrapped norm); a family entry says so itself (``norm_one_plus``).
 ONE_PLUS_WEIGHT_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")  # Gemma 3n multiplies by w itself
-
-
-class UnknownNormError(TypeError):
-    """A final norm whose class the lens does not recognise."""
 
 
 def norm_params(norm, one_plus=None):
@@ -254,3 +245,7 @@ def layer_input(inputs):
     """A decoder layer's residual input from its ``(args, kwargs)``: ``hidden_states``, positional or not."""
     args, kwargs = inputs
     return args[0] if args else kwargs["hidden_states"]
+
+__all__ = ["ARCHITECTURES", "ENCODER_DECODER", "ROLES", "model_type", "PATH_ROLES", "resolve", "get_path",
+    "component", "ONE_PLUS_WEIGHT_NORMS", "norm_params", "decoder_tensors", "is_parallel", "layer_output",
+    "layer_input"]

@@ -1,4 +1,5 @@
-"""DecoderLens (Langedijk et al. 2023) inside an nnsight trace: the part that runs where the model runs.
+"""DecoderLens (Langedijk et al. 2023): the arithmetic both backends share (the in-trace half is
+``core/trace/decoder_lens.py``).
 
 The logit lens of an encoder: hand each encoder layer's output to the decoder as if it were the encoder's
 final output, and read what the decoder then predicts. One forward pass does all layers at once: the trace
@@ -17,11 +18,10 @@ Torch and core only (nnsight inside the function), no decorators, plain containe
 
 import torch
 
-from lens_plugins.core import pipeline, request, rows as row_plan
-from lens_plugins.core.architectures import (
-    ENCODER_DECODER, decoder_tensors, get_path, layer_input, layer_output, model_type,
-)
-from lens_plugins.core.reductions import DEFAULT_LENS
+from lens_plugins.core import pipeline, request
+from lens_plugins.core import rows as row_plan
+from lens_plugins.core.architectures import ENCODER_DECODER, model_type
+from lens_plugins.core.errors import LensValueError
 
 FORMAT = "lens_plugins.decoder_lens/2"
 
@@ -30,7 +30,7 @@ def encoder_decoder_spec(model):
     """The ``ENCODER_DECODER`` entry of ``model``, or an error naming the families that have one."""
     kind = model_type(model)
     if kind not in ENCODER_DECODER:
-        raise ValueError(f"the DecoderLens needs an encoder-decoder model; {kind!r} is not one lens_plugins knows "
+        raise LensValueError(f"the DecoderLens needs an encoder-decoder model; {kind!r} is not one lens_plugins knows "
                          f"(known: {sorted(ENCODER_DECODER)}); add an entry to "
                          "lens_plugins.core.architectures.ENCODER_DECODER")
     return ENCODER_DECODER[kind]
@@ -42,10 +42,10 @@ def one_example(tokenizer, value, name):
     backend, before anything runs."""
     if isinstance(value, str):
         if not value.strip():
-            raise ValueError(f"{name} is empty ({value!r}): give the model some text")
+            raise LensValueError(f"{name} is empty ({value!r}): give the model some text")
         return tokenizer(value, return_tensors="pt")["input_ids"]
     if value.dim() != 2 or value.shape[0] != 1 or value.shape[1] == 0:
-        raise ValueError(f"{name} must be one non-empty sequence, shape [1, seq], got {tuple(value.shape)}")
+        raise LensValueError(f"{name} must be one non-empty sequence, shape [1, seq], got {tuple(value.shape)}")
     return value.long()
 
 
@@ -56,7 +56,7 @@ def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers,
     dict in the saved-lens layout (``stats``, ``labels``, ``request``, ``token_ids``, ``attention_mask``)."""
     rows = row_plan.plan(n_encoder_layers)
     if resid.shape[0] != len(rows):
-        raise ValueError(f"the DecoderLens runs {len(rows)} copies of one example (one per encoder row), got a "
+        raise LensValueError(f"the DecoderLens runs {len(rows)} copies of one example (one per encoder row), got a "
                          f"batch of {resid.shape[0]}; use run_decoder_lens, or repeat the example")
     token_ids = decoder_ids[:1].cpu().long()
     mask = torch.ones_like(token_ids)
@@ -74,37 +74,4 @@ def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers,
         "attention_mask": mask,
     }
 
-
-def _replace_output(module, new):
-    """Swap a layer's residual output for ``new``, keeping the rest of a tuple output (T5's position biases)."""
-    output = module.output
-    module.output = (new, *output[1:]) if isinstance(output, tuple) else new
-
-
-def decoder_lens(model, top_k=5, targets=(), token_sets=None, positions=None, reductions=DEFAULT_LENS,
-                 vocab_chunk=None, token_chunk=None):
-    """Run the DecoderLens in a trace over ``n_encoder_layers + 1`` identical copies of one example
-    (``lp.nnsight.run_decoder_lens`` builds that batch); call it first in the body and label it afterwards
-    with ``lp.nnsight.decoder_lens_result(lens, model)``. ``positions`` are decoder positions; the other
-    parameters are ``trace.logit_lens``'s."""
-    import nnsight
-
-    spec = encoder_decoder_spec(model)
-    encoder = get_path(model, spec["encoder_layers"])
-    blocks = get_path(model, spec["layers"])
-    n = len(encoder)
-    args, kwargs = model.inputs
-    decoder_ids = kwargs.get("decoder_input_ids")
-    if decoder_ids is None:
-        raise ValueError("the DecoderLens needs decoder_input_ids: trace model(input_ids, decoder_input_ids=...)")
-    if decoder_ids.shape[0] != n + 1:
-        raise ValueError(f"the DecoderLens runs {n + 1} copies of one example (one per encoder row), got a batch "
-                         f"of {decoder_ids.shape[0]}; use lp.nnsight.run_decoder_lens, or repeat the example")
-    rows = [layer_input(encoder[layer].inputs) for layer in range(n)]
-    rows.append(layer_output(encoder[n - 1].output))
-    _replace_output(encoder[n - 1], torch.stack([row[i] for i, row in enumerate(rows)]))
-    resid = layer_output(blocks[len(blocks) - 1].output)  # [encoder rows, decoder tokens, d_model]
-    with torch.no_grad():
-        saved = decoder_lens_stats(resid, decoder_tensors(model, spec), model.tokenizer, decoder_ids, n, top_k,
-                                   targets, token_sets, positions, reductions, vocab_chunk, token_chunk)
-    return nnsight.save(saved)
+__all__ = ["FORMAT", "encoder_decoder_spec", "one_example", "decoder_lens_stats"]

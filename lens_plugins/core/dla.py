@@ -14,6 +14,13 @@ NDIF server, so both backends share one piece of arithmetic.
 
 import torch
 
+from lens_plugins.core.errors import (
+    LensAttributeError,
+    LensIndexError,
+    LensKeyError,
+    LensNotImplementedError,
+    LensValueError,
+)
 from lens_plugins.core.readout import apply_final_norm
 
 
@@ -121,7 +128,7 @@ def head_count(model):
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
-    raise AttributeError("the model's config names no head count (num_attention_heads / n_head / num_heads)")
+    raise LensAttributeError("the model's config names no head count (num_attention_heads / n_head / num_heads)")
 
 
 def output_projection(o_proj):
@@ -159,11 +166,11 @@ def check_position(position, attention_mask):
     has no prediction to attribute: pad on the left to attribute every prompt's last token)."""
     seq_len = attention_mask.shape[-1]
     if not -seq_len <= position < seq_len:
-        raise IndexError(f"position {position} is out of range for a prompt of {seq_len} tokens "
+        raise LensIndexError(f"position {position} is out of range for a prompt of {seq_len} tokens "
                          f"(valid: {-seq_len} .. {seq_len - 1})")
     padded = (attention_mask[:, position] == 0).nonzero().reshape(-1).tolist()
     if padded:
-        raise ValueError(f"position {position} is padding in prompt(s) {padded} of the batch: there is no "
+        raise LensValueError(f"position {position} is padding in prompt(s) {padded} of the batch: there is no "
                          "prediction to attribute there. Pad on the left (padding_side='left') to attribute "
                          "each prompt's last token at position -1, or attribute the prompts one at a time.")
 
@@ -171,7 +178,7 @@ def check_position(position, attention_mask):
 def check_sublayer_writes(spec):
     """Refuse, with the reason, a family whose sublayer writes cannot be read off module outputs."""
     if spec.get("adds_residual"):
-        raise NotImplementedError(
+        raise LensNotImplementedError(
             "this family's attention and MLP add the residual inside the module (BLOOM), so their own writes "
             "are not a module output; sublayer rows and direct logit attribution do not support it yet"
         )
@@ -181,7 +188,9 @@ def check_supported(spec):
     """Refuse a family DLA cannot take apart: see ``check_sublayer_writes``, and heads need ``o_proj``."""
     check_sublayer_writes(spec)
     if "o_proj" not in spec:
-        raise KeyError("the architecture entry has no 'o_proj' (attention output projection) path; add one to "
+        raise LensKeyError("the architecture entry has no 'o_proj' (attention output projection) path; add one to "
                        "lens_plugins.core.architectures.ARCHITECTURES to attribute to heads")
 
-
+__all__ = ["norm_scale", "frozen_norm", "member_coefficients", "column_logits", "direction", "attribute",
+    "head_count", "output_projection", "split_heads", "through_post_norm", "check_position",
+    "check_sublayer_writes", "check_supported"]

@@ -28,6 +28,7 @@ import math
 import torch
 
 from lens_plugins.core import readout
+from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.rows import plan
 
 FORMAT = "lens_plugins.dola/1"  # marks a DoLa record (either backend's), so the local side can refuse anything else
@@ -40,7 +41,7 @@ def candidate_layers(layers, n_layers, tied_embeddings):
     for tied embeddings, where they would decode to the input token)."""
     if isinstance(layers, str):
         if layers not in ("low", "high"):
-            raise ValueError(f"layers={layers!r}: pass 'low', 'high' or a list of hidden-state indices")
+            raise LensValueError(f"layers={layers!r}: pass 'low', 'high' or a list of hidden-state indices")
         if not tied_embeddings:
             start = 0
         else:
@@ -50,15 +51,15 @@ def candidate_layers(layers, n_layers, tied_embeddings):
         else:
             chosen = list(range(n_layers // 2 if n_layers <= 40 else n_layers - 20, n_layers, 2))
         if not chosen:
-            raise ValueError(f"layers={layers!r} names no layer of a {n_layers}-layer model with "
+            raise LensValueError(f"layers={layers!r} names no layer of a {n_layers}-layer model with "
                              f"tie_word_embeddings={tied_embeddings}; pass hidden-state indices instead")
         return chosen
     chosen = [int(layer) for layer in layers]
     if not chosen:
-        raise ValueError("layers is empty: name at least one premature candidate")
+        raise LensValueError("layers is empty: name at least one premature candidate")
     bad = [layer for layer in chosen if not 0 <= layer <= n_layers]
     if bad:
-        raise ValueError(f"layers {bad} are not hidden-state indices of a {n_layers}-layer model "
+        raise LensValueError(f"layers {bad} are not hidden-state indices of a {n_layers}-layer model "
                          f"(0 = embeddings .. {n_layers} = final residual)")
     return list(dict.fromkeys(chosen))
 
@@ -74,7 +75,7 @@ def contrast(mature_logits, premature_logits, alpha):
     """DoLa's scores ``[..., vocab]``: ``log p_mature - log p_premature`` on the plausible set, ``-inf``
     elsewhere (the mature top-1 is always plausible)."""
     if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        raise LensValueError(f"alpha must be in (0, 1], got {alpha}")
     mature = torch.log_softmax(mature_logits.float(), -1)
     premature = torch.log_softmax(premature_logits.float(), -1)
     plausible = mature >= mature.amax(-1, keepdim=True) + math.log(alpha)
@@ -86,7 +87,7 @@ def penalise(scores, seen_ids, penalty):
     if penalty is None:
         return scores
     if penalty <= 0:
-        raise ValueError(f"repetition_penalty must be positive, got {penalty}")
+        raise LensValueError(f"repetition_penalty must be positive, got {penalty}")
     ids = torch.as_tensor(seen_ids, dtype=torch.long, device=scores.device).unique()
     seen = scores[ids]
     scores = scores.clone()
@@ -135,3 +136,5 @@ def dola_step(candidates, mature, layers, n_layers, decoder, alpha, seen_ids, re
     scores = penalise(contrast(logits[0], logits[1], alpha), seen_ids, repetition_penalty)
     token = pick(scores, torch.log_softmax(logits[0], -1))
     return {"token": token, "layer": layers[chosen], "js": js.cpu(), "scores": scores.cpu()}
+
+__all__ = ["FORMAT", "candidate_layers", "rows", "contrast", "penalise", "pick", "dola_step"]

@@ -7,16 +7,18 @@ Torch only, no decorators, everything as arguments (see ``lens_plugins.core``).
 
 import torch
 
+from lens_plugins.core.errors import LensValueError
+
 
 def future_pairs(stack, final, n_ahead):
     """``(sources [rows, batch * (seq - N + 1), d], targets [batch * (seq - N + 1), d])`` from a residual stack
     ``[rows, batch, seq, d]`` and the final residual ``[batch, seq, d]``: source position ``t`` is paired with
     the final residual at ``t + N - 1``, for every ``t`` that has one."""
     if n_ahead < 1:
-        raise ValueError(f"n_ahead must be at least 1 (1: the next token, as the logit lens), got {n_ahead}")
+        raise LensValueError(f"n_ahead must be at least 1 (1: the next token, as the logit lens), got {n_ahead}")
     rows, batch, seq, d = stack.shape
     if seq < n_ahead:
-        raise ValueError(f"a sequence of {seq} tokens has no position {n_ahead - 1} tokens ahead: use longer blocks")
+        raise LensValueError(f"a sequence of {seq} tokens has no position {n_ahead - 1} tokens ahead: use longer blocks")
     span = seq - n_ahead + 1
     sources = stack[:, :, :span].reshape(rows, batch * span, d)
     targets = final[:, n_ahead - 1:].reshape(batch * span, d)
@@ -36,3 +38,5 @@ def bigram_table(blocks, n_ahead, vocab):
     table = torch.full((vocab,), int(torch.bincount(y, minlength=vocab).argmax()), dtype=torch.long)
     table[xs[chosen]] = ys[chosen]
     return table
+
+__all__ = ["future_pairs", "bigram_table"]

@@ -8,6 +8,8 @@ every backend. Any other lens runs only where its own ``transform`` can run (a l
 
 import torch
 
+from lens_plugins.core.errors import LensTypeError, LensValueError
+
 
 def apply_affine(resid, weight, bias):
     """``resid [rows, tokens, d] + resid @ weight[r].T + bias[r]`` per row, in float32; ``None`` parts are zero."""
@@ -33,10 +35,10 @@ def resolve(lens, rows, d_model):
     labels = [row.label for row in rows]
     if isinstance(lens, dict):
         if lens.get("format") != "lens_plugins.affine/1":
-            raise TypeError("lens= takes a lens object (lens_plugins.lenses) or the tensors "
+            raise LensTypeError("lens= takes a lens object (lens_plugins.lenses) or the tensors "
                             "lp.nnsight.lens_tensors(model, lens, ...) made of one; got another dict")
         if lens["labels"] != labels:
-            raise ValueError(f"the shipped lens was made for rows {lens['labels']}, but this lens reads rows "
+            raise LensValueError(f"the shipped lens was made for rows {lens['labels']}, but this lens reads rows "
                              f"{labels}: make it with the same layers= / resid_mid= / sublayers=")
         return lens["weight"], lens["bias"], None
     affine = getattr(lens, "affine", None)
@@ -44,7 +46,7 @@ def resolve(lens, rows, d_model):
         weight, bias = affine(rows, d_model)
         return weight, bias, None
     if not callable(getattr(lens, "transform", None)):
-        raise TypeError(f"lens={type(lens).__name__} has neither transform(resid, rows) nor affine(rows, d_model)")
+        raise LensTypeError(f"lens={type(lens).__name__} has neither transform(resid, rows) nor affine(rows, d_model)")
     return None, None, lens.transform
 
 
@@ -53,9 +55,11 @@ def apply(resid, rows, weight, bias, transform):
     if transform is not None:
         out = transform(resid, rows)
         if tuple(out.shape) != tuple(resid.shape):
-            raise ValueError(f"the lens's transform returned shape {tuple(out.shape)} for a residual stack of "
+            raise LensValueError(f"the lens's transform returned shape {tuple(out.shape)} for a residual stack of "
                              f"shape {tuple(resid.shape)}: it must keep the shape")
         return out
     if weight is None and bias is None:
         return resid
     return apply_affine(resid, weight, bias)
+
+__all__ = ["apply_affine", "shipped", "resolve", "apply"]

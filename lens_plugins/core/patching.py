@@ -1,27 +1,20 @@
 """Patchscopes in torch: the patching arithmetic every backend shares (which (row, position) pairs go into
 which target forward, how a source hidden state is mapped, where in a batch it is written, how the target's
-read-out is laid out for the streamed readout) and the two trace bodies that run inside an nnsight trace,
-locally or on an NDIF server (``read_source``, ``patch_and_read``, plus ``patch_and_next_token`` for
-generation).
+read-out is laid out for the streamed readout) . The trace bodies that run inside an nnsight trace are in ``core/trace/patchscope.py``.
 
 A Patchscope (Ghandeharioun et al., 2024) takes the hidden state ``h`` of a source prompt at row ``l``
 (a point of the residual stream: ``embed``, ``3_pre``, ``29_post``) and position ``i``, writes ``f(h)`` into
 a target prompt at row ``l*`` and position ``i*``, runs the target forward and reads what the model says at
 ``i*``. Many pairs share one target forward: batch item ``b`` of the target carries pair ``b``'s patch.
 
-The trace bodies read rows with the nnsight reader of ``core.trace`` (the logit lens's rows, ``core.rows``)
-and save only plain dicts and tensors. Torch only, no decorators, everything as arguments: ships by source.
+Torch only, no decorators, everything as arguments: ships by source.
 """
 
 import torch
 
-from lens_plugins.core.architectures import decoder_tensors, get_path, layer_input, layer_output, resolve
-from lens_plugins.core.readout import lens_statistics
+from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.rows import Row
-from lens_plugins.core.trace import model_input, reader
 
-SOURCE_FORMAT = "lens_plugins.patchscope_source/2"
-FORMAT = "lens_plugins.patchscope/1"
 # The residual sites a Patchscope reads and writes (a block's input, or its output), in stream order
 # within one layer.
 _SITE_ORDER = {"embed": 0, "pre": 0, "post": 2}
@@ -31,7 +24,7 @@ def patch_row(label):
     """The ``Row`` a Patchscope reads or writes at, refusing a site that is not a block's input or output."""
     row = Row.parse(label) if isinstance(label, str) else label
     if row.site not in _SITE_ORDER:
-        raise ValueError(f"a Patchscope reads and writes rows 'embed', '<layer>_pre' or '<layer>_post', "
+        raise LensValueError(f"a Patchscope reads and writes rows 'embed', '<layer>_pre' or '<layer>_post', "
                          f"not {row.label!r}")
     return row
 
@@ -48,7 +41,7 @@ def pair_batches(n_rows, n_positions, batch_size):
     """The (row index, position index) pairs of an ``n_rows x n_positions`` grid, row-major, cut into batches
     of at most ``batch_size``: one target forward each. Returns a list of ``(rows, positions)`` long tensors."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise LensValueError(f"batch_size must be at least 1, got {batch_size}")
     rows = torch.arange(n_rows).repeat_interleave(n_positions)
     positions = torch.arange(n_positions).repeat(n_rows)
     return [(rows[i:i + batch_size], positions[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
@@ -61,7 +54,7 @@ def apply_mapping(hidden, weight=None, bias=None):
     hidden = hidden.float()
     if weight is not None:
         if weight.shape[-1] != hidden.shape[-1]:
-            raise ValueError(f"the mapping's weight is {tuple(weight.shape)}, which does not take hidden states of "
+            raise LensValueError(f"the mapping's weight is {tuple(weight.shape)}, which does not take hidden states of "
                              f"width {hidden.shape[-1]}: it must be [d_out, {hidden.shape[-1]}]")
         hidden = hidden @ weight.float().T.to(hidden.device)
     if bias is not None:
@@ -115,67 +108,5 @@ def scatter_pairs(chunks, n_rows, n_positions):
             out[name][rows, positions] = value
     return out
 
-
-# --- inside an nnsight trace (locally or on an NDIF server) -------------------------------------------------
-
-
-def read_source(model, labels, positions, paths=None):
-    """In the source prompt's trace: save the rows ``labels`` (the logit lens's, e.g. ``["embed", "12_pre",
-    "29_post"]``, in stream order) at ``positions`` (absolute indices), ``[rows, positions, d]`` float32, with
-    the prompt's token ids. Call it first in the trace's body."""
-    import nnsight
-
-    token_ids, _ = model_input(model)
-    if token_ids.shape[0] != 1:
-        raise ValueError(f"a Patchscope reads one source prompt, got a batch of {token_ids.shape[0]}")
-    stack = reader(model, resolve(model, paths))([patch_row(label) for label in labels], list(positions))
-    return nnsight.save({
-        "format": SOURCE_FORMAT,
-        "hidden": stack[:, 0].detach().cpu(),
-        "labels": list(labels),
-        "token_ids": token_ids.cpu(),
-    })
-
-
-def _write(model, spec, values, target_labels, position):
-    """Write each batch item's value at its target row, in forward order: ``embed`` / ``L_pre`` into block
-    ``L``'s input, ``L_post`` into its output. Returns the decoder layers."""
-    blocks = get_path(model, spec["layers"])
-    for label, batch_index in sites_of(list(target_labels)).items():
-        row = patch_row(label)
-        block = blocks[row.layer]
-        hidden = layer_output(block.output) if row.site == "post" else layer_input(block.inputs)
-        write_rows(hidden, batch_index, position, values[batch_index])
-    return blocks
-
-
-def patch_and_read(model, values, target_labels, position, reference, target_ids, top_k, reductions,
-                   read_next_token=False, paths=None, vocab_chunk=None, token_chunk=None):
-    """In a trace over ``k`` copies of the target prompt: write ``values [k, d]`` at ``(b, position)`` of row
-    ``target_labels[b]``, then reduce the last layer's output at ``position`` against ``reference [k, d]``
-    (the source's own final residual for each pair) with ``readout.lens_statistics``; ``target_ids [k, C]``
-    are the token ids to rank per pair. ``read_next_token`` also saves the argmax at the prompt's last
-    position (the first greedily generated token). Saves the readout's ``[2, k, ...]`` statistics."""
-    import nnsight
-
-    spec = resolve(model, paths)
-    blocks = _write(model, spec, values, target_labels, position)
-    final = reader(model, spec)([Row(len(blocks) - 1, "post")], [position])[0][:, 0]
-    with torch.no_grad():
-        stats = lens_statistics(readout_stack(final.detach(), reference), **decoder_tensors(model, spec),
-                                top_k=top_k, target_ids=target_ids, vocab_chunk=vocab_chunk,
-                                token_chunk=token_chunk, reductions=tuple(reductions))
-    saved = {"format": FORMAT, "stats": {name: value.cpu() for name, value in stats.items()}}
-    if read_next_token:
-        saved["next_token"] = get_path(model, spec["lm_head"]).output[:, -1].argmax(-1).cpu()
-    return nnsight.save(saved)
-
-
-def patch_and_next_token(model, values, target_labels, position, paths=None):
-    """One greedy step of a patched target: the same writes as ``patch_and_read``, then the argmax of the
-    logits at the last position ``[k]`` (a soft-cap, applied after ``lm_head``, keeps the argmax)."""
-    import nnsight
-
-    spec = resolve(model, paths)
-    _write(model, spec, values, target_labels, position)
-    return nnsight.save(get_path(model, spec["lm_head"]).output[:, -1].argmax(-1).cpu())
+__all__ = ["patch_row", "stream_key", "pair_batches", "apply_mapping", "sites_of", "write_rows", "readout_stack",
+    "patched_statistics", "scatter_pairs"]

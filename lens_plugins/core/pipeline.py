@@ -11,6 +11,7 @@ import torch
 
 from lens_plugins.core import lenses
 from lens_plugins.core.dla import column_logits
+from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.readout import apply_final_norm, lens_statistics
 from lens_plugins.core.request import readout_reductions, target_columns, user_ids
 
@@ -22,7 +23,7 @@ def check_finite(stack, labels, positions):
     if bad.any():
         row, item, pos = (int(i) for i in bad.nonzero()[0])
         kind = "NaN" if torch.isnan(stack[row, item, pos]).any() else "inf"
-        raise ValueError(
+        raise LensValueError(
             f"the residual stream contains {kind} at row {labels[row]!r}, batch item {item}, prompt position "
             f"{positions[pos]} ({int(bad.sum())} non-finite vectors in all); the lens would only propagate it. "
             "Check the activations (an overflow in half precision?) before decoding them."
@@ -32,7 +33,7 @@ def check_finite(stack, labels, positions):
 def check_rows(request, chosen, all_rows):
     """Refuse a row selection the request cannot be computed on."""
     if "kl_input_row" in request["reductions"] and chosen[0] != all_rows[0]:
-        raise ValueError("kl_input_row compares every row with the input row ('embed'): keep row 0 in layers")
+        raise LensValueError("kl_input_row compares every row with the input row ('embed'): keep row 0 in layers")
 
 
 def sequence_index(positions):
@@ -48,9 +49,9 @@ def lens_rows(read, rows, positions, lens, d_model):
     selected = read(rows, sequence_index(positions))
     labels = [row.label for row in rows]
     if selected.shape[0] != len(rows):
-        raise ValueError(f"the reader returned {selected.shape[0]} rows for {len(rows)} rows asked for")
+        raise LensValueError(f"the reader returned {selected.shape[0]} rows for {len(rows)} rows asked for")
     if selected.shape[-1] != d_model:
-        raise ValueError(
+        raise LensValueError(
             f"residual vectors have width {selected.shape[-1]} but this decoder's W_U expects d_model={d_model}: "
             "the activations come from a different model than the one decoding them")
     check_finite(selected, labels, positions)
@@ -90,3 +91,5 @@ def logit_diff(read, rows, positions, decoder, target_ids, distractor_ids, batch
                               decoder["norm_eps"])
     diff = set_logit(normed, decoder, target_ids) - set_logit(normed, decoder, distractor_ids)
     return diff.reshape(len(rows), batch, len(positions))
+
+__all__ = ["check_finite", "check_rows", "sequence_index", "lens_rows", "logit_lens", "set_logit", "logit_diff"]

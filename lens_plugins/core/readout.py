@@ -27,6 +27,7 @@ import platform
 
 import torch
 
+from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.reductions import READOUT, TABLE
 
 NO_TARGET = -1  # a target id that means "nothing to score here" (e.g. the last position's next token)
@@ -70,7 +71,7 @@ def apply_final_norm(x, norm_kind, norm_weight, norm_bias, norm_eps):
         x = x - x.mean(-1, keepdim=True)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm_eps)
     elif norm_kind != "none":
-        raise ValueError(f"unknown norm_kind {norm_kind!r}: expected 'rmsnorm', 'layernorm' or 'none'")
+        raise LensValueError(f"unknown norm_kind {norm_kind!r}: expected 'rmsnorm', 'layernorm' or 'none'")
     if norm_weight is not None:
         x = x * norm_weight.to(x.device, torch.float32)
     if norm_bias is not None:
@@ -150,7 +151,7 @@ def lens_statistics(
     reductions = DEFAULT_REDUCTIONS if reductions is None else reductions
     unknown = [name for name in reductions if name not in REDUCTIONS]
     if unknown:
-        raise ValueError(f"unknown reductions {unknown}; choose from {list(REDUCTIONS)}")
+        raise LensValueError(f"unknown reductions {unknown}; choose from {list(REDUCTIONS)}")
     device = W_U.device  # work where the unembedding lives (on a multi-GPU server, the last layer's device)
     check_precision(precision, device)
     rows, tokens, _ = resid.shape
@@ -158,9 +159,9 @@ def lens_statistics(
     vocab_chunk = auto_vocab if vocab_chunk is None else vocab_chunk
     token_chunk = auto_tokens if token_chunk is None else token_chunk
     if vocab_chunk < 1 or token_chunk < 1:
-        raise ValueError(f"chunk sizes must be positive, got vocab_chunk={vocab_chunk}, token_chunk={token_chunk}")
+        raise LensValueError(f"chunk sizes must be positive, got vocab_chunk={vocab_chunk}, token_chunk={token_chunk}")
     if vocab_chunk > MAX_VOCAB_CHUNK:
-        raise ValueError(f"vocab_chunk={vocab_chunk} exceeds {MAX_VOCAB_CHUNK}: a tile's rank counts are float32 "
+        raise LensValueError(f"vocab_chunk={vocab_chunk} exceeds {MAX_VOCAB_CHUNK}: a tile's rank counts are float32 "
                          f"sums of ones, exact only up to 2^24 columns; use a smaller vocab_chunk")
     want = set(reductions)
     resid = resid.to(device)
@@ -187,9 +188,9 @@ def lens_statistics(
 def check_precision(precision, device):
     """Refuse an unknown precision, and TF32 anywhere but CUDA (it is a tensor-core format)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+        raise LensValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
     if precision == "tf32" and device.type != "cuda":
-        raise ValueError(
+        raise LensValueError(
             f"precision='tf32' needs W_U on a CUDA device (TF32 is an NVIDIA tensor-core format), but it is on "
             f"{device.type}: use precision='float32' (exact) or 'bf16x3' (split bfloat16, any device)"
         )
@@ -584,3 +585,6 @@ def _count_above(tile, tile_max, thresholds, own, counts, above):
     if own is not None:
         token, target, column = own
         counts[:, token, target] -= (tile[:, token, column] > thresholds[:, token, target]).int()
+
+__all__ = ["NO_TARGET", "EXP_FLOOR", "PRECISIONS", "MAX_VOCAB_CHUNK", "apply_final_norm", "unembed", "tile_sizes",
+    "lens_statistics", "check_precision", "onednn_matmul", "Unembedding", "REDUCTIONS", "DEFAULT_REDUCTIONS"]

@@ -53,3 +53,5 @@ METRIC_STYLES = {metric: style for entry in TABLE.values() for metric, style in 
 METRICS = tuple(METRIC_STYLES)
 # Result field -> the reduction that fills it (for "add 'x' to reductions=[...]" hints).
 FIELD_REDUCTION = {field: name for name, entry in TABLE.items() for field in entry["outputs"]}
+
+__all__ = ["TABLE", "READOUT", "COLUMNS", "LENS", "DEFAULT_LENS", "METRIC_STYLES", "METRICS", "FIELD_REDUCTION"]

@@ -10,13 +10,14 @@ bad input with the same message.
 
 import torch
 
+from lens_plugins.core.errors import LensIndexError, LensValueError
 from lens_plugins.core.readout import NO_TARGET
 from lens_plugins.core.reductions import COLUMNS, LENS
 
 
 def check_top_k(top_k):
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer (the number of best tokens kept per row), got {top_k!r}")
+        raise LensValueError(f"top_k must be a positive integer (the number of best tokens kept per row), got {top_k!r}")
     return top_k
 
 
@@ -25,7 +26,7 @@ def check_reductions(reductions):
         reductions = [reductions]
     unknown = [name for name in reductions if name not in LENS]
     if unknown:
-        raise ValueError(f"unknown reductions {unknown}; choose from {list(LENS)}")
+        raise LensValueError(f"unknown reductions {unknown}; choose from {list(LENS)}")
     return tuple(dict.fromkeys(reductions))
 
 
@@ -42,7 +43,7 @@ def resolve_positions(positions, seq_len):
     """Absolute, sorted, de-duplicated prompt positions (``None``: all); negative counts from the end; an
     index outside the prompt is refused, never wrapped."""
     if seq_len == 0:
-        raise ValueError("the prompt is empty: there is no position to decode")
+        raise LensValueError("the prompt is empty: there is no position to decode")
     if positions is None:
         return list(range(seq_len))
     if isinstance(positions, int):
@@ -50,11 +51,11 @@ def resolve_positions(positions, seq_len):
     chosen = set()
     for pos in positions:
         if not -seq_len <= pos < seq_len:
-            raise IndexError(f"position {pos} is out of range for a prompt of {seq_len} tokens "
+            raise LensIndexError(f"position {pos} is out of range for a prompt of {seq_len} tokens "
                              f"(valid: {-seq_len} .. {seq_len - 1})")
         chosen.add(pos % seq_len)
     if not chosen:
-        raise ValueError("positions is empty: pass None for all positions, or a list of indices")
+        raise LensValueError("positions is empty: pass None for all positions, or a list of indices")
     return sorted(chosen)
 
 
@@ -63,19 +64,19 @@ def single_token_id(tokenizer, target, d_vocab):
     tokenisation: silently scoring its first piece would answer a different question."""
     if isinstance(target, int) and not isinstance(target, bool):
         if not 0 <= target < d_vocab:
-            raise ValueError(f"target id {target} is outside the vocabulary [0, {d_vocab})")
+            raise LensValueError(f"target id {target} is outside the vocabulary [0, {d_vocab})")
         return target
     if not isinstance(target, str) or target == "":
-        raise ValueError(f"a target must be a non-empty string or a token id, got {target!r}")
+        raise LensValueError(f"a target must be a non-empty string or a token id, got {target!r}")
     ids = tokenizer.encode(target, add_special_tokens=False)
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(
+        raise LensValueError(
             f"target {target!r} is {len(ids)} tokens, not one: it tokenises as {pieces} (ids {ids}). "
             "Pass a single-token string (mind the leading space, e.g. ' Paris'), or a token id."
         )
     if not ids[0] < d_vocab:
-        raise ValueError(
+        raise LensValueError(
             f"target {target!r} is token id {ids[0]}, outside this model's vocabulary of {d_vocab}: "
             "the tokenizer does not belong to the model"
         )
@@ -87,10 +88,10 @@ def token_set_ids(tokenizer, spec, d_vocab):
     checked by ``single_token_id``; a token named twice is refused (it would count twice)."""
     members = [spec] if isinstance(spec, (str, int)) else list(spec)
     if not members:
-        raise ValueError("an empty token set: give at least one token, e.g. ' Paris' or [' Paris', 'Paris']")
+        raise LensValueError("an empty token set: give at least one token, e.g. ' Paris' or [' Paris', 'Paris']")
     ids = [single_token_id(tokenizer, m, d_vocab) for m in members]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"the token set {members} names a token twice (ids {ids}): list each member once")
+        raise LensValueError(f"the token set {members} names a token twice (ids {ids}): list each member once")
     return ids
 
 
@@ -105,7 +106,7 @@ def build(tokenizer, d_vocab, seq_len, top_k, positions, targets, token_sets, re
     for name, members in sets.items():
         ids = list(dict.fromkeys(single_token_id(tokenizer, m, d_vocab) for m in members))
         if not ids:
-            raise ValueError(f"the token set {name!r} has no members: give it at least one token")
+            raise LensValueError(f"the token set {name!r} has no members: give it at least one token")
         set_ids.append(ids)
     return {
         "top_k": check_top_k(top_k),
@@ -139,3 +140,6 @@ def target_columns(token_ids, attention_mask, positions, reductions, user_ids):
     user = torch.tensor(list(user_ids), dtype=torch.long, device=token_ids.device)
     stacked = [c.long().unsqueeze(-1) for c in columns] + [user.reshape(1, 1, -1).expand(batch, len(positions), -1)]
     return torch.cat(stacked, dim=-1).reshape(batch * len(positions), -1)
+
+__all__ = ["check_top_k", "check_reductions", "readout_reductions", "resolve_positions", "single_token_id",
+    "token_set_ids", "build", "user_ids", "target_columns"]

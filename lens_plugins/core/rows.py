@@ -16,6 +16,8 @@ tuned-lens checkpoints use; sublayer rows have none.
 
 from dataclasses import dataclass
 
+from lens_plugins.core.errors import LensIndexError, LensKeyError, LensValueError
+
 SITES = ("embed", "pre", "mid", "post", "attn", "mlp", "attn+mlp", "attn_out", "mlp_out")
 
 
@@ -26,9 +28,9 @@ class Row:
 
     def __post_init__(self):
         if self.site not in SITES:
-            raise ValueError(f"unknown row site {self.site!r}; sites are {list(SITES)}")
+            raise LensValueError(f"unknown row site {self.site!r}; sites are {list(SITES)}")
         if self.layer < 0 or (self.site == "embed" and self.layer != 0):
-            raise ValueError(f"row layer {self.layer} is not valid for site {self.site!r}")
+            raise LensValueError(f"row layer {self.layer} is not valid for site {self.site!r}")
 
     @property
     def label(self):
@@ -51,7 +53,7 @@ class Row:
             return cls(0, "embed")
         layer, _, site = label.partition("_")
         if not layer.isdigit() or site not in SITES:
-            raise ValueError(f"{label!r} is not a row label: expected 'embed' or '<layer>_<site>' with a site "
+            raise LensValueError(f"{label!r} is not a row label: expected 'embed' or '<layer>_<site>' with a site "
                              f"in {list(SITES[1:])}, e.g. '3_pre'")
         return cls(int(layer), site)
 
@@ -66,12 +68,12 @@ def plan(n_layers, resid_mid=False, sublayers=False, parallel=False):
     each attention and MLP write alone ("0_attn_out", "0_mlp_out", ...), then "<L-1>_post" as reference.
     """
     if sublayers not in (False, True, "outputs"):
-        raise ValueError(f"sublayers={sublayers!r}: pass True (residual after each sublayer) or 'outputs' "
+        raise LensValueError(f"sublayers={sublayers!r}: pass True (residual after each sublayer) or 'outputs' "
                          "(each attention / MLP write decoded alone)")
     if resid_mid and sublayers:
-        raise ValueError("resid_mid and sublayers both choose the rows: pass one of them")
+        raise LensValueError("resid_mid and sublayers both choose the rows: pass one of them")
     if resid_mid and parallel:
-        raise ValueError("this model's blocks are parallel (attention and MLP read the same input), so there is "
+        raise LensValueError("this model's blocks are parallel (attention and MLP read the same input), so there is "
                          "no residual between them: drop resid_mid=True")
     rows = [Row(0, "embed")]
     for layer in range(n_layers):
@@ -102,15 +104,17 @@ def select(rows, layers):
         if isinstance(layer, str):
             if layer not in labels:
                 if "." in layer:
-                    raise ValueError(
+                    raise LensValueError(
                         f"layers={layer!r} looks like a module path, but layers= selects rows (indices or labels "
                         f"such as 3 or '3_pre'); give module paths as paths={{'layers': {layer!r}, "
                         "'final_norm': ..., 'lm_head': ...}")
-                raise KeyError(f"no row labelled {layer!r}; the rows are {labels}")
+                raise LensKeyError(f"no row labelled {layer!r}; the rows are {labels}")
             chosen.add(labels.index(layer))
         elif isinstance(layer, int) and not isinstance(layer, bool) and -n <= layer < n:
             chosen.add(layer % n)
         else:
-            raise IndexError(f"layer {layer!r} is out of range: the stack has rows 0..{n - 1} "
+            raise LensIndexError(f"layer {layer!r} is out of range: the stack has rows 0..{n - 1} "
                              f"({labels[0]} .. {labels[-1]}), negative indices count from the end")
     return [rows[i] for i in sorted(chosen | {n - 1})]
+
+__all__ = ["SITES", "Row", "plan", "select"]

@@ -21,6 +21,7 @@ Like every core module: imports only torch, everything as arguments, no decorato
 
 import torch
 
+from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.readout import EXP_FLOOR
 
 
@@ -188,9 +189,9 @@ class _TiledLoss(torch.autograd.Function):
 
 def _check(normed, W_U, vocab_chunk, token_chunk):
     if normed.dim() != 2 or normed.shape[-1] != W_U.shape[0]:
-        raise ValueError(f"normed residuals must be [tokens, d_model={W_U.shape[0]}], got {tuple(normed.shape)}")
+        raise LensValueError(f"normed residuals must be [tokens, d_model={W_U.shape[0]}], got {tuple(normed.shape)}")
     if vocab_chunk < 1 or token_chunk < 1:
-        raise ValueError(f"vocab_chunk and token_chunk must be positive, got {vocab_chunk} and {token_chunk}")
+        raise LensValueError(f"vocab_chunk and token_chunk must be positive, got {vocab_chunk} and {token_chunk}")
 
 
 def kl_divergence(normed, reference, W_U, b_U=None, softcap=None, vocab_chunk=4096, token_chunk=1024):
@@ -199,7 +200,7 @@ def kl_divergence(normed, reference, W_U, b_U=None, softcap=None, vocab_chunk=40
     ``matmul_dtype`` this pass uses too."""
     _check(normed, W_U, vocab_chunk, token_chunk)
     if reference["log_partition"].shape[0] != normed.shape[0]:
-        raise ValueError(f"the reference summarises {reference['log_partition'].shape[0]} tokens, the lens "
+        raise LensValueError(f"the reference summarises {reference['log_partition'].shape[0]} tokens, the lens "
                          f"residuals are {normed.shape[0]}: build reference_summary from the same tokens")
     return _TiledLoss.apply(normed, W_U, b_U, softcap, "kl", reference, vocab_chunk, token_chunk,
                             reference["matmul_dtype"])
@@ -211,9 +212,9 @@ def cross_entropy(normed, target_ids, W_U, b_U=None, softcap=None, vocab_chunk=4
     must all be valid ids (shift and drop positions without a next token before calling)."""
     _check(normed, W_U, vocab_chunk, token_chunk)
     if target_ids.shape != normed.shape[:1]:
-        raise ValueError(f"target_ids must be [tokens={normed.shape[0]}], got {tuple(target_ids.shape)}")
+        raise LensValueError(f"target_ids must be [tokens={normed.shape[0]}], got {tuple(target_ids.shape)}")
     if target_ids.numel() and (int(target_ids.min()) < 0 or int(target_ids.max()) >= W_U.shape[1]):
-        raise ValueError(f"target ids must lie in 0..{W_U.shape[1] - 1}; drop positions without a target first")
+        raise LensValueError(f"target ids must lie in 0..{W_U.shape[1] - 1}; drop positions without a target first")
     return _TiledLoss.apply(normed, W_U, b_U, softcap, "ce", target_ids.long(), vocab_chunk, token_chunk,
                             matmul_dtype)
 
@@ -231,3 +232,5 @@ def kl_and_cross_entropy(normed, reference, target_ids, W_U, b_U=None, softcap=N
         z_t, _, _ = _column_logits(normed, W_U.detach(), b_U, softcap, target_ids.clamp(min=0))
         ce = torch.where(valid, logz - z_t, torch.full_like(logz, float("nan")))
     return kl, ce
+
+__all__ = ["reference_summary", "kl_divergence", "cross_entropy", "kl_and_cross_entropy"]

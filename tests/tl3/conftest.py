@@ -73,7 +73,7 @@ def smollm2_ht_unprocessed(smollm2_hf):
     """SmolLM2 with no weight processing at all (as from_pretrained_no_processing)."""
     import warnings
 
-    from lens_plugins.adapters.hooked_transformer import hooked_transformer_from_hf
+    from lens_plugins.models.hooked_transformer import hooked_transformer_from_hf
 
     model, tokenizer = smollm2_hf
     with warnings.catch_warnings():

@@ -70,7 +70,7 @@ def bridge_variants(hf_model, tokenizer):
 
 
 def hooked_variants(hf_model, tokenizer):
-    from lens_plugins.adapters.hooked_transformer import hooked_transformer_from_hf
+    from lens_plugins.models.hooked_transformer import hooked_transformer_from_hf
 
     yield "hooked_fold_ln", hooked_transformer_from_hf(hf_model, tokenizer, fold_ln=True)
     yield "hooked_no_processing", hooked_transformer_from_hf(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.adapters.hooked_transformer import hooked_transformer_from_hf
+from lens_plugins.models.hooked_transformer import hooked_transformer_from_hf
 from test_tl3_bridge_parity import HERE, REPO, main_python
 from tiny_models import random_tokens, tiny_model
 
@@ -24,9 +24,9 @@ NNSIGHT_SIDE = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     import torch
-    from lens_plugins.core import trace
-    from lens_plugins.adapters import nnsight as lpn
-    from lens_plugins.attribution import result_from_saved
+    from lens_plugins.core.trace import attribution as trace_attribution, reader as trace_reader
+    from lens_plugins.backends import nnsight as lpn
+    from lens_plugins.methods.attribution import result_from_saved
     from lens_plugins.models import default_model_dir, load_hf_model
     from tiny_models import random_tokens, tiny_model
 
@@ -35,7 +35,7 @@ NNSIGHT_SIDE = textwrap.dedent("""
     for family in sys.argv[3:]:
         model = lpn.wrap_model(tiny_model(family, optional_biases=False), tokenizer)
         with model.trace(random_tokens()):
-            saved = trace.attribution(model, 17, 42)
+            saved = trace_attribution.attribution(model, 17, 42)
         dla = result_from_saved(saved, tokenizer, by="head")
         out[family] = {name: getattr(dla, name) for name in ("embed", "heads", "attn", "mlp", "constant", "values")}
     torch.save(out, sys.argv[2])

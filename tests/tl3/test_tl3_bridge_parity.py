@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from export_lens import FIELDS, PROMPT, TARGETS, TOP_K, lens_record, prompt_tokens
-from lens_plugins.adapters import transformer_lens as tl_adapter
+from lens_plugins.backends import transformer_lens as tl_adapter
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

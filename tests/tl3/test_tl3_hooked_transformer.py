@@ -8,8 +8,8 @@ import transformers
 
 import lens_plugins as lp
 from export_lens import prompt_tokens
-from lens_plugins.adapters import transformer_lens as tl_adapter
-from lens_plugins.adapters.hooked_transformer import SUPPORTED_ARCHITECTURES, hooked_transformer_from_hf
+from lens_plugins.backends import transformer_lens as tl_adapter
+from lens_plugins.models.hooked_transformer import SUPPORTED_ARCHITECTURES, hooked_transformer_from_hf
 from tiny_models import VOCAB, random_tokens, tiny_model
 
 TOL = 1e-4

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-MODULE = "lens_plugins.adapters.hooked_transformer"
+MODULE = "lens_plugins.models.hooked_transformer"
 
 
 def has_hooked_transformer() -> bool:

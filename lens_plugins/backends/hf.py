@@ -1,0 +1,74 @@
+"""The residual stream of a Hugging Face causal LM, read with forward hooks, for training and evaluating lenses.
+
+Training and evaluation run the model themselves (no TransformerLens cache, no trace), so they read the
+same points the nnsight lens reads: each decoder layer's input and the last layer's output, i.e. hidden
+states ``0 .. n_layers`` in ``output_hidden_states`` indexing, before the final norm. ``output_hidden_states``
+itself is not used: depending on the family and the transformers release its last entry is before or after
+the final norm. Only the base model runs (no ``lm_head``), so no ``[tokens, vocab]`` logits are made.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lens_plugins.core import architectures
+from lens_plugins.core.errors import LensTypeError
+from lens_plugins.core.rows import Row, plan
+
+
+def hf_model(model) -> torch.nn.Module:
+    """The Hugging Face model inside an nnsight model (``_module``) or a TransformerBridge
+    (``original_model``), or ``model`` itself."""
+    for attribute in ("_module", "original_model"):
+        inner = getattr(model, attribute, None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise LensTypeError(f"expected a Hugging Face causal LM (or an nnsight / TransformerLens model around one), "
+                        f"got {type(model).__name__}")
+    return model
+
+
+def stack_rows(n_layers: int) -> list[Row]:
+    """The rows of ``residual_stack``: ``embed``, ``1_pre`` .. ``{L-1}_pre``, ``{L-1}_post`` (the default plan)."""
+    return plan(n_layers)
+
+
+def decoder_tensors(hf, spec: Optional[dict] = None) -> dict:
+    """The model's decoder (final norm, ``W_U``, ``b_U``, soft-cap) as detached tensors."""
+    spec = spec or architectures.resolve(hf)
+    tensors = architectures.decoder_tensors(hf, spec)
+    return {k: v.detach() if isinstance(v, Tensor) else v for k, v in tensors.items()}
+
+
+def residual_stack(hf, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                   spec: Optional[dict] = None) -> Tensor:
+    """``[n_layers + 1, batch, seq, d_model]``: hidden state ``i`` is the input of layer ``i``, the last is the
+    last layer's output (before the final norm). Runs without grad, in the model's dtype."""
+    spec = spec or architectures.resolve(hf)
+    layers = architectures.get_path(hf, spec["layers"])
+    captured: dict[int, Tensor] = {}
+    handles = []
+
+    def keep_input(index):
+        def hook(module, args, kwargs):
+            captured[index] = architectures.layer_input((args, kwargs)).detach()
+        return hook
+
+    def keep_output(module, args, output):
+        captured[len(layers)] = architectures.layer_output(output).detach()
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(keep_input(index), with_kwargs=True))
+    handles.append(layers[-1].register_forward_hook(keep_output))
+    base = getattr(hf, "base_model", hf)
+    try:
+        with torch.no_grad():
+            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([captured[i] for i in range(len(layers) + 1)])
+
+__all__ = ["hf_model", "stack_rows", "decoder_tensors", "residual_stack"]

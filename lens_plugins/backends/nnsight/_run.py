@@ -1,0 +1,93 @@
+"""How the nnsight one-call forms run a trace: the shared guards around ``model.trace`` (prompts, context,
+eval mode, padding side), a lens made shippable, and remote failures named as ``RemoteLensError``.
+
+Importing it registers every module of ``lens_plugins.core`` (``core.SHIPPED``) with ``nnsight.register``:
+they ship by source and import only torch, so an NDIF server needs nothing of ours."""
+
+import importlib
+from typing import Union
+
+import nnsight
+import torch
+
+from lens_plugins import core
+from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode
+from lens_plugins.backends.nnsight.reader import lens_tensors
+from lens_plugins.core.errors import LensTypeError, LensValueError, RemoteLensError
+
+SHIPPED_MODULES = tuple(importlib.import_module(f"lens_plugins.core.{name}") for name in core.SHIPPED)
+for _module in SHIPPED_MODULES:
+    nnsight.register(_module)
+
+
+def trace(model, prompt, remote, backend, body, padding_side=None):
+    """Run ``body()`` inside ``model.trace(prompt)`` with the one-call guards (prompts, context, eval mode),
+    a batch padded on ``padding_side`` (default the tokenizer's, as on TransformerLens), and name a remote
+    failure."""
+    if padding_side not in (None, "left", "right"):
+        raise LensValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    prompts = check_prompts(prompt)
+    tokenizer = model.tokenizer
+    check_context(max(len(ids) for ids in tokenizer(prompts)["input_ids"]), context_length(model))
+    trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
+    side = tokenizer.padding_side
+    tokenizer.padding_side = padding_side or side  # the batch is tokenized when the trace starts
+    try:
+        with eval_mode(getattr(model, "_module", model)), model.trace(prompt, **trace_kwargs):
+            saved = body()
+    except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours
+        raise remote_error(error, remote, backend) from error
+    finally:
+        tokenizer.padding_side = side
+    return saved
+
+
+def shippable(model, lens, remote, backend, **rows):
+    """The lens as it can travel: itself for a local trace, its tensors for a remote one."""
+    if lens is None or (remote is False and backend is None):
+        return lens
+    return lens_tensors(model, lens, **rows)
+
+
+def remote_error(error: Exception, remote, backend) -> Exception:
+    """Name a remote failure; leave a local error (a bad target, a wrong path) as it is."""
+    if remote is False and backend is None:
+        return error
+    from nnsight.intervention.backends.remote import RemoteError
+
+    kind = type(error).__name__
+    message = str(error).lower()
+    # NDIF says "Your job exceeded the execution timeout of 20.0s." when it stops a job itself.
+    timed_out = "timed out" in message or "execution timeout" in message
+    if isinstance(error, TimeoutError) or timed_out or "Timeout" in kind:
+        what = "the remote job timed out"
+    elif isinstance(error, RemoteError) and "Failed to send request" in str(error) or isinstance(error, OSError):
+        what = "the NDIF server could not be reached"
+    elif isinstance(error, RemoteError):
+        what = "the remote job failed on the server"
+    else:
+        return error
+    return RemoteLensError(
+        f"{what}: {kind}: {error}. Nothing local was changed; retry later, check nnsight.CONFIG.API.HOST and "
+        "your API key, or run the same lens locally with remote=False."
+    )
+
+
+def generate_kwargs(remote, backend) -> dict:
+    return {"remote": remote} if backend is None else {"backend": backend}
+
+
+def one_prompt(model, text: Union[str, torch.Tensor]) -> None:
+    """One prompt, as text or as ``[1, seq]`` token ids, within the model's context."""
+    if isinstance(text, torch.Tensor):
+        if text.dim() != 2 or text.shape[0] != 1 or text.shape[1] == 0:
+            raise LensValueError(f"generation takes one prompt: token ids of shape [1, seq], got {tuple(text.shape)}")
+        n_tokens = text.shape[1]
+    else:
+        if not isinstance(text, str):
+            raise LensTypeError("generation takes one prompt (a string or [1, seq] token ids); run a batch prompt by prompt")
+        check_prompts(text)
+        n_tokens = len(model.tokenizer(text)["input_ids"])
+    check_context(n_tokens, context_length(model))
+
+__all__ = ["SHIPPED_MODULES", "trace", "shippable", "remote_error", "generate_kwargs", "one_prompt"]

@@ -1,0 +1,83 @@
+"""Direct logit attribution and the lens's logit difference inside nnsight traces: the in-trace verbs
+(``attribution``, ``logit_diff``: ``core/trace/``), their labelling (``attribution_result``,
+``logit_diff_result``) and their one-call forms, with ``run_logit_lens``'s guards and remote errors."""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+from lens_plugins.backends.nnsight._run import shippable, trace
+from lens_plugins.backends.nnsight.reader import Sublayers
+from lens_plugins.core.trace.attribution import attribution
+from lens_plugins.core.trace.lens import logit_diff
+from lens_plugins.methods.attribution import (
+    Attribution,
+    LogitDiff,
+    TokenSet,
+    logit_diff_from_saved,
+    result_from_saved,
+)
+from lens_plugins.typecheck import typechecked
+
+
+@typechecked
+def logit_diff_result(saved: dict, model) -> LogitDiff:
+    """The ``LogitDiff`` of what ``logit_diff(model, ...)`` saved inside a trace."""
+    return logit_diff_from_saved(saved, getattr(model, "tokenizer", model))
+
+
+@typechecked
+def attribution_result(saved: dict, model, by: str = "component") -> Attribution:
+    """The ``Attribution`` of what ``attribution(model, ...)`` saved inside a trace (``model`` supplies the
+    tokenizer for the target names); ``by`` is ``"component"``, ``"layer"`` or ``"head"``."""
+    return result_from_saved(saved, getattr(model, "tokenizer", model), by=by)
+
+
+@typechecked
+def run_logit_diff(
+    model,
+    prompt: Union[str, list[str]],
+    target: TokenSet,
+    distractor: TokenSet,
+    *,
+    remote: Union[bool, str] = False,
+    backend=None,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    lens=None,
+    paths: Optional[dict] = None,
+    padding_side: Optional[str] = None,
+) -> LogitDiff:
+    """Trace ``prompt`` and return the lens's ``target`` minus ``distractor`` at every row and position:
+    the one-call form of ``logit_diff``, with ``run_logit_lens``'s guards."""
+    rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
+    lens = shippable(model, lens, remote, backend, **rows)
+    saved = trace(model, prompt, remote, backend,
+                   lambda: logit_diff(model, target, distractor, positions=positions, lens=lens, **rows),
+                   padding_side)
+    return logit_diff_result(saved, model)
+
+
+@typechecked
+def run_attribution(
+    model,
+    prompt: Union[str, list[str]],
+    target: TokenSet,
+    distractor: Optional[TokenSet] = None,
+    *,
+    by: str = "component",
+    position: int = -1,
+    remote: Union[bool, str] = False,
+    backend=None,
+    paths: Optional[dict] = None,
+    padding_side: Optional[str] = None,
+) -> Attribution:
+    """Trace ``prompt`` and return the direct logit attribution of ``target`` (minus ``distractor``) at
+    ``position``: the one-call form, with ``run_logit_lens``'s guards (context length, padding with its
+    mask, eval mode) and its remote errors."""
+    saved = trace(model, prompt, remote, backend,
+                   lambda: attribution(model, target, distractor, position=position, paths=paths), padding_side)
+    return attribution_result(saved, model, by=by)
+
+__all__ = ["logit_diff_result", "attribution_result", "run_logit_diff", "run_attribution"]

@@ -1,0 +1,57 @@
+"""DoLa decoding (Chuang et al. 2023) inside one nnsight ``model.generate(...)`` request: the in-trace
+``dola`` (``core/trace/dola.py``, shipped by source), its labelling ``dola_result`` and the one-call
+``run_dola``."""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import nnsight
+import torch
+
+from lens_plugins.backends._common import check_max_new_tokens, eval_mode
+from lens_plugins.backends.nnsight._run import generate_kwargs, one_prompt, remote_error
+from lens_plugins.core.trace.dola import dola
+from lens_plugins.methods import dola as dola_module
+from lens_plugins.methods.dola import DolaOutput
+from lens_plugins.typecheck import typechecked
+
+
+@typechecked
+def run_dola(
+    model,
+    text: Union[str, torch.Tensor],
+    *,
+    max_new_tokens: int = 10,
+    layers: Union[str, Sequence[int]] = "high",
+    alpha: float = 0.1,
+    repetition_penalty: Optional[float] = None,
+    premature_norm: bool = True,
+    tied_embeddings: Optional[bool] = None,
+    remote: Union[bool, str] = False,
+    backend=None,
+    paths: Optional[dict] = None,
+) -> DolaOutput:
+    """DoLa decoding (Chuang et al. 2023) of ``text`` in one ``model.generate`` request; see
+    ``lens_plugins.core.dola`` for the definition and ``core/trace/dola.py`` for the in-trace form.
+    ``tied_embeddings`` (for ``layers="low"``) defaults to the model config's ``tie_word_embeddings``."""
+    one_prompt(model, text)
+    check_max_new_tokens(max_new_tokens)
+    try:
+        with eval_mode(getattr(model, "_module", model)), model.generate(
+            text, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs(remote, backend)
+        ) as tracer:
+            saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
+            dola(model, tracer, max_new_tokens, layers=layers, alpha=alpha,
+                            repetition_penalty=repetition_penalty, premature_norm=premature_norm, paths=paths,
+                            into=saved, tied_embeddings=tied_embeddings)
+    except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
+        raise remote_error(error, remote, backend) from error
+    return dola_result(saved, model)
+
+
+@typechecked
+def dola_result(saved: dict, model) -> DolaOutput:
+    """The ``DolaOutput`` of what ``dola(model, tracer, steps)`` saved inside the generation."""
+    return dola_module.output(saved, getattr(model, "tokenizer", model))
+
+__all__ = ["run_dola", "dola_result"]

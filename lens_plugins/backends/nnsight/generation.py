@@ -1,0 +1,67 @@
+"""The lens over generated text inside one nnsight ``model.generate(...)`` request (a remote generation is
+one round trip): the in-trace ``generation_lens`` (``core/trace/generation.py``, shipped by source), its
+labelling ``generation_result`` and the one-call ``run_generation_lens``."""
+
+import inspect
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import nnsight
+import torch
+
+from lens_plugins.backends._common import check_max_new_tokens, eval_mode
+from lens_plugins.backends.nnsight._run import one_prompt, remote_error, shippable
+from lens_plugins.core.defaults import TOP_K
+from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
+from lens_plugins.core.trace.generation import generation_lens
+from lens_plugins.methods import generation
+from lens_plugins.methods.generation import GeneratedLens
+from lens_plugins.typecheck import typechecked
+
+
+@typechecked
+def generation_result(lens: dict, model) -> GeneratedLens:
+    """The ``GeneratedLens`` of what ``generation_lens(model, tracer, steps)`` saved inside the generation."""
+    return generation.from_saved_steps(lens, getattr(model, "tokenizer", model))
+
+
+@typechecked
+def run_generation_lens(
+    model,
+    text: Union[str, torch.Tensor],
+    *,
+    max_new_tokens: int = 10,
+    remote: Union[bool, str] = False,
+    backend=None,
+    top_k: int = TOP_K,
+    targets: Sequence[Union[str, int]] = (),
+    token_sets: Optional[dict] = None,
+    reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    resid_mid: bool = False,
+    sublayers: Union[bool, str] = False,
+    lens=None,
+    paths: Optional[dict] = None,
+    **generate_kwargs,
+) -> GeneratedLens:
+    """Generate greedily from ``text`` (``generate_kwargs`` go to ``model.generate``, e.g. ``do_sample=True``)
+    and lens every step, in one request: the one-call form. The lens parameters are ``run_logit_lens``'s."""
+    one_prompt(model, text)
+    check_max_new_tokens(max_new_tokens)
+    generation.refuse_arguments(generate_kwargs, inspect.signature(run_generation_lens).parameters)
+    generate_kwargs.setdefault("do_sample", False)
+    rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
+    lens = shippable(model, lens, remote, backend, **rows)
+    try:
+        with eval_mode(getattr(model, "_module", model)), model.generate(
+            text, max_new_tokens=max_new_tokens, **generate_kwargs, **generate_kwargs(remote, backend)
+        ) as tracer:
+            saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
+            generation_lens(model, tracer, max_new_tokens, top_k=top_k, targets=list(targets),
+                                            token_sets=token_sets, reductions=tuple(reductions), lens=lens,
+                                            into=saved, **rows)
+    except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
+        raise remote_error(error, remote, backend) from error
+    return generation_result(saved, model)
+
+__all__ = ["generation_result", "run_generation_lens"]

@@ -1,0 +1,97 @@
+"""The logit lens inside nnsight traces, local or on NDIF: the caller's side.
+
+Usage (the same code for ``remote=False``, ``remote="local"`` and ``remote=True``)::
+
+    import lens_plugins as lp
+
+    model = lp.load_default_model(backend="nnsight")       # or lp.nnsight.wrap_model(hf_model, tokenizer)
+    with model.trace("The capital of France is"):
+        lens = lp.nnsight.logit_lens(model, top_k=10, targets=[" Paris"])
+    result = lp.nnsight.logit_lens_result(lens, model)      # a LensResult, as from TransformerLens
+
+``logit_lens`` runs inside the trace, on whatever machine runs it (``core/trace/lens.py``): it reads the rows
+of the same row plan as TransformerLens, runs the same pipeline with the same request and checks, and saves
+only the reductions. ``logit_lens_result`` labels them locally; ``run_logit_lens`` is the one-call form.
+With several prompts, call the lens in each ``tracer.invoke(prompt)`` (that prompt's rows), or once in an
+empty ``tracer.invoke()`` (the whole batch, after every invoke's edits: the way to lens a patched run). In a
+remote body, ``lp`` pickles as a server-side namespace holding just the in-trace entry points
+(``core/trace/namespace.py``), so the server never imports lens_plugins. A lens (``lens=``) reaches a remote
+trace as tensors: ``lens_tensors(model, lens, ...)`` inside a hand-written body, automatically in
+``run_logit_lens``.
+"""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+
+from lens_plugins.backends.nnsight._run import shippable, trace
+from lens_plugins.backends.nnsight.reader import Sublayers
+from lens_plugins.core.errors import LensTypeError
+from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
+from lens_plugins.core.trace import lens as trace_lens
+from lens_plugins.core.trace.lens import logit_lens
+from lens_plugins.methods.lens import DEFAULT_TOP_K, LensRequest, assemble
+from lens_plugins.methods.result import LensResult
+from lens_plugins.typecheck import typechecked
+
+
+@typechecked
+def logit_lens_result(lens: dict, model) -> LensResult:
+    """The ``LensResult`` of a lens saved inside a trace (``model`` supplies the tokenizer for labels).
+
+    Positions where every prompt of the batch is padding are kept; a padded position of one prompt has
+    no next token (NaN log-prob, rank -1); compare prompts of different lengths at their real positions
+    (``lens["attention_mask"]``).
+    """
+    if not isinstance(lens, dict) or lens.get("format") != trace_lens.FORMAT:
+        raise LensTypeError(
+            f"expected what logit_lens(model, ...) returned inside a trace, got {type(lens).__name__}; "
+            "did the trace run (a remote job that failed leaves nothing)?"
+        )
+    tokenizer = getattr(model, "tokenizer", model)
+    return assemble(lens["stats"], LensRequest.from_dict(lens["request"]), lens["labels"],
+                    lens["token_ids"].to(torch.long), tokenizer, lens["attention_mask"].to(torch.long))
+
+
+@typechecked
+def run_logit_lens(
+    model,
+    prompt: Union[str, list[str]],
+    *,
+    remote: Union[bool, str] = False,
+    backend=None,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    top_k: int = DEFAULT_TOP_K,
+    targets: Sequence[Union[str, int]] = (),
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    token_sets: Optional[dict] = None,
+    reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
+    lens=None,
+    paths: Optional[dict] = None,
+    vocab_chunk: Optional[int] = None,
+    token_chunk: Optional[int] = None,
+    precision: str = "float32",
+    padding_side: Optional[str] = None,
+) -> LensResult:
+    """Trace ``prompt`` (one string or a batch) and return its lens: the one-call form.
+
+    ``remote``/``backend`` go to ``model.trace``. A remote failure raises ``RemoteLensError`` naming what
+    happened (unreachable host, job error, timeout); the model, prompt and arguments are untouched, so the
+    call can simply be retried, or run with ``remote=False``.
+
+    A batch is padded on ``padding_side`` ("left" or "right"; default the tokenizer's) and run with its
+    attention mask (padding is marked in ``result.attention_mask`` and scores nothing). A prompt longer than
+    the model's context is refused before tracing; a model in training mode runs in eval mode for the call, with a warning.
+    """
+    rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
+    lens = shippable(model, lens, remote, backend, **rows)
+    saved = trace(model, prompt, remote, backend, lambda: logit_lens(
+        model, top_k=top_k, targets=list(targets), positions=positions, token_sets=token_sets,
+        reductions=tuple(reductions), lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        precision=precision, **rows), padding_side)
+    return logit_lens_result(saved, model)
+
+__all__ = ["logit_lens_result", "run_logit_lens"]

@@ -1,0 +1,119 @@
+"""Patchscopes on nnsight models, locally or on NDIF: ``lp.nnsight.patchscope``, the same verb and options as
+``lp.transformer_lens.patchscope``.
+
+The call is planned here before any trace (the row plan of ``core.rows`` from the local module tree, the lens
+request of ``core.request.build``), so bad input is refused before anything is sent. Then one trace of the
+source prompt saves just the chosen rows at the chosen positions (``core/trace/patchscope.read_source``);
+the mapping is applied here (it may be any local callable); and one trace per batch of pairs runs
+``patch_and_read`` on copies of the target prompt, writing a layer's input ("3_pre", "embed") or output
+("29_post") and reducing the result where the model runs, so only the reductions come back. Inside your own
+trace, call ``lens_plugins.core.trace.patchscope.patch_and_read`` directly: it ships by source with core.
+"""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from lens_plugins import tokens as token_utils
+from lens_plugins.backends._common import check_prompts, context_length, eval_mode
+from lens_plugins.backends.nnsight._run import remote_error
+from lens_plugins.core import architectures
+from lens_plugins.core import rows as row_plan
+from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
+from lens_plugins.core.trace.patchscope import patch_and_next_token, patch_and_read, read_source
+from lens_plugins.methods.lens import DEFAULT_TOKEN_CHUNK, DEFAULT_TOP_K, DEFAULT_VOCAB_CHUNK, TokenSets
+from lens_plugins.methods.patchscope import IDENTITY_PROMPT, Mapping, PatchscopeResult, RowSpec, TargetRunner, plan, run
+from lens_plugins.typecheck import typechecked
+
+
+class _Runner(TargetRunner):
+    def __init__(self, model, request, target_ids, trace_kwargs, paths, vocab_chunk, token_chunk):
+        self.model = model
+        self.request = request
+        self.tokens = target_ids.reshape(1, -1)
+        self.trace_kwargs = trace_kwargs
+        self.paths = paths
+        self.chunks = dict(vocab_chunk=vocab_chunk, token_chunk=token_chunk)
+
+    # The trace bodies name only plain values and shipped functions: a remote trace pickles what they name.
+    def read(self, values, target_labels, reference, target_ids, read_next_token):
+        model, paths, chunks = self.model, self.paths, self.chunks
+        position, top_k, reductions = self.request.target_position, self.request.lens.top_k, self.request.readout
+        labels = list(target_labels)
+        with model.trace(self.tokens.expand(values.shape[0], -1), **self.trace_kwargs):
+            saved = patch_and_read(model, values, labels, position, reference, target_ids, top_k, reductions,
+                                   read_next_token, paths, **chunks)
+        return saved["stats"], saved.get("next_token")
+
+    def next_tokens(self, tokens, values, target_labels):
+        model, paths, position, labels = self.model, self.paths, self.request.target_position, list(target_labels)
+        with model.trace(tokens, **self.trace_kwargs):
+            ids = patch_and_next_token(model, values, labels, position, paths)
+        return ids
+
+
+@typechecked
+def run_patchscope(
+    model,
+    source: Union[str, Int[Tensor, "1 seq"]],
+    *,
+    layers: Optional[Sequence[RowSpec]] = None,
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    target_prompt: Union[str, Int[Tensor, "target_seq"]] = IDENTITY_PROMPT,
+    target_layer: Optional[RowSpec] = None,
+    target_position: int = -1,
+    mapping: Mapping = None,
+    top_k: int = DEFAULT_TOP_K,
+    targets: Sequence[token_utils.TargetSpec] = (),
+    token_sets: Optional[TokenSets] = None,
+    reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
+    batch_size: int = 64,
+    max_new_tokens: int = 0,
+    remote: Union[bool, str] = False,
+    backend=None,
+    paths: Optional[dict] = None,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+) -> PatchscopeResult:
+    """The Patchscope of ``source`` (a prompt, or its token ids ``[1, seq]``) on an nnsight ``model``; the
+    options are those of ``lp.transformer_lens.patchscope``. ``remote`` / ``backend`` go to every
+    ``model.trace`` (the source trace and one per batch of pairs); ``paths`` holds module paths
+    (``{"layers": ..., "final_norm": ..., "lm_head": ...}``) for a family ``core.architectures`` does not know."""
+
+    trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
+    tokenizer = model.tokenizer
+    if isinstance(source, str):
+        check_prompts(source)
+        source = tokenizer(source, return_tensors="pt")["input_ids"]
+    if isinstance(target_prompt, str):
+        check_prompts(target_prompt)
+        target_ids = tokenizer(target_prompt, return_tensors="pt")["input_ids"][0]
+    else:
+        target_ids = target_prompt
+    hf = getattr(model, "_module", model)
+    spec = architectures.resolve(hf, paths)
+    n_layers = len(architectures.get_path(hf, spec["layers"]))
+    every = row_plan.plan(n_layers, parallel=architectures.is_parallel(hf, spec))
+    request = plan(
+        every, source.shape[1], target_ids.shape[0], tokenizer, architectures.decoder_tensors(hf, spec)["W_U"].shape[1],
+        layers=layers, positions=positions, target_layer=target_layer, target_position=target_position,
+        targets=targets, token_sets=token_sets, reductions=reductions, top_k=top_k, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, context=context_length(model),
+    )
+    labels, chosen_positions = request.labels, request.lens.positions
+    try:
+        with eval_mode(hf):
+            with model.trace(source, **trace_kwargs):
+                saved = read_source(model, labels, chosen_positions, paths)
+            runner = _Runner(model, request, target_ids, trace_kwargs, paths, vocab_chunk, token_chunk)
+            return run(runner, request, saved["hidden"].float(), saved["token_ids"].to(torch.long),
+                       target_ids.to(torch.long),
+                       target_prompt if isinstance(target_prompt, str) else tokenizer.decode(target_ids.tolist()),
+                       tokenizer, mapping)
+    except Exception as error:  # noqa: BLE001 - re-raised with what happened if it is a remote failure
+        raise remote_error(error, remote, backend) from error
+
+__all__ = ["run_patchscope"]

@@ -1,0 +1,90 @@
+"""nnsight's side of reading a model outside a trace: wrapping a Hugging Face model (``wrap_model``,
+``remote_model``), its decoder (``decoder_for``) and a lens as tensors a remote trace can carry
+(``lens_tensors``). Inside a trace the rows are read by ``core/trace/reader.py``, locally or on a server."""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from lens_plugins.core import architectures
+from lens_plugins.core import lenses as core_lenses
+from lens_plugins.core import rows as row_plan
+from lens_plugins.core.errors import LensTypeError
+from lens_plugins.decoder import Decoder
+from lens_plugins.typecheck import typechecked
+
+Sublayers = Union[bool, str]
+
+
+def wrap_model(model: torch.nn.Module, tokenizer, **kwargs):
+    """An nnsight ``TransformersModel`` (task ``text-generation``) around an already-loaded HF causal LM."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    return TransformersModel(model, tokenizer=tokenizer, task="text-generation", **kwargs)
+
+
+def remote_model(path_or_repo_id: str, tokenizer=None, **kwargs):
+    """An nnsight ``TransformersModel`` for remote traces, without loading its weights here.
+
+    Passes the tokenizer that nnsight 0.8.1 cannot find by itself with transformers >= 5.24 ("Impossible to
+    guess which tokenizer to use"): ``tokenizer`` or ``AutoTokenizer.from_pretrained(path_or_repo_id)``
+    (tokenizer files only). A local directory is its own repo id, so nnsight does not ask the model hub to
+    canonicalise it; the server then loads that same path, as a local NDIF server (``make ndif-up``) does.
+    ``remote=False`` still works: the weights load on first local use.
+    """
+    from pathlib import Path
+
+    from nnsight.modeling.huggingface import _ID_CACHE
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    name = str(path_or_repo_id)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if Path(name).is_dir():
+        _ID_CACHE.setdefault(name, name)
+    model = TransformersModel(name, tokenizer=tokenizer, task="text-generation", **kwargs)
+    model._module.eval()  # as from_pretrained leaves it (the server's copy, and this one once loaded)
+    return model
+
+
+@typechecked
+def decoder_for(model, paths: Optional[dict] = None) -> Decoder:
+    """The lens decoder of an HF model or nnsight model, outside any trace (the same tensors the in-trace
+    lens reads), e.g. to decode a saved activation with ``Decoder.logits``."""
+    hf = getattr(model, "_module", model)
+    spec = architectures.resolve(hf, paths)
+    tensors = architectures.decoder_tensors(hf, spec)
+    detached = {k: v.detach().float() if isinstance(v, Tensor) else v for k, v in tensors.items()}
+    return Decoder(**detached)
+
+
+@typechecked
+def lens_tensors(
+    model,
+    lens,
+    *,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    paths: Optional[dict] = None,
+) -> dict:
+    """An affine lens as the tensors a remote trace body can carry (``lens=`` of the in-trace entry points),
+    for the rows that ``layers`` / ``resid_mid`` / ``sublayers`` choose. A lens without ``affine`` cannot
+    run on a server: it is refused here, by name."""
+    if getattr(lens, "affine", None) is None:
+        raise LensTypeError(
+            f"{type(lens).__name__} has no affine(rows, d_model), so it cannot run in a remote trace (the server "
+            "has none of its code): run it locally (remote=False), or give it an affine form")
+    hf = getattr(model, "_module", model)
+    spec = architectures.resolve(hf, paths)
+    n_layers = len(architectures.get_path(hf, spec["layers"]))
+    every = row_plan.plan(n_layers, resid_mid, sublayers, architectures.is_parallel(hf, spec))
+    chosen = row_plan.select(every, layers)
+    weight, bias = lens.affine(chosen, architectures.decoder_tensors(hf, spec)["W_U"].shape[0])
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    return core_lenses.shipped(detach(weight), detach(bias), [row.label for row in chosen])
+
+__all__ = ["Sublayers", "wrap_model", "remote_model", "decoder_for", "lens_tensors"]

@@ -1,0 +1,174 @@
+"""Direct logit attribution and the lens's logit difference on TransformerLens caches (``attribution``,
+``logit_diff``, also ``cache.lens.attribution`` / ``cache.lens.logit_diff``) and their one-call forms. The
+arithmetic is ``core.dla``'s, shared with nnsight; this module only reads the cache's writes."""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from lens_plugins.backends._common import eval_mode
+from lens_plugins.backends.transformer_lens.reader import (
+    Sublayers,
+    at,
+    attribution_hooks,
+    cache_model,
+    decoder_for,
+    detached,
+    has_pos_embed,
+    hook_filter,
+    is_parallel,
+    lens_rows,
+    require,
+    tokenize,
+)
+from lens_plugins.core import dla, pipeline
+from lens_plugins.core.architectures import norm_params
+from lens_plugins.core.request import resolve_positions
+from lens_plugins.core.rows import select
+from lens_plugins.methods.attribution import Attribution, LogitDiff, TokenSet, attribute_parts, from_values, token_set
+from lens_plugins.typecheck import typechecked
+
+
+def _post_attention_norm(model, layer: int):
+    """``(kind, weight, bias, eps)`` of a sandwich norm after attention (Gemma 2/3), or ``None``."""
+    norm = getattr(model.blocks[layer], "ln1_post", None)
+    if norm is None:
+        return None
+    original = getattr(norm, "_original_component", None)
+    if original is not None:  # TransformerBridge: the Hugging Face norm, with Gemma's 1 + w
+        return detached(norm_params(original))
+    return "rmsnorm", norm.w.detach(), None, float(model.cfg.eps)  # HookedTransformer RMSNorm (w includes the 1)
+
+
+def _heads(cache, layer: int, position: int) -> tuple[Tensor, Tensor]:
+    """Per-head writes ``[batch, head, d]`` and the output bias ``[batch, d]``: the cache's head results
+    (``hook_result``) if it has them, else ``hook_z @ W_O``; through the sandwich norm, frozen at the real
+    attention output, when the model has one."""
+    model = cache.model
+    result_hook = f"blocks.{layer}.attn.hook_result"
+    if result_hook in cache.cache_dict:
+        heads = at(cache, result_hook, position).float()
+    else:
+        require(cache, [f"blocks.{layer}.attn.hook_z"], "attribution=True")
+        z = at(cache, f"blocks.{layer}.attn.hook_z", position).float()
+        heads = torch.einsum("bhk,hkd->bhd", z, model.W_O[layer].detach().float())
+    b_O = getattr(model, "b_O", None)
+    bias = torch.zeros_like(heads[:, 0]) if b_O is None else b_O[layer].detach().float().expand_as(heads[:, 0])
+    return dla.through_post_norm(heads, bias, _post_attention_norm(model, layer))
+
+
+def cache_parts(cache, position: int = -1, attention_mask: Optional[Tensor] = None) -> dict[str, Optional[Tensor]]:
+    """What the residual stream holds at ``position``, split into the writes DLA attributes (the ``parts``
+    of ``core.dla.attribute``): embeddings, per-head writes and output biases, each attention
+    and MLP write (``hook_attn_out`` / ``hook_mlp_out``: after a sandwich norm), and the final residual."""
+    model = cache_model(cache)
+    n = model.cfg.n_layers
+    require(cache, attribution_hooks(model), "attribution=True")
+    first = cache["blocks.0.hook_resid_pre"]
+    lead = (1, first.shape[0]) if first.dim() == 2 else tuple(first.shape[:2])
+    dla.check_position(position, torch.ones(lead, dtype=torch.long) if attention_mask is None else attention_mask.cpu())
+    pos_embed = at(cache, "hook_pos_embed", position).float() if has_pos_embed(model) else None
+    embed = at(cache, "blocks.0.hook_resid_pre", position).float()
+    heads, head_bias = zip(*[_heads(cache, layer, position) for layer in range(n)])
+    return {
+        "embed": embed if pos_embed is None else embed - pos_embed,
+        "pos_embed": pos_embed,
+        "heads": torch.stack(heads, 1),
+        "head_bias": torch.stack(head_bias, 1),
+        "attn": torch.stack([at(cache, f"blocks.{layer}.hook_attn_out", position).float() for layer in range(n)], 1),
+        "mlp": torch.stack([at(cache, f"blocks.{layer}.hook_mlp_out", position).float() for layer in range(n)], 1),
+        "final": at(cache, f"blocks.{n - 1}.hook_resid_post", position).float(),
+    }
+
+
+@typechecked
+def attribution(
+    cache,
+    target: TokenSet,
+    distractor: Optional[TokenSet] = None,
+    *,
+    by: str = "component",
+    position: int = -1,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+) -> Attribution:
+    """Direct logit attribution of ``target`` (minus ``distractor``) at ``position`` (the function behind
+    ``cache.lens.attribution``). Targets are single-token strings or ids, or lists of them (token sets,
+    see ``lens_plugins.methods.attribution``); ``by`` is ``"component"``, ``"layer"`` or ``"head"``;
+    ``attention_mask`` (for a padded batch) refuses a position that is padding. Cache with
+    ``hook_filter(model, attribution=True)``."""
+    model = cache_model(cache)
+    decoder = decoder_for(model)
+    target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
+    distractor_ids, distractor_names = ([], []) if distractor is None else token_set(model.tokenizer, distractor, decoder.d_vocab)
+    values = attribute_parts(cache_parts(cache, position, attention_mask), decoder, target_ids, distractor_ids)
+    return from_values(values, by=by, position=position, target_names=target_names,
+                       distractor_names=distractor_names, parallel=is_parallel(model))
+
+
+@typechecked
+def logit_diff(
+    cache,
+    target: TokenSet,
+    distractor: TokenSet,
+    *,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    lens=None,
+) -> LogitDiff:
+    """The lens's ``target`` minus ``distractor`` logit at every row and position (the function behind
+    ``cache.lens.logit_diff``); rows, ``layers``, ``positions`` and ``lens`` as in ``logit_lens``."""
+    model, every, read, (batch, seq) = lens_rows(cache, resid_mid, sublayers)
+    decoder = decoder_for(model)
+    target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
+    distractor_ids, distractor_names = token_set(model.tokenizer, distractor, decoder.d_vocab)
+    chosen = select(every, layers)
+    chosen_positions = resolve_positions(positions, seq)
+    values = pipeline.logit_diff(read, chosen, chosen_positions, decoder.tensors(), target_ids, distractor_ids, batch,
+                                 lens)
+    return LogitDiff([row.label for row in chosen], chosen_positions, values.cpu(), target_names, distractor_names)
+
+
+@typechecked
+def run_attribution(
+    model,
+    prompt: Union[str, list[str]],
+    target: TokenSet,
+    distractor: Optional[TokenSet] = None,
+    *,
+    by: str = "component",
+    position: int = -1,
+    padding_side: Optional[str] = None,
+) -> Attribution:
+    """Run ``model`` on ``prompt`` caching only what attribution reads, then attribute: the one-call form,
+    with ``run_logit_lens``'s guards (context length, no truncation, padding with its mask, eval mode)."""
+    tokens, mask = tokenize(model, prompt, padding_side)
+    with eval_mode(model), torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=hook_filter(model, attribution=True))
+        return attribution(cache, target, distractor, by=by, position=position, attention_mask=mask)
+
+
+@typechecked
+def run_logit_diff(
+    model,
+    prompt: Union[str, list[str]],
+    target: TokenSet,
+    distractor: TokenSet,
+    *,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    padding_side: Optional[str] = None,
+    **kwargs,
+) -> LogitDiff:
+    """Run ``model`` on ``prompt`` caching only the lens hooks, then ``logit_diff``: the one-call form."""
+    tokens, mask = tokenize(model, prompt, padding_side)
+    with eval_mode(model), torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask,
+                                        names_filter=hook_filter(model, resid_mid, sublayers))
+        return logit_diff(cache, target, distractor, resid_mid=resid_mid, sublayers=sublayers, **kwargs)
+
+__all__ = ["cache_parts", "attribution", "logit_diff", "run_attribution", "run_logit_diff"]

@@ -1,0 +1,99 @@
+"""The logit lens on TransformerLens activation caches (``TransformerBridge`` and ``HookedTransformer``):
+``logit_lens(cache)`` (also ``cache.lens.logit_lens()``) and the one-call ``run_logit_lens(model, prompt)``.
+Rows are read by ``reader``; request, checks and readout are the shared pipeline's (``methods.lens``)."""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from lens_plugins import tokens as token_utils
+from lens_plugins.backends._common import check_context, context_length, eval_mode
+from lens_plugins.backends.transformer_lens.reader import (
+    Sublayers,
+    check_tokens_match_embed,
+    decoder_for,
+    hook_filter,
+    lens_rows,
+    recover_tokens,
+    tokenize,
+)
+from lens_plugins.core.errors import LensValueError
+from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
+from lens_plugins.methods.lens import DEFAULT_TOKEN_CHUNK, DEFAULT_TOP_K, DEFAULT_VOCAB_CHUNK, TokenSets, run_lens
+from lens_plugins.methods.result import LensResult
+from lens_plugins.typecheck import typechecked
+
+
+@typechecked
+def logit_lens(
+    cache,
+    *,
+    tokens: Optional[Int[Tensor, "batch seq"]] = None,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    top_k: int = DEFAULT_TOP_K,
+    targets: Sequence[token_utils.TargetSpec] = (),
+    token_sets: Optional[TokenSets] = None,
+    reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
+    lens=None,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+    precision: str = "float32",
+) -> LensResult:
+    """The logit lens of a TransformerLens ``ActivationCache`` (the function behind ``cache.lens.logit_lens``).
+
+    ``tokens`` defaults to the ids recovered from ``hook_embed``; ``attention_mask`` (1 on real tokens, as
+    passed to ``run_with_cache`` for a padded batch) marks padding, which scores nothing and is left out of
+    every average; ``resid_mid`` / ``sublayers`` choose the rows (module docstring) and ``layers`` selects
+    among them by index or label (the final row is always kept as the reference); ``positions`` (prompt
+    indices, negative allowed) defaults to all; ``targets`` are single-token strings or ids whose log-prob
+    and rank are reported at every row and position; ``token_sets`` maps names to several tokens whose
+    probabilities add up; ``reductions`` names what to compute (``lens_plugins.core.reductions.LENS``);
+    ``lens`` maps each row before decoding (``lens_plugins.lenses``; default the logit lens).
+    """
+    model, every, read, (batch, seq) = lens_rows(cache, resid_mid, sublayers)
+    check_context(seq, context_length(model))
+    if tokens is None:
+        tokens = recover_tokens(cache)
+    if tuple(tokens.shape) != (batch, seq):
+        raise LensValueError(f"tokens have shape {tuple(tokens.shape)} but the cache holds [batch, seq] = {(batch, seq)}")
+    check_tokens_match_embed(cache, tokens, attention_mask)
+    return run_lens(
+        read, every, layers, tokens.to(torch.long).cpu(), model.tokenizer, decoder_for(model),
+        attention_mask=None if attention_mask is None else attention_mask.to(torch.long).cpu(),
+        positions=positions, top_k=top_k, targets=targets, token_sets=token_sets, reductions=reductions,
+        lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk, precision=precision,
+    )
+
+
+@typechecked
+def run_logit_lens(
+    model,
+    prompt: Union[str, list[str]],
+    *,
+    resid_mid: bool = False,
+    sublayers: Sublayers = False,
+    padding_side: Optional[str] = None,
+    **kwargs,
+) -> LensResult:
+    """Run ``model`` on ``prompt`` caching only the lens hooks, then decode: the one-call form.
+
+    A batch of prompts is padded on ``padding_side`` ("left" or "right"; default the tokenizer's) and run
+    with its attention mask, so each prompt's lens is its lens alone; ``result.attention_mask`` marks the
+    padding. A prompt longer than the model's context is refused (``to_tokens`` would truncate it). A
+    model in training mode runs in eval mode for the call, with a warning, and is put back.
+    """
+    tokens, mask = tokenize(model, prompt, padding_side)
+    with eval_mode(model), torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask,
+                                        names_filter=hook_filter(model, resid_mid, sublayers))
+        return logit_lens(cache, tokens=tokens, attention_mask=mask, resid_mid=resid_mid, sublayers=sublayers,
+                          **kwargs)
+
+__all__ = ["logit_lens", "run_logit_lens"]

@@ -1,0 +1,138 @@
+"""Patchscopes on TransformerLens models (``TransformerBridge`` and ``HookedTransformer``): ``lp.transformer_lens.patchscope``.
+
+The source rows are the logit lens's, read from a cache (given, or from a run of the source prompt) with the
+adapter's reader (``adapters.transformer_lens.reader``: row -> hook name); the target runs with
+``run_with_hooks``, one hook per target row writing into the batch items patched there, at the row's own hook
+(``hook_name``: "embed" and "3_pre" are ``blocks.L.hook_resid_pre``, "29_post" is ``blocks.29.hook_resid_post``),
+and one more reading the last block's output at ``i*``.
+
+``adapters.transformer_lens`` exports ``patchscope`` from here and this module reads through it, so it is
+imported inside the functions (either module may be imported first).
+"""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from lens_plugins import tokens as token_utils
+from lens_plugins.backends._common import check_prompts, context_length, eval_mode
+from lens_plugins.backends.transformer_lens import reader as tla
+from lens_plugins.core.errors import LensValueError
+from lens_plugins.core.patching import patch_row, readout_stack, sites_of, write_rows
+from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
+from lens_plugins.core.rows import Row
+from lens_plugins.methods.lens import DEFAULT_TOKEN_CHUNK, DEFAULT_TOP_K, DEFAULT_VOCAB_CHUNK, TokenSets
+from lens_plugins.methods.patchscope import IDENTITY_PROMPT, Mapping, PatchscopeResult, RowSpec, TargetRunner, plan, run
+from lens_plugins.typecheck import typechecked
+
+
+class _Runner(TargetRunner):
+    def __init__(self, model, request, target_tokens, vocab_chunk, token_chunk):
+        self.hook_name = tla.hook_name
+        self.model = model
+        self.request = request
+        self.tokens = target_tokens
+        self.decoder = tla.decoder_for(model)
+        self.final_hook = tla.hook_name(Row(model.cfg.n_layers - 1, "post"))
+        self.chunks = (vocab_chunk, token_chunk)
+
+    def _writes(self, values, labels):
+        position = self.request.target_position
+
+        def writer(index):
+            return lambda act, hook: write_rows(act, index, position, values[index])
+
+        return [(self.hook_name(patch_row(label)), writer(index)) for label, index in sites_of(labels).items()]
+
+    def read(self, values, target_labels, reference, target_ids, read_next_token):
+        captured = {}
+        position = self.request.target_position
+
+        def capture(act, hook):
+            captured["final"] = act[:, position].detach().clone()
+
+        k = values.shape[0]
+        logits = self.model.run_with_hooks(self.tokens.expand(k, -1),
+                                           fwd_hooks=self._writes(values, target_labels) + [(self.final_hook, capture)])
+        stats = self.decoder.statistics(
+            readout_stack(captured["final"], reference), target_ids.to(torch.long), self.request.lens.top_k,
+            *self.chunks, self.request.readout,
+        )
+        return stats, logits[:, -1].argmax(-1) if read_next_token else None
+
+    def next_tokens(self, tokens, values, target_labels):
+        logits = self.model.run_with_hooks(tokens.to(self.tokens.device), fwd_hooks=self._writes(values, target_labels))
+        return logits[:, -1].argmax(-1)
+
+
+@typechecked
+def run_patchscope(
+    model,
+    source,
+    *,
+    tokens: Optional[Int[Tensor, "1 seq"]] = None,
+    layers: Optional[Sequence[RowSpec]] = None,
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    target_prompt: Union[str, Int[Tensor, "target_seq"]] = IDENTITY_PROMPT,
+    target_layer: Optional[RowSpec] = None,
+    target_position: int = -1,
+    mapping: Mapping = None,
+    top_k: int = DEFAULT_TOP_K,
+    targets: Sequence[token_utils.TargetSpec] = (),
+    token_sets: Optional[TokenSets] = None,
+    reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
+    batch_size: int = 64,
+    max_new_tokens: int = 0,
+    vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+) -> PatchscopeResult:
+    """The Patchscope of ``source`` (a prompt, its token ids ``[1, seq]``, or an ``ActivationCache`` of one
+    prompt cached with ``hook_filter()``; ``tokens`` overrides the ids recovered from a cache) on a
+    TransformerLens ``model``.
+
+    ``layers`` picks source rows by index or label (default all; the final row is always kept); ``positions``
+    the source positions (default all). Each (row, position) pair is written into ``target_prompt`` (text, or
+    token ids; default the token-identity prompt) at ``target_position`` (default the last token) and row
+    ``target_layer`` (default: the source row; an index or label such as ``-1`` / ``"29_post"`` for every
+    pair), after ``mapping`` (``None``, a callable on ``[pairs, d]``, or ``(weight, bias)``). The target's
+    next-token distribution at ``target_position`` is reduced as by the logit lens (``top_k``, ``targets``,
+    ``token_sets``, ``reductions``); ``max_new_tokens`` adds a greedy continuation. ``batch_size`` pairs run
+    per target forward.
+    """
+    if isinstance(source, (str, Tensor)):
+        if isinstance(source, str):
+            check_prompts(source)
+        source_ids, cache = model.to_tokens(source, truncate=False) if isinstance(source, str) else source, None
+    else:
+        cache, source_ids = source, tokens
+        tla.cache_model(cache)  # a cache taken in training mode is refused, not re-run
+    if isinstance(target_prompt, str):
+        check_prompts(target_prompt)
+        target_ids = model.to_tokens(target_prompt, truncate=False)[0]
+    else:
+        target_ids = target_prompt.to(model.cfg.device)
+    with eval_mode(model), torch.no_grad():
+        if cache is None:
+            _, cache = model.run_with_cache(source_ids, names_filter=tla.hook_filter(model))
+        _, every, read, (batch, seq) = tla.lens_rows(cache, False, False)
+        if batch != 1:
+            raise LensValueError(f"a Patchscope reads one source prompt; this cache holds a batch of {batch}")
+        if source_ids is None:
+            source_ids = tla.recover_tokens(cache)
+        tla.check_tokens_match_embed(cache, source_ids)
+        request = plan(
+            every, seq, target_ids.shape[0], model.tokenizer, model.W_U.shape[1], layers=layers,
+            positions=positions, target_layer=target_layer, target_position=target_position, targets=targets,
+            token_sets=token_sets, reductions=reductions, top_k=top_k, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, context=context_length(model),
+        )
+        hidden = read(request.rows, list(request.lens.positions))[:, 0]
+        runner = _Runner(model, request, target_ids.reshape(1, -1), vocab_chunk, token_chunk)
+        return run(runner, request, hidden.float(), source_ids.to(torch.long).cpu(), target_ids.cpu(),
+                   target_prompt if isinstance(target_prompt, str) else model.tokenizer.decode(target_ids.tolist()),
+                   model.tokenizer, mapping)
+
+__all__ = ["run_patchscope"]

@@ -1,0 +1,278 @@
+"""``lens-plugins "PROMPT"``: the logit lens of a prompt from the shell, as a table and an HTML report.
+
+``lens-plugins report "PROMPT" -o report.html`` writes the one-page report instead (``lens_plugins.methods.report``):
+the lens heatmap, the final answer and the runner-up across rows, their direct logit attribution and the
+attention of every head, in one offline HTML file.
+
+Prints, for every residual-stream row (final at the top, embedding at the bottom, as in the heatmap)
+and decoded position, the lens's top-1 token and its probability, then the top-k at the last decoded
+position; writes the heatmaps to one offline HTML file. Bad input exits with status 1 and a one-line
+message on stderr (usage errors with 2, as argparse does); a traceback means a bug.
+"""
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lens_plugins.core.errors import LensValueError
+
+_POSITION = re.compile(r"-?\d+|-?\d*:-?\d*(:-?\d*)?")
+EXAMPLES = """examples:
+  lens-plugins "The capital of France is" --targets " Paris"
+  lens-plugins "The capital of France is" --positions -2: --top-k 3 --html france.html
+  lens-plugins "def f(x):" --model ./my-hf-model --no-html --plain
+  lens-plugins report "The capital of France is" -o report.html
+  lens-plugins train-lens --out lenses/smollm2    (train a tuned lens: lens-plugins train-lens --help)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-plugins",
+        description="Logit lens of a prompt: what each residual-stream layer would predict if it were the last.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prompt", help="the text to run (the model's BOS token is prepended)")
+    parser.add_argument("--model", metavar="PATH", help="a local Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="tokens listed per row at the last position (default 5)")
+    parser.add_argument("--positions", metavar="POS", type=_positions_arg,
+                        help="prompt positions to decode: indices and python slices, e.g. -1, '0 3 5', -4: (default: all)")
+    parser.add_argument("--targets", nargs="+", default=[], metavar="TOKEN",
+                        help="single tokens whose rank is reported, e.g. ' Paris' (mind the leading space)")
+    parser.add_argument("--metric", nargs="+", metavar="NAME",
+                        help="heatmaps in the HTML file (default: prob entropy kl_final_row final_top1_rank "
+                             "next_token_rank and rank[T] per target)")
+    html = parser.add_mutually_exclusive_group()
+    html.add_argument("--html", default="lens.html", metavar="FILE", help="HTML report to write (default lens.html; '' to skip)")
+    html.add_argument("--no-html", dest="html", action="store_const", const="", help="write no HTML report")
+    parser.add_argument("--resid-mid", action="store_true", help="also decode each block's hook_resid_mid")
+    parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table (automatic when not a terminal)")
+    return parser
+
+
+def _positions_arg(text: str) -> list[str]:
+    """Split '0 3 5' / '0,3,5' / '-4:' into items, checking their syntax now; their range can only be
+    checked once the prompt is tokenised."""
+    items = [item for item in re.split(r"[\s,]+", text) if item]
+    bad = [item for item in items if not _POSITION.fullmatch(item)]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or repr(text)} is not a position: use integers or python slices like -4: or 2:8")
+    return items
+
+
+def glue_positions(argv: list[str]) -> list[str]:
+    """Rewrite ``--positions -4: 0 3`` as ``--positions=-4: 0 3``.
+
+    argparse takes an argument that starts with '-' and is not a plain number (``-4:``) for an option,
+    so ``--positions -4:`` would fail; glued into one ``=`` value it cannot be mistaken.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--positions":
+            j = i + 1
+            while j < len(argv) and _POSITION.fullmatch(argv[j]):
+                j += 1
+            if j > i + 1:
+                out.append("--positions=" + " ".join(argv[i + 1:j]))
+                i = j
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def resolve_positions(items: list[str], seq_len: int) -> list[int]:
+    """Prompt indices selected by integers and slices, in prompt order, with out-of-range integers refused
+    here so the message can name the prompt's length."""
+    chosen: set[int] = set()
+    for item in items:
+        if ":" in item:
+            parts = [int(p) if p else None for p in item.split(":")]
+            selected = range(seq_len)[slice(*parts)]
+            if not selected:
+                raise LensValueError(f"positions {item} select nothing in a prompt of {seq_len} tokens")
+            chosen.update(selected)
+        else:
+            pos = int(item)
+            if not -seq_len <= pos < seq_len:
+                raise LensValueError(f"position {pos} is out of range for a prompt of {seq_len} tokens "
+                                 f"(valid: {-seq_len} .. {seq_len - 1}, or a slice like -4:)")
+            chosen.add(pos % seq_len)
+    return sorted(chosen)
+
+
+def load_model(path: Optional[str]):
+    """The model the CLI lenses: a TransformerBridge around the default model or the one at ``path``."""
+    from transformers.utils import logging as hf_logging
+
+    import lens_plugins as lp
+
+    hf_logging.disable_progress_bar()  # a weight-loading bar would bury the table
+    return lp.load_default_model(backend="transformer_lens", path=path)
+
+
+def grid(result) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (final row first) of the layer x position table of top-1 tokens."""
+    tokens = result.str_tokens(0)
+    header = ["row"] + [f"{p} {tokens[p]!r}" for p in result.positions]
+    cells = result.table(batch=0)
+    rows = [[label] + cells[r] for r, label in enumerate(result.labels)]
+    return header, rows[::-1]
+
+
+def last_position_detail(result) -> tuple[str, list[str], list[list[str]]]:
+    """Title, header and rows (final first) of the top-k and target ranks at the last decoded position."""
+    pos = result.positions[-1]
+    top = result.top_tokens(pos)
+    k = result.top_ids.shape[-1]
+    header = ["row"] + [f"#{i + 1}" for i in range(k)] + [f"rank {name!r}" for name in result.target_names]
+    rows = []
+    for r, label in enumerate(result.labels):
+        ranks = [str(int(result.target_ranks[r, 0, -1, t])) for t in range(len(result.target_names))]
+        rows.append([label] + [f"{tok!r} {prob:.2f}" for tok, prob in top[label]] + ranks)
+    title = f"top-{k} at position {pos} ({result.str_tokens(0)[pos]!r}), predicting the token after it"
+    return title, header, rows[::-1]
+
+
+def plain_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def print_plain(result, out) -> None:
+    header, rows = grid(result)
+    print("logit lens: top-1 token and its probability (final row first)", file=out)
+    print(plain_table(header, rows), file=out)
+    title, header, rows = last_position_detail(result)
+    print(f"\n{title}", file=out)
+    print(plain_table(header, rows), file=out)
+
+
+def print_rich(result, out) -> None:
+    """The same tables as ``print_plain`` with rich; positions that do not fit the terminal's width are
+    left out from the left (the last positions matter most), and the caption says so."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(file=out)
+
+    def table(title: str, header: list[str], rows: list[list[str]], caption: Optional[str] = None) -> Table:
+        t = Table(title=title, caption=caption, header_style="bold", row_styles=["", "dim"])
+        t.add_column(Text(header[0]), no_wrap=True, min_width=max(len(row[0]) for row in rows))
+        for name in header[1:]:
+            t.add_column(Text(name))  # Text, not str: tokens like '[/INST]' are not rich markup
+        for row in rows:
+            t.add_row(*(Text(cell) for cell in row))
+        return t
+
+    header, rows = grid(result)
+    widths = [max(len(row[c]) for row in [header, *rows]) + 3 for c in range(len(header))]  # + borders, padding
+    budget, fit = console.width - widths[0] - 1, 0
+    while fit < len(widths) - 1 and widths[-1 - fit] <= budget:
+        budget -= widths[-1 - fit]
+        fit += 1
+    fit = max(fit, 1)
+    n = len(header) - 1
+    caption = None
+    if fit < n:
+        header, rows = header[:1] + header[-fit:], [row[:1] + row[-fit:] for row in rows]
+        caption = f"last {fit} of {n} positions; widen the terminal, use --positions, or see the HTML report"
+    console.print(table("logit lens: top-1 token and its probability", header, rows, caption))
+    console.print(table(*last_position_detail(result)))
+
+
+def run(args: argparse.Namespace, out) -> None:
+    if not args.prompt.strip():
+        raise LensValueError(f"the prompt is empty ({args.prompt!r}): give the model some text to predict from")
+    if args.top_k < 1:
+        raise LensValueError(f"--top-k must be at least 1, got {args.top_k}")
+    from lens_plugins.plot.figures import check_metric, html_report
+
+    for metric in args.metric or ():
+        check_metric(metric, args.targets)
+    if args.html and not Path(args.html).resolve().parent.is_dir():
+        raise LensValueError(f"cannot write {args.html}: directory {Path(args.html).resolve().parent} does not exist")
+    model = load_model(args.model)
+    positions = None
+    if args.positions is not None:
+        positions = resolve_positions(args.positions, model.to_tokens(args.prompt).shape[1])
+
+    import lens_plugins as lp
+
+    result = lp.transformer_lens.run_logit_lens(
+        model, args.prompt, top_k=args.top_k, positions=positions, targets=args.targets, resid_mid=args.resid_mid,
+    )
+    (print_plain if args.plain or not out.isatty() else print_rich)(result, out)
+    if args.html:
+        html_report(result, args.html, metrics=args.metric, title=f"Logit lens: {args.prompt}")
+        print(f"heatmaps written to {args.html}", file=sys.stderr)
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-plugins report",
+        description="One offline HTML page: the lens heatmap, the final answer and the runner-up across rows, "
+                    "their direct logit attribution, and every head's attention.",
+    )
+    parser.add_argument("prompt", help="the text to run (the model's BOS token is prepended)")
+    parser.add_argument("-o", "--output", default="report.html", metavar="FILE", help="HTML file to write (default report.html)")
+    parser.add_argument("--model", metavar="PATH", help="a local Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="tokens listed per cell on hover (default 5)")
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise LensValueError(f"the prompt is empty ({args.prompt!r}): give the model some text to predict from")
+    if args.top_k < 2:
+        raise LensValueError(f"--top-k must be at least 2 (the report compares the top-1 with the runner-up), got {args.top_k}")
+    target = Path(args.output).resolve()
+    if not target.parent.is_dir():
+        raise LensValueError(f"cannot write {args.output}: directory {target.parent} does not exist")
+    from lens_plugins.methods.report import run_report as write
+
+    write(load_model(args.model), args.prompt, args.output, top_k=args.top_k)
+    print(f"report written to {args.output}", file=sys.stderr)
+
+
+def _fail(error: Exception) -> int:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    print(f"lens-plugins: error: {' '.join(str(message).splitlines())}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``lens-plugins`` console script; returns the exit status. ``report`` as the first
+    argument selects the report, ``train-lens`` the tuned-lens trainer; any other first argument is the prompt
+    of the lens table (a prompt that is the word "report" itself goes after ``--``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub time-out
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-lens"]:  # the tuned-lens trainer has its own parser (lens_plugins.cli.train_lens)
+        from lens_plugins.cli import train_lens as cli_train_lens
+
+        return cli_train_lens.main(argv[1:])
+    report = argv[:1] == ["report"]
+    parser = build_report_parser() if report else build_parser()
+    try:
+        args = parser.parse_args(argv[1:] if report else glue_positions(argv))
+    except SystemExit as stop:  # argparse has printed usage or --help
+        return int(stop.code or 0)
+    try:
+        run_report(args) if report else run(args, sys.stdout)
+    except (LensValueError, ValueError, IndexError, KeyError, OSError) as error:
+        return _fail(error)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["EXAMPLES", "build_parser", "glue_positions", "resolve_positions", "load_model", "grid",
+    "last_position_detail", "plain_table", "print_plain", "print_rich", "run", "build_report_parser", "run_report",
+    "main"]

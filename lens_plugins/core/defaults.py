@@ -1,0 +1,7 @@
+"""The defaults every verb shares, in one place: both backends, the CLI and the figures read them here."""
+
+TOP_K = 5  # the lens's top-k tokens per cell
+VOCAB_CHUNK = None  # tile sizes: None picks them for the device W_U lives on (readout.tile_sizes)
+TOKEN_CHUNK = None
+
+__all__ = ["TOP_K", "VOCAB_CHUNK", "TOKEN_CHUNK"]

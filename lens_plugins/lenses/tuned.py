@@ -1,0 +1,231 @@
+"""The tuned lens (Belrose et al. 2023): one learned affine translator per hidden state, read through the
+model's own final norm and unembedding.
+
+A ``TunedLens`` is a lens in the sense of the lens seam: ``transform(resid, rows)`` maps each row's residual
+to the vector the decoder reads, ``h + W_i h + b_i`` with ``i = row.hidden_index`` (Hugging Face
+``output_hidden_states`` indexing: 0 = embeddings, ``i`` = the input of block ``i``, ``n_layers`` = the last
+block's output, which is decoded as it is), and ``affine(rows, d_model)`` hands the same maps over as
+tensors, so a remote trace can ship them and apply them on the server. Every reduction, plot and sublayer-free
+row of the logit lens then works for the tuned lens unchanged.
+
+The checkpoint format is tuned-lens's, so lenses move both ways: a directory with ``config.json``
+(``base_model_name_or_path``, ``d_model``, ``num_hidden_layers``, ``bias``, ``base_model_revision``,
+``unembed_hash``, ``lens_type``; other keys are kept and written back) and ``params.pt``, the state dict of a
+``ModuleList`` of ``num_hidden_layers`` ``Linear(d_model, d_model)`` (``"{i}.weight"``, ``"{i}.bias"``).
+Translators start at zero, so an untrained tuned lens is exactly the logit lens and weight decay pulls
+toward it.
+"""
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_plugins.core.errors import LensFileNotFoundError, LensValueError
+from lens_plugins.core.rows import Row
+from lens_plugins.typecheck import typechecked
+
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.pt"
+HUB_REPO = "AlignmentResearch/tuned-lens"  # where tuned-lens publishes its lenses: a Space, under lens/<model>
+
+
+class _TrainOrMode:
+    """``TunedLens.train(model, texts, ...)`` trains a new lens; ``lens.train(mode)`` on an instance is
+    ``torch.nn.Module.train`` (which ``eval()`` and every framework call). One name, told apart by whether
+    it is looked up on the class or on an instance."""
+
+    def __get__(self, instance, owner):
+        if instance is None:
+            from lens_plugins.training.tuned_lens import train_tuned_lens
+
+            def train(model, texts=None, **kwargs):
+                return train_tuned_lens(model, texts, **kwargs)
+
+            train.__doc__ = train_tuned_lens.__doc__
+            return train
+        return torch.nn.Module.train.__get__(instance, owner)
+
+
+class TunedLens(torch.nn.Module):
+    """Per-hidden-state affine translators, applied residually: ``h + h @ W_i.T + b_i``.
+
+    Build one for a model with ``TunedLens.for_model(model)`` (zero translators: the logit lens), train one
+    with ``TunedLens.train(model, texts, steps=...)``, read one with ``TunedLens.load(path)``.
+    """
+
+    train = _TrainOrMode()
+
+    def __init__(self, d_model: int, num_hidden_layers: int, bias: bool = True,
+                 base_model_name_or_path: str = "", **config):
+        super().__init__()
+        if d_model < 1 or num_hidden_layers < 1:
+            raise LensValueError(f"d_model and num_hidden_layers must be positive, got {d_model} and {num_hidden_layers}")
+        self.config = {
+            "base_model_name_or_path": base_model_name_or_path, "d_model": d_model,
+            "num_hidden_layers": num_hidden_layers, "bias": bias, "base_model_revision": None,
+            "unembed_hash": None, "lens_type": "linear_tuned_lens", **config,
+        }
+        self.layer_translators = torch.nn.ModuleList()
+        for _ in range(num_hidden_layers):
+            translator = torch.nn.Linear(d_model, d_model, bias=bias)
+            torch.nn.init.zeros_(translator.weight)
+            if bias:
+                torch.nn.init.zeros_(translator.bias)
+            self.layer_translators.append(translator)
+
+    @property
+    def d_model(self) -> int:
+        return self.config["d_model"]
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.config["num_hidden_layers"]
+
+    @classmethod
+    def for_model(cls, model, bias: bool = True) -> "TunedLens":
+        """A zero (identity) tuned lens shaped for ``model`` (HF, nnsight or TransformerBridge)."""
+        from lens_plugins.backends.hf import hf_model
+
+        config = hf_model(model).config
+        return cls(config.hidden_size, config.num_hidden_layers, bias=bias,
+                   base_model_name_or_path=str(getattr(config, "name_or_path", "") or ""))
+
+    def check_model(self, model) -> None:
+        """Refuse a model whose width or depth differs from the lens's, naming both."""
+        from lens_plugins.backends.hf import hf_model
+
+        config = hf_model(model).config
+        theirs = (config.hidden_size, config.num_hidden_layers)
+        if theirs != (self.d_model, self.num_hidden_layers):
+            raise LensValueError(
+                f"this tuned lens was made for d_model={self.d_model} with {self.num_hidden_layers} layers "
+                f"({self.config['base_model_name_or_path'] or 'unnamed model'}), but the model has d_model="
+                f"{theirs[0]} and {theirs[1]} layers: load the lens trained for this model, or train one"
+            )
+
+    def translator_index(self, row: Row) -> int:
+        """The hidden state a row reads (its translator, or ``num_hidden_layers`` for the final one)."""
+        index = row.hidden_index
+        if index is None:
+            raise LensValueError(
+                f"the tuned lens has a translator per hidden state (embed, <i>_pre, <i>_post), and row "
+                f"{row.label!r} is not one: it lies inside a block or is a sublayer's own write. Decode it with "
+                "the logit lens, or drop resid_mid / sublayers for the tuned lens"
+            )
+        if index > self.num_hidden_layers:
+            raise LensValueError(f"row {row.label!r} is hidden state {index}, beyond this lens's "
+                             f"{self.num_hidden_layers} layers: the lens was made for a shallower model")
+        return index
+
+    def transform_hidden(self, h: Tensor, index: int) -> Tensor:
+        """Hidden state ``index`` translated (float32); the final hidden state is returned as it is."""
+        h = h.float()
+        if index == self.num_hidden_layers:
+            return h
+        return h + self.layer_translators[index](h)
+
+    @typechecked
+    def transform(self, resid: Float[Tensor, "rows tokens d_model"], rows: Sequence[Row]) -> Float[Tensor, "rows tokens d_model"]:
+        """Each row's residual translated by its hidden state's translator (the lens-seam contract)."""
+        if resid.shape[0] != len(rows):
+            raise LensValueError(f"{len(rows)} rows for a residual stack of {resid.shape[0]}")
+        if resid.shape[-1] != self.d_model:
+            raise LensValueError(f"residual vectors have width {resid.shape[-1]} but this tuned lens was made for "
+                             f"d_model={self.d_model}: the activations come from another model")
+        return torch.stack([self.transform_hidden(resid[r], self.translator_index(row)) for r, row in enumerate(rows)])
+
+    def affine(self, rows: Sequence[Row], d_model: int) -> tuple[Tensor, Optional[Tensor]]:
+        """``(weight [rows, d, d], bias [rows, d] or None)`` with ``transform(h)[r] = h + h @ weight[r].T +
+        bias[r]``: the translators as tensors, for a remote trace to apply (zeros for the final row)."""
+        if d_model != self.d_model:
+            raise LensValueError(f"the model has d_model={d_model}, this tuned lens d_model={self.d_model}: load the "
+                             "lens trained for this model")
+        indices = [self.translator_index(row) for row in rows]
+        weight = torch.zeros(len(rows), d_model, d_model)
+        bias = torch.zeros(len(rows), d_model) if self.config["bias"] else None
+        with torch.no_grad():
+            for r, index in enumerate(indices):
+                if index < self.num_hidden_layers:
+                    weight[r] = self.layer_translators[index].weight.float()
+                    if bias is not None:
+                        bias[r] = self.layer_translators[index].bias.float()
+        return weight, bias
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write ``config.json`` and ``params.pt`` (tuned-lens's layout) into the directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.layer_translators.state_dict(), path / PARAMS_FILE)
+        (path / CONFIG_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], model=None, *, revision: str = "main") -> "TunedLens":
+        """A tuned lens from a checkpoint directory (written by tuned-lens or by ``save``), or, when no such
+        directory exists and the name looks like a model id (``"gpt2"``, ``"EleutherAI/pythia-160m"``), from
+        tuned-lens's published lenses on the Hugging Face hub (needs network and ``huggingface_hub``).
+        With ``model``, a width or layer-count mismatch is refused here rather than at decoding."""
+        config_path, params_path = _locate(path, revision)
+        config = json.loads(Path(config_path).read_text())
+        missing = [key for key in ("d_model", "num_hidden_layers") if key not in config]
+        if missing:
+            raise LensValueError(f"{config_path} lacks {missing}: not a tuned-lens config.json")
+        lens_type = config.get("lens_type", "linear_tuned_lens")
+        if lens_type != "linear_tuned_lens":
+            raise LensValueError(f"{config_path} holds a {lens_type!r} lens; only 'linear_tuned_lens' is supported")
+        config.setdefault("bias", True)
+        lens = cls(**config)
+        state = torch.load(params_path, map_location="cpu", weights_only=True)
+        expected = set(lens.layer_translators.state_dict())
+        if set(state) != expected:
+            extra, absent = sorted(set(state) - expected), sorted(expected - set(state))
+            raise LensValueError(
+                f"{params_path} does not match its config ({lens.num_hidden_layers} translators of width "
+                f"{lens.d_model}, bias={config['bias']}): unexpected keys {extra[:4]}, missing keys {absent[:4]}"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(lens.layer_translators.state_dict()[key].shape):
+                raise LensValueError(f"{params_path}: {key} has shape {tuple(value.shape)}, but config.json says "
+                                 f"d_model={lens.d_model}")
+        lens.layer_translators.load_state_dict({k: v.float() for k, v in state.items()})
+        if model is not None:
+            lens.check_model(model)
+        return lens
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_hidden_layers={self.num_hidden_layers}, bias={self.config['bias']}"
+
+    def translator_norms(self) -> list[float]:
+        """Frobenius norm of each translator's weight: how far each layer's lens is from the logit lens."""
+        return [math.sqrt(float(t.weight.detach().float().pow(2).sum())) for t in self.layer_translators]
+
+
+def _locate(path, revision: str) -> tuple[Path, Path]:
+    local = Path(path)
+    if (local / CONFIG_FILE).exists() and (local / PARAMS_FILE).exists():
+        return local / CONFIG_FILE, local / PARAMS_FILE
+    text = str(path)
+    if local.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep + os.sep in text:
+        raise LensFileNotFoundError(f"{path} is not a tuned-lens checkpoint: it needs {CONFIG_FILE} and {PARAMS_FILE}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise LensFileNotFoundError(f"no checkpoint directory {path!r}, and huggingface_hub is not installed to fetch "
+                                "it from tuned-lens's hub repository") from None
+    try:
+        return tuple(Path(hf_hub_download(HUB_REPO, name, subfolder=f"lens/{text}", repo_type="space",
+                                          revision=revision)) for name in (CONFIG_FILE, PARAMS_FILE))
+    except Exception as error:  # noqa: BLE001 - offline, unknown model, hub down: one message for all
+        raise LensFileNotFoundError(
+            f"no checkpoint directory {path!r}, and downloading lens/{text} from the hub Space {HUB_REPO} failed "
+            f"({type(error).__name__}: {error}). Check the model id and your network, or pass a local directory"
+        ) from error
+
+__all__ = ["CONFIG_FILE", "PARAMS_FILE", "HUB_REPO", "TunedLens"]

@@ -1,0 +1,133 @@
+"""Held-out evaluation of lenses: per row, KL(final || lens), cross-entropy to the next token, perplexity.
+
+``evaluate_lenses(model, texts, [lp.LogitLens(), tuned])`` runs the frozen model once per block of text,
+passes the same residual stack through every lens's ``transform`` and scores each row over the whole
+vocabulary with ``core.vocab_loss`` (tile by tile, in float32). The numbers are token averages over every
+position of every block (cross-entropy: every position that has a next token in its block), so two lenses
+are compared on exactly the same tokens.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_stack, stack_rows
+from lens_plugins.core import readout, vocab_loss
+from lens_plugins.core.errors import LensValueError
+from lens_plugins.training import loop as train
+from lens_plugins.training.tuned_lens import token_blocks_of
+
+METRICS = ("kl", "cross_entropy", "perplexity")
+
+
+@dataclass
+class LensEvaluation:
+    """Per-lens, per-row held-out scores (token means). ``kl`` is KL(final || lens) in nats."""
+
+    lens_names: list[str]
+    row_labels: list[str]
+    kl: Tensor  # [lens, row]
+    cross_entropy: Tensor  # [lens, row]
+    tokens: int
+    predicted_tokens: int
+
+    @property
+    def perplexity(self) -> Tensor:
+        return self.cross_entropy.exp()
+
+    def to_dataframe(self):
+        """One line per (lens, row): ``lens``, ``row``, ``kl``, ``cross_entropy``, ``perplexity``."""
+        import pandas as pd
+
+        records = [
+            {"lens": lens, "row": row, "kl": float(self.kl[i, j]), "cross_entropy": float(self.cross_entropy[i, j]),
+             "perplexity": float(self.perplexity[i, j])}
+            for i, lens in enumerate(self.lens_names) for j, row in enumerate(self.row_labels)
+        ]
+        return pd.DataFrame.from_records(records)
+
+    def table(self, metric: str = "kl"):
+        """Rows x lenses DataFrame of one metric (``kl``, ``cross_entropy`` or ``perplexity``)."""
+        import pandas as pd
+
+        if metric not in METRICS:
+            raise LensValueError(f"unknown metric {metric!r}: choose one of {METRICS}")
+        values = getattr(self, metric)
+        return pd.DataFrame(values.T.numpy(), index=pd.Index(self.row_labels, name="row"), columns=self.lens_names)
+
+    def plot(self, metrics: Union[str, Sequence[str]] = ("kl", "cross_entropy")):
+        """A line per lens across rows, one panel per metric (``kl``, ``cross_entropy``, ``perplexity``):
+        ``plot.lens_comparison_figure`` of ``to_dataframe()``."""
+        from lens_plugins.plot.figures import lens_comparison_figure
+
+        return lens_comparison_figure(self.to_dataframe(), (metrics,) if isinstance(metrics, str) else metrics)
+
+
+def lens_name(lens) -> str:
+    return getattr(lens, "name", None) or type(lens).__name__
+
+
+def evaluate_lenses(
+    model,
+    texts: Union[train.TextSource, Tensor],
+    lenses: Sequence,
+    *,
+    names: Optional[Sequence[str]] = None,
+    seq_len: int = 256,
+    max_blocks: Optional[int] = None,
+    vocab_chunk: Optional[int] = 4096,
+    token_chunk: Optional[int] = 1024,
+) -> LensEvaluation:
+    """Score ``lenses`` (objects with ``transform(resid, rows)``, e.g. ``LogitLens()``, a ``TunedLens``, a
+    ``LastBlocksLens``) on ``texts``: a text source as in training, or token blocks ``[blocks, seq]`` such as
+    ``tuned.heldout_blocks``. ``max_blocks`` caps the blocks read."""
+    lenses = list(lenses)
+    if not lenses:
+        raise LensValueError("no lens to evaluate: pass e.g. [lp.LogitLens(), tuned_lens]")
+    names = [lens_name(lens) for lens in lenses] if names is None else list(names)
+    if len(names) != len(lenses):
+        raise LensValueError(f"{len(names)} names for {len(lenses)} lenses")
+    if len(set(names)) != len(names):
+        raise LensValueError(f"lens names must differ (got {names}): pass names=[...]")
+    hf = hf_model(model)
+    blocks = token_blocks_of(model, texts, seq_len)
+    if max_blocks is not None:
+        blocks = blocks[:max_blocks]
+    for lens in lenses:
+        if hasattr(lens, "check_model"):
+            lens.check_model(hf)
+    decoder = decoder_tensors(hf)
+    norm = (decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"], decoder["norm_eps"])
+    W_U, b_U, softcap = decoder["W_U"], decoder["b_U"], decoder["softcap"]
+    n_rows = hf.config.num_hidden_layers + 1
+    rows = stack_rows(n_rows - 1)
+    kl_sum = torch.zeros(len(lenses), n_rows, dtype=torch.float64)
+    ce_sum = torch.zeros(len(lenses), n_rows, dtype=torch.float64)
+    was_training = hf.training
+    hf.eval()
+    try:
+        with torch.no_grad():
+            for block in blocks:
+                stack = residual_stack(hf, block[None])[:, 0]  # [rows, seq, d]
+                final = readout.apply_final_norm(stack[-1], *norm)
+                reference = vocab_loss.reference_summary(final, W_U, b_U, softcap, vocab_chunk, token_chunk)
+                next_ids = torch.cat([block[1:], torch.tensor([-1])])
+                for i, lens in enumerate(lenses):
+                    normed = readout.apply_final_norm(lens.transform(stack.float(), rows), *norm)
+                    for r in range(n_rows):
+                        kl, ce = vocab_loss.kl_and_cross_entropy(normed[r], reference, next_ids, W_U, b_U, softcap,
+                                                                 vocab_chunk, token_chunk)
+                        kl_sum[i, r] += kl.double().sum()
+                        ce_sum[i, r] += ce[:-1].double().sum()
+    finally:
+        hf.train(was_training)
+    n_tokens = blocks.numel()
+    n_predicted = blocks.shape[0] * (blocks.shape[1] - 1)
+    return LensEvaluation(lens_names=names, row_labels=[row.label for row in rows],
+                          kl=(kl_sum / n_tokens).float(), cross_entropy=(ce_sum / n_predicted).float(),
+                          tokens=n_tokens, predicted_tokens=n_predicted)
+
+__all__ = ["METRICS", "LensEvaluation", "lens_name", "evaluate_lenses"]

@@ -1,0 +1,70 @@
+"""The one-page report of a prompt: what the model thinks at each layer, why, and where it looks.
+
+``write_report`` takes result objects (a ``LensResult``, an ``Attribution``, an ``AttentionResult``) and writes
+one self-contained HTML file; ``run_report`` computes them on a TransformerLens model from a single cached
+forward pass: the lens heatmap, the final top-1 and the runner-up across rows, the direct logit attribution
+of the top-1 against the runner-up, and the attention of every layer and head.
+"""
+
+import html
+from pathlib import Path
+from typing import Optional, Union
+
+from lens_plugins.plot.figures import lens_heatmap, trajectory_figure, write_page
+from lens_plugins.tokens import display_token
+
+
+def report_sections(lens, attribution=None, attention=None, batch: int = 0) -> list:
+    """``(heading, figure)`` pairs of the report, in reading order."""
+    sections = [("lens heatmap: P(top-1)", lens_heatmap(lens, "prob", batch))]
+    if lens.target_names:
+        sections.append(("the final answer and the runner-up across rows: probability",
+                         trajectory_figure(lens, kind="prob", batch=batch)))
+        sections.append(("... and their rank", trajectory_figure(lens, kind="rank", batch=batch)))
+    if attribution is not None:
+        from lens_plugins.plot.attribution import attribution_bars, attribution_figure
+
+        sections.append(("direct logit attribution: top components", attribution_bars(attribution.view("component"), batch=batch)))
+        sections.append(("direct logit attribution: every head", attribution_figure(attribution.view("head"), batch)))
+    if attention is not None:
+        from lens_plugins.plot.attention import model_view, sink_figure
+
+        sections.append(("attention: every layer and head", model_view(attention, batch)))
+        sections.append(("attention sinks", sink_figure(attention, batch)))
+    return sections
+
+
+def write_report(path: Union[str, Path], lens, attribution=None, attention=None, batch: int = 0,
+                 title: str = "Logit lens report") -> Path:
+    """One self-contained HTML file (plotly.js inlined: it works offline) of the given results."""
+    sections = report_sections(lens, attribution, attention, batch)
+    prompt = "".join(lens.str_tokens(batch))
+    final = lens.top_tokens(lens.positions[-1], batch)[lens.labels[-1]]
+    runner = f", then <code>{html.escape(repr(final[1][0]))}</code> ({final[1][1]:.3f})" if len(final) > 1 else ""
+    intro = (f"<p>Prompt: <code>{html.escape(prompt)}</code> ({lens.token_ids.shape[1]} tokens: "
+             f"{' '.join(display_token(t) for t in lens.str_tokens(batch))})</p>\n"
+             f"<p>At the last position the model predicts <code>{html.escape(repr(final[0][0]))}</code> "
+             f"(p = {final[0][1]:.3f}){runner}. Rows run from the embeddings ({html.escape(lens.labels[0])}) to the "
+             f"model's output ({html.escape(lens.labels[-1])}).</p>")
+    return write_page(path, title, intro, sections)
+
+
+def run_report(model, prompt: str, path: Union[str, Path], top_k: int = 5, title: Optional[str] = None) -> Path:
+    """Run a TransformerLens model once on ``prompt``, caching what the lens, the attribution and the
+    attention views read, and write the report; the attribution explains the final top-1 against the
+    runner-up at the last position."""
+    import torch
+
+    from lens_plugins import transformer_lens as tl  # the report drives a backend: imported when it runs
+
+    tokens = model.to_tokens(prompt)
+    names = list(dict.fromkeys(tl.hook_filter(model, attribution=True) + tl.attention_hook_filter(model)))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=names)
+    best, runner = logits[0, -1].topk(2).indices.tolist()
+    lens = tl.logit_lens(cache, tokens=tokens, top_k=top_k, targets=[best, runner])
+    dla = tl.attribution(cache, best, runner, position=-1)
+    patterns = tl.attention(cache, tokens)
+    return write_report(path, lens, dla, patterns, title=title or f"Logit lens report: {prompt}")
+
+__all__ = ["report_sections", "write_report", "run_report"]

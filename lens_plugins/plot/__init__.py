@@ -1,0 +1,11 @@
+"""Figures: every figure takes a result (``LensResult``, ``Attribution``, ``LogitDiff``, ``AttentionResult``)
+and needs no model. ``figures`` has the lens's heatmap, trajectories and the HTML page; ``attribution`` and
+``attention`` the figures of those results."""
+
+from lens_plugins.plot.attention import head_view, model_view, sink_figure
+from lens_plugins.plot.attribution import attribution_bars, attribution_figure, logit_diff_figure
+from lens_plugins.plot.figures import *  # noqa: F403
+from lens_plugins.plot.figures import __all__ as _figures
+
+__all__ = [*_figures, "head_view", "model_view", "sink_figure", "attribution_bars", "attribution_figure",
+           "logit_diff_figure"]

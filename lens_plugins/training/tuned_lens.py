@@ -1,0 +1,175 @@
+"""Training a ``TunedLens``: the tuned-lens loss on top of the generic loop of ``lens_plugins.training.loop``.
+
+Each micro-batch runs the frozen model once (hooks read hidden states ``0 .. n_layers``), then, layer by
+layer, translates hidden state ``i``, applies the final norm and takes the loss over the whole vocabulary with
+``core.vocab_loss`` (tile by tile, never ``[tokens, vocab]``): KL(final || lens) at the same position by
+default, as in the paper, or cross-entropy to the next token (``loss="ce"``). Each layer's loss is
+back-propagated before the next is built, so memory holds one layer's ``[tokens, d_model]`` graph.
+"""
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+
+from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_stack, stack_rows
+from lens_plugins.core import readout, vocab_loss
+from lens_plugins.core.errors import LensValueError
+from lens_plugins.lenses.tuned import TunedLens
+from lens_plugins.training import loop as train
+
+DEFAULT_SEQ_LEN = 256
+
+
+def tuned_lens_losses(lens: TunedLens, hf, decoder: dict, input_ids: torch.Tensor, loss: str = "kl",
+                      vocab_chunk: int = 4096, token_chunk: int = 1024, matmul_dtype: torch.dtype = torch.float32):
+    """Yield ``(row label, mean loss)`` for every translated hidden state ``0 .. n_layers - 1`` of a batch of
+    token blocks ``[batch, seq]``: the per-layer losses ``train.fit`` back-propagates one by one."""
+    stack = residual_stack(hf, input_ids)
+    d_model = stack.shape[-1]
+    n_layers = stack.shape[0] - 1
+    rows = stack_rows(n_layers)
+    norm = (decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"], decoder["norm_eps"])
+    W_U, b_U, softcap = decoder["W_U"].to(matmul_dtype), decoder["b_U"], decoder["softcap"]  # cast once, not per row
+    if loss == "kl":
+        final = readout.apply_final_norm(stack[-1].reshape(-1, d_model), *norm)
+        target = vocab_loss.reference_summary(final, W_U, b_U, softcap, vocab_chunk, token_chunk, matmul_dtype)
+    else:
+        target = input_ids[:, 1:].reshape(-1)
+    for index in range(n_layers):
+        h = stack[index]
+        if loss == "ce":
+            h = h[:, :-1]  # the last position has no next token in the block
+        normed = readout.apply_final_norm(lens.transform_hidden(h.reshape(-1, d_model), index), *norm)
+        if loss == "kl":
+            value = vocab_loss.kl_divergence(normed, target, W_U, b_U, softcap, vocab_chunk, token_chunk)
+        else:
+            value = vocab_loss.cross_entropy(normed, target, W_U, b_U, softcap, vocab_chunk, token_chunk, matmul_dtype)
+        yield rows[index].label, value.mean()
+
+
+def token_blocks_of(model, texts, seq_len: int) -> torch.Tensor:
+    """``[blocks, seq]`` token ids: ``texts`` as they are if already an integer tensor of blocks, else a text
+    source tokenised with the model's tokenizer and cut into ``seq_len`` blocks."""
+    if isinstance(texts, torch.Tensor):
+        if texts.dim() != 2 or texts.is_floating_point() or texts.shape[1] < 2:
+            raise LensValueError(f"token blocks must be an integer tensor [blocks, seq >= 2], got {texts.dtype} "
+                             f"{tuple(texts.shape)}")
+        return texts.long()
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise LensValueError("reading text needs the model's tokenizer: pass an nnsight or TransformerLens model, an HF "
+                         "model with a .tokenizer attribute, or token blocks [blocks, seq]")
+    return train.token_blocks(train.load_texts(texts), tokenizer, seq_len)
+
+
+def shortcut_init(lens: TunedLens, hf, blocks: torch.Tensor, batch_size: int = 1, ridge: float = 1e-4) -> None:
+    """Set every translator to the least-squares linear map from its hidden state to the final one (Din et
+    al. 2023, "Jump to conclusions"), a cheap start for KL training: a few matmuls of ``d_model x d_model``
+    per token where the KL gradient costs two of ``d_model x vocab`` per token and row.
+
+    The final norm makes the decoder blind to scale, so the target is the final hidden state at the input's
+    RMS, ``h_L * rms(h_i) / rms(h_L)``; ``ridge`` (relative to the mean input energy) keeps the solve stable.
+    """
+    n_layers = lens.num_hidden_layers
+    d = lens.d_model
+    gram = torch.zeros(n_layers, d + 1, d + 1, dtype=torch.float64)
+    cross = torch.zeros(n_layers, d + 1, d, dtype=torch.float64)
+    for start in range(0, len(blocks), batch_size):
+        stack = residual_stack(hf, blocks[start:start + batch_size]).float().reshape(n_layers + 1, -1, d)
+        rms = stack.pow(2).mean(-1, keepdim=True).sqrt()
+        unit_final = stack[-1] / rms[-1]
+        ones = torch.ones(stack.shape[1], 1)
+        for i in range(n_layers):
+            x = torch.cat([stack[i], ones], -1)
+            gram[i] += (x.T @ x).double()
+            cross[i] += (x.T @ (unit_final * rms[i])).double()
+    eye = torch.eye(d + 1, dtype=torch.float64)
+    with torch.no_grad():
+        for i, translator in enumerate(lens.layer_translators):
+            scale = ridge * gram[i].diagonal()[:d].mean()
+            solution = torch.linalg.solve(gram[i] + scale * eye, cross[i])  # [d + 1, d]: x @ solution ~ target
+            translator.weight.copy_((solution[:d].T - torch.eye(d, dtype=torch.float64)).float())
+            if translator.bias is not None:
+                translator.bias.copy_(solution[d].float())
+
+
+def train_tuned_lens(
+    model,
+    texts: Union[train.TextSource, torch.Tensor] = None,
+    *,
+    steps: int = 250,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = 1,
+    accumulate: int = 1,
+    loss: Literal["kl", "ce"] = "kl",
+    lr: float = 1.0,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-3,
+    clip_grad_norm: Optional[float] = 1.0,
+    warmup_steps: int = 0,
+    heldout: float = 0.1,
+    seed: int = 0,
+    lens: Optional[TunedLens] = None,
+    init: Literal["zero", "shortcut"] = "zero",
+    shortcut_blocks: int = 32,
+    checkpoint: Optional[str] = None,
+    checkpoint_every: int = 0,
+    progress: bool = False,
+    vocab_chunk: int = 4096,
+    token_chunk: int = 1024,
+    matmul_dtype: torch.dtype = torch.float32,
+) -> TunedLens:
+    """Train a tuned lens for ``model`` (HF, nnsight or TransformerBridge; frozen throughout) on ``texts``
+    (a list of strings, a .txt / .jsonl path, ``None`` for the built-in offline corpus, or token blocks
+    ``[blocks, seq]``).
+
+    The text is cut into ``seq_len``-token blocks and a seeded ``heldout`` fraction is set aside (returned as
+    ``lens.heldout_blocks``, for ``evaluate_lenses``); each step trains on ``accumulate x batch_size`` blocks.
+    The defaults are tuned-lens's recipe (``lens_plugins.training.loop``). ``checkpoint`` (a directory) makes the run
+    resumable: rerun the same call after an interruption and it continues where it stopped. The same seed
+    gives the same lens. ``lens.history`` holds every step's per-row losses. ``matmul_dtype=torch.bfloat16``
+    runs the vocabulary matmuls of the loss in bfloat16 (as tuned-lens's autocast does; about 3x faster on a
+    CPU with bfloat16 units), everything else in float32. ``init="shortcut"`` starts the translators at the
+    least-squares maps of ``shortcut_init`` (fitted on ``shortcut_blocks`` training blocks) instead of zero
+    (the paper's start, where an untrained lens is the logit lens): a better start when the budget allows only
+    a few KL steps, e.g. on a CPU.
+    """
+    if loss not in ("kl", "ce"):
+        raise LensValueError(f"loss must be 'kl' (to the final layer, the paper's) or 'ce' (to the next token), got {loss!r}")
+    hf = hf_model(model)
+    config = train.TrainConfig(steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               clip_grad_norm=clip_grad_norm, warmup_steps=warmup_steps, batch_size=batch_size,
+                               accumulate=accumulate, seed=seed, checkpoint_every=checkpoint_every)
+    blocks = token_blocks_of(model, texts, seq_len)
+    train_blocks, heldout_blocks = train.split_heldout(blocks, heldout, seed)
+    if init not in ("zero", "shortcut"):
+        raise LensValueError(f"init must be 'zero' (the paper's) or 'shortcut' (least squares), got {init!r}")
+    resuming = checkpoint is not None and (Path(checkpoint) / train.STATE_FILE).exists()
+    if lens is None:
+        lens = TunedLens.for_model(hf)
+    lens.check_model(hf)
+    if init == "shortcut" and not resuming:  # a resumed run restores its translators from the checkpoint
+        shortcut_init(lens, hf, train_blocks[:shortcut_blocks], batch_size)
+    decoder = decoder_tensors(hf)
+    was_training = hf.training
+    hf.eval()
+    frozen = [p for p in hf.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        history = train.fit(
+            lens, train_blocks,
+            lambda module, batch: tuned_lens_losses(module, hf, decoder, batch, loss, vocab_chunk, token_chunk,
+                                                            matmul_dtype),
+            config, checkpoint=checkpoint, progress=progress, description="tuned lens",
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        hf.train(was_training)
+    lens.history = history
+    lens.heldout_blocks = heldout_blocks
+    return lens
+
+__all__ = ["DEFAULT_SEQ_LEN", "tuned_lens_losses", "token_blocks_of", "shortcut_init", "train_tuned_lens"]

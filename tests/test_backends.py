@@ -270,11 +270,12 @@ def test_affine_lens_ships_to_a_remote_trace(both):
 # --- the same surface --------------------------------------------------------------------------------
 
 SHARED_VERBS = ("logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
-                "decoder_for", "patchscope", "run_decoder_lens", "dola_generate")
+                "decoder_for", "run_patchscope", "run_decoder_lens", "run_dola", "run_generation_lens",
+                "run_attention")
 # What only one backend has: where its input comes from (a cache's tokens and mask; a trace's remote/backend and
 # module paths), and ``by`` (an in-trace verb saves values; nnsight's ``attribution_result(saved, model, by=...)``
 # takes it). ``padding_side`` is shared: both one-call forms take it.
-BACKEND_SPECIFIC = {"tokens", "attention_mask", "remote", "backend", "paths", "kwargs", "by"}
+BACKEND_SPECIFIC = {"tokens", "attention_mask", "remote", "backend", "paths", "kwargs", "by", "lens_kwargs", "generate_kwargs"}
 
 
 def test_both_backend_modules_export_the_same_verbs_with_the_same_parameters():

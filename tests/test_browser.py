@@ -125,7 +125,7 @@ def test_report_of_hostile_tokens(browser, tmp_path):
 @pytest.mark.slow
 def test_cli_report_on_the_default_model(browser, tmp_path, monkeypatch, capsys):
     """``lens-plugins report`` on the embedded SmolLM2, loaded as the command loads it, opened in Chromium."""
-    from lens_plugins.cli.main import main as cli
+    from lens_plugins.cli import main as cli
 
     path = tmp_path / "report.html"
     assert cli.main(["report", "The capital of France is", "-o", str(path)]) == 0

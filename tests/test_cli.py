@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lens_plugins.cli.main import main as cli
+from lens_plugins.cli import main as cli
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"

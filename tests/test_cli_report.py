@@ -2,7 +2,7 @@
 
 import pytest
 
-from lens_plugins.cli.main import main as cli
+from lens_plugins.cli import main as cli
 
 PROMPT = "The capital of France is"
 

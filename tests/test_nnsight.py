@@ -219,7 +219,8 @@ from lens_plugins.decoder import Decoder
 try:
     Decoder("none", torch.zeros(3))
 except Exception as error:
-    assert type(error).__name__ == "TypeCheckError", error
+    from jaxtyping import TypeCheckError
+    assert isinstance(error, TypeCheckError) and type(error).__name__ == "ArgumentTypeError", error
 else:
     raise AssertionError("the jaxtyping check did not run")
 assert (5).save is not None  # nnsight's .save mount survived

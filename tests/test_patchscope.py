@@ -238,16 +238,16 @@ def test_bad_input_is_refused_alike(tiny, backend, kwargs, error, match):
 @pytest.mark.parametrize("first", ["lens_plugins.backends.transformer_lens.patchscope",
                                    "lens_plugins.backends.nnsight.patchscope"])
 def test_the_verb_is_exported_by_each_backend_whichever_module_loads_first(first):
-    """``lp.transformer_lens.patchscope`` / ``lp.nnsight.patchscope`` come from the Patchscope adapters, which
+    """``lp.transformer_lens.run_patchscope`` / ``lp.nnsight.run_patchscope`` come from the Patchscope adapters, which
     read through the backend modules: importing either side first must work (a fresh interpreter)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    backend = "transformer_lens" if first.endswith("transformer_lens") else "nnsight"
+    backend = "transformer_lens" if ".transformer_lens." in first else "nnsight"
     code = (f"import importlib, lens_plugins as lp; m = importlib.import_module({first!r}); "
-            f"assert getattr(lp, {backend!r}).patchscope is m.patchscope")
+            f"assert getattr(lp, {backend!r}).run_patchscope is m.run_patchscope")
     root = str(Path(lp.__file__).parent.parent)  # this checkout's package, not another install's
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)

@@ -91,13 +91,13 @@ def test_result_fields_follow_the_table():
     """``LensResult``'s optional fields are exactly the table's outputs; metrics and plot styles come from it."""
     import dataclasses
 
-    from lens_plugins import plot
     from lens_plugins.methods import result
+    from lens_plugins.plot import figures
     from lens_plugins.core import reductions
 
     optional = {f.name for f in dataclasses.fields(result.LensResult) if f.default is None}
     outputs = {field for entry in reductions.TABLE.values() if entry["by"] != "internal" for field in entry["outputs"]}
     assert optional == outputs
     assert result.METRICS == tuple(reductions.METRIC_STYLES)
-    assert set(plot._STYLE) == set(result.METRICS)
+    assert set(figures._STYLE) == set(result.METRICS)
     assert lens_plugins.core.readout.REDUCTIONS == reductions.READOUT

@@ -435,7 +435,7 @@ def test_rows_downloaded_from_a_trace_decode_on_the_client(tmp_path, tiny_tuned,
 def test_train_lens_command_saves_a_loadable_lens_and_reports_heldout_kl(tmp_path, smollm2_tokenizer, capsys):
     import transformers
 
-    from lens_plugins.cli.main import main as cli
+    from lens_plugins.cli import main as cli
 
     config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

@@ -73,7 +73,7 @@ def remote_error(error: Exception, remote, backend) -> Exception:
     )
 
 
-def generate_kwargs(remote, backend) -> dict:
+def trace_kwargs(remote, backend) -> dict:
     return {"remote": remote} if backend is None else {"backend": backend}
 
 

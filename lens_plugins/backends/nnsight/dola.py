@@ -9,7 +9,7 @@ import nnsight
 import torch
 
 from lens_plugins.backends._common import check_max_new_tokens, eval_mode
-from lens_plugins.backends.nnsight._run import generate_kwargs, one_prompt, remote_error
+from lens_plugins.backends.nnsight._run import one_prompt, remote_error, trace_kwargs
 from lens_plugins.core.trace.dola import dola
 from lens_plugins.methods import dola as dola_module
 from lens_plugins.methods.dola import DolaOutput
@@ -38,7 +38,7 @@ def run_dola(
     check_max_new_tokens(max_new_tokens)
     try:
         with eval_mode(getattr(model, "_module", model)), model.generate(
-            text, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs(remote, backend)
+            text, max_new_tokens=max_new_tokens, do_sample=False, **trace_kwargs(remote, backend)
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
             dola(model, tracer, max_new_tokens, layers=layers, alpha=alpha,

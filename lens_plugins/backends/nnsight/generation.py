@@ -10,7 +10,7 @@ import nnsight
 import torch
 
 from lens_plugins.backends._common import check_max_new_tokens, eval_mode
-from lens_plugins.backends.nnsight._run import one_prompt, remote_error, shippable
+from lens_plugins.backends.nnsight._run import one_prompt, remote_error, shippable, trace_kwargs
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.core.trace.generation import generation_lens
@@ -54,7 +54,7 @@ def run_generation_lens(
     lens = shippable(model, lens, remote, backend, **rows)
     try:
         with eval_mode(getattr(model, "_module", model)), model.generate(
-            text, max_new_tokens=max_new_tokens, **generate_kwargs, **generate_kwargs(remote, backend)
+            text, max_new_tokens=max_new_tokens, **generate_kwargs, **trace_kwargs(remote, backend)
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
             generation_lens(model, tracer, max_new_tokens, top_k=top_k, targets=list(targets),

@@ -17,7 +17,8 @@ RETURNS_WEIGHTS = ("eager", "paged|eager")
 
 
 def choose_layers(layers, n_layers):
-    """``layers`` (default all) as sorted-as-given, unique, non-negative indices of a model of ``n_layers``."""
+    """``layers`` (default all) as non-negative indices of a model of ``n_layers``, in the order given,
+    duplicates dropped; out of range refused."""
     if layers is None:
         return list(range(n_layers))
     chosen = []

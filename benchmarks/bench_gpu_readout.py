@@ -125,7 +125,7 @@ def main():
     targets[-1] = readout.NO_TARGET
 
     def lens(precision, W):
-        return readout.lens_statistics(stack, "rmsnorm", norm_weight, None, 1e-5, W, None, None, 5, targets,
+        return readout.lens_statistics(stack, readout.DecoderTensors("rmsnorm", W, norm_weight), 5, targets,
                                        precision=precision)
 
     results, measured = {}, []

@@ -45,46 +45,48 @@ def peak_rss_mb() -> float:
 
 
 def setup(tokens: int):
+    from dataclasses import replace
+
     from lens_plugins.backends.hf import decoder_tensors
     from lens_plugins.models import default_model_dir, load_hf_model
 
     hf, _ = load_hf_model(default_model_dir())
     decoder = decoder_tensors(hf)
-    decoder = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in decoder.items()}
+    decoder = replace(decoder, W_U=decoder.W_U.contiguous())  # lm_head.weight.T is a strided view
     del hf
     generator = torch.Generator().manual_seed(0)
-    d_model = decoder["W_U"].shape[0]
+    d_model = decoder.d_model
     resid = torch.randn(tokens, d_model, generator=generator) * 4
     final = torch.randn(tokens, d_model, generator=generator) * 4
     return decoder, resid, final
 
 
 def run_one(approach: str, tokens: int, steps: int) -> dict:
-    from lens_plugins.core import readout
     from lens_plugins.core import vocab_loss
+    from lens_plugins.core.readout import DecoderTensors
 
     decoder, resid, final = setup(tokens)
-    norm = (decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"], decoder["norm_eps"])
-    W_U = decoder["W_U"]
+    W_U = decoder.W_U
     d_model = W_U.shape[0]
     translator = torch.nn.Linear(d_model, d_model)
     torch.nn.init.zeros_(translator.weight)
     torch.nn.init.zeros_(translator.bias)
     optimizer = torch.optim.SGD(translator.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
     with torch.no_grad():
-        final_normed = readout.apply_final_norm(final, *norm)
+        final_normed = decoder.normalize(final)
         if approach.startswith("tiled"):
             dtype = torch.bfloat16 if approach == "tiled-bf16" else torch.float32
             W_U = W_U.to(dtype)  # cast once, as training does
-            reference = vocab_loss.reference_summary(final_normed, W_U, None, None, matmul_dtype=dtype)
+            unembedding = DecoderTensors("none", W_U)
+            reference = vocab_loss.reference_summary(final_normed, unembedding, matmul_dtype=dtype)
         else:
             reference = (final_normed @ W_U).log_softmax(-1)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        normed = readout.apply_final_norm(resid + translator(resid), *norm)
+        normed = decoder.normalize(resid + translator(resid))
         if approach.startswith("tiled"):
-            loss = vocab_loss.kl_divergence(normed, reference, W_U).mean()
+            loss = vocab_loss.kl_divergence(normed, reference, unembedding).mean()
         else:
             log_q = (normed @ W_U).log_softmax(-1)
             loss = (reference.exp() * (reference - log_q)).sum(-1).mean()

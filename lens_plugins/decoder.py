@@ -1,11 +1,14 @@
 """The decoder every lens reads through: final norm, then ``W_U`` (+ ``b_U``) (+ logit soft-cap).
 
 Adapters build a ``Decoder`` from whatever model they see (a TransformerLens model, an nnsight-wrapped
-Hugging Face model); everything downstream of it is shared, which is why the two backends agree.
+Hugging Face model); everything downstream of it is shared, which is why the two backends agree. It is the
+type-checked face of ``core.readout.DecoderTensors``, the one decoder value the core takes (inside a remote
+trace the core builds that plain value itself, where no type checker runs).
 """
 
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, Optional
 
 import torch
@@ -21,7 +24,7 @@ NormKind = Literal["rmsnorm", "layernorm", "none"]
 
 @typechecked
 @dataclass(frozen=True)
-class Decoder:
+class Decoder(readout.DecoderTensors):
     """``logits = softcap(final_norm(h) @ W_U + b_U)``.
 
     ``norm_weight`` is the multiplier the norm really applies: Gemma-style ``(1 + w)`` norms store
@@ -37,21 +40,19 @@ class Decoder:
     b_U: Optional[Float[Tensor, "vocab"]] = None
     softcap: Optional[float] = None
 
-    @property
-    def d_model(self) -> int:
-        return self.W_U.shape[0]
-
-    @property
-    def d_vocab(self) -> int:
-        return self.W_U.shape[1]
+    @classmethod
+    def of(cls, tensors: readout.DecoderTensors) -> "Decoder":
+        """The checked public ``Decoder`` of a core ``DecoderTensors`` (as ``architectures.decoder_tensors``
+        reads it), detached and in float32: what a lens decodes saved activations with."""
+        frozen = tensors.detached(torch.float32)
+        return cls(**{field.name: getattr(frozen, field.name) for field in fields(frozen)})
 
     @typechecked
     def logits(self, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab"]:
         """Full-vocabulary float32 logits of ``resid``. Memory grows with ``lead x vocab``: use it for a
         few rows, and ``statistics`` for a whole stack."""
         self.check_width(resid)
-        normed = readout.apply_final_norm(resid, self.norm_kind, self.norm_weight, self.norm_bias, self.norm_eps)
-        return readout.unembed(normed, self.W_U, self.b_U, self.softcap)
+        return self.unembed(self.normalize(resid))
 
     @typechecked
     def statistics(
@@ -71,15 +72,9 @@ class Decoder:
             raise LensValueError(f"top_k must be at least 1, got {top_k}")
         with torch.no_grad():
             return readout.lens_statistics(
-                resid, self.norm_kind, self.norm_weight, self.norm_bias, self.norm_eps, self.W_U, self.b_U,
-                self.softcap, top_k, target_ids, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+                resid, self, top_k, target_ids, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
                 reductions=tuple(reductions), precision=precision,
             )
-
-    def tensors(self) -> dict:
-        """The decoder as the keyword arguments of ``core.readout.lens_statistics`` (what the core takes)."""
-        return {"norm_kind": self.norm_kind, "norm_weight": self.norm_weight, "norm_bias": self.norm_bias,
-                "norm_eps": self.norm_eps, "W_U": self.W_U, "b_U": self.b_U, "softcap": self.softcap}
 
     def check_width(self, resid: Tensor) -> None:
         if resid.shape[-1] != self.d_model:
@@ -87,5 +82,12 @@ class Decoder:
                 f"residual vectors have width {resid.shape[-1]} but this decoder's W_U expects d_model="
                 f"{self.d_model}: the activations come from a different model than the one decoding them"
             )
+
+    def tensors(self) -> dict:
+        """Deprecated: the core now takes the ``Decoder`` itself (a ``core.readout.DecoderTensors``)."""
+        warnings.warn("Decoder.tensors() is deprecated and will be removed in 0.3: pass the Decoder itself, "
+                      "which the core functions now take", DeprecationWarning, stacklevel=2)
+        return {name: getattr(self, name) for name in
+                ("norm_kind", "norm_weight", "norm_bias", "norm_eps", "W_U", "b_U", "softcap")}
 
 __all__ = ["NormKind", "Decoder"]

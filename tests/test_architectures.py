@@ -123,7 +123,7 @@ def test_a_misspelled_final_norm_path_is_refused_not_dropped():
     with pytest.raises(AttributeError, match="'model.nrom'"):
         architectures.decoder_tensors(hf, architectures.resolve(hf, paths))
     without = architectures.decoder_tensors(hf, architectures.resolve(hf, dict(paths, final_norm="")))
-    assert without["norm_kind"] == "none" and without["norm_weight"] is None
+    assert without.norm_kind == "none" and without.norm_weight is None
 
 
 def test_one_plus_w_is_read_from_the_norm_class_when_the_spec_is_silent():
@@ -144,5 +144,5 @@ def test_one_plus_w_is_read_from_the_norm_class_when_the_spec_is_silent():
         hf.model.norm.weight.fill_(0.5)
     paths = {"layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head"}
     by_hand = {k: v for k, v in architectures.resolve(hf, paths).items() if k != "norm_one_plus"}
-    weight = architectures.decoder_tensors(hf, by_hand)["norm_weight"]
+    weight = architectures.decoder_tensors(hf, by_hand).norm_weight
     torch.testing.assert_close(weight, torch.full((hf.config.hidden_size,), 1.5))

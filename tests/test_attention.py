@@ -72,22 +72,60 @@ def test_a_layer_subset_and_its_errors(tokenizer):
         lp.transformer_lens.attention_hook_filter(bridge, [3])
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flex_attention"])
-def test_implementations_without_weights_are_refused_with_the_fix(implementation, tokenizer):
+@pytest.fixture
+def hf_smollm2(smollm2_hf):
+    return smollm2_hf[0]
+
+
+@pytest.fixture
+def sdpa_smollm2(hf_smollm2, smollm2_tokenizer):
+    """The session's SmolLM2 (loaded eager) as an sdpa model for one test, then eager again."""
     from lens_plugins.backends.nnsight import wrap_model
 
-    hf = tiny_model("llama")
-    hf.config._attn_implementation = implementation if implementation == "sdpa" else "sdpa"
-    model = wrap_model(hf, tokenizer)
-    if implementation != "sdpa":  # cannot run here without the kernels; the check reads the config alone
-        with pytest.raises(AttentionUnavailableError, match=f"attn_implementation='{implementation}'.*attn_implementation=\"eager\""):
-            core_attention.check_implementation(type("Config", (), {"_attn_implementation": implementation})())
-        return
-    with pytest.raises(AttentionUnavailableError, match="attn_implementation='sdpa', which never forms the attention probabilities"):
-        lp.nnsight.run_attention(model, "hello")
-    with pytest.raises(AttentionUnavailableError, match='attn_implementation="eager"'):
-        with model.trace(random_tokens(1, 4)):
-            lp.nnsight.attention(model)
+    hf_smollm2.config._attn_implementation = "sdpa"
+    try:
+        yield wrap_model(hf_smollm2, smollm2_tokenizer)
+    finally:
+        hf_smollm2.config._attn_implementation = "eager"
+
+
+def test_a_model_loaded_with_sdpa_gives_the_eager_patterns_and_keeps_its_implementation(sdpa_smollm2, hf_smollm2):
+    """sdpa forms no attention matrix, and an NDIF server loads models with its own implementation: the trace
+    switches to eager for its forward pass. The patterns must equal the eager model's exactly, on a padded
+    batch (an explicit mask) and a single prompt (where sdpa needs none), and the model must be sdpa again
+    after the trace."""
+    from lens_plugins.backends.nnsight import wrap_model
+
+    for prompt in (["The capital of France is", "Hi"], "The capital of France is"):
+        got = lp.nnsight.run_attention(sdpa_smollm2, prompt, layers=[0, 29], padding_side="left")
+        assert hf_smollm2.config._attn_implementation == "sdpa"
+        hf_smollm2.config._attn_implementation = "eager"
+        try:
+            expected = lp.nnsight.run_attention(wrap_model(hf_smollm2, sdpa_smollm2.tokenizer), prompt,
+                                                layers=[0, 29], padding_side="left")
+        finally:
+            hf_smollm2.config._attn_implementation = "sdpa"
+        assert torch.equal(got.patterns, expected.patterns)
+        core_attention.check_causal(got.patterns[0], got.attention_mask, 0)  # and causal at every real query
+
+
+def test_a_switch_after_the_forward_began_is_refused_not_wrong(sdpa_smollm2, hf_smollm2):
+    """Read a module first, then ask for attention: the mask was already built for sdpa, so eager attention
+    would see no causal mask. That is refused, and the config is restored; and the patterns' own check
+    (``check_causal``) refuses weight on a later token at a real query, not at a padding query."""
+    with pytest.raises(AttentionUnavailableError, match="inputs were already passed.*first in the trace"):
+        with sdpa_smollm2.trace("The capital of France is"):
+            sdpa_smollm2.model.layers[0].output.save()
+            lp.nnsight.attention(sdpa_smollm2, [1])
+    assert hf_smollm2.config._attn_implementation == "sdpa"
+    causal = torch.tril(torch.ones(3, 3))
+    causal = (causal / causal.sum(-1, keepdim=True)).expand(2, 1, 3, 3).clone()
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    causal[1, 0, 0] = 1 / 3  # a padding query attends everywhere: allowed
+    core_attention.check_causal(causal, mask, 0)
+    causal[1, 0, 1] = 1 / 3  # a real query reads a later token: refused
+    with pytest.raises(AttentionUnavailableError, match="layer 4's attention puts weight on later tokens"):
+        core_attention.check_causal(causal, mask, 4)
 
 
 def test_sink_score_is_the_mean_share_on_the_first_token():

@@ -62,7 +62,7 @@ def test_step_matches_a_hand_computation(hf):
     rows = torch.stack([out.hidden_states[i][0, -1] for i in layers])
     with torch.no_grad():  # HF's last hidden state is after the final norm; DoLa takes the block's output
         final = _last_block_output(hf, PROMPT)
-    step = dola.dola_step(rows, final, layers, N_LAYERS, vars(decoder), 0.1, PROMPT[0].tolist(), None, True)
+    step = dola.dola_step(rows, final, layers, N_LAYERS, decoder, 0.1, PROMPT[0].tolist(), None, True)
     torch.testing.assert_close(step["js"], expected_js, atol=1e-6, rtol=1e-4)
     assert step["layer"] == premature
     assert torch.equal(torch.isinf(step["scores"]), torch.isinf(expected))

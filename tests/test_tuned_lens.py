@@ -9,6 +9,7 @@ import torch
 import lens_plugins as lp
 from lens_plugins.core import readout
 from lens_plugins.core import vocab_loss
+from lens_plugins.core.readout import DecoderTensors
 from lens_plugins.core.rows import Row
 from lens_plugins.decoder import Decoder
 from lens_plugins.methods.evaluate import evaluate_lenses
@@ -20,7 +21,7 @@ from tiny_models import VOCAB, random_tokens, tiny_model
 
 
 def decoder_of(hf) -> Decoder:
-    return Decoder(**{k: v.float() if isinstance(v, torch.Tensor) else v for k, v in decoder_tensors(hf).items()})
+    return Decoder.of(decoder_tensors(hf))
 
 
 def random_lens(d_model, n_layers, seed=0, scale=0.05):
@@ -167,8 +168,9 @@ def test_tiled_loss_and_gradient_equal_the_materialised_ones(softcap, with_bias)
         z = x @ W_U + (0 if b_U is None else b_U)
         return z if softcap is None else softcap * torch.tanh(z / softcap)
 
-    summary = vocab_loss.reference_summary(ref, W_U, b_U, softcap, vocab_chunk=128, token_chunk=16)
-    tiled_kl = vocab_loss.kl_divergence(normed, summary, W_U, b_U, softcap, vocab_chunk=128, token_chunk=16)
+    decoder = DecoderTensors("none", W_U, b_U=b_U, softcap=softcap)
+    summary = vocab_loss.reference_summary(ref, decoder, vocab_chunk=128, token_chunk=16)
+    tiled_kl = vocab_loss.kl_divergence(normed, summary, decoder, vocab_chunk=128, token_chunk=16)
     (grad_kl,) = torch.autograd.grad((tiled_kl * weights).sum(), normed)
     log_p, log_q = logits(ref).log_softmax(-1), logits(normed).log_softmax(-1)
     full_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -176,27 +178,27 @@ def test_tiled_loss_and_gradient_equal_the_materialised_ones(softcap, with_bias)
     torch.testing.assert_close(tiled_kl, full_kl, atol=1e-5, rtol=0)
     torch.testing.assert_close(grad_kl, full_grad_kl, atol=1e-5, rtol=0)
 
-    tiled_ce = vocab_loss.cross_entropy(normed, ids, W_U, b_U, softcap, vocab_chunk=128, token_chunk=16)
+    tiled_ce = vocab_loss.cross_entropy(normed, ids, decoder, vocab_chunk=128, token_chunk=16)
     (grad_ce,) = torch.autograd.grad((tiled_ce * weights).sum(), normed)
     full_ce = torch.nn.functional.cross_entropy(logits(normed), ids, reduction="none")
     (full_grad_ce,) = torch.autograd.grad((full_ce * weights).sum(), normed)
     torch.testing.assert_close(tiled_ce, full_ce, atol=1e-5, rtol=0)
     torch.testing.assert_close(grad_ce, full_grad_ce, atol=1e-5, rtol=0)
 
-    kl, ce = vocab_loss.kl_and_cross_entropy(normed, summary, torch.cat([ids[:-1], torch.tensor([-1])]), W_U, b_U,
-                                            softcap, vocab_chunk=128, token_chunk=16)
+    kl, ce = vocab_loss.kl_and_cross_entropy(normed, summary, torch.cat([ids[:-1], torch.tensor([-1])]), decoder,
+                                            vocab_chunk=128, token_chunk=16)
     torch.testing.assert_close(kl, full_kl.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(ce[:-1], full_ce[:-1].detach(), atol=1e-5, rtol=0)
     assert torch.isnan(ce[-1])
 
 
 def test_tiled_loss_refuses_bad_targets():
-    W_U = torch.randn(8, 50)
+    decoder = DecoderTensors("none", torch.randn(8, 50))
     with pytest.raises(ValueError, match="target ids must lie in 0..49"):
-        vocab_loss.cross_entropy(torch.randn(3, 8), torch.tensor([0, -1, 2]), W_U)
-    summary = vocab_loss.reference_summary(torch.randn(4, 8), W_U, None, None)
+        vocab_loss.cross_entropy(torch.randn(3, 8), torch.tensor([0, -1, 2]), decoder)
+    summary = vocab_loss.reference_summary(torch.randn(4, 8), decoder)
     with pytest.raises(ValueError, match="summarises 4 tokens"):
-        vocab_loss.kl_divergence(torch.randn(3, 8), summary, W_U)
+        vocab_loss.kl_divergence(torch.randn(3, 8), summary, decoder)
 
 
 # --- training ------------------------------------------------------------------------------------------------

@@ -79,6 +79,33 @@ def test_attribution_by_head(model):
     assert abs(by_head.error) < 1e-4  # the parts sum to the logit difference they explain
 
 
+def test_attention_views(model, smollm2_dir):
+    """Attention runs in a remote trace: the server loads SmolLM2 with its own attention implementation (the
+    model key names none), and the trace switches it to eager for its forward pass. Remote equals local bit
+    for bit, both equal transformers' own eager ``output_attentions``, and the server's model is left as it
+    was."""
+    from transformers import AutoModelForCausalLM
+
+    def implementation():
+        with model.trace(PROMPT, remote=True):
+            import nnsight
+
+            name = nnsight.save(str(model.config._attn_implementation))
+        return name
+
+    before = implementation()
+    assert before != "eager", "the server's default implementation forms no weights: the switch is what is tested"
+    remote, local = both(model, lambda m: lp.nnsight.attention(m, [0, 17, 29]))
+    assert_identical(remote, local)
+    result = lp.nnsight.attention_result(remote, model)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = hf(**model.tokenizer(PROMPT, return_tensors="pt"), output_attentions=True).attentions
+    for i, layer in enumerate(result.layers):
+        torch.testing.assert_close(result.patterns[i], expected[layer], rtol=0, atol=1e-6)
+    assert implementation() == before
+
+
 def test_a_batch_of_invokes(model):
     out = {}
     for remote in (True, False):

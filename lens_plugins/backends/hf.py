@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lens_plugins.core import architectures
 from lens_plugins.core.errors import LensTypeError
+from lens_plugins.core.readout import DecoderTensors
 from lens_plugins.core.rows import Row, plan
 
 
@@ -35,11 +36,9 @@ def stack_rows(n_layers: int) -> list[Row]:
     return plan(n_layers)
 
 
-def decoder_tensors(hf, spec: Optional[dict] = None) -> dict:
-    """The model's decoder (final norm, ``W_U``, ``b_U``, soft-cap) as detached tensors."""
-    spec = spec or architectures.resolve(hf)
-    tensors = architectures.decoder_tensors(hf, spec)
-    return {k: v.detach() if isinstance(v, Tensor) else v for k, v in tensors.items()}
+def decoder_tensors(hf, spec: Optional[dict] = None) -> DecoderTensors:
+    """The model's decoder (final norm, ``W_U``, ``b_U``, soft-cap), detached: frozen for training."""
+    return architectures.decoder_tensors(hf, spec or architectures.resolve(hf)).detached()
 
 
 def residual_stack(hf, input_ids: Tensor, attention_mask: Optional[Tensor] = None,

@@ -36,6 +36,7 @@ in-trace lens (``lens_plugins.core.trace``) calls it on the NDIF server, where i
 import torch
 
 from lens_plugins.core.errors import LensAttributeError, LensTypeError, UnknownArchitectureError, UnknownNormError
+from lens_plugins.core.readout import DecoderTensors
 
 _LLAMA_LIKE = {
     "layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head", "embed": "model.embed_tokens",
@@ -199,8 +200,8 @@ def norm_params(norm, one_plus=None):
 
 
 def decoder_tensors(model, spec):
-    """The decoder as keyword arguments of ``readout.lens_statistics`` / ``Decoder``, read from the model's
-    own modules (inside a trace, the server's weights: nothing is uploaded).
+    """The decoder (``readout.DecoderTensors``), read from the model's own modules (inside a trace, the
+    server's weights: nothing is uploaded).
 
     ``W_U`` is ``[d_model, vocab]``; OPT's ``project_out`` is folded into it (and into ``b_U``).
     """
@@ -222,10 +223,8 @@ def decoder_tensors(model, spec):
     norm = get_path(model, spec["final_norm"]) if spec["final_norm"] else None
     kind, weight, bias, eps = norm_params(norm, spec.get("norm_one_plus"))  # not in the spec: by class name
     softcap = getattr(getattr(model, "config", None), spec["softcap_attr"], None) if spec.get("softcap_attr") else None
-    return {
-        "norm_kind": kind, "norm_weight": weight, "norm_bias": bias, "norm_eps": eps,
-        "W_U": W_U, "b_U": b_U, "softcap": float(softcap) if softcap else None,
-    }
+    return DecoderTensors(norm_kind=kind, W_U=W_U, norm_weight=weight, norm_bias=bias, norm_eps=eps, b_U=b_U,
+                          softcap=float(softcap) if softcap else None)
 
 
 def is_parallel(model, spec):

@@ -60,7 +60,7 @@ def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers,
                          f"batch of {resid.shape[0]}; use run_decoder_lens, or repeat the example")
     token_ids = decoder_ids[:1].cpu().long()
     mask = torch.ones_like(token_ids)
-    req = request.build(tokenizer, decoder["W_U"].shape[1], token_ids.shape[1], top_k, positions, targets,
+    req = request.build(tokenizer, decoder.d_vocab, token_ids.shape[1], top_k, positions, targets,
                         token_sets, reductions)
     stack = resid.detach().float()[:, None]  # [rows, batch 1, decoder tokens, d_model]
     stats = pipeline.logit_lens(lambda chosen, positions: stack[:, :, positions], rows, req, decoder, token_ids,

@@ -21,7 +21,6 @@ from lens_plugins.core.errors import (
     LensNotImplementedError,
     LensValueError,
 )
-from lens_plugins.core.readout import apply_final_norm
 
 
 def norm_scale(x, norm_kind, norm_eps):
@@ -58,37 +57,38 @@ def member_coefficients(capped, n_targets):
 def column_logits(normed, decoder, ids):
     """``(raw, capped)``: the logits of the vocabulary columns ``ids`` at already-normed residuals, before and
     after the soft-cap (the same tensor without one): ``d_model`` dot products per id, no vocabulary pass."""
-    logits = normed @ decoder["W_U"][:, ids].float()
-    if decoder["b_U"] is not None:
-        logits = logits + decoder["b_U"][ids].float()
-    if decoder["softcap"] is None:
+    logits = normed @ decoder.W_U[:, ids].float()
+    if decoder.b_U is not None:
+        logits = logits + decoder.b_U[ids].float()
+    if decoder.softcap is None:
         return logits, logits
-    return logits, decoder["softcap"] * torch.tanh(logits / decoder["softcap"])
+    return logits, decoder.softcap * torch.tanh(logits / decoder.softcap)
 
 
 def direction(final, decoder, ids, coef):
     """``(direction [batch, d_model], constant [batch])`` with ``explained = component . direction`` summed
     plus ``constant``: the unembedding columns weighted by ``coef``, times the final norm's weight and its
     frozen scale, centred for a LayerNorm (centring ``x`` equals centring the direction)."""
-    columns = decoder["W_U"][:, ids].float()  # [d, members]
+    columns = decoder.W_U[:, ids].float()  # [d, members]
     weighted = columns @ coef.T.float()  # [d, batch]
-    if decoder["norm_weight"] is not None:
-        weighted = weighted * decoder["norm_weight"].to(columns.device).float().unsqueeze(-1)
-    vec = weighted.T * norm_scale(final, decoder["norm_kind"], decoder["norm_eps"])
-    if decoder["norm_kind"] == "layernorm":
+    if decoder.norm_weight is not None:
+        weighted = weighted * decoder.norm_weight.to(columns.device).float().unsqueeze(-1)
+    vec = weighted.T * norm_scale(final, decoder.norm_kind, decoder.norm_eps)
+    if decoder.norm_kind == "layernorm":
         vec = vec - vec.mean(-1, keepdim=True)
     constant = torch.zeros(coef.shape[0], device=vec.device)
-    if decoder["norm_bias"] is not None:
-        constant = constant + coef.float() @ (decoder["norm_bias"].to(columns.device).float() @ columns)
-    if decoder["b_U"] is not None:
-        constant = constant + coef.float() @ decoder["b_U"][ids].float()
+    if decoder.norm_bias is not None:
+        constant = constant + coef.float() @ (decoder.norm_bias.to(columns.device).float() @ columns)
+    if decoder.b_U is not None:
+        constant = constant + coef.float() @ decoder.b_U[ids].float()
     return vec, constant
 
 
 def attribute(parts, decoder, target_ids, distractor_ids):
     """Direct logit attribution of the vectors in ``parts`` (each ``[batch, ..., d_model]`` at one position):
     ``embed``, optional ``pos_embed``, ``heads [batch, layer, head, d]``, ``head_bias [batch, layer, d]``,
-    ``attn`` and ``mlp`` ``[batch, layer, d]`` (what each sublayer added to the stream), ``final [batch, d]``.
+    ``attn`` and ``mlp`` ``[batch, layer, d]`` (what each sublayer added to the stream), ``final [batch, d]``;
+    ``decoder`` is a ``readout.DecoderTensors``.
 
     Returns plain tensors: the attribution of each part, ``constant`` (final-norm bias and ``b_U``),
     ``explained`` (the weighted target-minus-distractor logit, pre-soft-cap, from the real final residual),
@@ -96,10 +96,9 @@ def attribute(parts, decoder, target_ids, distractor_ids):
     ``reconstruction_error`` (relative norm of ``final`` minus the sum of the parts: 0 up to rounding when
     the parts really are everything the stream holds).
     """
-    final = parts["final"].to(decoder["W_U"].device).float()  # work where the unembedding lives
-    ids = torch.tensor(list(target_ids) + list(distractor_ids), dtype=torch.long, device=decoder["W_U"].device)
-    normed = apply_final_norm(final, decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"],
-                              decoder["norm_eps"])
+    final = parts["final"].to(decoder.W_U.device).float()  # work where the unembedding lives
+    ids = torch.tensor(list(target_ids) + list(distractor_ids), dtype=torch.long, device=decoder.W_U.device)
+    normed = decoder.normalize(final)
     raw, capped = column_logits(normed, decoder, ids)
     coef = member_coefficients(capped, len(target_ids))
     vec, constant = direction(final, decoder, ids, coef)

@@ -105,34 +105,32 @@ def dola_step(candidates, mature, layers, n_layers, decoder, alpha, seen_ids, re
     """One DoLa step at one position.
 
     ``candidates [C, d_model]`` are the residuals at hidden-state indices ``layers`` and ``mature [d_model]``
-    the final residual (before the final norm); ``decoder`` holds ``lens_statistics``'s decoder keywords
-    (``norm_kind``, ``norm_weight``, ``norm_bias``, ``norm_eps``, ``W_U``, ``b_U``, ``softcap``). Returns the
+    the final residual (before the final norm); ``decoder`` is a ``readout.DecoderTensors``. Returns the
     chosen ``token``, the premature ``layer`` (a hidden-state index), the candidates' ``js`` divergences
     ``[C]`` from the mature distribution and the step's ``scores [vocab]`` (after any penalty).
     """
-    device = decoder["W_U"].device
+    device = decoder.W_U.device
     mature = mature.to(device).float()
     candidates = candidates.to(device).float()
-    norm = (decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"], decoder["norm_eps"])
     if premature_norm:
         rows, lens_decoder = torch.cat([candidates, mature[None]]), decoder
     else:
         # Premature rows as transformers 4.x read them: raw hidden states, except index n_layers, which
         # Hugging Face returns after the final norm. Everything is then decoded without a norm.
-        normed_final = readout.apply_final_norm(mature, *norm)
+        normed_final = decoder.normalize(mature)
         raw = [normed_final if layer == n_layers else row for layer, row in zip(layers, candidates)]
         rows = torch.stack(raw + [normed_final])
-        lens_decoder = dict(decoder, norm_kind="none", norm_weight=None, norm_bias=None)
+        lens_decoder = decoder.without_norm()
     stats = readout.lens_statistics(
-        rows[:, None], **lens_decoder, top_k=1, target_ids=torch.zeros(1, 0, dtype=torch.long, device=device),
+        rows[:, None], lens_decoder, top_k=1, target_ids=torch.zeros(1, 0, dtype=torch.long, device=device),
         reductions=("js_final",),
     )
     js = stats["js_final"][:-1, 0]
     chosen = int(js.argmax())
     pair = torch.stack([rows[-1], rows[chosen]])
     if premature_norm:
-        pair = readout.apply_final_norm(pair, *norm)
-    logits = readout.unembed(pair, lens_decoder["W_U"], lens_decoder["b_U"], lens_decoder["softcap"])
+        pair = decoder.normalize(pair)
+    logits = lens_decoder.unembed(pair)
     scores = penalise(contrast(logits[0], logits[1], alpha), seen_ids, repetition_penalty)
     token = pick(scores, torch.log_softmax(logits[0], -1))
     return {"token": token, "layer": layers[chosen], "js": js.cpu(), "scores": scores.cpu()}

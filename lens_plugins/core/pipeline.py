@@ -12,7 +12,7 @@ import torch
 from lens_plugins.core import lenses
 from lens_plugins.core.dla import column_logits
 from lens_plugins.core.errors import LensValueError
-from lens_plugins.core.readout import apply_final_norm, lens_statistics
+from lens_plugins.core.readout import lens_statistics
 from lens_plugins.core.request import readout_reductions, target_columns, user_ids
 
 
@@ -64,14 +64,14 @@ def lens_rows(read, rows, positions, lens, d_model):
 def logit_lens(read, rows, request, decoder, token_ids, attention_mask, lens=None, vocab_chunk=None,
                token_chunk=None, precision="float32"):
     """The readout statistics (``readout.lens_statistics``) of ``rows`` at the request's positions.
-    ``decoder`` is the decoder as tensors (``architectures.decoder_tensors``); tile sizes ``None`` are
+    ``decoder`` is a ``readout.DecoderTensors`` (``architectures.decoder_tensors``); tile sizes ``None`` are
     chosen for the device ``W_U`` lives on, ``precision`` is the unembedding matmul's (``readout.PRECISIONS``)."""
     positions = request["positions"]
-    flat = lens_rows(read, rows, positions, lens, decoder["W_U"].shape[0])
+    flat = lens_rows(read, rows, positions, lens, decoder.d_model)
     columns = target_columns(token_ids, attention_mask, positions, request["reductions"], user_ids(request))
     with torch.no_grad():
         return lens_statistics(
-            flat, **decoder, top_k=request["top_k"], target_ids=columns, vocab_chunk=vocab_chunk,
+            flat, decoder, top_k=request["top_k"], target_ids=columns, vocab_chunk=vocab_chunk,
             token_chunk=token_chunk, reductions=readout_reductions(request["reductions"], len(user_ids(request))),
             precision=precision,
         )
@@ -85,10 +85,8 @@ def set_logit(normed, decoder, ids):
 def logit_diff(read, rows, positions, decoder, target_ids, distractor_ids, batch, lens=None):
     """``[rows, batch, positions]``: each row decoded with the model's own final norm (its real scale at that
     row) and compared on the two token sets: ``log P(target set) - log P(distractor set)``."""
-    flat = lens_rows(read, rows, positions, lens, decoder["W_U"].shape[0])
-    flat = flat.to(decoder["W_U"].device)
-    normed = apply_final_norm(flat, decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"],
-                              decoder["norm_eps"])
+    flat = lens_rows(read, rows, positions, lens, decoder.d_model)
+    normed = decoder.normalize(flat.to(decoder.W_U.device))
     diff = set_logit(normed, decoder, target_ids) - set_logit(normed, decoder, distractor_ids)
     return diff.reshape(len(rows), batch, len(positions))
 

@@ -24,6 +24,8 @@ the KL divergences and the final top-1 refer to; ranks are ``1 + #{v != t : l_v 
 """
 
 import platform
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -89,6 +91,57 @@ def unembed(normed, W_U, b_U, softcap):
     return logits
 
 
+@dataclass(frozen=True, eq=False)
+class DecoderTensors:
+    """The decoder as one value: ``logits = softcap(final_norm(h) @ W_U + b_U)``.
+
+    Every reader of the vocabulary (this module's streamed readout, DoLa, the vocabulary loss, direct logit
+    attribution) takes this one argument, so that a quirk of a family (a ``(1 + w)`` norm weight, OPT's
+    folded ``project_out``, T5's output rescale folded into ``W_U``, Gemma's soft-cap) is settled once where the
+    decoder is read (``architectures.decoder_tensors``, ``lens_plugins.Decoder``) and never again downstream.
+    Plain (no type checks) because it is built inside remote traces; ``lens_plugins.Decoder`` is its checked
+    public face. ``norm_weight`` is the multiplier the norm really applies; ``W_U`` is ``[d_model, vocab]``.
+    """
+
+    norm_kind: str
+    W_U: torch.Tensor
+    norm_weight: Optional[torch.Tensor] = None
+    norm_bias: Optional[torch.Tensor] = None
+    norm_eps: float = 1e-5
+    b_U: Optional[torch.Tensor] = None
+    softcap: Optional[float] = None
+
+    @property
+    def d_model(self):
+        return self.W_U.shape[0]
+
+    @property
+    def d_vocab(self):
+        return self.W_U.shape[1]
+
+    def normalize(self, x):
+        """The final norm of ``x [..., d_model]``, float32."""
+        return apply_final_norm(x, self.norm_kind, self.norm_weight, self.norm_bias, self.norm_eps)
+
+    def unembed(self, normed):
+        """Float32 logits of already-normed residuals (full vocabulary)."""
+        return unembed(normed, self.W_U, self.b_U, self.softcap)
+
+    def without_norm(self):
+        """The same unembedding behind no norm (DoLa's raw-residual mode, a lens that normalises itself)."""
+        return replace(self, norm_kind="none", norm_weight=None, norm_bias=None)
+
+    def detached(self, dtype=None):
+        """Every tensor detached (and cast to ``dtype`` if given): a frozen decoder for training or caching."""
+        def frozen(t):
+            if t is None:
+                return None
+            t = t.detach()
+            return t if dtype is None else t.to(dtype)
+        return replace(self, W_U=frozen(self.W_U), norm_weight=frozen(self.norm_weight),
+                       norm_bias=frozen(self.norm_bias), b_U=frozen(self.b_U))
+
+
 def tile_sizes(device, rows, tokens, vocab):
     """``(vocab_chunk, token_chunk)`` for a stack of ``rows x tokens`` vectors decoded on ``device``: blocks of
     at most ``CPU_TILE_VECTORS`` vectors by a power-of-two chunk of about ``CPU_TILE_ELEMENTS`` logits (256 to
@@ -110,13 +163,7 @@ def tile_sizes(device, rows, tokens, vocab):
 
 def lens_statistics(
     resid,
-    norm_kind,
-    norm_weight,
-    norm_bias,
-    norm_eps,
-    W_U,
-    b_U,
-    softcap,
+    decoder,
     top_k,
     target_ids,
     vocab_chunk=None,
@@ -126,7 +173,7 @@ def lens_statistics(
 ):
     """Decode every row of ``resid [rows, tokens, d_model]`` and reduce it on the fly.
 
-    ``W_U`` is ``[d_model, vocab]``; ``target_ids [tokens, T]`` holds token ids to score at each token
+    ``decoder`` is a ``DecoderTensors``; ``target_ids [tokens, T]`` holds token ids to score at each token
     (``NO_TARGET`` where there is none). Row 0 is the input row (the embeddings), the last row the
     reference ("final"). Returns float32 / int64 tensors, ``[rows, tokens]`` unless noted, for the
     requested ``reductions`` (default ``DEFAULT_REDUCTIONS``):
@@ -152,6 +199,7 @@ def lens_statistics(
     unknown = [name for name in reductions if name not in REDUCTIONS]
     if unknown:
         raise LensValueError(f"unknown reductions {unknown}; choose from {list(REDUCTIONS)}")
+    W_U, b_U = decoder.W_U, decoder.b_U
     device = W_U.device  # work where the unembedding lives (on a multi-GPU server, the last layer's device)
     check_precision(precision, device)
     rows, tokens, _ = resid.shape
@@ -170,14 +218,14 @@ def lens_statistics(
         target_ids = target_ids[:, :0]
     if b_U is not None and not bool(b_U.any()):
         b_U = None  # TransformerLens gives every model a b_U, mostly zeros: adding them is a pass per tile for nothing
-    unembedding = Unembedding(W_U, b_U, softcap, precision)
+    unembedding = Unembedding(W_U, b_U, decoder.softcap, precision)
     blocks = []
     previous_tf32 = _allow_tf32(precision == "tf32")
     try:
         scratch = _Scratch(device)  # every buffer is allocated next to W_U, once for all blocks
         for n0 in range(0, tokens, token_chunk):
             n1 = min(n0 + token_chunk, tokens)
-            normed = apply_final_norm(resid[:, n0:n1], norm_kind, norm_weight, norm_bias, norm_eps)
+            normed = decoder.normalize(resid[:, n0:n1])
             blocks.append(_lens_block(normed, unembedding, min(top_k, W_U.shape[1]), target_ids[n0:n1],
                                       vocab_chunk, want, scratch))
     finally:
@@ -586,5 +634,5 @@ def _count_above(tile, tile_max, thresholds, own, counts, above):
         token, target, column = own
         counts[:, token, target] -= (tile[:, token, column] > thresholds[:, token, target]).int()
 
-__all__ = ["NO_TARGET", "EXP_FLOOR", "PRECISIONS", "MAX_VOCAB_CHUNK", "apply_final_norm", "unembed", "tile_sizes",
+__all__ = ["DecoderTensors", "NO_TARGET", "EXP_FLOOR", "PRECISIONS", "MAX_VOCAB_CHUNK", "apply_final_norm", "unembed", "tile_sizes",
     "lens_statistics", "check_precision", "onednn_matmul", "Unembedding", "REDUCTIONS", "DEFAULT_REDUCTIONS"]

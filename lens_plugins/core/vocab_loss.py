@@ -49,13 +49,15 @@ def _column_logits(normed, W_U, b_U, softcap, ids):
     return softcap * t, 1.0 - t * t, columns
 
 
-def reference_summary(ref_normed, W_U, b_U, softcap, vocab_chunk=4096, token_chunk=1024, matmul_dtype=torch.float32):
-    """What KL(reference || lens) needs of the reference distribution ``p = softmax(decode(ref_normed))``,
+def reference_summary(ref_normed, decoder, vocab_chunk=4096, token_chunk=1024, matmul_dtype=torch.float32):
+    """What KL(reference || lens) needs of the reference distribution ``p = softmax(decode(ref_normed))``
+    (``decoder``: a ``readout.DecoderTensors``, whose unembedding decodes the already-normed residuals),
     per token: ``log_partition`` and ``neg_entropy`` (``sum_v p_v log p_v``), and, without soft-capping,
     ``mean_unembed`` (``W_U p``, ``[tokens, d_model]``) and ``mean_bias`` (``b_U . p``). With soft-capping it
     keeps ``ref_normed`` instead, for the main pass to rebuild ``p`` tile by tile. Computed without grad.
     ``matmul_dtype`` is the dtype of the logit and gradient matmuls (``torch.bfloat16`` is about 3x faster on
     CPUs with bfloat16 units, at about 3 significant digits per logit); everything else is float32."""
+    W_U, b_U, softcap = decoder.W_U, decoder.b_U, decoder.softcap
     with torch.no_grad():
         ref_normed = ref_normed.float()
         device = ref_normed.device
@@ -194,10 +196,12 @@ def _check(normed, W_U, vocab_chunk, token_chunk):
         raise LensValueError(f"vocab_chunk and token_chunk must be positive, got {vocab_chunk} and {token_chunk}")
 
 
-def kl_divergence(normed, reference, W_U, b_U=None, softcap=None, vocab_chunk=4096, token_chunk=1024):
+def kl_divergence(normed, reference, decoder, vocab_chunk=4096, token_chunk=1024):
     """KL(reference || lens) per token, ``[tokens]``, differentiable w.r.t. ``normed`` (``[tokens, d_model]``,
     the lens's residual after the final norm); ``reference`` is ``reference_summary`` of the same tokens, whose
-    ``matmul_dtype`` this pass uses too."""
+    ``matmul_dtype`` this pass uses too. Only ``decoder``'s unembedding is used (``normed`` is past the norm);
+    a caller looping over rows may pass it with ``W_U`` already in the matmul dtype, to cast once."""
+    W_U, b_U, softcap = decoder.W_U, decoder.b_U, decoder.softcap
     _check(normed, W_U, vocab_chunk, token_chunk)
     if reference["log_partition"].shape[0] != normed.shape[0]:
         raise LensValueError(f"the reference summarises {reference['log_partition'].shape[0]} tokens, the lens "
@@ -206,10 +210,10 @@ def kl_divergence(normed, reference, W_U, b_U=None, softcap=None, vocab_chunk=40
                             reference["matmul_dtype"])
 
 
-def cross_entropy(normed, target_ids, W_U, b_U=None, softcap=None, vocab_chunk=4096, token_chunk=1024,
-                  matmul_dtype=torch.float32):
+def cross_entropy(normed, target_ids, decoder, vocab_chunk=4096, token_chunk=1024, matmul_dtype=torch.float32):
     """``-log q(target)`` per token, ``[tokens]``, differentiable w.r.t. ``normed``; ``target_ids`` ``[tokens]``
     must all be valid ids (shift and drop positions without a next token before calling)."""
+    W_U, b_U, softcap = decoder.W_U, decoder.b_U, decoder.softcap
     _check(normed, W_U, vocab_chunk, token_chunk)
     if target_ids.shape != normed.shape[:1]:
         raise LensValueError(f"target_ids must be [tokens={normed.shape[0]}], got {tuple(target_ids.shape)}")
@@ -219,10 +223,10 @@ def cross_entropy(normed, target_ids, W_U, b_U=None, softcap=None, vocab_chunk=4
                             matmul_dtype)
 
 
-def kl_and_cross_entropy(normed, reference, target_ids, W_U, b_U=None, softcap=None, vocab_chunk=4096,
-                         token_chunk=1024):
+def kl_and_cross_entropy(normed, reference, target_ids, decoder, vocab_chunk=4096, token_chunk=1024):
     """``(kl, ce)`` per token without grad, from one vocabulary pass: KL(reference || lens) and ``-log
     q(target)``, where ``target_ids`` ``[tokens]`` may hold -1 (no next token: ``ce`` is NaN there)."""
+    W_U, b_U, softcap = decoder.W_U, decoder.b_U, decoder.softcap
     _check(normed, W_U, vocab_chunk, token_chunk)
     with torch.no_grad():
         normed = normed.detach().float()

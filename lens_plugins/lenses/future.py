@@ -27,8 +27,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins.core import architectures, future, readout, vocab_loss
-from lens_plugins.core import rows as row_plan
+from lens_plugins.backends import hf as hf_reader
+from lens_plugins.backends._common import unwrap
+from lens_plugins.core import architectures, future, vocab_loss
+from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.errors import LensIndexError, LensKeyError, LensValueError
 from lens_plugins.core.lenses import apply_affine
 from lens_plugins.core.request import single_token_id
@@ -102,9 +104,8 @@ class FutureLens(torch.nn.Module):
 
 def hf_decoder(model) -> Decoder:
     """The decoder (final norm, unembedding) of a Hugging Face causal LM, frozen, float32."""
-    hf = getattr(model, "_module", model)
-    tensors = architectures.decoder_tensors(hf, architectures.resolve(hf))
-    return Decoder(**{k: v.detach().float() if isinstance(v, Tensor) else v for k, v in tensors.items()})
+    hf = unwrap(model)
+    return Decoder.of(architectures.decoder_tensors(hf, architectures.resolve(hf)))
 
 
 @contextmanager
@@ -121,23 +122,13 @@ def _no_grad_params(module):
 
 
 def residual_stack(model, token_ids: Tensor) -> tuple[Tensor, list[str]]:
-    """``([rows, batch, seq, d], labels)``: each decoder layer's input, then the last layer's output, labelled
-    as by the logit lens ("embed", "1_pre", ..., "<L-1>_post"), from one no-grad forward of a Hugging Face
-    causal LM (an nnsight model's underlying module works too)."""
-    hf = getattr(model, "_module", model)
-    blocks = architectures.get_path(hf, architectures.resolve(hf)["layers"])
-    rows: list[Tensor] = []
-    hooks = [block.register_forward_pre_hook(lambda m, args, kwargs: rows.append(architectures.layer_input((args, kwargs))),
-                                             with_kwargs=True) for block in blocks]
-    hooks.append(blocks[len(blocks) - 1].register_forward_hook(lambda m, i, out: rows.append(architectures.layer_output(out))))
-    try:
-        with torch.no_grad():
-            hf(input_ids=token_ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    labels = [row.label for row in row_plan.plan(len(blocks))]
-    return torch.stack([row.detach().float() for row in rows]), labels
+    """``([rows, batch, seq, d], labels)`` in float32: each decoder layer's input, then the last layer's output,
+    labelled as by the logit lens ("embed", "1_pre", ..., "<L-1>_post"), read by the one Hugging Face reader
+    (``backends.hf.residual_stack``: a no-grad forward of the base model, so no vocabulary-sized logits are
+    made) of a causal LM or an nnsight model's underlying module."""
+    hf = unwrap(model)
+    stack = hf_reader.residual_stack(hf, token_ids)
+    return stack.float(), [row.label for row in hf_reader.stack_rows(stack.shape[0] - 1)]
 
 
 def _rows(labels: list[str], layers: Optional[Sequence[Union[int, str]]]) -> list[int]:
@@ -162,18 +153,14 @@ def _rows(labels: list[str], layers: Optional[Sequence[Union[int, str]]]) -> lis
 def loss_fn(model, decoder: Decoder, vocab_chunk: int = 4096, token_chunk: int = 1024):
     """The training loss for ``train.fit``: per row, the mean KL(model's distribution at ``t + N - 1`` || the
     decoded map of the row at ``t``), yielded row by row so each row's graph is freed before the next."""
-    d = {k: getattr(decoder, k) for k in ("norm_kind", "norm_weight", "norm_bias", "norm_eps")}
-
     def losses(lens: FutureLens, batch: Tensor):
         stack, labels = residual_stack(model, batch)
         index = [labels.index(label) for label in lens.labels]
         sources, targets = future.future_pairs(stack[index], stack[-1], lens.n_ahead)
-        reference = vocab_loss.reference_summary(readout.apply_final_norm(targets, **d), decoder.W_U, decoder.b_U,
-                                                 decoder.softcap, vocab_chunk, token_chunk)
+        reference = vocab_loss.reference_summary(decoder.normalize(targets), decoder, vocab_chunk, token_chunk)
         for r, label in enumerate(lens.labels):
-            normed = readout.apply_final_norm(lens.transform(sources[r:r + 1], [label])[0], **d)
-            kl = vocab_loss.kl_divergence(normed, reference, decoder.W_U, decoder.b_U, decoder.softcap,
-                                          vocab_chunk, token_chunk)
+            normed = decoder.normalize(lens.transform(sources[r:r + 1], [label])[0])
+            kl = vocab_loss.kl_divergence(normed, reference, decoder, vocab_chunk, token_chunk)
             yield label, kl.mean()
 
     return losses
@@ -199,7 +186,7 @@ def train_future_lens(
     ``seq_len``-token blocks; a seeded ``heldout`` fraction is set aside. ``config`` is the tuned-lens recipe
     (``train.TrainConfig``); ``checkpoint`` a directory to save to and resume from. Returns the lens, the
     training history, and the held-out and training blocks (for ``evaluate`` and ``bigram_table``)."""
-    hf = getattr(model, "_module", model)
+    hf = unwrap(model)
     blocks = train.token_blocks(train.load_texts(texts), tokenizer, seq_len)
     train_blocks, held = train.split_heldout(blocks, heldout, config.seed)
     _, labels = residual_stack(hf, train_blocks[:1, :2])
@@ -239,7 +226,7 @@ def evaluate(
     """Evaluate ``lens`` on ``blocks`` with the streamed readout: each row's mapped state, with the model's own
     final residual at ``t + N - 1`` as the reference row (so ``kl_final_row`` is the held-out loss and
     ``final_top1`` the model's prediction)."""
-    hf = getattr(model, "_module", model)
+    hf = unwrap(model)
     decoder = hf_decoder(hf)
     hits = torch.zeros(len(lens.labels))
     kl = torch.zeros(len(lens.labels))
@@ -284,7 +271,7 @@ def lens_result_from_stack(
     token_ids: Int[Tensor, "batch seq"],
     tokenizer,
     *,
-    top_k: int = 5,
+    top_k: int = TOP_K,
     targets: Sequence[Union[str, int]] = (),
     vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
@@ -321,7 +308,7 @@ def lens_result_from_stack(
 @typechecked
 def lens_result(lens: FutureLens, model, token_ids: Int[Tensor, "batch seq"], tokenizer, **kwargs) -> LensResult:
     """``lens_result_from_stack`` on a Hugging Face causal LM (or an nnsight model's module) run on ``token_ids``."""
-    hf = getattr(model, "_module", model)
+    hf = unwrap(model)
     stack, labels = residual_stack(hf, token_ids)
     return lens_result_from_stack(lens, stack, labels, hf_decoder(hf), token_ids, tokenizer, **kwargs)
 

@@ -8,11 +8,12 @@ Where the patterns come from (``lp.transformer_lens.run_attention`` / ``lp.nnsig
 
 - TransformerLens (a ``TransformerBridge`` or a 3.9 ``HookedTransformer``): ``blocks.{L}.attn.hook_pattern``,
   cached with ``names_filter=lp.transformer_lens.attention_hook_filter(model)``.
-- nnsight on Hugging Face transformers 5 (``core/trace/attention.py``, locally or on an NDIF server): each attention module returns ``(attn_output, attn_weights)``, and
-  only the ``"eager"`` implementation fills ``attn_weights`` (its explicit softmax). ``"sdpa"``, the
-  flash-attention kernels and ``"flex_attention"`` never form the matrix and return ``None``, so reading
-  them raises ``AttentionUnavailableError`` naming the fix: load with ``attn_implementation="eager"``
-  (``lens_plugins.load_hf_model`` and ``load_default_model`` already do).
+- nnsight on Hugging Face transformers 5 (``core/trace/attention.py``, locally or on an NDIF server): each
+  attention module returns ``(attn_output, attn_weights)``, and only the ``"eager"`` implementation fills
+  ``attn_weights`` (its explicit softmax); ``"sdpa"``, the flash kernels and ``"flex_attention"`` return
+  ``None``. The trace switches the model's config to eager for the one forward pass it reads (a server
+  loads its models with its own implementation) and restores it; patterns that show the switch came too
+  late (weight on later tokens) raise ``AttentionUnavailableError`` naming the fix.
 """
 
 from dataclasses import dataclass

@@ -23,10 +23,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_plugins.core import dla
-from lens_plugins.core.trace.attribution import ATTRIBUTION_FORMAT
-from lens_plugins.core.trace.lens import DIFF_FORMAT
 from lens_plugins.core.errors import LensKeyError, LensTypeError, LensValueError
 from lens_plugins.core.request import token_set_ids
+from lens_plugins.core.trace.attribution import ATTRIBUTION_FORMAT
+from lens_plugins.core.trace.lens import DIFF_FORMAT
 from lens_plugins.decoder import Decoder
 from lens_plugins.typecheck import typechecked
 
@@ -232,7 +232,7 @@ def attribute_parts(
 ) -> dict[str, Tensor]:
     """``core.dla.attribute`` with a ``Decoder`` (the local side's form of the decoder)."""
     with torch.no_grad():
-        return dla.attribute(parts, decoder.tensors(), target_ids, distractor_ids)
+        return dla.attribute(parts, decoder, target_ids, distractor_ids)
 
 __all__ = ["TokenSet", "token_set", "Attribution", "from_values", "result_from_saved", "LogitDiff",
     "logit_diff_from_saved", "attribute_parts"]

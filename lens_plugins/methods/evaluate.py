@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_stack, stack_rows
-from lens_plugins.core import readout, vocab_loss
+from lens_plugins.core import vocab_loss
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.training import loop as train
 from lens_plugins.training.tuned_lens import token_blocks_of
@@ -100,8 +100,6 @@ def evaluate_lenses(
         if hasattr(lens, "check_model"):
             lens.check_model(hf)
     decoder = decoder_tensors(hf)
-    norm = (decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"], decoder["norm_eps"])
-    W_U, b_U, softcap = decoder["W_U"], decoder["b_U"], decoder["softcap"]
     n_rows = hf.config.num_hidden_layers + 1
     rows = stack_rows(n_rows - 1)
     kl_sum = torch.zeros(len(lenses), n_rows, dtype=torch.float64)
@@ -112,13 +110,13 @@ def evaluate_lenses(
         with torch.no_grad():
             for block in blocks:
                 stack = residual_stack(hf, block[None])[:, 0]  # [rows, seq, d]
-                final = readout.apply_final_norm(stack[-1], *norm)
-                reference = vocab_loss.reference_summary(final, W_U, b_U, softcap, vocab_chunk, token_chunk)
+                reference = vocab_loss.reference_summary(decoder.normalize(stack[-1]), decoder, vocab_chunk,
+                                                         token_chunk)
                 next_ids = torch.cat([block[1:], torch.tensor([-1])])
                 for i, lens in enumerate(lenses):
-                    normed = readout.apply_final_norm(lens.transform(stack.float(), rows), *norm)
+                    normed = decoder.normalize(lens.transform(stack.float(), rows))
                     for r in range(n_rows):
-                        kl, ce = vocab_loss.kl_and_cross_entropy(normed[r], reference, next_ids, W_U, b_U, softcap,
+                        kl, ce = vocab_loss.kl_and_cross_entropy(normed[r], reference, next_ids, decoder,
                                                                  vocab_chunk, token_chunk)
                         kl_sum[i, r] += kl.double().sum()
                         ce_sum[i, r] += ce[:-1].double().sum()

@@ -158,7 +158,7 @@ def run_lens(
                                  token_sets, reductions)
     pipeline.check_rows(request, chosen, every)
     mask = torch.ones_like(token_ids) if attention_mask is None else attention_mask
-    stats = pipeline.logit_lens(read, chosen, request, decoder.tensors(), token_ids, mask, lens, vocab_chunk,
+    stats = pipeline.logit_lens(read, chosen, request, decoder, token_ids, mask, lens, vocab_chunk,
                                 token_chunk, precision)
     return assemble(stats, LensRequest.from_dict(request), [row.label for row in chosen], token_ids,
                     tokenizer, attention_mask)

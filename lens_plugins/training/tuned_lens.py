@@ -7,21 +7,23 @@ default, as in the paper, or cross-entropy to the next token (``loss="ce"``). Ea
 back-propagated before the next is built, so memory holds one layer's ``[tokens, d_model]`` graph.
 """
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
 
 from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_stack, stack_rows
-from lens_plugins.core import readout, vocab_loss
+from lens_plugins.core import vocab_loss
 from lens_plugins.core.errors import LensValueError
+from lens_plugins.core.readout import DecoderTensors
 from lens_plugins.lenses.tuned import TunedLens
 from lens_plugins.training import loop as train
 
 DEFAULT_SEQ_LEN = 256
 
 
-def tuned_lens_losses(lens: TunedLens, hf, decoder: dict, input_ids: torch.Tensor, loss: str = "kl",
+def tuned_lens_losses(lens: TunedLens, hf, decoder: DecoderTensors, input_ids: torch.Tensor, loss: str = "kl",
                       vocab_chunk: int = 4096, token_chunk: int = 1024, matmul_dtype: torch.dtype = torch.float32):
     """Yield ``(row label, mean loss)`` for every translated hidden state ``0 .. n_layers - 1`` of a batch of
     token blocks ``[batch, seq]``: the per-layer losses ``train.fit`` back-propagates one by one."""
@@ -29,22 +31,21 @@ def tuned_lens_losses(lens: TunedLens, hf, decoder: dict, input_ids: torch.Tenso
     d_model = stack.shape[-1]
     n_layers = stack.shape[0] - 1
     rows = stack_rows(n_layers)
-    norm = (decoder["norm_kind"], decoder["norm_weight"], decoder["norm_bias"], decoder["norm_eps"])
-    W_U, b_U, softcap = decoder["W_U"].to(matmul_dtype), decoder["b_U"], decoder["softcap"]  # cast once, not per row
+    unembedding = replace(decoder, W_U=decoder.W_U.to(matmul_dtype))  # cast once, not per row
     if loss == "kl":
-        final = readout.apply_final_norm(stack[-1].reshape(-1, d_model), *norm)
-        target = vocab_loss.reference_summary(final, W_U, b_U, softcap, vocab_chunk, token_chunk, matmul_dtype)
+        final = decoder.normalize(stack[-1].reshape(-1, d_model))
+        target = vocab_loss.reference_summary(final, unembedding, vocab_chunk, token_chunk, matmul_dtype)
     else:
         target = input_ids[:, 1:].reshape(-1)
     for index in range(n_layers):
         h = stack[index]
         if loss == "ce":
             h = h[:, :-1]  # the last position has no next token in the block
-        normed = readout.apply_final_norm(lens.transform_hidden(h.reshape(-1, d_model), index), *norm)
+        normed = decoder.normalize(lens.transform_hidden(h.reshape(-1, d_model), index))
         if loss == "kl":
-            value = vocab_loss.kl_divergence(normed, target, W_U, b_U, softcap, vocab_chunk, token_chunk)
+            value = vocab_loss.kl_divergence(normed, target, unembedding, vocab_chunk, token_chunk)
         else:
-            value = vocab_loss.cross_entropy(normed, target, W_U, b_U, softcap, vocab_chunk, token_chunk, matmul_dtype)
+            value = vocab_loss.cross_entropy(normed, target, unembedding, vocab_chunk, token_chunk, matmul_dtype)
         yield rows[index].label, value.mean()
 
 

@@ -11,7 +11,7 @@ import nnsight
 import torch
 
 from lens_plugins import core
-from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode
+from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode, unwrap
 from lens_plugins.backends.nnsight.reader import lens_tensors
 from lens_plugins.core.errors import LensTypeError, LensValueError, RemoteLensError
 
@@ -33,7 +33,7 @@ def trace(model, prompt, remote, backend, body, padding_side=None):
     side = tokenizer.padding_side
     tokenizer.padding_side = padding_side or side  # the batch is tokenized when the trace starts
     try:
-        with eval_mode(getattr(model, "_module", model)), model.trace(prompt, **trace_kwargs):
+        with eval_mode(unwrap(model)), model.trace(prompt, **trace_kwargs):
             saved = body()
     except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours
         raise remote_error(error, remote, backend) from error

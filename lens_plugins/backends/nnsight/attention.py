@@ -1,14 +1,14 @@
 """Attention patterns inside nnsight traces, locally or on NDIF: the in-trace ``attention(model)``
 (``core/trace/attention.py``, shipped by source), its labelling ``attention_result`` and the one-call
-``run_attention``. Only ``attn_implementation="eager"`` forms the patterns; others are refused up front."""
+``run_attention``. Only ``attn_implementation="eager"`` forms the patterns: the trace switches the model to it
+for the forward it reads, whatever implementation it was loaded with (here or on the server)."""
 
 from typing import Optional, Union
 
-from lens_plugins.backends._common import unwrap
 from lens_plugins.backends.nnsight._run import trace
 from lens_plugins.core.errors import LensTypeError
 from lens_plugins.core.trace import attention as trace_attention
-from lens_plugins.core.trace.attention import attention, check_implementation
+from lens_plugins.core.trace.attention import attention
 from lens_plugins.methods.attention import AttentionResult
 from lens_plugins.methods.attention import attention_result as result_of
 from lens_plugins.typecheck import typechecked
@@ -35,7 +35,6 @@ def run_attention(
     """Trace ``model`` on ``prompt`` and return its attention patterns: the one-call form, locally or on an
     NDIF server (the patterns are ``O(layers x heads x seq^2)`` numbers: choose ``layers`` for a long prompt),
     with ``run_logit_lens``'s guards and remote errors."""
-    check_implementation(unwrap(model).config)
     saved = trace(model, prompt, remote, backend, lambda: attention(model, layers), padding_side)
     return attention_result(saved, model)
 

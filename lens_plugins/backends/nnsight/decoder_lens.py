@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from lens_plugins.backends._common import eval_mode
+from lens_plugins.backends._common import eval_mode, unwrap
 from lens_plugins.backends.nnsight._run import remote_error
 from lens_plugins.core import decoder_lens as core_decoder_lens
 from lens_plugins.core.architectures import get_path
@@ -51,7 +51,7 @@ def run_decoder_lens(
                                 ((input_ids, "input_ids"), (decoder_input_ids, "decoder_input_ids")))
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     try:
-        with eval_mode(getattr(model, "_module", model)), model.trace(
+        with eval_mode(unwrap(model)), model.trace(
             encoder_ids.repeat(n + 1, 1), decoder_input_ids=decoder_ids.repeat(n + 1, 1), **trace_kwargs
         ):
             lens = decoder_lens(model, top_k=top_k, targets=list(targets), token_sets=token_sets,

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import nnsight
 import torch
 
-from lens_plugins.backends._common import check_max_new_tokens, eval_mode
+from lens_plugins.backends._common import check_max_new_tokens, eval_mode, unwrap
 from lens_plugins.backends.nnsight._run import one_prompt, remote_error, trace_kwargs
 from lens_plugins.core.trace.dola import dola
 from lens_plugins.methods import dola as dola_module
@@ -37,7 +37,7 @@ def run_dola(
     one_prompt(model, text)
     check_max_new_tokens(max_new_tokens)
     try:
-        with eval_mode(getattr(model, "_module", model)), model.generate(
+        with eval_mode(unwrap(model)), model.generate(
             text, max_new_tokens=max_new_tokens, do_sample=False, **trace_kwargs(remote, backend)
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns

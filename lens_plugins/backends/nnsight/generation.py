@@ -9,7 +9,7 @@ from typing import Optional, Union
 import nnsight
 import torch
 
-from lens_plugins.backends._common import check_max_new_tokens, eval_mode
+from lens_plugins.backends._common import check_max_new_tokens, eval_mode, unwrap
 from lens_plugins.backends.nnsight._run import one_prompt, remote_error, shippable, trace_kwargs
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
@@ -53,7 +53,7 @@ def run_generation_lens(
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = shippable(model, lens, remote, backend, **rows)
     try:
-        with eval_mode(getattr(model, "_module", model)), model.generate(
+        with eval_mode(unwrap(model)), model.generate(
             text, max_new_tokens=max_new_tokens, **generate_kwargs, **trace_kwargs(remote, backend)
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns

@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from lens_plugins import tokens as token_utils
-from lens_plugins.backends._common import check_prompts, context_length, eval_mode
+from lens_plugins.backends._common import check_prompts, context_length, eval_mode, unwrap
 from lens_plugins.backends.nnsight._run import remote_error
 from lens_plugins.core import architectures
 from lens_plugins.core import rows as row_plan
@@ -93,12 +93,12 @@ def run_patchscope(
         target_ids = tokenizer(target_prompt, return_tensors="pt")["input_ids"][0]
     else:
         target_ids = target_prompt
-    hf = getattr(model, "_module", model)
+    hf = unwrap(model)
     spec = architectures.resolve(hf, paths)
     n_layers = len(architectures.get_path(hf, spec["layers"]))
     every = row_plan.plan(n_layers, parallel=architectures.is_parallel(hf, spec))
     request = plan(
-        every, source.shape[1], target_ids.shape[0], tokenizer, architectures.decoder_tensors(hf, spec)["W_U"].shape[1],
+        every, source.shape[1], target_ids.shape[0], tokenizer, architectures.decoder_tensors(hf, spec).d_vocab,
         layers=layers, positions=positions, target_layer=target_layer, target_position=target_position,
         targets=targets, token_sets=token_sets, reductions=reductions, top_k=top_k, batch_size=batch_size,
         max_new_tokens=max_new_tokens, context=context_length(model),

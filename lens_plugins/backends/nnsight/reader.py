@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
-from torch import Tensor
 
+from lens_plugins.backends._common import unwrap
 from lens_plugins.core import architectures
 from lens_plugins.core import lenses as core_lenses
 from lens_plugins.core import rows as row_plan
@@ -54,11 +54,9 @@ def remote_model(path_or_repo_id: str, tokenizer=None, **kwargs):
 def decoder_for(model, paths: Optional[dict] = None) -> Decoder:
     """The lens decoder of an HF model or nnsight model, outside any trace (the same tensors the in-trace
     lens reads), e.g. to decode a saved activation with ``Decoder.logits``."""
-    hf = getattr(model, "_module", model)
+    hf = unwrap(model)
     spec = architectures.resolve(hf, paths)
-    tensors = architectures.decoder_tensors(hf, spec)
-    detached = {k: v.detach().float() if isinstance(v, Tensor) else v for k, v in tensors.items()}
-    return Decoder(**detached)
+    return Decoder.of(architectures.decoder_tensors(hf, spec))
 
 
 @typechecked
@@ -78,12 +76,12 @@ def lens_tensors(
         raise LensTypeError(
             f"{type(lens).__name__} has no affine(rows, d_model), so it cannot run in a remote trace (the server "
             "has none of its code): run it locally (remote=False), or give it an affine form")
-    hf = getattr(model, "_module", model)
+    hf = unwrap(model)
     spec = architectures.resolve(hf, paths)
     n_layers = len(architectures.get_path(hf, spec["layers"]))
     every = row_plan.plan(n_layers, resid_mid, sublayers, architectures.is_parallel(hf, spec))
     chosen = row_plan.select(every, layers)
-    weight, bias = lens.affine(chosen, architectures.decoder_tensors(hf, spec)["W_U"].shape[0])
+    weight, bias = lens.affine(chosen, architectures.decoder_tensors(hf, spec).d_model)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     return core_lenses.shipped(detach(weight), detach(bias), [row.label for row in chosen])
 

@@ -128,7 +128,7 @@ def logit_diff(
     distractor_ids, distractor_names = token_set(model.tokenizer, distractor, decoder.d_vocab)
     chosen = select(every, layers)
     chosen_positions = resolve_positions(positions, seq)
-    values = pipeline.logit_diff(read, chosen, chosen_positions, decoder.tensors(), target_ids, distractor_ids, batch,
+    values = pipeline.logit_diff(read, chosen, chosen_positions, decoder, target_ids, distractor_ids, batch,
                                  lens)
     return LogitDiff([row.label for row in chosen], chosen_positions, values.cpu(), target_names, distractor_names)
 

@@ -60,7 +60,7 @@ def run_decoder_lens(
     with eval_mode(model), torch.no_grad():
         model.run_with_hooks(input_ids.repeat(n + 1, 1), decoder_input=decoder_input_ids.repeat(n + 1, 1),
                              fwd_hooks=hooks)
-    decoder = {k: v.detach() if torch.is_tensor(v) else v for k, v in decoder_tensors(_Unwrapped(hf), spec).items()}
+    decoder = decoder_tensors(_Unwrapped(hf), spec).detached()
     with torch.no_grad():
         lens = decoder_lens_stats(captured["resid"], decoder, model.tokenizer, decoder_input_ids, n, top_k,
                                   list(targets), token_sets, positions, tuple(reductions))

@@ -38,7 +38,7 @@ def run_dola(
     chosen = core_dola.candidate_layers(layers, n, tied)
     read_layers = sorted(set(chosen) | {n})
     hooks = dict(zip(read_layers, (hook_name(row) for row in core_dola.rows(read_layers, n))))
-    decoder = decoder_for(model).tensors()
+    decoder = decoder_for(model)
     eos = getattr(model.tokenizer, "eos_token_id", None)
     sequence = tokens[0].tolist()
     record = {"format": core_dola.FORMAT, "layers": chosen, "prompt_ids": list(sequence), "steps": []}

@@ -2,8 +2,14 @@
 weights, read as the forward pass reaches them and saved as plain tensors.
 
 Only the ``"eager"`` implementation of transformers 5 forms the matrix (its explicit softmax); ``"sdpa"``, the
-flash kernels and ``"flex_attention"`` return ``None``, so the implementation is checked first and
-``AttentionUnavailableError`` names the fix. Torch and core only, no decorators: ships by source.
+flash kernels and ``"flex_attention"`` return ``None``. A server loads its models with its own implementation
+(the model key carries no ``attn_implementation``), so the trace switches the model's config to eager for
+the forward it reads and puts the old value back when the last chosen layer has been read: transformers 5
+reads ``config._attn_implementation`` at every call, both to build the mask and to pick the attention function,
+so the switch made before the forward starts gives exactly the eager model's patterns. A switch made too late
+(after the mask was built for another implementation) would give eager attention a mask of the wrong kind;
+the patterns' causal structure is then checked, which catches it. Torch and core only, no decorators: ships
+by source.
 """
 
 import torch
@@ -12,8 +18,9 @@ from lens_plugins.core import architectures
 from lens_plugins.core.errors import AttentionUnavailableError, LensIndexError, LensValueError
 
 FORMAT = "lens_plugins.attention/1"
-# The attention implementations of transformers 5 whose modules return the softmaxed weights.
-RETURNS_WEIGHTS = ("eager", "paged|eager")
+_TOO_LATE = ("{what}: the forward pass began before the switch to eager attention, which must come before the "
+             "mask is built. Call lp.nnsight.attention(model) first in the trace, before reading any module, or "
+             "load the model with attn_implementation=\"eager\"")
 
 
 def choose_layers(layers, n_layers):
@@ -29,46 +36,61 @@ def choose_layers(layers, n_layers):
     return list(dict.fromkeys(chosen))
 
 
-def check_implementation(config):
-    """Refuse, before a forward pass, an attention implementation that returns no weights."""
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in RETURNS_WEIGHTS:
-        raise AttentionUnavailableError(
-            f"the model runs attention with attn_implementation={implementation!r}, which never forms the "
-            "attention probabilities (sdpa, flash and flex attention return no weights): load it with "
-            "AutoModelForCausalLM.from_pretrained(path, attn_implementation=\"eager\") or set "
-            "model.config._attn_implementation = \"eager\" (lens_plugins.load_hf_model loads eager)"
-        )
-
-
 def attention(model, layers=None):
     """Inside ``with model.trace(prompt):``, save every chosen layer's attention probabilities.
 
-    Returns a saved dict to pass to ``lp.nnsight.attention_result`` after the trace. Reads the traced ``input_ids`` and
-    ``attention_mask``, then each attention module's second output (``attn_weights``,
-    ``[batch, head, query, key]``) in layer order, as the forward pass reaches them.
+    Call it before reading any other module in the trace: it switches the model to eager attention for this
+    forward pass (see the module docstring). Returns a saved dict to pass to ``lp.nnsight.attention_result``
+    after the trace. Reads the traced ``input_ids`` and ``attention_mask``, then each attention module's second
+    output (``attn_weights``, ``[batch, head, query, key]``) in layer order, as the forward pass reaches them.
     """
     import nnsight
+    from nnsight.intervention.interleaver import OutOfOrderError
 
-    hf = getattr(model, "_model", model)
-    check_implementation(hf.config)
     spec = architectures.resolve(model)
-    chosen = choose_layers(layers, len(architectures.get_path(hf, spec["layers"])))
-    args, kwargs = model.inputs
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    if tokens is None:
-        raise LensValueError("attention views need input_ids to label their tokens: trace token ids or text, not inputs_embeds")
-    mask = kwargs.get("attention_mask")
-    patterns = []
-    for layer in chosen:
-        weights = architectures.component(model, spec, "attn", layer).output[1]
-        if weights is None:  # a config that says eager but a module that skipped the weights
-            raise AttentionUnavailableError(f"layer {layer}'s attention returned no weights; load the model "
-                                            "with attn_implementation=\"eager\"")
-        patterns.append(weights.detach().float().cpu())
+    chosen = choose_layers(layers, len(architectures.get_path(model, spec["layers"])))
+    config = model.config  # the real config object every attention module reads (on a server: the server's)
+    previous = getattr(config, "_attn_implementation", None)
+    config._attn_implementation = "eager"
+    try:
+        try:
+            args, kwargs = model.inputs
+        except OutOfOrderError as error:
+            raise AttentionUnavailableError(_TOO_LATE.format(what="the model's inputs were already passed")) from error
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            raise LensValueError("attention views need input_ids to label their tokens: trace token ids or text, "
+                                 "not inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        patterns = []
+        for layer in chosen:
+            weights = architectures.component(model, spec, "attn", layer).output[1]
+            if weights is None:  # a module that skips the weights even when eager
+                raise AttentionUnavailableError(f"layer {layer}'s attention returned no weights although the model "
+                                                "was switched to attn_implementation=\"eager\"")
+            weights = weights.detach().float()
+            if previous != "eager":  # a model loaded eager may attend both ways (a prefix LM): nothing to check
+                check_causal(weights, mask, layer)
+            patterns.append(weights.cpu())
+    finally:
+        config._attn_implementation = previous
     return nnsight.save({
         "format": FORMAT, "layers": chosen, "patterns": torch.stack(patterns), "token_ids": tokens.cpu(),
         "attention_mask": torch.ones_like(tokens).cpu() if mask is None else mask.cpu(),
     })
 
-__all__ = ["FORMAT", "RETURNS_WEIGHTS", "choose_layers", "check_implementation", "attention"]
+
+def check_causal(weights, mask, layer):
+    """Refuse patterns ``[batch, head, query, key]`` in which a real token's query puts weight on a later token:
+    a causal LM's are exactly zero above the diagonal, unless eager attention ran with a mask built for another
+    implementation (the switch came after the forward had built it). A padding query's row is whatever the
+    implementation makes of a fully masked row, so it is not checked."""
+    later = weights.triu(1).ne(0).any(1).any(-1)  # [batch, query]
+    if mask is not None:
+        later = later & mask.to(later.device).bool()
+    if bool(later.any()):
+        raise AttentionUnavailableError(_TOO_LATE.format(what=f"layer {layer}'s attention puts weight on later "
+                                                              "tokens"))
+
+
+__all__ = ["FORMAT", "choose_layers", "attention", "check_causal"]

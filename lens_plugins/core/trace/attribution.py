@@ -33,7 +33,7 @@ def attribution(model, target, distractor=None, position=-1, paths=None):
     spec = resolve(model, paths)
     dla.check_supported(spec)
     decoder = decoder_tensors(model, spec)
-    d_vocab = decoder["W_U"].shape[1]
+    d_vocab = decoder.d_vocab
     target_ids = request.token_set_ids(model.tokenizer, target, d_vocab)
     distractor_ids = [] if distractor is None else request.token_set_ids(model.tokenizer, distractor, d_vocab)
     try:

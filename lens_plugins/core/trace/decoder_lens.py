@@ -7,6 +7,7 @@ import torch
 
 from lens_plugins.core.architectures import decoder_tensors, get_path, layer_input, layer_output
 from lens_plugins.core.decoder_lens import decoder_lens_stats, encoder_decoder_spec
+from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.reductions import DEFAULT_LENS
 
@@ -17,7 +18,7 @@ def _replace_output(module, new):
     module.output = (new, *output[1:]) if isinstance(output, tuple) else new
 
 
-def decoder_lens(model, top_k=5, targets=(), token_sets=None, positions=None, reductions=DEFAULT_LENS,
+def decoder_lens(model, top_k=TOP_K, targets=(), token_sets=None, positions=None, reductions=DEFAULT_LENS,
                  vocab_chunk=None, token_chunk=None):
     """Run the DecoderLens in a trace over ``n_encoder_layers + 1`` identical copies of one example
     (``lp.nnsight.run_decoder_lens`` builds that batch); call it first in the body and label it afterwards

@@ -20,6 +20,7 @@ import torch
 
 from lens_plugins.core import pipeline, request
 from lens_plugins.core.architectures import decoder_tensors, resolve
+from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.reductions import DEFAULT_LENS
 from lens_plugins.core.trace.reader import plan, reader
@@ -31,7 +32,7 @@ def generation_lens(
     model,
     tracer,
     steps,
-    top_k=5,
+    top_k=TOP_K,
     targets=(),
     token_sets=None,
     reductions=DEFAULT_LENS,
@@ -59,7 +60,7 @@ def generation_lens(
     decoder = decoder_tensors(model, spec)
     every, chosen = plan(model, spec, layers, resid_mid, sublayers)
     # One decoded position per step: position 0 of the window [that position's token, the token chosen there].
-    req = request.build(model.tokenizer, decoder["W_U"].shape[1], 1, top_k, None, targets, token_sets, reductions)
+    req = request.build(model.tokenizer, decoder.d_vocab, 1, top_k, None, targets, token_sets, reductions)
     pipeline.check_rows(req, chosen, every)
     saved = nnsight.save({}) if into is None else into
     saved.update({"format": FORMAT, "steps": [], "labels": [row.label for row in chosen], "request": req})

@@ -8,6 +8,7 @@ the far side). Type checks and labelling stay on the caller's machine (``lens_pl
 
 from lens_plugins.core import pipeline, request
 from lens_plugins.core.architectures import decoder_tensors, resolve
+from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.reductions import DEFAULT_LENS
 from lens_plugins.core.trace.reader import model_input, out_of_order, plan, reader
 
@@ -17,7 +18,7 @@ DIFF_FORMAT = "lens_plugins.logit_diff/1"
 
 def logit_lens(
     model,
-    top_k=5,
+    top_k=TOP_K,
     targets=(),
     positions=None,
     token_sets=None,
@@ -45,7 +46,7 @@ def logit_lens(
     every, chosen = plan(model, spec, layers, resid_mid, sublayers)
     try:
         token_ids, mask = model_input(model)
-        req = request.build(model.tokenizer, decoder["W_U"].shape[1], token_ids.shape[1], top_k, positions,
+        req = request.build(model.tokenizer, decoder.d_vocab, token_ids.shape[1], top_k, positions,
                             targets, token_sets, reductions)
         pipeline.check_rows(req, chosen, every)
         stats = pipeline.logit_lens(reader(model, spec), chosen, req, decoder, token_ids.cpu(), mask.cpu(), lens,
@@ -71,7 +72,7 @@ def logit_diff(model, target, distractor, positions=None, layers=None, resid_mid
 
     spec = resolve(model, paths)
     decoder = decoder_tensors(model, spec)
-    d_vocab = decoder["W_U"].shape[1]
+    d_vocab = decoder.d_vocab
     target_ids = request.token_set_ids(model.tokenizer, target, d_vocab)
     distractor_ids = request.token_set_ids(model.tokenizer, distractor, d_vocab)
     _, chosen = plan(model, spec, layers, resid_mid, sublayers)

@@ -61,7 +61,7 @@ def patch_and_read(model, values, target_labels, position, reference, target_ids
     blocks = _write(model, spec, values, target_labels, position)
     final = reader(model, spec)([Row(len(blocks) - 1, "post")], [position])[0][:, 0]
     with torch.no_grad():
-        stats = lens_statistics(readout_stack(final.detach(), reference), **decoder_tensors(model, spec),
+        stats = lens_statistics(readout_stack(final.detach(), reference), decoder_tensors(model, spec),
                                 top_k=top_k, target_ids=target_ids, vocab_chunk=vocab_chunk,
                                 token_chunk=token_chunk, reductions=tuple(reductions))
     saved = {"format": FORMAT, "stats": {name: value.cpu() for name, value in stats.items()}}

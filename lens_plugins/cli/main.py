@@ -14,15 +14,15 @@ import argparse
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Optional
 
 from lens_plugins.core.errors import LensValueError
+from lens_plugins.files import atomic_write, check_file
 
 _POSITION = re.compile(r"-?\d+|-?\d*:-?\d*(:-?\d*)?")
 EXAMPLES = """examples:
   lens-plugins "The capital of France is" --targets " Paris"
-  lens-plugins "The capital of France is" --positions -2: --top-k 3 --html france.html
+  lens-plugins "The capital of France is" --positions -2: --top-k 3 --html france.html --force
   lens-plugins "def f(x):" --model ./my-hf-model --no-html --plain
   lens-plugins report "The capital of France is" -o report.html
   lens-plugins train-lens --out lenses/smollm2    (train a tuned lens: lens-plugins train-lens --help)
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     html = parser.add_mutually_exclusive_group()
     html.add_argument("--html", default="lens.html", metavar="FILE", help="HTML report to write (default lens.html; '' to skip)")
     html.add_argument("--no-html", dest="html", action="store_const", const="", help="write no HTML report")
+    parser.add_argument("--force", action="store_true", help="replace an existing HTML file (default: refuse)")
     parser.add_argument("--resid-mid", action="store_true", help="also decode each block's hook_resid_mid")
     parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table (automatic when not a terminal)")
     return parser
@@ -196,8 +197,8 @@ def run(args: argparse.Namespace, out) -> None:
 
     for metric in args.metric or ():
         check_metric(metric, args.targets)
-    if args.html and not Path(args.html).resolve().parent.is_dir():
-        raise LensValueError(f"cannot write {args.html}: directory {Path(args.html).resolve().parent} does not exist")
+    if args.html:
+        check_file(args.html, overwrite=args.force)  # before seconds of loading, not after
     model = load_model(args.model)
     positions = None
     if args.positions is not None:
@@ -210,7 +211,8 @@ def run(args: argparse.Namespace, out) -> None:
     )
     (print_plain if args.plain or not out.isatty() else print_rich)(result, out)
     if args.html:
-        html_report(result, args.html, metrics=args.metric, title=f"Logit lens: {args.prompt}")
+        with atomic_write(args.html) as staging:
+            html_report(result, staging, metrics=args.metric, title=f"Logit lens: {args.prompt}")
         print(f"heatmaps written to {args.html}", file=sys.stderr)
 
 
@@ -224,6 +226,7 @@ def build_report_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", default="report.html", metavar="FILE", help="HTML file to write (default report.html)")
     parser.add_argument("--model", metavar="PATH", help="a local Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="tokens listed per cell on hover (default 5)")
+    parser.add_argument("--force", action="store_true", help="replace an existing FILE (default: refuse)")
     return parser
 
 
@@ -232,12 +235,10 @@ def run_report(args: argparse.Namespace) -> None:
         raise LensValueError(f"the prompt is empty ({args.prompt!r}): give the model some text to predict from")
     if args.top_k < 2:
         raise LensValueError(f"--top-k must be at least 2 (the report compares the top-1 with the runner-up), got {args.top_k}")
-    target = Path(args.output).resolve()
-    if not target.parent.is_dir():
-        raise LensValueError(f"cannot write {args.output}: directory {target.parent} does not exist")
+    check_file(args.output, overwrite=args.force)  # before seconds of loading, not after
     from lens_plugins.methods.report import run_report as write
 
-    write(load_model(args.model), args.prompt, args.output, top_k=args.top_k)
+    write(load_model(args.model), args.prompt, args.output, top_k=args.top_k, overwrite=args.force)
     print(f"report written to {args.output}", file=sys.stderr)
 
 

@@ -81,15 +81,25 @@ class FutureLens(torch.nn.Module):
         index = self._index(rows)
         return self.weight[index].detach(), self.bias[index].detach()
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
+    def save(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> None:
         """Write the maps and what they are for (rows, ``n_ahead``) to ``path``; ``FutureLens.load`` reads it back
-        bit for bit."""
-        torch.save({"format": FORMAT, "labels": self.labels, "n_ahead": self.n_ahead,
-                    "weight": self.weight.detach().cpu(), "bias": self.bias.detach().cpu()}, path)
+        bit for bit. An existing file is replaced only with ``overwrite=True``, in one rename (an interrupted save
+        leaves the old file whole)."""
+        from lens_plugins.files import atomic_write, check_file
+
+        check_file(path, overwrite=overwrite)
+        with atomic_write(path) as staging:
+            torch.save({"format": FORMAT, "labels": self.labels, "n_ahead": self.n_ahead,
+                        "weight": self.weight.detach().cpu(), "bias": self.bias.detach().cpu()}, staging)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "FutureLens":
-        state = torch.load(path, weights_only=True)
+        """A lens ``save`` wrote; read as tensors and plain values only (``weights_only``): nothing in the file
+        runs."""
+        from lens_plugins.files import load_tensors
+
+        state = load_tensors(path, "a saved Future Lens holds tensors, lists and strings only (FutureLens.save "
+                                   "writes one)")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise LensValueError(f"{path} is not a saved Future Lens (FutureLens.save writes one)")
         lens = cls(state["weight"].shape[-1], state["labels"], state["n_ahead"])

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from lens_plugins.core.errors import LensFileNotFoundError, LensValueError
 from lens_plugins.core.rows import Row
+from lens_plugins.files import atomic_write, check_dir, load_tensors
 from lens_plugins.typecheck import typechecked
 
 CONFIG_FILE = "config.json"
@@ -158,12 +159,18 @@ class TunedLens(torch.nn.Module):
                         bias[r] = self.layer_translators[index].bias.float()
         return weight, bias
 
-    def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write ``config.json`` and ``params.pt`` (tuned-lens's layout) into the directory ``path``."""
-        path = Path(path)
+    def save(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``params.pt`` (tuned-lens's layout) into the directory ``path``.
+
+        A lens already there is replaced only with ``overwrite=True``, and a model's directory never (its own
+        ``config.json`` would be lost); each file is written beside its target and renamed into place, so an
+        interrupted save leaves whole files."""
+        path = check_dir(path, (CONFIG_FILE, PARAMS_FILE), overwrite=overwrite)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.layer_translators.state_dict(), path / PARAMS_FILE)
-        (path / CONFIG_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
+        with atomic_write(path / PARAMS_FILE) as staging:
+            torch.save(self.layer_translators.state_dict(), staging)
+        with atomic_write(path / CONFIG_FILE) as staging:
+            staging.write_text(json.dumps(self.config, indent=2) + "\n")
         return path
 
     @classmethod
@@ -182,7 +189,8 @@ class TunedLens(torch.nn.Module):
             raise LensValueError(f"{config_path} holds a {lens_type!r} lens; only 'linear_tuned_lens' is supported")
         config.setdefault("bias", True)
         lens = cls(**config)
-        state = torch.load(params_path, map_location="cpu", weights_only=True)
+        state = load_tensors(params_path, "a tuned lens's params.pt is a state dict of tensors only; if you trust "
+                                          "the file, load it yourself and torch.save its tensors")
         expected = set(lens.layer_translators.state_dict())
         if set(state) != expected:
             extra, absent = sorted(set(state) - expected), sorted(expected - set(state))

@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 from typing import Optional, Union
 
+from lens_plugins.files import atomic_write, check_file
 from lens_plugins.plot.figures import lens_heatmap, trajectory_figure, write_page
 from lens_plugins.tokens import display_token
 
@@ -35,8 +36,10 @@ def report_sections(lens, attribution=None, attention=None, batch: int = 0) -> l
 
 
 def write_report(path: Union[str, Path], lens, attribution=None, attention=None, batch: int = 0,
-                 title: str = "Logit lens report") -> Path:
-    """One self-contained HTML file (plotly.js inlined: it works offline) of the given results."""
+                 title: str = "Logit lens report", *, overwrite: bool = False) -> Path:
+    """One self-contained HTML file (plotly.js inlined: it works offline) of the given results. An existing file
+    is replaced only with ``overwrite=True``, in one rename (an interrupted write leaves the old file whole)."""
+    check_file(path, overwrite=overwrite)
     sections = report_sections(lens, attribution, attention, batch)
     prompt = "".join(lens.str_tokens(batch))
     final = lens.top_tokens(lens.positions[-1], batch)[lens.labels[-1]]
@@ -46,13 +49,19 @@ def write_report(path: Union[str, Path], lens, attribution=None, attention=None,
              f"<p>At the last position the model predicts <code>{html.escape(repr(final[0][0]))}</code> "
              f"(p = {final[0][1]:.3f}){runner}. Rows run from the embeddings ({html.escape(lens.labels[0])}) to the "
              f"model's output ({html.escape(lens.labels[-1])}).</p>")
-    return write_page(path, title, intro, sections)
+    with atomic_write(path) as staging:
+        write_page(staging, title, intro, sections)
+    return Path(path)
 
 
-def run_report(model, prompt: str, path: Union[str, Path], top_k: int = 5, title: Optional[str] = None) -> Path:
+def run_report(model, prompt: str, path: Union[str, Path], top_k: int = 5, title: Optional[str] = None, *,
+               overwrite: bool = False) -> Path:
     """Run a TransformerLens model once on ``prompt``, caching what the lens, the attribution and the
     attention views read, and write the report; the attribution explains the final top-1 against the
-    runner-up at the last position."""
+    runner-up at the last position. ``path`` is checked (and an existing file refused without ``overwrite``)
+    before the model runs."""
+    check_file(path, overwrite=overwrite)  # before the model runs, not after
+
     import torch
 
     from lens_plugins import transformer_lens as tl  # the report drives a backend: imported when it runs
@@ -65,6 +74,6 @@ def run_report(model, prompt: str, path: Union[str, Path], top_k: int = 5, title
     lens = tl.logit_lens(cache, tokens=tokens, top_k=top_k, targets=[best, runner])
     dla = tl.attribution(cache, best, runner, position=-1)
     patterns = tl.attention(cache, tokens)
-    return write_report(path, lens, dla, patterns, title=title or f"Logit lens report: {prompt}")
+    return write_report(path, lens, dla, patterns, title=title or f"Logit lens report: {prompt}", overwrite=overwrite)
 
 __all__ = ["report_sections", "write_report", "run_report"]

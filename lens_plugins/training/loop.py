@@ -10,7 +10,11 @@ reference package's ``train`` script): SGD with Nesterov momentum 0.9 at learnin
 Determinism and resuming: the batch of step ``s`` is a function of ``(seed, s)`` alone (each epoch is a
 permutation drawn from a generator seeded with ``seed`` and the epoch), and a checkpoint holds the module,
 the optimizer's momentum, the schedule, the step and the history, so a run stopped at any checkpoint and
-resumed gives the module, bit for bit, that an uninterrupted run gives.
+resumed gives the module, bit for bit, that an uninterrupted run gives. With a checkpoint directory the state
+is saved every ``CHECKPOINT_EVERY`` steps by default, at the end, and when Ctrl-C or SIGTERM stops the run (then
+the interrupt goes on as it came); it holds tensors and plain containers only and is read with
+``weights_only=True`` (``lens_plugins.files.load_tensors``), so a checkpoint directory from elsewhere cannot run
+code.
 
 Text sources (``load_texts``): a list of strings, a ``.txt`` file (documents separated by blank lines), a
 ``.jsonl`` file (one object per line, its ``"text"`` field), or ``None`` for the built-in offline corpus: the
@@ -21,8 +25,11 @@ characters, 110,000 SmolLM2 tokens; nothing downloaded).
 import json
 import math
 import os
-import tempfile
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -31,9 +38,13 @@ import torch
 from torch import Tensor
 
 from lens_plugins.core.errors import LensFileNotFoundError, LensFloatingPointError, LensTypeError, LensValueError
+from lens_plugins.files import atomic_write, check_dir, load_tensors
 
 TextSource = Union[None, str, os.PathLike, Sequence[str]]
 STATE_FILE = "train_state.pt"
+CHECKPOINT_EVERY = 25
+"""Default steps between checkpoints: a hard kill (out of memory, a lost node) costs at most this many steps;
+Ctrl-C and SIGTERM cost none (the state is saved on the way out)."""
 
 
 def builtin_corpus() -> list[str]:
@@ -127,8 +138,9 @@ class TrainConfig:
     accumulate: int = 1
     """Micro-batches per optimiser step: tokens per step = accumulate x batch_size x seq_len."""
     seed: int = 0
-    checkpoint_every: int = 0
-    """Save a resumable checkpoint every this many steps (0: only at the end) when a checkpoint dir is given."""
+    checkpoint_every: int = CHECKPOINT_EVERY
+    """Save a resumable checkpoint every this many steps when a checkpoint dir is given (0: only at the end and
+    on an interrupt). It does not change the result, so a run may resume with another value."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate"):
@@ -174,6 +186,46 @@ def batch_indices(n_items: int, step: int, micro: int, config: TrainConfig) -> T
 LossOutput = Union[Tensor, Iterable[tuple[str, Tensor]]]
 
 
+class _Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM while ``fit`` runs arrive as ``KeyboardInterrupt``, at once, except inside an
+    optimiser update (``optimizer.step``, ``schedule.step``, the history entry): there they wait for the update
+    to finish, so the checkpoint saved on the way out holds a module, momentum and schedule of the same step.
+    ``signal`` records which one came. Handlers can be installed only from the main thread; elsewhere a
+    ``KeyboardInterrupt`` is still caught and checkpointed, just not deferred."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._updating = self._pending = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        if self._updating:
+            self._pending = True
+        else:
+            signal.default_int_handler(signum, frame)  # Python's own Ctrl-C: raises KeyboardInterrupt
+
+    @contextmanager
+    def update(self):
+        self._updating = True
+        try:
+            yield
+        finally:
+            self._updating = False
+        if self._pending:
+            signal.default_int_handler(self.signal, None)  # the interrupt held back, delivered now
+
+
 def fit(
     module: torch.nn.Module,
     data: Tensor,
@@ -189,9 +241,11 @@ def fit(
     ``loss_fn(module, batch)`` gets ``data[indices]`` and returns a scalar loss, or an iterable of
     ``(name, scalar loss)`` pairs: each pair is back-propagated as soon as it is produced (so a per-layer loss
     frees its graph before the next layer's is built) and logged under its name; the step minimises their sum.
-    With ``checkpoint`` (a directory), the state is saved there every ``config.checkpoint_every`` steps and at
-    the end, and a run finding a state there resumes from it. Returns the history: one dict per step with
-    ``step``, ``loss`` (the sum), ``lr`` and each named loss, averaged over the step's micro-batches.
+    With ``checkpoint`` (a directory), the state is saved there every ``config.checkpoint_every`` steps, at
+    the end and on Ctrl-C or SIGTERM (then the interrupt is re-raised; SIGTERM goes to the handler it had
+    before), the directory is printed to stderr when training starts and when it is interrupted, and a run
+    finding a state there resumes from it. Returns the history: one dict per step with ``step``, ``loss`` (the
+    sum), ``lr`` and each named loss, averaged over the step's micro-batches.
     """
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -202,50 +256,68 @@ def fit(
     schedule = make_schedule(optimizer, config)
     history: list[dict] = []
     start = 0
-    state_path = Path(checkpoint) / STATE_FILE if checkpoint is not None else None
+    state_path = check_dir(checkpoint, overwrite=True) / STATE_FILE if checkpoint is not None else None
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["config"] != asdict(config):
-            changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k) != v)
+        state = load_tensors(state_path, f"delete {state_path} (or its directory) to train from the start")
+        recipe = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
+        if {k: v for k, v in state["config"].items() if k != "checkpoint_every"} != recipe:
+            changed = sorted(k for k, v in recipe.items() if state["config"].get(k) != v)
             raise LensValueError(f"the checkpoint at {state_path} was trained with another configuration ({changed} "
                              "differ): resume with the same settings, or use a fresh checkpoint directory")
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start, history = state["step"], state["history"]
+    if state_path is not None:
+        print(f"{description}: checkpoint in {state_path.parent} ("
+              + (f"step {start} of {config.steps} restored; " if start else "")
+              + (f"every {config.checkpoint_every} steps, " if config.checkpoint_every else "")
+              + "at the end and on Ctrl-C); run the same call again to resume", file=sys.stderr)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=description, unit="step")
+    interrupts = _Interrupts()
     try:
-        for step in range(start, config.steps):
-            optimizer.zero_grad(set_to_none=True)
-            record: dict[str, float] = {}
-            for micro in range(config.accumulate):
-                batch = data[batch_indices(len(data), step, micro, config)]
-                output = loss_fn(module, batch)
-                pairs = [("loss", output)] if isinstance(output, Tensor) else output
-                for name, loss in pairs:
-                    (loss / config.accumulate).backward()
-                    record[name] = record.get(name, 0.0) + float(loss.detach()) / config.accumulate
-            if config.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
-            entry = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"]}
-            entry["loss"] = record["loss"] if list(record) == ["loss"] else sum(record.values())
-            entry.update({k: v for k, v in record.items() if k != "loss"})
-            if not math.isfinite(entry["loss"]):
-                raise LensFloatingPointError(f"the training loss became {entry['loss']} at step {step + 1}: lower lr, or "
-                                         "check the data")
-            optimizer.step()
-            schedule.step()
-            history.append(entry)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}")
-            done = step + 1 == config.steps
-            if state_path is not None and (done or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
-                save_state(state_path, module, optimizer, schedule, step + 1, history, config)
+        with interrupts:
+            for step in range(start, config.steps):
+                optimizer.zero_grad(set_to_none=True)
+                record: dict[str, float] = {}
+                for micro in range(config.accumulate):
+                    batch = data[batch_indices(len(data), step, micro, config)]
+                    output = loss_fn(module, batch)
+                    pairs = [("loss", output)] if isinstance(output, Tensor) else output
+                    for name, loss in pairs:
+                        (loss / config.accumulate).backward()
+                        record[name] = record.get(name, 0.0) + float(loss.detach()) / config.accumulate
+                if config.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+                entry = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"]}
+                entry["loss"] = record["loss"] if list(record) == ["loss"] else sum(record.values())
+                entry.update({k: v for k, v in record.items() if k != "loss"})
+                if not math.isfinite(entry["loss"]):
+                    raise LensFloatingPointError(f"the training loss became {entry['loss']} at step {step + 1}: lower "
+                                                 "lr, or check the data")
+                with interrupts.update():
+                    optimizer.step()
+                    schedule.step()
+                    history.append(entry)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}")
+                done = step + 1 == config.steps
+                if state_path is not None and (done or (config.checkpoint_every
+                                                        and (step + 1) % config.checkpoint_every == 0)):
+                    save_state(state_path, module, optimizer, schedule, step + 1, history, config)
+    except KeyboardInterrupt:
+        if state_path is not None:  # every update is whole (see _Interrupts): the state is that of step len(history)
+            save_state(state_path, module, optimizer, schedule, len(history), history, config)
+            print(f"{description}: interrupted after step {len(history)} of {config.steps}; state saved in "
+                  f"{state_path.parent}: run the same call again to resume", file=sys.stderr)
+        if interrupts.signal == signal.SIGTERM:
+            signal.raise_signal(signal.SIGTERM)  # to the handler it had before (by default: terminate)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -253,18 +325,13 @@ def fit(
 
 
 def save_state(path: Path, module, optimizer, schedule, step: int, history: list, config: TrainConfig) -> None:
-    """Write the resumable state atomically (a crash mid-write leaves the previous checkpoint intact)."""
+    """Write the resumable state atomically (a crash mid-write leaves the previous checkpoint intact), as tensors
+    and plain containers only: what ``load_tensors`` (``weights_only=True``) reads back."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"module": module.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
              "step": step, "history": history, "config": asdict(config)}
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix="train_state-", suffix=".partial")
-    os.close(handle)
-    try:
+    with atomic_write(path) as staging:
         torch.save(state, staging)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
 
-__all__ = ["TextSource", "STATE_FILE", "builtin_corpus", "load_texts", "token_blocks", "split_heldout",
+__all__ = ["TextSource", "STATE_FILE", "CHECKPOINT_EVERY", "builtin_corpus", "load_texts", "token_blocks", "split_heldout",
     "TrainConfig", "make_optimizer", "make_schedule", "batch_indices", "LossOutput", "fit", "save_state"]

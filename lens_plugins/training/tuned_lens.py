@@ -17,6 +17,7 @@ from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_stack, 
 from lens_plugins.core import vocab_loss
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.readout import DecoderTensors
+from lens_plugins.files import check_dir
 from lens_plugins.lenses.tuned import TunedLens
 from lens_plugins.training import loop as train
 
@@ -115,7 +116,7 @@ def train_tuned_lens(
     init: Literal["zero", "shortcut"] = "zero",
     shortcut_blocks: int = 32,
     checkpoint: Optional[str] = None,
-    checkpoint_every: int = 0,
+    checkpoint_every: int = train.CHECKPOINT_EVERY,
     progress: bool = False,
     vocab_chunk: int = 4096,
     token_chunk: int = 1024,
@@ -128,7 +129,8 @@ def train_tuned_lens(
     The text is cut into ``seq_len``-token blocks and a seeded ``heldout`` fraction is set aside (returned as
     ``lens.heldout_blocks``, for ``evaluate_lenses``); each step trains on ``accumulate x batch_size`` blocks.
     The defaults are tuned-lens's recipe (``lens_plugins.training.loop``). ``checkpoint`` (a directory) makes the run
-    resumable: rerun the same call after an interruption and it continues where it stopped. The same seed
+    resumable: the state is saved there every ``checkpoint_every`` steps, at the end and on Ctrl-C or SIGTERM;
+    rerun the same call after an interruption and it continues where it stopped. The same seed
     gives the same lens. ``lens.history`` holds every step's per-row losses. ``matmul_dtype=torch.bfloat16``
     runs the vocabulary matmuls of the loss in bfloat16 (as tuned-lens's autocast does; about 3x faster on a
     CPU with bfloat16 units), everything else in float32. ``init="shortcut"`` starts the translators at the
@@ -138,6 +140,8 @@ def train_tuned_lens(
     """
     if loss not in ("kl", "ce"):
         raise LensValueError(f"loss must be 'kl' (to the final layer, the paper's) or 'ce' (to the next token), got {loss!r}")
+    if checkpoint is not None:
+        check_dir(checkpoint, overwrite=True)  # before tokenising and the shortcut start, not after
     hf = hf_model(model)
     config = train.TrainConfig(steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                clip_grad_norm=clip_grad_norm, warmup_steps=warmup_steps, batch_size=batch_size,

@@ -60,7 +60,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser: .browser-installed
 
 demo: venv
-	$(VENV)/bin/lens-plugins "$(PROMPT)" --html lens.html
+	$(VENV)/bin/lens-plugins "$(PROMPT)" --html lens.html --force
 
 # Runs every suite whatever happened to the ones before (pytest prints each suite's summary), then says
 # which failed and exits non-zero if any did.

@@ -254,6 +254,22 @@ def test_reports_refuse_to_overwrite_unless_asked(tmp_path):
     assert "plotly" in path.read_text() and [p.name for p in tmp_path.iterdir()] == ["report.html"]
 
 
+def test_html_report_and_to_html_refuse_to_overwrite_unless_asked(tmp_path):
+    from lens_plugins.plot.figures import html_report
+
+    result = lens_result()
+    for name, write in [("lens.html", lambda path, **kw: html_report(result, path, **kw)),
+                        ("prob.html", lambda path, **kw: result.to_html(str(path), **kw))]:
+        path = tmp_path / name
+        path.write_text("keep me")
+        with pytest.raises(lp.LensError, match=rf"{name} already exists: pass overwrite=True"):
+            write(path)
+        assert path.read_text() == "keep me"
+        write(path, overwrite=True)
+        assert "plotly" in path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lens.html", "prob.html"]  # no staging file left
+
+
 @pytest.mark.parametrize("argv, name", [
     (["a prompt"], "lens.html"),
     (["a prompt", "--html", "mine.html"], "mine.html"),

@@ -118,7 +118,7 @@ print(last[["row", "top1", "top1_prob", "entropy", "kl_final_row", "rank[ Paris]
 fig = result.plot("prob")
 fig.show()
 fig.write_html("01_logit_lens.html", include_plotlyjs=True)
-report = html_report(result, "01_logit_lens_report.html")
+report = html_report(result, "01_logit_lens_report.html", overwrite=True)
 print("wrote 01_logit_lens.html and", report)
 
 # %% [markdown]

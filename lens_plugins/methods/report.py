@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 from typing import Optional, Union
 
+from lens_plugins.core.defaults import TOP_K
 from lens_plugins.files import atomic_write, check_file
 from lens_plugins.plot.figures import lens_heatmap, trajectory_figure, write_page
 from lens_plugins.tokens import display_token
@@ -54,7 +55,7 @@ def write_report(path: Union[str, Path], lens, attribution=None, attention=None,
     return Path(path)
 
 
-def run_report(model, prompt: str, path: Union[str, Path], top_k: int = 5, title: Optional[str] = None, *,
+def run_report(model, prompt: str, path: Union[str, Path], top_k: int = TOP_K, title: Optional[str] = None, *,
                overwrite: bool = False) -> Path:
     """Run a TransformerLens model once on ``prompt``, caching what the lens, the attribution and the
     attention views read, and write the report; the attribution explains the final top-1 against the

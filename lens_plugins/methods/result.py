@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lens_plugins.core.errors import LensIndexError, LensKeyError, LensValueError
 from lens_plugins.core.reductions import FIELD_REDUCTION, METRICS
+from lens_plugins.files import atomic_write, check_file
 from lens_plugins.typecheck import typechecked
 
 RowFloat = Float[Tensor, "row batch pos"]
@@ -235,8 +236,12 @@ class LensResult:
 
         return lens_heatmap(self, metric=metric, batch=batch)
 
-    def to_html(self, path: str, metric: str = "prob", batch: int = 0) -> None:
-        self.plot(metric, batch).write_html(path, include_plotlyjs=True)
+    def to_html(self, path: str, metric: str = "prob", batch: int = 0, *, overwrite: bool = False) -> None:
+        """One metric's heatmap as a self-contained HTML file; an existing file is refused unless ``overwrite``."""
+        check_file(path, overwrite=overwrite)
+        figure = self.plot(metric, batch)
+        with atomic_write(path) as staging:
+            figure.write_html(staging, include_plotlyjs=True)
 
     def table(self, batch: int = 0, max_positions: Optional[int] = None) -> list[list[str]]:
         """Rows x positions of ``"top1 (prob)"`` strings, the text form of the heatmap."""

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lens_plugins.core.errors import LensIndexError, LensValueError
 from lens_plugins.core.reductions import METRIC_STYLES
+from lens_plugins.files import atomic_write, check_file
 from lens_plugins.methods.result import METRICS, LensResult
 from lens_plugins.tokens import display_token, visible_text
 
@@ -485,12 +486,16 @@ def html_report(
     metrics: Optional[Sequence[str]] = None,
     batch: int = 0,
     title: str = "Logit lens",
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write one self-contained HTML file with a heatmap per metric, stacked, and return its path.
 
     ``metrics`` defaults to ``DEFAULT_REPORT_METRICS`` plus the rank of each target. plotly.js is inlined
-    once (about 4.5 MB) so the file opens offline and can be copied off a cluster as is.
+    once (about 4.5 MB) so the file opens offline and can be copied off a cluster as is. An existing file is
+    refused unless ``overwrite=True``; the file is written atomically (``lens_plugins.files``).
     """
+    check_file(path, overwrite=overwrite)
     if metrics is None:
         metrics = list(DEFAULT_REPORT_METRICS) + [f"rank[{name}]" for name in result.target_names]
     if isinstance(metrics, str):
@@ -503,7 +508,9 @@ def html_report(
     intro = (f"<p>Prompt: <code>{html.escape(prompt)}</code></p>\n<p>Rows {html.escape(result.labels[0])} (bottom) .. "
              f"{html.escape(result.labels[-1])} (top); at the last decoded position the model predicts "
              f"<code>{html.escape(repr(final[0]))}</code> with p = {final[1]:.3f}.</p>")
-    return write_page(path, title, intro, list(zip(metrics, figures)))
+    with atomic_write(path) as staging:
+        write_page(staging, title, intro, list(zip(metrics, figures)))
+    return Path(path)
 
 
 def write_page(path: Union[str, Path], title: str, intro: str, sections: Sequence[tuple[str, go.Figure]]) -> Path:

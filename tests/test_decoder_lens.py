@@ -14,6 +14,10 @@ N_ENCODER = 3
 CONFIGS = {
     "t5": ("T5Config", dict(d_model=32, d_kv=8, d_ff=64, num_layers=N_ENCODER, num_decoder_layers=2, num_heads=4,
                             decoder_start_token_id=0)),
+    # T5 v1.1 / FLAN-T5: untied lm_head, gated-gelu, and no d_model ** -0.5 rescale (transformers 5 keys it on
+    # config.scale_decoder_outputs and forces tie_word_embeddings = True)
+    "t5v1_1": ("T5Config", dict(d_model=32, d_kv=8, d_ff=64, num_layers=N_ENCODER, num_decoder_layers=2, num_heads=4,
+                                decoder_start_token_id=0, tie_word_embeddings=False, feed_forward_proj="gated-gelu")),
     "bart": ("BartConfig", dict(d_model=32, encoder_layers=N_ENCODER, decoder_layers=N_ENCODER,  # TL 4.3 needs BART symmetric
                                 encoder_attention_heads=4,
                                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
@@ -112,3 +116,22 @@ def test_a_batch_or_an_empty_example_is_refused_on_both_backends(smollm2_tokeniz
             run(model, ENCODER_IDS, DECODER_IDS[:, :0])
         with pytest.raises(ValueError, match="input_ids is empty"):
             run(model, " ", DECODER_IDS)
+
+
+def test_a_misread_decoder_is_refused_on_every_call(smollm2_tokenizer, monkeypatch):
+    """The last copy is the model's own forward pass, so the decoder is checked against the model's own logits
+    on every call: the T5 v1.1 rescale read from the wrong config field (as before this check) is refused on
+    both backends instead of returning log-probs that are wrong by a factor of sqrt(d_model)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from lens_plugins.core import architectures
+
+    wrong = dict(architectures.ENCODER_DECODER["t5"], logit_scale_attr="tie_word_embeddings")
+    monkeypatch.setitem(architectures.ENCODER_DECODER, "t5", wrong)
+    model = lpn.wrap_model(tiny_seq2seq("t5v1_1"), smollm2_tokenizer)
+    with pytest.raises(RuntimeError, match="does not reproduce its own logits"):
+        lpn.run_decoder_lens(model, ENCODER_IDS, DECODER_IDS)
+    bridge = TransformerBridge.boot_transformers("tiny-t5v1_1", hf_model=tiny_seq2seq("t5v1_1"),
+                                                 tokenizer=smollm2_tokenizer).eval()
+    with pytest.raises(RuntimeError, match="does not reproduce its own logits"):
+        tl_adapter.run_decoder_lens(bridge, ENCODER_IDS, DECODER_IDS)

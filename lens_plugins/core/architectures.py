@@ -84,13 +84,17 @@ ARCHITECTURES = {
 
 # Encoder-decoder families, for the DecoderLens (``core.decoder_lens``): ``encoder_layers`` are read,
 # ``layers`` / ``final_norm`` / ``lm_head`` are the decoder's lens. T5 scales the decoder output by
-# ``d_model ** -0.5`` before a tied ``lm_head`` (``logit_scale_attr``: the config flag that says so; folded
-# into ``W_U``); BART adds a ``final_logits_bias`` buffer (``logits_bias``, folded into ``b_U``) and has no
-# final decoder norm. Kept apart from ``ARCHITECTURES``, whose entries are causal LMs.
+# ``d_model ** -0.5`` before ``lm_head`` when the config says so (folded into ``W_U``). ``logit_scale_attr``
+# names the config field the model's own forward reads, newest first: transformers 5 reads
+# ``scale_decoder_outputs`` (and forces ``tie_word_embeddings = True`` even for the untied T5 v1.1 / FLAN-T5,
+# which must not be scaled), transformers 4 read ``tie_word_embeddings``. (mT5 and UMT5 are not in the table:
+# their last DecoderLens row does not reproduce the model's own output yet.)
+# BART adds a ``final_logits_bias`` buffer (``logits_bias``, folded into ``b_U``) and has no final decoder
+# norm. Kept apart from ``ARCHITECTURES``, whose entries are causal LMs.
 ENCODER_DECODER = {
     "t5": {
         "encoder_layers": "encoder.block", "layers": "decoder.block", "final_norm": "decoder.final_layer_norm",
-        "lm_head": "lm_head", "embed": "shared", "logit_scale_attr": "tie_word_embeddings",
+        "lm_head": "lm_head", "embed": "shared", "logit_scale_attr": ("scale_decoder_outputs", "tie_word_embeddings"),
     },
     "bart": {
         "encoder_layers": "model.encoder.layers", "layers": "model.decoder.layers", "final_norm": "",
@@ -214,7 +218,7 @@ def decoder_tensors(model, spec):
             b_U = project.bias @ W_U + (0 if b_U is None else b_U)
         W_U = project.weight.T @ W_U
     config = getattr(model, "config", None)
-    if spec.get("logit_scale_attr") and getattr(config, spec["logit_scale_attr"], False):
+    if scales_decoder_output(config, spec.get("logit_scale_attr")):
         W_U = W_U * config.d_model ** -0.5
     if spec.get("logits_bias"):
         extra = getattr(model, spec["logits_bias"]).reshape(-1)
@@ -225,6 +229,17 @@ def decoder_tensors(model, spec):
     softcap = getattr(getattr(model, "config", None), spec["softcap_attr"], None) if spec.get("softcap_attr") else None
     return DecoderTensors(norm_kind=kind, W_U=W_U, norm_weight=weight, norm_bias=bias, norm_eps=eps, b_U=b_U,
                           softcap=float(softcap) if softcap else None)
+
+
+def scales_decoder_output(config, names):
+    """Whether the model's forward multiplies the decoder's output by ``d_model ** -0.5``: the first of
+    ``names`` (a field name or several, newest transformers first) that ``config`` has, as the forward reads it."""
+    if not names:
+        return False
+    for name in (names,) if isinstance(names, str) else names:
+        if hasattr(config, name):
+            return bool(getattr(config, name))
+    return False
 
 
 def is_parallel(model, spec):
@@ -246,5 +261,6 @@ def layer_input(inputs):
     return args[0] if args else kwargs["hidden_states"]
 
 __all__ = ["ARCHITECTURES", "ENCODER_DECODER", "ROLES", "model_type", "PATH_ROLES", "resolve", "get_path",
-    "component", "ONE_PLUS_WEIGHT_NORMS", "norm_params", "decoder_tensors", "is_parallel", "layer_output",
+    "component", "ONE_PLUS_WEIGHT_NORMS", "norm_params", "decoder_tensors", "scales_decoder_output", "is_parallel",
+    "layer_output",
     "layer_input"]

@@ -21,7 +21,7 @@ import torch
 from lens_plugins.core import pipeline, request
 from lens_plugins.core import rows as row_plan
 from lens_plugins.core.architectures import ENCODER_DECODER, model_type
-from lens_plugins.core.errors import LensValueError
+from lens_plugins.core.errors import LensRuntimeError, LensValueError
 
 FORMAT = "lens_plugins.decoder_lens/2"
 
@@ -49,15 +49,36 @@ def one_example(tokenizer, value, name):
     return value.long()
 
 
+def check_own_output(final_resid, decoder, own_logits):
+    """Refuse a decoder that does not reproduce the model's own logits on the last copy (the model's own
+    forward pass): ``final_resid [decoder tokens, d_model]`` decoded here against ``own_logits [decoder tokens,
+    vocab]`` from ``lm_head``. A family quirk read wrongly (a rescale, a bias, a soft-cap) changes every
+    log-prob while keeping most top ids, so it is checked on every call, not only in tests. The tolerance
+    (1% of the logits' range, plus 1e-3) is far above float rounding in the model's dtype and far below what a
+    missed quirk does (T5's ``d_model ** -0.5`` changes logits by a factor of 16 or more)."""
+    ours = decoder.unembed(decoder.normalize(final_resid.to(decoder.W_U.device))).float()
+    own = own_logits.to(ours.device).float()
+    gap = float((ours - own).abs().max())
+    if gap > 0.01 * float(own.abs().max()) + 1e-3:
+        raise LensRuntimeError(
+            f"the decoder lens_plugins read from this model does not reproduce its own logits (largest gap {gap:.3g} "
+            f"on logits up to {float(own.abs().max()):.3g}): a quirk of this family (an output rescale, a logits "
+            "bias, a soft-cap) is read wrongly, so every row would be wrong. Please report it with the model's "
+            "config; lens_plugins.core.architectures.ENCODER_DECODER holds the family's entry")
+
+
 def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers, top_k, targets, token_sets,
-                       positions, reductions, vocab_chunk=None, token_chunk=None):
+                       positions, reductions, vocab_chunk=None, token_chunk=None, own_logits=None):
     """The saved DecoderLens of the decoder's last residual ``resid [encoder rows, decoder tokens, d_model]``
     (copy ``i`` ran on encoder row ``i``) and the example's ``decoder_ids [1, decoder tokens]``: a plain
-    dict in the saved-lens layout (``stats``, ``labels``, ``request``, ``token_ids``, ``attention_mask``)."""
+    dict in the saved-lens layout (``stats``, ``labels``, ``request``, ``token_ids``, ``attention_mask``).
+    ``own_logits`` (the model's logits on the last copy) are checked against the decoder (``check_own_output``)."""
     rows = row_plan.plan(n_encoder_layers)
     if resid.shape[0] != len(rows):
         raise LensValueError(f"the DecoderLens runs {len(rows)} copies of one example (one per encoder row), got a "
                          f"batch of {resid.shape[0]}; use run_decoder_lens, or repeat the example")
+    if own_logits is not None:
+        check_own_output(resid[-1], decoder, own_logits)
     token_ids = decoder_ids[:1].cpu().long()
     mask = torch.ones_like(token_ids)
     req = request.build(tokenizer, decoder.d_vocab, token_ids.shape[1], top_k, positions, targets,
@@ -74,4 +95,4 @@ def decoder_lens_stats(resid, decoder, tokenizer, decoder_ids, n_encoder_layers,
         "attention_mask": mask,
     }
 
-__all__ = ["FORMAT", "encoder_decoder_spec", "one_example", "decoder_lens_stats"]
+__all__ = ["FORMAT", "encoder_decoder_spec", "one_example", "check_own_output", "decoder_lens_stats"]

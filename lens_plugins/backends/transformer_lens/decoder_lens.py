@@ -58,12 +58,12 @@ def run_decoder_lens(
     hooks = [(f"encoder_blocks.{i}.hook_in", record) for i in range(n)]
     hooks += [(f"encoder_blocks.{n - 1}.hook_out", replace), (f"decoder_blocks.{n_dec - 1}.hook_out", read)]
     with eval_mode(model), torch.no_grad():
-        model.run_with_hooks(input_ids.repeat(n + 1, 1), decoder_input=decoder_input_ids.repeat(n + 1, 1),
-                             fwd_hooks=hooks)
+        logits = model.run_with_hooks(input_ids.repeat(n + 1, 1), decoder_input=decoder_input_ids.repeat(n + 1, 1),
+                                      fwd_hooks=hooks)
     decoder = decoder_tensors(_Unwrapped(hf), spec).detached()
     with torch.no_grad():
         lens = decoder_lens_stats(captured["resid"], decoder, model.tokenizer, decoder_input_ids, n, top_k,
-                                  list(targets), token_sets, positions, tuple(reductions))
+                                  list(targets), token_sets, positions, tuple(reductions), own_logits=logits[n])
     return assemble(lens["stats"], LensRequest.from_dict(lens["request"]), lens["labels"], lens["token_ids"],
                     model.tokenizer, lens["attention_mask"])
 

@@ -41,9 +41,11 @@ def decoder_lens(model, top_k=TOP_K, targets=(), token_sets=None, positions=None
     rows.append(layer_output(encoder[n - 1].output))
     _replace_output(encoder[n - 1], torch.stack([row[i] for i, row in enumerate(rows)]))
     resid = layer_output(blocks[len(blocks) - 1].output)  # [encoder rows, decoder tokens, d_model]
+    own_logits = model.output.logits[n]  # the last copy's logits as the model returns them (BART's bias added)
     with torch.no_grad():
         saved = decoder_lens_stats(resid, decoder_tensors(model, spec), model.tokenizer, decoder_ids, n, top_k,
-                                   targets, token_sets, positions, reductions, vocab_chunk, token_chunk)
+                                   targets, token_sets, positions, reductions, vocab_chunk, token_chunk,
+                                   own_logits=own_logits.detach())
     return nnsight.save(saved)
 
 __all__ = ["decoder_lens"]

@@ -14,16 +14,18 @@ Two choices of ours, both documented in the README:
   the mature layer itself (every plausible score is 0), so a candidate set of just the final layer is
   greedy decoding, instead of "the lowest token id among the plausible ones".
 - ``premature_norm=True`` (default) decodes premature layers through the final norm, as the logit lens
-  does; ``False`` skips it, as transformers 4.x ``generate(dola_layers=...)`` did (it applied ``lm_head``
-  to raw hidden states), for a like-for-like comparison.
+  does, and picks the layer by the true JS divergence; ``False`` is transformers 4.x's
+  ``generate(dola_layers=...)`` step for step (``lm_head`` on raw hidden states, its own layer criterion,
+  ``transformers_criterion``, and a plain argmax), for a like-for-like comparison.
 
 Layers are Hugging Face ``output_hidden_states`` indices: 0 is the embeddings, ``i`` the input of block
 ``i``, ``n_layers`` the final residual (``rows`` maps them to ``Row``s). Like every module of
 ``lens_plugins.core`` this imports only torch and core, carries no decorators and takes everything as
-arguments. The in-trace loop over a ``model.generate`` is ``core.dola_trace``.
+arguments. The in-trace loop over a ``model.generate`` is ``core.trace.dola``.
 """
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -101,38 +103,60 @@ def pick(scores, mature_logprobs):
     return int(torch.where(tied, mature_logprobs, torch.full_like(mature_logprobs, float("-inf"))).argmax())
 
 
+def transformers_criterion(mature_logits, premature_logits):
+    """transformers 4.x's layer criterion ``[C]``, reproduced operation for operation (``_dola_select_contrast``):
+    with ``m = (p_mature + p_premature) / 2``, ``0.5 * (kl_div(log p_mature, m) + kl_div(log p_premature, m))``
+    averaged over the vocabulary. ``kl_div(log p, m)`` is KL(m || p), so this is not the Jensen-Shannon
+    divergence (which is bounded by ln 2 and, on raw residuals, sits at ln 2 for every candidate to within 1e-7,
+    leaving the choice to float rounding); it keeps growing, so the layer it picks is well defined."""
+    functional = torch.nn.functional
+    mature = mature_logits.float()[None, None]  # [1, batch 1, vocab], as transformers stacks it
+    premature = premature_logits.float()[:, None]  # [C, batch 1, vocab]
+    average = 0.5 * (functional.softmax(mature, dim=-1) + functional.softmax(premature, dim=-1))
+    kl_mature = functional.kl_div(functional.log_softmax(mature, dim=-1), average, reduction="none").mean(-1)
+    kl_premature = functional.kl_div(functional.log_softmax(premature, dim=-1), average, reduction="none").mean(-1)
+    return (0.5 * (kl_mature + kl_premature)).mean(-1)
+
+
 def dola_step(candidates, mature, layers, n_layers, decoder, alpha, seen_ids, repetition_penalty, premature_norm):
     """One DoLa step at one position.
 
     ``candidates [C, d_model]`` are the residuals at hidden-state indices ``layers`` and ``mature [d_model]``
     the final residual (before the final norm); ``decoder`` is a ``readout.DecoderTensors``. Returns the
     chosen ``token``, the premature ``layer`` (a hidden-state index), the candidates' ``js`` divergences
-    ``[C]`` from the mature distribution and the step's ``scores [vocab]`` (after any penalty).
+    ``[C]`` from the mature distribution (the criterion the layer was chosen by: the true Jensen-Shannon
+    divergence, or transformers' with ``premature_norm=False``) and the step's ``scores [vocab]`` (after any
+    penalty).
+
+    ``premature_norm=False`` is transformers 4.x's DoLa, step for step: premature logits are ``lm_head`` of the
+    raw hidden states (index ``n_layers``, which Hugging Face returns after the final norm, normed; no
+    soft-cap, which Gemma applies outside ``lm_head``), the mature logits the model's own, the layer chosen by
+    ``transformers_criterion`` and the token by a plain argmax (the lowest id on a tie).
     """
     device = decoder.W_U.device
     mature = mature.to(device).float()
     candidates = candidates.to(device).float()
     if premature_norm:
-        rows, lens_decoder = torch.cat([candidates, mature[None]]), decoder
+        stats = readout.lens_statistics(
+            torch.cat([candidates, mature[None]])[:, None], decoder, top_k=1,
+            target_ids=torch.zeros(1, 0, dtype=torch.long, device=device), reductions=("js_final",),
+        )
+        js = stats["js_final"][:-1, 0]
+        chosen = int(js.argmax())
+        logits = decoder.unembed(decoder.normalize(torch.stack([mature, candidates[chosen]])))
+        mature_logits, premature_logits = logits[0], logits[1]
     else:
-        # Premature rows as transformers 4.x read them: raw hidden states, except index n_layers, which
-        # Hugging Face returns after the final norm. Everything is then decoded without a norm.
         normed_final = decoder.normalize(mature)
-        raw = [normed_final if layer == n_layers else row for layer, row in zip(layers, candidates)]
-        rows = torch.stack(raw + [normed_final])
-        lens_decoder = decoder.without_norm()
-    stats = readout.lens_statistics(
-        rows[:, None], lens_decoder, top_k=1, target_ids=torch.zeros(1, 0, dtype=torch.long, device=device),
-        reductions=("js_final",),
-    )
-    js = stats["js_final"][:-1, 0]
-    chosen = int(js.argmax())
-    pair = torch.stack([rows[-1], rows[chosen]])
-    if premature_norm:
-        pair = decoder.normalize(pair)
-    logits = lens_decoder.unembed(pair)
-    scores = penalise(contrast(logits[0], logits[1], alpha), seen_ids, repetition_penalty)
-    token = pick(scores, torch.log_softmax(logits[0], -1))
+        raw = torch.stack([normed_final if layer == n_layers else row for layer, row in zip(layers, candidates)])
+        head = replace(decoder.without_norm(), softcap=None)  # transformers' lm_head alone
+        premature_all = head.unembed(raw)
+        mature_logits = decoder.unembed(normed_final)
+        js = transformers_criterion(mature_logits, premature_all)
+        chosen = int(js.argmax())
+        premature_logits = premature_all[chosen]
+    scores = penalise(contrast(mature_logits, premature_logits, alpha), seen_ids, repetition_penalty)
+    token = pick(scores, torch.log_softmax(mature_logits, -1)) if premature_norm else int(scores.argmax())
     return {"token": token, "layer": layers[chosen], "js": js.cpu(), "scores": scores.cpu()}
 
-__all__ = ["FORMAT", "candidate_layers", "rows", "contrast", "penalise", "pick", "dola_step"]
+__all__ = ["FORMAT", "candidate_layers", "rows", "contrast", "penalise", "pick", "transformers_criterion",
+           "dola_step"]

@@ -148,3 +148,25 @@ def test_tied_embeddings_choose_the_low_bucket_on_both_backends(nn_model, bridge
         assert run(tied_embeddings=False).candidate_layers == dola.candidate_layers("low", N_LAYERS, False) == [0]
         with pytest.raises(ValueError, match="names no layer of a 3-layer model with tie_word_embeddings=True"):
             run(tied_embeddings=True)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("repetition_penalty", float("nan"), "repetition_penalty must be a positive finite number"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be a positive finite number"),
+    ("alpha", 1.5, r"alpha must be in \(0, 1\]"),
+])
+def test_bad_options_are_refused_before_any_forward_on_both_backends(nn_model, bridge, option, value, message):
+    """A NaN penalty used to turn every seen token's score into NaN; both backends now refuse it (and a bad
+    alpha) with the same message before the first forward pass."""
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in
+               (nn_model._module, bridge.original_model)]
+    try:
+        for run in (lpn.run_dola, tl_adapter.run_dola):
+            model = nn_model if run is lpn.run_dola else bridge
+            with pytest.raises(ValueError, match=message):
+                run(model, PROMPT, max_new_tokens=2, **{option: value})
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == []

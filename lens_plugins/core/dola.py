@@ -84,12 +84,19 @@ def contrast(mature_logits, premature_logits, alpha):
     return torch.where(plausible, mature - premature, torch.full_like(mature, float("-inf")))
 
 
+def check_options(alpha, penalty):
+    """Refuse, before the first forward pass, an ``alpha`` outside (0, 1] or a repetition penalty that is not a
+    positive finite number (NaN included: it would turn every seen token's score into NaN)."""
+    if not 0.0 < alpha <= 1.0:
+        raise LensValueError(f"alpha must be in (0, 1], got {alpha}")
+    if penalty is not None and not 0 < penalty < math.inf:  # NaN fails both comparisons
+        raise LensValueError(f"repetition_penalty must be a positive finite number (1.0 is none), got {penalty}")
+
+
 def penalise(scores, seen_ids, penalty):
     """The repetition penalty on the scores of ``seen_ids`` (prompt and generated so far)."""
     if penalty is None:
         return scores
-    if penalty <= 0:
-        raise LensValueError(f"repetition_penalty must be positive, got {penalty}")
     ids = torch.as_tensor(seen_ids, dtype=torch.long, device=scores.device).unique()
     seen = scores[ids]
     scores = scores.clone()
@@ -158,5 +165,5 @@ def dola_step(candidates, mature, layers, n_layers, decoder, alpha, seen_ids, re
     token = pick(scores, torch.log_softmax(mature_logits, -1)) if premature_norm else int(scores.argmax())
     return {"token": token, "layer": layers[chosen], "js": js.cpu(), "scores": scores.cpu()}
 
-__all__ = ["FORMAT", "candidate_layers", "rows", "contrast", "penalise", "pick", "transformers_criterion",
+__all__ = ["FORMAT", "candidate_layers", "rows", "contrast", "check_options", "penalise", "pick", "transformers_criterion",
            "dola_step"]

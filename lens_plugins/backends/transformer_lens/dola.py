@@ -36,6 +36,7 @@ def run_dola(
     n = model.cfg.n_layers
     tied = bool(getattr(model.cfg, "tie_word_embeddings", False)) if tied_embeddings is None else tied_embeddings
     chosen = core_dola.candidate_layers(layers, n, tied)
+    core_dola.check_options(alpha, repetition_penalty)
     read_layers = sorted(set(chosen) | {n})
     hooks = dict(zip(read_layers, (hook_name(row) for row in core_dola.rows(read_layers, n))))
     decoder = decoder_for(model)

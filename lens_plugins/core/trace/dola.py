@@ -33,6 +33,7 @@ def dola(model, tracer, steps, layers="high", alpha=0.1, repetition_penalty=None
     """
     import nnsight
 
+    dola_core.check_options(alpha, repetition_penalty)
     spec = resolve(model, paths)
     decoder = decoder_tensors(model, spec)
     head = get_path(model, spec["lm_head"])

@@ -311,6 +311,7 @@ def test_the_pipeline_reads_only_the_positions_asked_for(smollm2_tokenizer):
     stacking (``positions=[-1]`` on a long prompt holds one column per row, not the whole prompt in float32);
     the nnsight reader inside a trace returns exactly those columns of what it would read in full."""
     from lens_plugins.core import pipeline
+    from lens_plugins.core.readout import DecoderTensors
 
     asked = []
 
@@ -319,10 +320,11 @@ def test_the_pipeline_reads_only_the_positions_asked_for(smollm2_tokenizer):
         return torch.ones(len(rows), 2, 10, 8)[:, :, positions]
 
     rows = row_plan.plan(3)
-    flat = pipeline.lens_rows(read, rows, [4, 6], None, 8)
+    decoder = DecoderTensors("none", torch.zeros(8, 16))
+    flat = pipeline.lens_rows(read, rows, [4, 6], None, decoder)
     assert asked == [[4, 6]] and flat.shape == (len(rows), 2 * 2, 8)
     # Contiguous positions (every position, or the last) are a slice: each row is cut as a view, not copied.
-    flat = pipeline.lens_rows(read, rows, [3, 4, 5], None, 8)
+    flat = pipeline.lens_rows(read, rows, [3, 4, 5], None, decoder)
     assert asked[-1] == slice(3, 6) and flat.shape == (len(rows), 2 * 3, 8)
     model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
     spec = architectures.resolve(model)

@@ -84,6 +84,49 @@ def direction(final, decoder, ids, coef):
     return vec, constant
 
 
+def component_label(name, index):
+    """The ``Attribution`` label of entry ``index`` (``[batch, ...]``, without the width) of part ``name``."""
+    if name == "heads":
+        return f"L{index[1]}H{index[2]}"
+    if name == "head_bias":
+        return f"{index[1]}_attn_bias"
+    if name in ("attn", "mlp"):
+        return f"{index[1]}_{name}"
+    return name
+
+
+# The parts of ``attribute`` in stream order within a layer (embeddings before layer 0, the final residual last).
+PART_ORDER = ("embed", "pos_embed", "heads", "head_bias", "attn", "mlp", "final")
+
+
+def check_parts(parts):
+    """Refuse residual parts (``attribute``'s ``parts``) holding NaN or inf, naming the component where the
+    stream first turns non-finite (earliest layer; within it, heads before the attention and MLP writes) and
+    the batch item: every later write reads it, and the frozen norm scale would make every attribution NaN.
+    One ``isfinite`` pass per part."""
+    first = None
+    for order, name in enumerate(PART_ORDER):
+        part = parts.get(name)
+        if part is None:
+            continue
+        bad = ~torch.isfinite(part).all(-1)
+        if not bad.any():
+            continue
+        found = bad.nonzero()
+        index = found[found[:, 1].argmin()] if found.shape[1] > 1 else found[0]  # the earliest layer
+        layer = int(index[1]) if found.shape[1] > 1 else (-1 if name != "final" else float("inf"))
+        if first is None or (layer, order) < first[0]:
+            first = ((layer, order), name, [int(i) for i in index], part)
+    if first is not None:
+        _, name, index, part = first
+        where = "the final residual" if name == "final" else f"component {component_label(name, index)!r}"
+        kind = "NaN" if bool(torch.isnan(part[tuple(index)]).any()) else "inf"
+        raise LensValueError(
+            f"the residual stream holds {kind} from {where} on (part {name!r}, batch item {index[0]}): attributing "
+            "it would make every attribution NaN. Check the model's weights and activations (an overflow in "
+            "half precision?) before attributing them")
+
+
 def attribute(parts, decoder, target_ids, distractor_ids):
     """Direct logit attribution of the vectors in ``parts`` (each ``[batch, ..., d_model]`` at one position):
     ``embed``, optional ``pos_embed``, ``heads [batch, layer, head, d]``, ``head_bias [batch, layer, d]``,
@@ -94,8 +137,9 @@ def attribute(parts, decoder, target_ids, distractor_ids):
     ``explained`` (the weighted target-minus-distractor logit, pre-soft-cap, from the real final residual),
     ``model_value`` (the same with the model's soft-capped logits), ``coef`` and ``ids`` (member weights) and
     ``reconstruction_error`` (relative norm of ``final`` minus the sum of the parts: 0 up to rounding when
-    the parts really are everything the stream holds).
+    the parts really are everything the stream holds). Non-finite parts are refused (``check_parts``).
     """
+    check_parts(parts)
     final = parts["final"].to(decoder.W_U.device).float()  # work where the unembedding lives
     ids = torch.tensor(list(target_ids) + list(distractor_ids), dtype=torch.long, device=decoder.W_U.device)
     normed = decoder.normalize(final)
@@ -190,6 +234,7 @@ def check_supported(spec):
         raise LensKeyError("the architecture entry has no 'o_proj' (attention output projection) path; add one to "
                        "lens_plugins.core.architectures.ARCHITECTURES to attribute to heads")
 
-__all__ = ["norm_scale", "frozen_norm", "member_coefficients", "column_logits", "direction", "attribute",
+__all__ = ["norm_scale", "frozen_norm", "member_coefficients", "column_logits", "direction", "component_label",
+    "PART_ORDER", "check_parts", "attribute",
     "head_count", "output_projection", "split_heads", "through_post_norm", "check_position",
     "check_sublayer_writes", "check_supported"]

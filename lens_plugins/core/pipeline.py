@@ -30,6 +30,23 @@ def check_finite(stack, labels, positions):
         )
 
 
+def check_decoder(decoder):
+    """Refuse a decoder (a ``readout.DecoderTensors``) whose unembedding ``W_U``, its bias ``b_U`` or the final
+    norm's weight or bias holds NaN or inf, naming which: one such value makes every logit it touches NaN, so
+    every statistic of every row would be NaN. One ``isfinite`` pass per tensor, less than one readout tile
+    pass over ``W_U`` costs."""
+    parts = {"W_U": "the unembedding", "b_U": "the unembedding's bias", "norm_weight": "the final norm's weight",
+             "norm_bias": "the final norm's bias"}
+    for name, what in parts.items():
+        tensor = getattr(decoder, name)
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+            raise LensValueError(
+                f"the decoder's {name} ({what}) holds {kind} ({int((~torch.isfinite(tensor)).sum())} of "
+                f"{tensor.numel()} values non-finite): every logit it touches would be NaN. The model's weights are "
+                "damaged (a failed load, an overflow in half precision, an edit): reload them")
+
+
 def check_rows(request, chosen, all_rows):
     """Refuse a row selection the request cannot be computed on."""
     if "kl_input_row" in request["reductions"] and chosen[0] != all_rows[0]:
@@ -44,8 +61,11 @@ def sequence_index(positions):
     return slice(first, first + len(positions)) if positions[-1] - first == len(positions) - 1 else list(positions)
 
 
-def lens_rows(read, rows, positions, lens, d_model):
-    """``[rows, batch * positions, d_model]``: the rows read, checked and mapped through the lens."""
+def lens_rows(read, rows, positions, lens, decoder):
+    """``[rows, batch * positions, d_model]``: the rows read, checked and mapped through the lens, which is
+    checked against the model ``decoder`` belongs to (``lenses.resolve``); the decoder itself is checked finite."""
+    check_decoder(decoder)
+    d_model = decoder.d_model
     selected = read(rows, sequence_index(positions))
     labels = [row.label for row in rows]
     if selected.shape[0] != len(rows):
@@ -56,7 +76,7 @@ def lens_rows(read, rows, positions, lens, d_model):
             "the activations come from a different model than the one decoding them")
     check_finite(selected, labels, positions)
     flat = selected.reshape(len(rows), selected.shape[1] * len(positions), d_model)
-    weight, bias, transform = lenses.resolve(lens, rows, d_model)
+    weight, bias, transform = lenses.resolve(lens, rows, decoder)
     with torch.no_grad():
         return lenses.apply(flat.detach(), rows, weight, bias, transform)
 
@@ -67,7 +87,7 @@ def logit_lens(read, rows, request, decoder, token_ids, attention_mask, lens=Non
     ``decoder`` is a ``readout.DecoderTensors`` (``architectures.decoder_tensors``); tile sizes ``None`` are
     chosen for the device ``W_U`` lives on, ``precision`` is the unembedding matmul's (``readout.PRECISIONS``)."""
     positions = request["positions"]
-    flat = lens_rows(read, rows, positions, lens, decoder.d_model)
+    flat = lens_rows(read, rows, positions, lens, decoder)
     columns = target_columns(token_ids, attention_mask, positions, request["reductions"], user_ids(request))
     with torch.no_grad():
         return lens_statistics(
@@ -85,9 +105,9 @@ def set_logit(normed, decoder, ids):
 def logit_diff(read, rows, positions, decoder, target_ids, distractor_ids, batch, lens=None):
     """``[rows, batch, positions]``: each row decoded with the model's own final norm (its real scale at that
     row) and compared on the two token sets: ``log P(target set) - log P(distractor set)``."""
-    flat = lens_rows(read, rows, positions, lens, decoder.d_model)
+    flat = lens_rows(read, rows, positions, lens, decoder)
     normed = decoder.normalize(flat.to(decoder.W_U.device))
     diff = set_logit(normed, decoder, target_ids) - set_logit(normed, decoder, distractor_ids)
     return diff.reshape(len(rows), batch, len(positions))
 
-__all__ = ["check_finite", "check_rows", "sequence_index", "lens_rows", "logit_lens", "set_logit", "logit_diff"]
+__all__ = ["check_finite", "check_decoder", "check_rows", "sequence_index", "lens_rows", "logit_lens", "set_logit", "logit_diff"]

@@ -32,10 +32,11 @@ from lens_plugins.backends._common import unwrap
 from lens_plugins.core import architectures, future, vocab_loss
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.errors import LensIndexError, LensKeyError, LensValueError
-from lens_plugins.core.lenses import apply_affine
+from lens_plugins.core.lenses import apply_affine, check_fits, check_output
 from lens_plugins.core.request import single_token_id
 from lens_plugins.core.rows import Row
 from lens_plugins.decoder import Decoder
+from lens_plugins.lenses.tuned import check_finite_tensor
 from lens_plugins.methods.lens import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, LensRequest, assemble
 from lens_plugins.methods.result import LensResult
 from lens_plugins.training import loop as train
@@ -61,6 +62,12 @@ class FutureLens(torch.nn.Module):
     def d_model(self) -> int:
         return self.weight.shape[-1]
 
+    @property
+    def made_for(self) -> dict:
+        """What ``core.lenses.check_fits`` compares with the model decoding: the width the maps take (which rows
+        exist is checked by label when a row is mapped)."""
+        return {"d_model": self.d_model}
+
     def _index(self, rows: Sequence[RowLike]) -> list[int]:
         labels = [row.label if isinstance(row, Row) else row for row in rows]
         missing = [label for label in labels if label not in self.labels]
@@ -76,8 +83,7 @@ class FutureLens(torch.nn.Module):
 
     def affine(self, rows: Sequence[RowLike], d_model: int) -> tuple[Tensor, Tensor]:
         """The lens seam's residual affine form: ``(weight [rows, d, d], bias [rows, d])``."""
-        if d_model != self.d_model:
-            raise LensValueError(f"this Future Lens maps width {self.d_model}, not {d_model}")
+        check_fits(self.made_for, d_model)
         index = self._index(rows)
         return self.weight[index].detach(), self.bias[index].detach()
 
@@ -102,6 +108,8 @@ class FutureLens(torch.nn.Module):
                                    "writes one)")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise LensValueError(f"{path} is not a saved Future Lens (FutureLens.save writes one)")
+        for key in ("weight", "bias"):
+            check_finite_tensor(state[key], path, key)
         lens = cls(state["weight"].shape[-1], state["labels"], state["n_ahead"])
         with torch.no_grad():
             lens.weight.copy_(state["weight"])
@@ -238,6 +246,7 @@ def evaluate(
     ``final_top1`` the model's prediction)."""
     hf = unwrap(model)
     decoder = hf_decoder(hf)
+    check_fits(lens.made_for, decoder.d_model, decoder=decoder)
     hits = torch.zeros(len(lens.labels))
     kl = torch.zeros(len(lens.labels))
     bigram_hits, n = 0, 0
@@ -248,6 +257,7 @@ def evaluate(
                                                lens.n_ahead)
         with torch.no_grad():
             mapped = lens.transform(sources, lens.labels)
+        check_output(mapped, [Row.parse(label) for label in lens.labels])
         stats = decoder.statistics(torch.cat([mapped, targets.unsqueeze(0)]), torch.zeros(targets.shape[0], 0, dtype=torch.long),
                                    1, vocab_chunk, token_chunk, ("top_k", "kl_final_row", "final_top1"))
         own = stats["final_top1"]
@@ -298,9 +308,11 @@ def lens_result_from_stack(
     missing = [label for label in lens.labels if label not in labels]
     if missing:
         raise LensKeyError(f"the stack has no rows {missing} (its rows are {labels}); the lens maps {lens.labels}")
+    check_fits(lens.made_for, decoder.d_model, decoder=decoder)
     sources, targets_ = future.future_pairs(stack[[labels.index(label) for label in lens.labels]], stack[-1], n)
     with torch.no_grad():
         mapped = lens.transform(sources, lens.labels)
+    check_output(mapped, [Row.parse(label) for label in lens.labels])
     span = seq - n + 1
     ahead = torch.full((batch, span), -1, dtype=torch.long)  # the actual token t + N, none past the prompt
     ahead[:, : seq - n] = token_ids[:, n:]

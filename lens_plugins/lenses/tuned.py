@@ -12,6 +12,9 @@ The checkpoint format is tuned-lens's, so lenses move both ways: a directory wit
 (``base_model_name_or_path``, ``d_model``, ``num_hidden_layers``, ``bias``, ``base_model_revision``,
 ``unembed_hash``, ``lens_type``; other keys are kept and written back) and ``params.pt``, the state dict of a
 ``ModuleList`` of ``num_hidden_layers`` ``Linear(d_model, d_model)`` (``"{i}.weight"``, ``"{i}.bias"``).
+A lens made here also records ``model_fingerprint`` (``core.lenses.fingerprint``: vocabulary size and a
+512-entry probe of ``W_U``), so that a lens is refused on another model of the same shape; tuned-lens
+ignores the key, and a lens without it is checked on width and depth alone.
 Translators start at zero, so an untrained tuned lens is exactly the logit lens and weight decay pulls
 toward it.
 """
@@ -27,6 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_plugins.core import lenses as core_lenses
 from lens_plugins.core.errors import LensFileNotFoundError, LensValueError
 from lens_plugins.core.rows import Row
 from lens_plugins.files import atomic_write, check_dir, load_tensors
@@ -89,27 +93,32 @@ class TunedLens(torch.nn.Module):
     def num_hidden_layers(self) -> int:
         return self.config["num_hidden_layers"]
 
+    @property
+    def made_for(self) -> dict:
+        """The model this lens was made for (``core.lenses.check_fits`` compares it with the model decoding):
+        its name, width, depth and, for a lens made by this package, its ``model_fingerprint``."""
+        return {"model": self.config["base_model_name_or_path"], "d_model": self.d_model,
+                "n_layers": self.num_hidden_layers, "fingerprint": self.config.get("model_fingerprint")}
+
     @classmethod
     def for_model(cls, model, bias: bool = True) -> "TunedLens":
-        """A zero (identity) tuned lens shaped for ``model`` (HF, nnsight or TransformerBridge)."""
-        from lens_plugins.backends.hf import hf_model
+        """A zero (identity) tuned lens shaped for ``model`` (HF, nnsight or TransformerBridge), recording the
+        model's fingerprint so that the lens is refused on any other model."""
+        from lens_plugins.backends.hf import decoder_tensors, hf_model
 
-        config = hf_model(model).config
+        hf = hf_model(model)
+        config = hf.config
         return cls(config.hidden_size, config.num_hidden_layers, bias=bias,
-                   base_model_name_or_path=str(getattr(config, "name_or_path", "") or ""))
+                   base_model_name_or_path=str(getattr(config, "name_or_path", "") or ""),
+                   model_fingerprint=core_lenses.fingerprint(decoder_tensors(hf)))
 
     def check_model(self, model) -> None:
-        """Refuse a model whose width or depth differs from the lens's, naming both."""
-        from lens_plugins.backends.hf import hf_model
+        """Refuse a model this lens was not made for (width, depth, and the recorded fingerprint), with the
+        message every lens entry point gives (``core.lenses.check_fits``)."""
+        from lens_plugins.backends.hf import decoder_tensors, hf_model
 
-        config = hf_model(model).config
-        theirs = (config.hidden_size, config.num_hidden_layers)
-        if theirs != (self.d_model, self.num_hidden_layers):
-            raise LensValueError(
-                f"this tuned lens was made for d_model={self.d_model} with {self.num_hidden_layers} layers "
-                f"({self.config['base_model_name_or_path'] or 'unnamed model'}), but the model has d_model="
-                f"{theirs[0]} and {theirs[1]} layers: load the lens trained for this model, or train one"
-            )
+        hf = hf_model(model)
+        core_lenses.check_fits(self.made_for, hf.config.hidden_size, hf.config.num_hidden_layers, decoder_tensors(hf))
 
     def translator_index(self, row: Row) -> int:
         """The hidden state a row reads (its translator, or ``num_hidden_layers`` for the final one)."""
@@ -144,10 +153,11 @@ class TunedLens(torch.nn.Module):
 
     def affine(self, rows: Sequence[Row], d_model: int) -> tuple[Tensor, Optional[Tensor]]:
         """``(weight [rows, d, d], bias [rows, d] or None)`` with ``transform(h)[r] = h + h @ weight[r].T +
-        bias[r]``: the translators as tensors, for a remote trace to apply (zeros for the final row)."""
-        if d_model != self.d_model:
-            raise LensValueError(f"the model has d_model={d_model}, this tuned lens d_model={self.d_model}: load the "
-                             "lens trained for this model")
+        bias[r]``: the translators as tensors, for a remote trace to apply (zeros for the final row). ``rows``
+        is a row plan's selection (``core.rows.select``), whose last row is the model's final one, as every
+        entry point passes it: a lens of another width or depth is refused here too, where
+        ``lp.nnsight.lens_tensors`` turns it into tensors for a server."""
+        core_lenses.check_fits(self.made_for, d_model, rows[-1].layer + 1)
         indices = [self.translator_index(row) for row in rows]
         weight = torch.zeros(len(rows), d_model, d_model)
         bias = torch.zeros(len(rows), d_model) if self.config["bias"] else None
@@ -202,6 +212,7 @@ class TunedLens(torch.nn.Module):
             if tuple(value.shape) != tuple(lens.layer_translators.state_dict()[key].shape):
                 raise LensValueError(f"{params_path}: {key} has shape {tuple(value.shape)}, but config.json says "
                                  f"d_model={lens.d_model}")
+            check_finite_tensor(value, params_path, key)
         lens.layer_translators.load_state_dict({k: v.float() for k, v in state.items()})
         if model is not None:
             lens.check_model(model)
@@ -213,6 +224,16 @@ class TunedLens(torch.nn.Module):
     def translator_norms(self) -> list[float]:
         """Frobenius norm of each translator's weight: how far each layer's lens is from the logit lens."""
         return [math.sqrt(float(t.weight.detach().float().pow(2).sum())) for t in self.layer_translators]
+
+
+def check_finite_tensor(value: Tensor, path, key: str) -> None:
+    """Refuse a saved lens tensor holding NaN or inf, naming the file and the tensor: it would make every row
+    it maps NaN (a training run that diverged, a damaged file)."""
+    if not bool(torch.isfinite(value).all()):
+        kind = "NaN" if bool(torch.isnan(value).any()) else "inf"
+        raise LensValueError(f"{path}: tensor {key!r} holds {kind} ({int((~torch.isfinite(value)).sum())} of "
+                             f"{value.numel()} values non-finite), so the lens would decode NaN: the file is damaged "
+                             "or its training diverged. Retrain the lens, or load an earlier checkpoint")
 
 
 def _locate(path, revision: str) -> tuple[Path, Path]:
@@ -236,4 +257,4 @@ def _locate(path, revision: str) -> tuple[Path, Path]:
             f"({type(error).__name__}: {error}). Check the model id and your network, or pass a local directory"
         ) from error
 
-__all__ = ["CONFIG_FILE", "PARAMS_FILE", "HUB_REPO", "TunedLens"]
+__all__ = ["CONFIG_FILE", "PARAMS_FILE", "HUB_REPO", "TunedLens", "check_finite_tensor"]

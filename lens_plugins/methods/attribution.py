@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins.core import dla
+from lens_plugins.core import dla, pipeline
 from lens_plugins.core.errors import LensKeyError, LensTypeError, LensValueError
 from lens_plugins.core.request import token_set_ids
 from lens_plugins.core.trace.attribution import ATTRIBUTION_FORMAT
@@ -230,7 +230,9 @@ def attribute_parts(
     target_ids: list[int],
     distractor_ids: list[int],
 ) -> dict[str, Tensor]:
-    """``core.dla.attribute`` with a ``Decoder`` (the local side's form of the decoder)."""
+    """``core.dla.attribute`` with a ``Decoder`` (the local side's form of the decoder), refused non-finite
+    as inside a trace (``pipeline.check_decoder``)."""
+    pipeline.check_decoder(decoder)
     with torch.no_grad():
         return dla.attribute(parts, decoder, target_ids, distractor_ids)
 

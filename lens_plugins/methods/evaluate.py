@@ -16,6 +16,8 @@ from torch import Tensor
 
 from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_stack, stack_rows
 from lens_plugins.core import vocab_loss
+from lens_plugins.core.lenses import check_fits, check_output, made_for
+from lens_plugins.core.pipeline import check_decoder
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.training import loop as train
 from lens_plugins.training.tuned_lens import token_blocks_of
@@ -83,7 +85,9 @@ def evaluate_lenses(
 ) -> LensEvaluation:
     """Score ``lenses`` (objects with ``transform(resid, rows)``, e.g. ``LogitLens()``, a ``TunedLens``, a
     ``LastBlocksLens``) on ``texts``: a text source as in training, or token blocks ``[blocks, seq]`` such as
-    ``tuned.heldout_blocks``. ``max_blocks`` caps the blocks read."""
+    ``tuned.heldout_blocks``. ``max_blocks`` caps the blocks read. A lens made for another model
+    (``core.lenses.check_fits``), a non-finite decoder or a lens output holding NaN/inf is refused, as on every
+    lens entry point."""
     lenses = list(lenses)
     if not lenses:
         raise LensValueError("no lens to evaluate: pass e.g. [lp.LogitLens(), tuned_lens]")
@@ -96,10 +100,10 @@ def evaluate_lenses(
     blocks = token_blocks_of(model, texts, seq_len)
     if max_blocks is not None:
         blocks = blocks[:max_blocks]
-    for lens in lenses:
-        if hasattr(lens, "check_model"):
-            lens.check_model(hf)
     decoder = decoder_tensors(hf)
+    check_decoder(decoder)
+    for lens in lenses:
+        check_fits(made_for(lens), hf.config.hidden_size, hf.config.num_hidden_layers, decoder)
     n_rows = hf.config.num_hidden_layers + 1
     rows = stack_rows(n_rows - 1)
     kl_sum = torch.zeros(len(lenses), n_rows, dtype=torch.float64)
@@ -114,7 +118,9 @@ def evaluate_lenses(
                                                          token_chunk)
                 next_ids = torch.cat([block[1:], torch.tensor([-1])])
                 for i, lens in enumerate(lenses):
-                    normed = decoder.normalize(lens.transform(stack.float(), rows))
+                    mapped = lens.transform(stack.float(), rows)
+                    check_output(mapped, rows)
+                    normed = decoder.normalize(mapped)
                     for r in range(n_rows):
                         kl, ce = vocab_loss.kl_and_cross_entropy(normed[r], reference, next_ids, decoder,
                                                                  vocab_chunk, token_chunk)

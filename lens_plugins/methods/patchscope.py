@@ -32,7 +32,8 @@ from lens_plugins.backends._common import check_context
 from lens_plugins.core import patching
 from lens_plugins.core import request as lens_request
 from lens_plugins.core import rows as row_plan
-from lens_plugins.core.errors import LensIndexError, LensTypeError, LensValueError
+from lens_plugins.core.errors import LensFloatingPointError, LensIndexError, LensTypeError, LensValueError
+from lens_plugins.core.pipeline import check_finite
 from lens_plugins.core.rows import Row
 from lens_plugins.methods.lens import LensRequest, TokenSets, assemble
 from lens_plugins.methods.result import LensResult
@@ -170,6 +171,29 @@ def map_hidden(hidden: Tensor, mapping: Mapping) -> Tensor:
     return mapped
 
 
+def mapping_name(mapping: Mapping) -> str:
+    """How an error names ``mapping``: the affine pair, a function's name, or a module's class."""
+    if mapping is None:
+        return "the identity"
+    if isinstance(mapping, tuple):
+        return "the affine (weight, bias) pair"
+    return getattr(mapping, "__name__", None) or type(mapping).__name__
+
+
+def check_mapped(mapped: Tensor, mapping: Mapping, labels: list[str], positions: list[int]) -> None:
+    """Refuse mapped hidden states ``[pairs, d]`` holding NaN or inf, naming the mapping and the first pair's
+    source row and position: the source states were finite (``run`` checks them), so the mapping made them,
+    and the target forward would turn them into NaN everywhere after the write."""
+    bad = ~torch.isfinite(mapped).all(-1)
+    if bad.any():
+        pair = int(bad.nonzero()[0])
+        kind = "NaN" if bool(torch.isnan(mapped[pair]).any()) else "inf"
+        raise LensFloatingPointError(
+            f"mapping={mapping_name(mapping)} turned the finite hidden state of row {labels[pair]!r} at source position "
+            f"{positions[pair]} into {kind} ({int(bad.sum())} non-finite of {len(labels)} mapped in that batch): "
+            "fix the mapping (its weights, or an overflow in it) so that it maps finite states to finite ones")
+
+
 class TargetRunner:
     """What a backend supplies: run one batch of patched target forwards.
 
@@ -199,7 +223,8 @@ def run(
 ) -> PatchscopeResult:
     """Run the Patchscope of source ``hidden`` (the request's rows at its positions) through ``runner``, one
     target forward per batch of pairs, and label the result. The last row is the final residual (the row
-    selection always keeps it): the reference each pair's read-out is compared with."""
+    selection always keeps it): the reference each pair's read-out is compared with. Non-finite source states
+    are refused before any target runs, and mapped ones (``check_mapped``) before they are written."""
     n_rows, n_pos, _ = hidden.shape
     reference = hidden[-1]
     # [positions, C]: next token, input token, targets, set members (one source prompt)
@@ -207,8 +232,11 @@ def run(
                                           request.lens.reductions, request.lens.user_ids)
     chunks, generated = [], []
     want_tokens = request.max_new_tokens > 0
+    check_finite(hidden[:, None], request.labels, request.lens.positions)
     for rows, positions in patching.pair_batches(n_rows, n_pos, request.batch_size):
         values = map_hidden(hidden[rows, positions], mapping)
+        check_mapped(values, mapping, [request.labels[r] for r in rows.tolist()],
+                     [request.lens.positions[p] for p in positions.tolist()])
         labels = [request.target_labels[r] for r in rows.tolist()]
         stats, first = runner.read(values, labels, reference[positions], columns[positions], want_tokens)
         chunks.append((rows, positions, patching.patched_statistics(stats)))
@@ -251,4 +279,4 @@ def patchscope(model, source, **kwargs) -> PatchscopeResult:
     return backends.of(model).run_patchscope(model, source, **kwargs)
 
 __all__ = ["IDENTITY_PROMPT", "UNSUPPORTED_REDUCTIONS", "Mapping", "RowSpec", "PatchscopeResult", "PatchRequest",
-    "plan", "map_hidden", "TargetRunner", "run", "patchscope"]
+    "plan", "map_hidden", "mapping_name", "check_mapped", "TargetRunner", "run", "patchscope"]

@@ -13,6 +13,7 @@ from lens_plugins.core.architectures import (
     norm_params,
     resolve,
 )
+from lens_plugins.core.pipeline import check_decoder
 from lens_plugins.core.trace.reader import model_input, out_of_order
 
 ATTRIBUTION_FORMAT = "lens_plugins.attribution/1"
@@ -33,6 +34,7 @@ def attribution(model, target, distractor=None, position=-1, paths=None):
     spec = resolve(model, paths)
     dla.check_supported(spec)
     decoder = decoder_tensors(model, spec)
+    check_decoder(decoder)
     d_vocab = decoder.d_vocab
     target_ids = request.token_set_ids(model.tokenizer, target, d_vocab)
     distractor_ids = [] if distractor is None else request.token_set_ids(model.tokenizer, distractor, d_vocab)

@@ -10,6 +10,7 @@ import torch
 from lens_plugins.core.architectures import decoder_tensors, get_path, layer_input, layer_output, resolve
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.patching import patch_row, readout_stack, sites_of, write_rows
+from lens_plugins.core.pipeline import check_decoder
 from lens_plugins.core.readout import lens_statistics
 from lens_plugins.core.rows import Row
 from lens_plugins.core.trace.reader import model_input, reader
@@ -60,8 +61,10 @@ def patch_and_read(model, values, target_labels, position, reference, target_ids
     spec = resolve(model, paths)
     blocks = _write(model, spec, values, target_labels, position)
     final = reader(model, spec)([Row(len(blocks) - 1, "post")], [position])[0][:, 0]
+    decoder = decoder_tensors(model, spec)
+    check_decoder(decoder)
     with torch.no_grad():
-        stats = lens_statistics(readout_stack(final.detach(), reference), decoder_tensors(model, spec),
+        stats = lens_statistics(readout_stack(final.detach(), reference), decoder,
                                 top_k=top_k, target_ids=target_ids, vocab_chunk=vocab_chunk,
                                 token_chunk=token_chunk, reductions=tuple(reductions))
     saved = {"format": FORMAT, "stats": {name: value.cpu() for name, value in stats.items()}}

@@ -1,8 +1,12 @@
 """The one-call guards both backends share, so that every ``run_*`` verb refuses the same input with the
-same message: context length, prompt text, padding of a batch, eval mode, the model under a wrapper."""
+same message: context length, prompt text, padding of a batch, eval mode, the model under a wrapper, and one
+call at a time on one model."""
 
 import contextlib
+import functools
+import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -31,14 +35,24 @@ def context_length(model) -> Optional[int]:
     return None
 
 
-def check_context(n_tokens: int, limit: Optional[int]) -> None:
-    """Refuse a prompt longer than the model's context window (``limit``; ``None``: no known limit), before
-    the model silently truncates it or runs positions it was never trained on."""
-    if limit is not None and n_tokens > limit:
+def check_context(n_tokens: int, limit: Optional[int], max_new_tokens: int = 0, what: str = "the prompt") -> None:
+    """Refuse a prompt longer than the model's context window (``limit``; ``None``: no known limit), or one
+    whose generation of ``max_new_tokens`` would run past it, before any forward pass: the model would
+    otherwise silently truncate it, run positions it was never trained on (rotary models), or fail deep in
+    torch (learned positions, GPT-2). Prompt plus continuation must fit, as for Hugging Face's ``max_length``.
+    ``what`` names the prompt in the message ("the target prompt" of a Patchscope)."""
+    if limit is None or n_tokens + max_new_tokens <= limit:
+        return
+    if max_new_tokens == 0:
         raise LensValueError(
-            f"the prompt is {n_tokens} tokens, longer than the model's context of {limit} tokens: "
+            f"{what} is {n_tokens} tokens, longer than the model's context of {limit} tokens: "
             f"shorten it (or split it) to at most {limit} tokens"
         )
+    raise LensValueError(
+        f"{what} is {n_tokens} tokens and max_new_tokens={max_new_tokens}: {n_tokens + max_new_tokens} tokens "
+        f"in all, longer than the model's context of {limit} tokens: shorten {what} or lower max_new_tokens "
+        f"so that the two add up to at most {limit}"
+    )
 
 
 def pad_batch(sequences: Sequence[Tensor], pad_id: int, side: str) -> tuple[Tensor, Tensor]:
@@ -96,5 +110,43 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
         raise LensValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
 
 
-__all__ = ["unwrap", "context_length", "check_context", "pad_batch", "eval_mode", "check_prompts",
-           "check_max_new_tokens"]
+_THREADS_NOTE = """
+
+    Threads: calls on one model run one at a time (correct results, no speed-up); for parallelism use one
+    model per thread, or processes."""
+
+_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """The one lock of ``model``'s underlying module (the module under an nnsight wrapper, so two wrappers of
+    one model share it), made on first use under a global lock so that two threads never get two locks.
+    Kept by weak reference: it goes when the model does."""
+    module = unwrap(model)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
+
+def one_at_a_time(run):
+    """Hold ``model_lock`` of the first argument (the model) for the whole one-call ``run``: tokenizing,
+    installing hooks, the forward passes and reading what they left. TransformerLens hooks are global to the
+    model and nnsight's tracing state is per model, so two threads running one model at once would read each
+    other's activations (or fail inside nnsight); with the lock, concurrent calls on one model serialise:
+    correct results, no speed-up (use one model per thread, or processes, for parallelism). Re-entrant, so
+    a verb that calls another does not deadlock."""
+
+    @functools.wraps(run)
+    def locked(model, *args, **kwargs):
+        with model_lock(model):
+            return run(model, *args, **kwargs)
+
+    locked.__doc__ = (run.__doc__ or "").rstrip() + _THREADS_NOTE  # help() of every verb says it
+    return locked
+
+
+__all__ = ["unwrap", "context_length", "check_context", "model_lock", "one_at_a_time", "pad_batch", "eval_mode",
+           "check_prompts", "check_max_new_tokens"]

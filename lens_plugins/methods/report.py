@@ -60,14 +60,16 @@ def run_report(model, prompt: str, path: Union[str, Path], top_k: int = TOP_K, t
     """Run a TransformerLens model once on ``prompt``, caching what the lens, the attribution and the
     attention views read, and write the report; the attribution explains the final top-1 against the
     runner-up at the last position. ``path`` is checked (and an existing file refused without ``overwrite``)
-    before the model runs."""
+    before the model runs, and so is ``prompt``: one longer than the model's context is refused with the
+    plain lens's error (``to_tokens`` would cut it to the context without a word)."""
     check_file(path, overwrite=overwrite)  # before the model runs, not after
 
     import torch
 
     from lens_plugins import transformer_lens as tl  # the report drives a backend: imported when it runs
+    from lens_plugins.backends.transformer_lens.reader import tokenize
 
-    tokens = model.to_tokens(prompt)
+    tokens, _ = tokenize(model, prompt, None)  # the plain lens's guards: prompt text, context, no truncation
     names = list(dict.fromkeys(tl.hook_filter(model, attribution=True) + tl.attention_hook_filter(model)))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=names)

@@ -77,8 +77,9 @@ def trace_kwargs(remote, backend) -> dict:
     return {"remote": remote} if backend is None else {"backend": backend}
 
 
-def one_prompt(model, text: Union[str, torch.Tensor]) -> None:
-    """One prompt, as text or as ``[1, seq]`` token ids, within the model's context."""
+def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int) -> None:
+    """One prompt, as text or as ``[1, seq]`` token ids, that fits the model's context with the
+    ``max_new_tokens`` to be generated after it."""
     if isinstance(text, torch.Tensor):
         if text.dim() != 2 or text.shape[0] != 1 or text.shape[1] == 0:
             raise LensValueError(f"generation takes one prompt: token ids of shape [1, seq], got {tuple(text.shape)}")
@@ -88,6 +89,6 @@ def one_prompt(model, text: Union[str, torch.Tensor]) -> None:
             raise LensTypeError("generation takes one prompt (a string or [1, seq] token ids); run a batch prompt by prompt")
         check_prompts(text)
         n_tokens = len(model.tokenizer(text)["input_ids"])
-    check_context(n_tokens, context_length(model))
+    check_context(n_tokens, context_length(model), max_new_tokens)
 
 __all__ = ["SHIPPED_MODULES", "trace", "shippable", "remote_error", "generate_kwargs", "one_prompt"]

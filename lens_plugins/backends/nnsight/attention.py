@@ -5,6 +5,7 @@ for the forward it reads, whatever implementation it was loaded with (here or on
 
 from typing import Optional, Union
 
+from lens_plugins.backends._common import one_at_a_time
 from lens_plugins.backends.nnsight._run import trace
 from lens_plugins.core.errors import LensTypeError
 from lens_plugins.core.trace import attention as trace_attention
@@ -22,6 +23,7 @@ def attention_result(saved: dict, model) -> AttentionResult:
     return result_of(saved["layers"], saved["patterns"], saved["token_ids"], saved["attention_mask"], model.tokenizer)
 
 
+@one_at_a_time
 @typechecked
 def run_attention(
     model,

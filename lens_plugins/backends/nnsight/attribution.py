@@ -5,6 +5,7 @@
 from collections.abc import Sequence
 from typing import Optional, Union
 
+from lens_plugins.backends._common import one_at_a_time
 from lens_plugins.backends.nnsight._run import shippable, trace
 from lens_plugins.backends.nnsight.reader import Sublayers
 from lens_plugins.core.trace.attribution import attribution
@@ -32,6 +33,7 @@ def attribution_result(saved: dict, model, by: str = "component") -> Attribution
     return result_from_saved(saved, getattr(model, "tokenizer", model), by=by)
 
 
+@one_at_a_time
 @typechecked
 def run_logit_diff(
     model,
@@ -59,6 +61,7 @@ def run_logit_diff(
     return logit_diff_result(saved, model)
 
 
+@one_at_a_time
 @typechecked
 def run_attribution(
     model,

@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from lens_plugins.backends._common import eval_mode, unwrap
+from lens_plugins.backends._common import eval_mode, one_at_a_time, unwrap
 from lens_plugins.backends.nnsight._run import remote_error
 from lens_plugins.core import decoder_lens as core_decoder_lens
 from lens_plugins.core.architectures import get_path
@@ -28,6 +28,7 @@ def decoder_lens_result(lens: dict, model) -> LensResult:
                     getattr(model, "tokenizer", model), lens["attention_mask"].long())
 
 
+@one_at_a_time
 @typechecked
 def run_decoder_lens(
     model,

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import nnsight
 import torch
 
-from lens_plugins.backends._common import check_max_new_tokens, eval_mode, unwrap
+from lens_plugins.backends._common import check_max_new_tokens, eval_mode, one_at_a_time, unwrap
 from lens_plugins.backends.nnsight._run import one_prompt, remote_error, trace_kwargs
 from lens_plugins.core.trace.dola import dola
 from lens_plugins.methods import dola as dola_module
@@ -16,6 +16,7 @@ from lens_plugins.methods.dola import DolaOutput
 from lens_plugins.typecheck import typechecked
 
 
+@one_at_a_time
 @typechecked
 def run_dola(
     model,
@@ -34,8 +35,8 @@ def run_dola(
     """DoLa decoding (Chuang et al. 2023) of ``text`` in one ``model.generate`` request; see
     ``lens_plugins.core.dola`` for the definition and ``core/trace/dola.py`` for the in-trace form.
     ``tied_embeddings`` (for ``layers="low"``) defaults to the model config's ``tie_word_embeddings``."""
-    one_prompt(model, text)
     check_max_new_tokens(max_new_tokens)
+    one_prompt(model, text, max_new_tokens)
     try:
         with eval_mode(unwrap(model)), model.generate(
             text, max_new_tokens=max_new_tokens, do_sample=False, **trace_kwargs(remote, backend)

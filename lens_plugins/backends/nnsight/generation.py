@@ -9,7 +9,7 @@ from typing import Optional, Union
 import nnsight
 import torch
 
-from lens_plugins.backends._common import check_max_new_tokens, eval_mode, unwrap
+from lens_plugins.backends._common import check_max_new_tokens, eval_mode, one_at_a_time, unwrap
 from lens_plugins.backends.nnsight._run import one_prompt, remote_error, shippable, trace_kwargs
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
@@ -25,6 +25,7 @@ def generation_result(lens: dict, model) -> GeneratedLens:
     return generation.from_saved_steps(lens, getattr(model, "tokenizer", model))
 
 
+@one_at_a_time
 @typechecked
 def run_generation_lens(
     model,
@@ -46,8 +47,8 @@ def run_generation_lens(
 ) -> GeneratedLens:
     """Generate greedily from ``text`` (``generate_kwargs`` go to ``model.generate``, e.g. ``do_sample=True``)
     and lens every step, in one request: the one-call form. The lens parameters are ``run_logit_lens``'s."""
-    one_prompt(model, text)
     check_max_new_tokens(max_new_tokens)
+    one_prompt(model, text, max_new_tokens)
     generation.refuse_arguments(generate_kwargs, inspect.signature(run_generation_lens).parameters)
     generate_kwargs.setdefault("do_sample", False)
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)

@@ -25,6 +25,7 @@ from typing import Optional, Union
 
 import torch
 
+from lens_plugins.backends._common import one_at_a_time
 from lens_plugins.backends.nnsight._run import shippable, trace
 from lens_plugins.backends.nnsight.reader import Sublayers
 from lens_plugins.core.errors import LensTypeError
@@ -54,6 +55,7 @@ def logit_lens_result(lens: dict, model) -> LensResult:
                     lens["token_ids"].to(torch.long), tokenizer, lens["attention_mask"].to(torch.long))
 
 
+@one_at_a_time
 @typechecked
 def run_logit_lens(
     model,

@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from lens_plugins import tokens as token_utils
-from lens_plugins.backends._common import check_prompts, context_length, eval_mode, unwrap
+from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode, one_at_a_time, unwrap
 from lens_plugins.backends.nnsight._run import remote_error
 from lens_plugins.core import architectures
 from lens_plugins.core import rows as row_plan
@@ -55,6 +55,7 @@ class _Runner(TargetRunner):
         return ids
 
 
+@one_at_a_time
 @typechecked
 def run_patchscope(
     model,
@@ -93,6 +94,8 @@ def run_patchscope(
         target_ids = tokenizer(target_prompt, return_tensors="pt")["input_ids"][0]
     else:
         target_ids = target_prompt
+    check_context(source.shape[1], context_length(model), what="the source prompt")
+    check_context(target_ids.shape[0], context_length(model), max_new_tokens, what="the target prompt")
     hf = unwrap(model)
     spec = architectures.resolve(hf, paths)
     n_layers = len(architectures.get_path(hf, spec["layers"]))

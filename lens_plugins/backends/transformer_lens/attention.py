@@ -8,6 +8,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from lens_plugins.backends._common import one_at_a_time
 from lens_plugins.core.errors import LensKeyError, LensValueError
 from lens_plugins.core.trace.attention import choose_layers
 from lens_plugins.methods.attention import AttentionResult, attention_result
@@ -52,6 +53,7 @@ def attention(
     return attention_result(chosen, patterns, tokens, attention_mask, tokenizer)
 
 
+@one_at_a_time
 def run_attention(model, prompt: Union[str, list[str]], layers: Optional[list[int]] = None) -> AttentionResult:
     """Run a TransformerLens model on ``prompt`` caching only the patterns: the one-call form."""
     tokens = model.to_tokens(prompt)

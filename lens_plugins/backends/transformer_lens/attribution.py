@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from lens_plugins.backends._common import eval_mode
+from lens_plugins.backends._common import eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens.reader import (
     Sublayers,
     at,
@@ -133,6 +133,7 @@ def logit_diff(
     return LogitDiff([row.label for row in chosen], chosen_positions, values.cpu(), target_names, distractor_names)
 
 
+@one_at_a_time
 @typechecked
 def run_attribution(
     model,
@@ -152,6 +153,7 @@ def run_attribution(
         return attribution(cache, target, distractor, by=by, position=position, attention_mask=mask)
 
 
+@one_at_a_time
 @typechecked
 def run_logit_diff(
     model,

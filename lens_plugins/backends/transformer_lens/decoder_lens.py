@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import torch
 
-from lens_plugins.backends._common import eval_mode
+from lens_plugins.backends._common import eval_mode, one_at_a_time
 from lens_plugins.core.architectures import decoder_tensors, get_path
 from lens_plugins.core.decoder_lens import decoder_lens_stats, encoder_decoder_spec, one_example
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
@@ -22,6 +22,7 @@ def _unwrapped(module):
     return getattr(module, "original_component", None) or getattr(module, "_original_component", None) or module
 
 
+@one_at_a_time
 @typechecked
 def run_decoder_lens(
     model,

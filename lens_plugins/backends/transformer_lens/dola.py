@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from lens_plugins.backends._common import check_context, context_length, eval_mode
+from lens_plugins.backends._common import eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens.reader import decoder_for, hook_name, prompt_tokens
 from lens_plugins.core import dola as core_dola
 from lens_plugins.core.errors import LensValueError
@@ -15,6 +15,7 @@ from lens_plugins.methods.dola import DolaOutput, output
 from lens_plugins.typecheck import typechecked
 
 
+@one_at_a_time
 @typechecked
 def run_dola(
     model,
@@ -32,7 +33,7 @@ def run_dola(
     config's ``tie_word_embeddings``."""
     if max_new_tokens < 1:
         raise LensValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    tokens = prompt_tokens(model, text)
+    tokens = prompt_tokens(model, text, max_new_tokens)
     n = model.cfg.n_layers
     tied = bool(getattr(model.cfg, "tie_word_embeddings", False)) if tied_embeddings is None else tied_embeddings
     chosen = core_dola.candidate_layers(layers, n, tied)
@@ -45,7 +46,6 @@ def run_dola(
     record = {"format": core_dola.FORMAT, "layers": chosen, "prompt_ids": list(sequence), "steps": []}
     with eval_mode(model), torch.no_grad():
         for _ in range(max_new_tokens):
-            check_context(len(sequence), context_length(model))
             _, cache = model.run_with_cache(torch.tensor([sequence], device=tokens.device),
                                             names_filter=list(dict.fromkeys(hooks.values())))
             last = {layer: cache[hook][0, -1] for layer, hook in hooks.items()}

@@ -11,7 +11,7 @@ from typing import Union
 
 import torch
 
-from lens_plugins.backends._common import check_context, context_length, eval_mode
+from lens_plugins.backends._common import eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens.lens import logit_lens
 from lens_plugins.backends.transformer_lens.reader import hook_filter, prompt_tokens
 from lens_plugins.core.errors import LensValueError
@@ -20,6 +20,7 @@ from lens_plugins.methods.generation import GeneratedLens
 from lens_plugins.typecheck import typechecked
 
 
+@one_at_a_time
 @typechecked
 def run_generation_lens(model, text: Union[str, torch.Tensor], *, max_new_tokens: int = 10, **lens_kwargs) -> GeneratedLens:
     """Generate greedily from ``text`` (stopping at end-of-text), then lens every generated position in one
@@ -27,13 +28,12 @@ def run_generation_lens(model, text: Union[str, torch.Tensor], *, max_new_tokens
     if max_new_tokens < 1:
         raise LensValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     generation.refuse_arguments(lens_kwargs, inspect.signature(logit_lens).parameters)
-    tokens = prompt_tokens(model, text)
+    tokens = prompt_tokens(model, text, max_new_tokens)
     with eval_mode(model), torch.no_grad():
         # Without the key-value cache: TransformerBridge's cached generate (TL 4.3) drifted from Hugging Face's
         # greedy decoding after the first token on a tiny Llama; uncached, it matches token for token.
         sequence = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False, verbose=False,
                                   use_past_kv_cache=False)
-        check_context(sequence.shape[1], context_length(model))
         _, cache = model.run_with_cache(sequence, names_filter=hook_filter(model))
         positions = generation.generated_positions(tokens.shape[1], sequence.shape[1] - tokens.shape[1])
         result = logit_lens(cache, tokens=sequence, positions=positions, **lens_kwargs)

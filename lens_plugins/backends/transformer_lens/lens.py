@@ -10,7 +10,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from lens_plugins import tokens as token_utils
-from lens_plugins.backends._common import check_context, context_length, eval_mode
+from lens_plugins.backends._common import check_context, context_length, eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens.reader import (
     Sublayers,
     check_tokens_match_embed,
@@ -72,6 +72,7 @@ def logit_lens(
     )
 
 
+@one_at_a_time
 @typechecked
 def run_logit_lens(
     model,

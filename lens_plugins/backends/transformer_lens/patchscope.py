@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from lens_plugins import tokens as token_utils
-from lens_plugins.backends._common import check_prompts, context_length, eval_mode
+from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens import reader as tla
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.patching import patch_row, readout_stack, sites_of, write_rows
@@ -68,6 +68,7 @@ class _Runner(TargetRunner):
         return logits[:, -1].argmax(-1)
 
 
+@one_at_a_time
 @typechecked
 def run_patchscope(
     model,
@@ -114,6 +115,9 @@ def run_patchscope(
         target_ids = model.to_tokens(target_prompt, truncate=False)[0]
     else:
         target_ids = target_prompt.to(model.cfg.device)
+    if cache is None:  # a given cache has run already; a source to run must fit, as must the target
+        check_context(source_ids.shape[-1], context_length(model), what="the source prompt")
+    check_context(target_ids.shape[0], context_length(model), max_new_tokens, what="the target prompt")
     with eval_mode(model), torch.no_grad():
         if cache is None:
             _, cache = model.run_with_cache(source_ids, names_filter=tla.hook_filter(model))

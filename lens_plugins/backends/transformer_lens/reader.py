@@ -288,8 +288,9 @@ def tokenize(model, prompt: Union[str, list[str]], padding_side: Optional[str]) 
     return tokens.to(sequences[0].device), mask.to(sequences[0].device)
 
 
-def prompt_tokens(model, text: Union[str, torch.Tensor]) -> torch.Tensor:
-    """One prompt, as text or as ``[1, seq]`` token ids, within the model's context."""
+def prompt_tokens(model, text: Union[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
+    """One prompt, as text or as ``[1, seq]`` token ids, that fits the model's context with the
+    ``max_new_tokens`` to be generated after it."""
     if isinstance(text, torch.Tensor):
         if text.dim() != 2 or text.shape[0] != 1 or text.shape[1] == 0:
             raise LensValueError(f"generation takes one prompt: token ids of shape [1, seq], got {tuple(text.shape)}")
@@ -299,7 +300,7 @@ def prompt_tokens(model, text: Union[str, torch.Tensor]) -> torch.Tensor:
     else:
         check_prompts(text)
         tokens = model.to_tokens(text, truncate=False)
-    check_context(tokens.shape[1], context_length(model))
+    check_context(tokens.shape[1], context_length(model), max_new_tokens)
     return tokens
 
 __all__ = ["Sublayers", "ATTRIBUTION_SUFFIXES", "hook_filter", "is_parallel", "hook_name", "attribution_hooks",

@@ -73,7 +73,8 @@ class Decoder(readout.DecoderTensors):
         with torch.no_grad():
             return readout.lens_statistics(
                 resid, self, top_k, target_ids, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-                reductions=tuple(reductions), precision=precision,
+                reductions=(reductions,) if isinstance(reductions, str) else tuple(reductions),
+                precision=precision,
             )
 
     def check_width(self, resid: Tensor) -> None:

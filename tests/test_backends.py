@@ -350,3 +350,15 @@ def test_padding_side_is_an_option_of_both_one_call_forms(backend):
     assert left.attention_mask[1, 0] == 0 and right.attention_mask[1, -1] == 0  # where the short prompt is padded
     n = int(left.attention_mask[1].sum())
     torch.testing.assert_close(left.entropy[:, 1, -n:], right.entropy[:, 1, :n], atol=TOL, rtol=0)
+
+
+def test_a_single_reduction_name_is_one_reduction_on_both_backends(smollm2_hf, smollm2_bridge):
+    """``reductions="entropy"`` used to reach the nnsight trace as ('e', 'n', 't', ...) and be refused letter by
+    letter; a single name is one reduction on every entry point."""
+    from lens_plugins.backends.nnsight import wrap_model
+
+    hf, tokenizer = smollm2_hf
+    for result in (lp.nnsight.run_logit_lens(wrap_model(hf, tokenizer), "Hello there", reductions="entropy"),
+                   lp.transformer_lens.run_logit_lens(smollm2_bridge, "Hello there", reductions="entropy")):
+        assert result.entropy is not None and torch.isfinite(result.entropy).all()
+        assert result.top_ids is None  # only what was asked for

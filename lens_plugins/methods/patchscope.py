@@ -28,7 +28,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_plugins import tokens as token_utils
-from lens_plugins.backends._common import check_context
 from lens_plugins.core import patching
 from lens_plugins.core import request as lens_request
 from lens_plugins.core import rows as row_plan
@@ -118,10 +117,10 @@ def plan(
     top_k: int,
     batch_size: int,
     max_new_tokens: int,
-    context: Optional[int],
 ) -> PatchRequest:
     """Validate a Patchscope call against the model's row plan ``every`` (``core.rows.plan``) and the prompts'
-    lengths, before any forward: the same checks, in the same order, on both backends."""
+    lengths, before any forward: the same checks, in the same order, on both backends (which check the
+    prompts against the context first, with ``backends._common.check_context``)."""
     bad = [r for r in reductions if r in UNSUPPORTED_REDUCTIONS]
     if bad:
         raise LensValueError(f"reductions {bad} compare a lens row with another row; a Patchscope's rows are separate "
@@ -132,7 +131,6 @@ def plan(
         raise LensValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     if not -target_len <= target_position < target_len:
         raise LensIndexError(f"target_position {target_position} is out of range for a target prompt of {target_len} tokens")
-    check_context(target_len + max(max_new_tokens - 1, 0), context)
     rows = row_plan.select(every, layers)
     if target_layer is None:
         target_labels = [row.label for row in rows]

@@ -91,4 +91,4 @@ def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int) -> No
         n_tokens = len(model.tokenizer(text)["input_ids"])
     check_context(n_tokens, context_length(model), max_new_tokens)
 
-__all__ = ["SHIPPED_MODULES", "trace", "shippable", "remote_error", "generate_kwargs", "one_prompt"]
+__all__ = ["SHIPPED_MODULES", "trace", "shippable", "remote_error", "one_prompt"]

@@ -13,6 +13,7 @@ from lens_plugins.core.architectures import get_path
 from lens_plugins.core.errors import LensTypeError
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.core.trace.decoder_lens import decoder_lens
+from lens_plugins.core.request import check_reductions
 from lens_plugins.methods.lens import DEFAULT_TOP_K, LensRequest, assemble
 from lens_plugins.methods.result import LensResult
 from lens_plugins.typecheck import typechecked
@@ -56,7 +57,7 @@ def run_decoder_lens(
             encoder_ids.repeat(n + 1, 1), decoder_input_ids=decoder_ids.repeat(n + 1, 1), **trace_kwargs
         ):
             lens = decoder_lens(model, top_k=top_k, targets=list(targets), token_sets=token_sets,
-                                                  positions=positions, reductions=tuple(reductions))
+                                                  positions=positions, reductions=check_reductions(reductions))
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise remote_error(error, remote, backend) from error
     return decoder_lens_result(lens, model)

@@ -14,6 +14,7 @@ from lens_plugins.backends.nnsight._run import one_prompt, remote_error, shippab
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.core.trace.generation import generation_lens
+from lens_plugins.core.request import check_reductions
 from lens_plugins.methods import generation
 from lens_plugins.methods.generation import GeneratedLens
 from lens_plugins.typecheck import typechecked
@@ -59,7 +60,7 @@ def run_generation_lens(
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
             generation_lens(model, tracer, max_new_tokens, top_k=top_k, targets=list(targets),
-                                            token_sets=token_sets, reductions=tuple(reductions), lens=lens,
+                                            token_sets=token_sets, reductions=check_reductions(reductions), lens=lens,
                                             into=saved, **rows)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise remote_error(error, remote, backend) from error

@@ -32,6 +32,7 @@ from lens_plugins.core.errors import LensTypeError
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.core.trace import lens as trace_lens
 from lens_plugins.core.trace.lens import logit_lens
+from lens_plugins.core.request import check_reductions
 from lens_plugins.methods.lens import DEFAULT_TOP_K, LensRequest, assemble
 from lens_plugins.methods.result import LensResult
 from lens_plugins.typecheck import typechecked
@@ -92,7 +93,7 @@ def run_logit_lens(
     lens = shippable(model, lens, remote, backend, **rows)
     saved = trace(model, prompt, remote, backend, lambda: logit_lens(
         model, top_k=top_k, targets=list(targets), positions=positions, token_sets=token_sets,
-        reductions=tuple(reductions), lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        reductions=check_reductions(reductions), lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
         precision=precision, **rows), padding_side)
     return logit_lens_result(saved, model)
 

@@ -104,7 +104,7 @@ def run_patchscope(
         every, source.shape[1], target_ids.shape[0], tokenizer, architectures.decoder_tensors(hf, spec).d_vocab,
         layers=layers, positions=positions, target_layer=target_layer, target_position=target_position,
         targets=targets, token_sets=token_sets, reductions=reductions, top_k=top_k, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, context=context_length(model),
+        max_new_tokens=max_new_tokens,
     )
     labels, chosen_positions = request.labels, request.lens.positions
     try:

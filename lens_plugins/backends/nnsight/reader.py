@@ -83,6 +83,7 @@ def lens_tensors(
     chosen = row_plan.select(every, layers)
     weight, bias = lens.affine(chosen, architectures.decoder_tensors(hf, spec).d_model)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    return core_lenses.shipped(detach(weight), detach(bias), [row.label for row in chosen])
+    return core_lenses.shipped(detach(weight), detach(bias), [row.label for row in chosen],
+                               core_lenses.made_for(lens))
 
 __all__ = ["Sublayers", "wrap_model", "remote_model", "decoder_for", "lens_tensors"]

@@ -12,6 +12,7 @@ from lens_plugins.backends._common import eval_mode, one_at_a_time
 from lens_plugins.core.architectures import decoder_tensors, get_path
 from lens_plugins.core.decoder_lens import decoder_lens_stats, encoder_decoder_spec, one_example
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
+from lens_plugins.core.request import check_reductions
 from lens_plugins.methods.lens import DEFAULT_TOP_K, LensRequest, assemble
 from lens_plugins.methods.result import LensResult
 from lens_plugins.typecheck import typechecked
@@ -64,7 +65,7 @@ def run_decoder_lens(
     decoder = decoder_tensors(_Unwrapped(hf), spec).detached()
     with torch.no_grad():
         lens = decoder_lens_stats(captured["resid"], decoder, model.tokenizer, decoder_input_ids, n, top_k,
-                                  list(targets), token_sets, positions, tuple(reductions), own_logits=logits[n])
+                                  list(targets), token_sets, positions, check_reductions(reductions), own_logits=logits[n])
     return assemble(lens["stats"], LensRequest.from_dict(lens["request"]), lens["labels"], lens["token_ids"],
                     model.tokenizer, lens["attention_mask"])
 

@@ -21,6 +21,7 @@ from lens_plugins import tokens as token_utils
 from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens import reader as tla
 from lens_plugins.core.errors import LensValueError
+from lens_plugins.core.pipeline import check_decoder
 from lens_plugins.core.patching import patch_row, readout_stack, sites_of, write_rows
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.core.rows import Row
@@ -36,6 +37,7 @@ class _Runner(TargetRunner):
         self.request = request
         self.tokens = target_tokens
         self.decoder = tla.decoder_for(model)
+        check_decoder(self.decoder)  # as nnsight's read-out does: a non-finite decoder is refused, named
         self.final_hook = tla.hook_name(Row(model.cfg.n_layers - 1, "post"))
         self.chunks = (vocab_chunk, token_chunk)
 
@@ -131,7 +133,7 @@ def run_patchscope(
             every, seq, target_ids.shape[0], model.tokenizer, model.W_U.shape[1], layers=layers,
             positions=positions, target_layer=target_layer, target_position=target_position, targets=targets,
             token_sets=token_sets, reductions=reductions, top_k=top_k, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, context=context_length(model),
+            max_new_tokens=max_new_tokens,
         )
         hidden = read(request.rows, list(request.lens.positions))[:, 0]
         runner = _Runner(model, request, target_ids.reshape(1, -1), vocab_chunk, token_chunk)

@@ -12,11 +12,13 @@ before it fixed seq=3. Expected Int[Tensor, 'batch seq'], got a tensor of dtype 
 jaxtyping's full report follows it.
 """
 
+import collections.abc
 import functools
 import inspect
 import os
 import re
 import sys
+import types
 import typing
 
 
@@ -40,6 +42,7 @@ def _import_beartype():
 
 beartype = _import_beartype()
 
+from beartype.door import is_bearable  # noqa: E402
 from jaxtyping import AbstractArray, TypeCheckError, jaxtyped  # noqa: E402  (after beartype: jaxtyping may import it)
 
 from lens_plugins.core.errors import LensTypeError  # noqa: E402
@@ -63,8 +66,12 @@ def typechecked(obj):
 
 
 def _explained(checked, name: str, signature: inspect.Signature):
+    itemised = [p for p, parameter in signature.parameters.items() if _has_items(parameter.annotation)]
+
     @functools.wraps(checked)
     def wrapper(*args, **kwargs):
+        if itemised:
+            _check_every_item(name, signature, itemised, args, kwargs)
         try:
             return checked(*args, **kwargs)
         except ArgumentTypeError:
@@ -74,6 +81,39 @@ def _explained(checked, name: str, signature: inspect.Signature):
             raise ArgumentTypeError(str(error) if summary is None else f"{summary}\n\n{error}") from None
 
     return wrapper
+
+
+_ITEMS = (list, collections.abc.Sequence)  # the containers whose items beartype samples (one, at random)
+_UNIONS = (typing.Union, types.UnionType)
+
+
+def _has_items(hint) -> bool:
+    """Whether ``hint`` holds a ``list[...]`` or ``Sequence[...]``, whose items ``_fits`` checks one by one."""
+    return typing.get_origin(hint) in _ITEMS or any(_has_items(arg) for arg in typing.get_args(hint))
+
+
+def _fits(value, hint) -> bool:
+    """``value`` fits ``hint`` with every item of a list or sequence checked, where beartype checks one item
+    drawn at random: ``["a", model]`` would pass half the time and fail with another message the other half."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in _UNIONS:
+        return any(_fits(value, arg) for arg in args)
+    if origin in _ITEMS and len(args) == 1:
+        return is_bearable(value, origin) and all(_fits(item, args[0]) for item in value)
+    return is_bearable(value, hint)
+
+
+def _check_every_item(name: str, signature: inspect.Signature, itemised: list, args, kwargs) -> None:
+    """Refuse, the same way on every call, an argument with a container annotation that an item breaks."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return  # a missing or extra argument: beartype and Python name it
+    for argument in itemised:
+        if argument in bound and not _fits(bound[argument], signature.parameters[argument].annotation):
+            expected = re.sub(r"<class '(.*?)'>", r"\1", str(signature.parameters[argument].annotation))
+            raise ArgumentTypeError(f"{name}: argument {argument!r} has the wrong type. Expected {expected}, "
+                                    f"got {_describe(bound[argument])}.")
 
 
 def _summary(report: str, name: str, signature: inspect.Signature, args, kwargs) -> typing.Optional[str]:
@@ -143,10 +183,20 @@ def _torch_dtypes(annotation) -> list[str]:
 
 
 def _describe(value) -> str:
+    """What came, in a few words: a tensor by dtype and shape, a container by its items' types, a scalar by its
+    (cut) repr, anything else (a model) by its type alone; never a large repr (a model's runs to pages)."""
     shape = getattr(value, "shape", None)
-    if shape is None:
-        return f"{type(value).__name__} {value!r}"[:200]
-    dtype = str(getattr(value, "dtype", "?")).removeprefix("torch.")
-    return f"a tensor of dtype {dtype} and shape {tuple(shape)}"
+    if shape is not None:
+        dtype = str(getattr(value, "dtype", "?")).removeprefix("torch.")
+        return f"a tensor of dtype {dtype} and shape {tuple(shape)}"
+    kind = type(value).__name__
+    if isinstance(value, (list, tuple, set, dict)):
+        items = [type(item).__name__ for item in list(value)[:5]]
+        more = ", ..." if len(value) > 5 else ""
+        return f"a {kind} of {len(value)} items ({', '.join(items)}{more})"
+    if value is None or isinstance(value, (str, int, float, bool)):
+        text = repr(value)
+        return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
+    return f"a {kind}"
 
 __all__ = ["ENABLED", "typechecked", "ArgumentTypeError"]

@@ -1,6 +1,6 @@
 """The one-call guards both backends share, so that every ``run_*`` verb refuses the same input with the
-same message: context length, prompt text, padding of a batch, eval mode, the model under a wrapper, and one
-call at a time on one model."""
+same message: context length, prompt text, token ids in the vocabulary, padding of a batch, eval mode, the
+model under a wrapper, a model with weights to run, and one call at a time on one model."""
 
 import contextlib
 import functools
@@ -104,6 +104,52 @@ def check_prompts(prompt: Union[str, Sequence[str]]) -> list[str]:
     return prompts
 
 
+def vocab_size(model) -> Optional[int]:
+    """The model's vocabulary size: ``cfg.d_vocab`` of a TransformerLens model, else the Hugging Face config's
+    ``vocab_size``; ``None`` where neither says."""
+    cfg = getattr(model, "cfg", None)
+    value = getattr(cfg, "d_vocab", None) if cfg is not None else None
+    if not isinstance(value, int):
+        value = getattr(getattr(unwrap(model), "config", None), "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_token_ids(model, prompt, argument: str = "text") -> None:
+    """Refuse a prompt given as token ids (``argument``, a tensor) holding an id outside the model's vocabulary,
+    before any forward pass: the embedding lookup would fail deep in torch ("index out of range in self", or a
+    device-side assert on a GPU). Text is left to the tokenizer."""
+    if not isinstance(prompt, Tensor) or prompt.numel() == 0:
+        return
+    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+        raise LensTypeError(f"{argument} as token ids must be an integer tensor, got dtype {prompt.dtype}: "
+                            "pass model.tokenizer(text, return_tensors='pt').input_ids, or the text itself")
+    limit = vocab_size(model)
+    bad = (prompt < 0) | (prompt >= limit) if limit is not None else prompt < 0
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise LensValueError(
+            f"{argument} holds token id {int(prompt[where])} at index {where}, outside the model's vocabulary "
+            f"[0, {limit if limit is not None else 'vocab'}): tokenize with this model's own tokenizer "
+            "(model.tokenizer), or pass the text itself")
+
+
+def check_model(model) -> None:
+    """Refuse what a one-call verb cannot run, where it starts: something that is not a model (arguments in
+    the wrong order put the prompt there), or a TransformerLens or Hugging Face model whose weights are on the
+    ``meta`` device (built without loading them), which would fail deep in torch on the first matmul. An
+    nnsight model is left alone: it loads meta weights itself (``remote_model``) or runs them remotely."""
+    module = unwrap(model)
+    if not isinstance(module, torch.nn.Module):
+        raise LensTypeError(
+            f"the first argument must be the model (a TransformerLens or nnsight model), got a "
+            f"{type(model).__name__}: call verb(model, prompt, ...)")
+    if module is model and any(p.is_meta for p in model.parameters()):
+        raise LensValueError(
+            "the model's weights are on the 'meta' device (built without loading them): there is nothing to run. "
+            "Load the weights first (e.g. from_pretrained without device_map='meta', or model.to_empty(device=...) "
+            "followed by load_state_dict)")
+
+
 def check_max_new_tokens(max_new_tokens: int) -> None:
     """Refuse a generation of no tokens before any forward pass."""
     if max_new_tokens < 1:
@@ -141,6 +187,7 @@ def one_at_a_time(run):
 
     @functools.wraps(run)
     def locked(model, *args, **kwargs):
+        check_model(model)
         with model_lock(model):
             return run(model, *args, **kwargs)
 
@@ -149,4 +196,4 @@ def one_at_a_time(run):
 
 
 __all__ = ["unwrap", "context_length", "check_context", "model_lock", "one_at_a_time", "pad_batch", "eval_mode",
-           "check_prompts", "check_max_new_tokens"]
+           "check_prompts", "vocab_size", "check_token_ids", "check_model", "check_max_new_tokens"]

@@ -102,12 +102,31 @@ def set_logit(normed, decoder, ids):
     return column_logits(normed, decoder, ids)[1].logsumexp(-1)
 
 
-def logit_diff(read, rows, positions, decoder, target_ids, distractor_ids, batch, lens=None):
+def check_not_padding(positions, attention_mask):
+    """Refuse decoded positions that are padding in some prompt of the batch (``attention_mask [batch, seq]``,
+    0 on padding; ``None``: no padding): a logit difference there scores a pad token, a finite, plausible and
+    meaningless number that a mean over the batch would silently take in (no mask field could stop that)."""
+    if attention_mask is None:
+        return
+    padded = attention_mask[:, positions] == 0
+    if bool(padded.any()):
+        item, index = (int(i) for i in padded.nonzero()[0])
+        raise LensValueError(
+            f"position {positions[index]} is padding in prompt {item} of the batch ({int(padded.any(0).sum())} of "
+            f"the {len(positions)} positions asked for are padding in some prompt): a logit difference there would "
+            "score a pad token. Pad on the left (padding_side='left') and pass positions=-1 to compare every "
+            "prompt's last token, pass positions that are real in every prompt, or run the prompts one at a time.")
+
+
+def logit_diff(read, rows, positions, decoder, target_ids, distractor_ids, batch, lens=None, attention_mask=None):
     """``[rows, batch, positions]``: each row decoded with the model's own final norm (its real scale at that
-    row) and compared on the two token sets: ``log P(target set) - log P(distractor set)``."""
+    row) and compared on the two token sets: ``log P(target set) - log P(distractor set)``. Positions that are
+    padding in some prompt (``attention_mask``) are refused (``check_not_padding``)."""
+    check_not_padding(positions, attention_mask)
     flat = lens_rows(read, rows, positions, lens, decoder)
     normed = decoder.normalize(flat.to(decoder.W_U.device))
     diff = set_logit(normed, decoder, target_ids) - set_logit(normed, decoder, distractor_ids)
     return diff.reshape(len(rows), batch, len(positions))
 
-__all__ = ["check_finite", "check_decoder", "check_rows", "sequence_index", "lens_rows", "logit_lens", "set_logit", "logit_diff"]
+__all__ = ["check_finite", "check_decoder", "check_rows", "sequence_index", "lens_rows", "logit_lens", "set_logit", "check_not_padding",
+           "logit_diff"]

@@ -15,7 +15,7 @@ from typing import Optional, Protocol, runtime_checkable
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_plugins.core.errors import LensKeyError
+from lens_plugins.core.errors import LensKeyError, LensTypeError, LensValueError
 from lens_plugins.core.lenses import apply_affine
 from lens_plugins.core.rows import Row
 
@@ -38,11 +38,37 @@ class LogitLens:
         return None, None
 
 
+def check_affine_shapes(n_rows: int, weight: Optional[Tensor], bias: Optional[Tensor], where: str) -> None:
+    """Refuse per-row affine maps whose shapes do not fit one another: ``weight [n_rows, d, d]`` and
+    ``bias [n_rows, d]``, one map per row label. Checked where the lens is made (``where`` names it: the
+    class, or the file it was loaded from), since a wrong shape would otherwise fail deep in torch on the first
+    lens call, or index another row's map."""
+    expected = {"weight": (n_rows, "d", "d"), "bias": (n_rows, "d")}
+    widths = set()
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, Tensor):
+            raise LensTypeError(f"{where}: {name} must be a tensor or None, got a {type(tensor).__name__}")
+        shape = tuple(tensor.shape)
+        fits = len(shape) == len(expected[name]) and shape[0] == n_rows and len(set(shape[1:])) == 1
+        if not fits:
+            raise LensValueError(
+                f"{where}: {name} has shape {shape}, but {n_rows} row label(s) need {name} of shape "
+                f"{tuple(expected[name])} (one {'d x d matrix' if name == 'weight' else 'd-vector'} per label, "
+                "d = d_model): give one map per label, in the labels' order")
+        widths.add(shape[-1])
+    if len(widths) > 1:
+        raise LensValueError(f"{where}: weight is {weight.shape[-1]} wide but bias is {bias.shape[-1]}: both must "
+                             "have the model's d_model")
+
+
 class AffineLens:
     """A per-row affine lens from tensors, applied residually: ``h + h @ weight[r].T + bias[r]``, with
     ``weight [rows, d, d]`` and ``bias [rows, d]`` (either may be ``None``) indexed by row label."""
 
     def __init__(self, labels: Sequence[str], weight: Optional[Tensor] = None, bias: Optional[Tensor] = None):
+        check_affine_shapes(len(labels), weight, bias, "AffineLens")
         self.labels = list(labels)
         self.weight = weight
         self.bias = bias
@@ -61,4 +87,4 @@ class AffineLens:
     def transform(self, resid: Float[Tensor, "rows tokens d_model"], rows: Sequence[Row]) -> Float[Tensor, "rows tokens d_model"]:
         return apply_affine(resid, *self.affine(rows, resid.shape[-1]))
 
-__all__ = ["Lens", "LogitLens", "AffineLens"]
+__all__ = ["Lens", "LogitLens", "check_affine_shapes", "AffineLens"]

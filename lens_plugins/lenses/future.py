@@ -36,6 +36,7 @@ from lens_plugins.core.lenses import apply_affine, check_fits, check_output
 from lens_plugins.core.request import single_token_id
 from lens_plugins.core.rows import Row
 from lens_plugins.decoder import Decoder
+from lens_plugins.lenses.affine import check_affine_shapes
 from lens_plugins.lenses.tuned import check_finite_tensor
 from lens_plugins.methods.lens import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, LensRequest, assemble
 from lens_plugins.methods.result import LensResult
@@ -108,6 +109,7 @@ class FutureLens(torch.nn.Module):
                                    "writes one)")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise LensValueError(f"{path} is not a saved Future Lens (FutureLens.save writes one)")
+        check_affine_shapes(len(state["labels"]), state["weight"], state["bias"], str(path))
         for key in ("weight", "bias"):
             check_finite_tensor(state[key], path, key)
         lens = cls(state["weight"].shape[-1], state["labels"], state["n_ahead"])

@@ -6,7 +6,9 @@ cache dir) and later loads take about a second. Nothing is ever fetched from a m
 """
 
 import importlib.metadata
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -78,17 +80,97 @@ def default_model_dir() -> Path:
     return target
 
 
+# Sizes a config may give, each with a ceiling far above any released model (a hostile or corrupted config
+# otherwise makes transformers build 1e8 layers, or allocate terabytes, before anything fails).
+_SIZES = {
+    "layers": (("num_hidden_layers", "n_layer", "num_layers"), 4096),
+    "width": (("hidden_size", "n_embd", "d_model"), 1 << 17),
+    "vocabulary": (("vocab_size",), 1 << 22),
+    "heads": (("num_attention_heads", "n_head", "num_heads"), 4096),
+    "MLP width": (("intermediate_size", "ffn_dim", "n_inner"), 1 << 20),
+    "context": (("max_position_embeddings", "n_positions"), 1 << 24),
+}
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _fail(file: Path, problem: str) -> "LensValueError":
+    """The error naming ``file`` first: a damaged model directory is fixed by replacing that file."""
+    return LensValueError(f"{file}: {problem}. Fix or replace the file (save_pretrained writes the config and the "
+                          "weights of one model together)")
+
+
+def _weight_names(path: Path) -> Optional[tuple[Path, list[str]]]:
+    """``(file, tensor names)`` of the directory's safetensors weights, read from the header (or the shard
+    index) alone, without loading a weight; ``None`` where there is neither (transformers then says so)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            return index, list(json.loads(index.read_text())["weight_map"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise _fail(index, f"is not a safetensors shard index ({error})") from None
+    file = path / "model.safetensors"
+    if not file.exists():
+        return None
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= min(file.stat().st_size - 8, 1 << 28):
+            raise _fail(file, f"is not a safetensors file (header length {size})")
+        try:
+            header = json.loads(handle.read(size))
+        except ValueError as error:
+            raise _fail(file, f"has a safetensors header that is not JSON ({error})") from None
+    return file, [name for name in header if name != "__metadata__"]
+
+
+def check_config(path: Path) -> dict:
+    """The parsed ``config.json`` of a model directory, checked before transformers builds anything from it:
+    JSON that parses to an object, a ``model_type`` transformers knows, sizes that are positive integers below
+    generous ceilings, and no more layers than the weights hold (counted from the safetensors header, read
+    without loading a weight). Every error names the file."""
+    from transformers import CONFIG_MAPPING
+
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _fail(file, f"is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise _fail(file, f"holds a JSON {type(config).__name__}, not an object")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise _fail(file, f"has model_type {model_type!r}, which this transformers does not know (e.g. 'llama', "
+                          "'gpt2')")
+    for what, (keys, ceiling) in _SIZES.items():
+        for key in keys:
+            value = config.get(key)
+            if key in config and value is not None and (type(value) is not int or not 1 <= value <= ceiling):
+                raise _fail(file, f"gives {key}={value!r} (the model's {what}): it must be an integer from 1 to "
+                                  f"{ceiling}")
+    weights = _weight_names(path)
+    layers = next((config[key] for key in _SIZES["layers"][0] if isinstance(config.get(key), int)), None)
+    if weights is not None and layers is not None:
+        indices = {int(m.group(1)) for name in weights[1] for m in [_LAYER_INDEX.search(name)] if m}
+        if indices and layers > len(indices):
+            raise _fail(file, f"gives {layers} layers, but {weights[0].name} holds weights for {len(indices)}")
+    return config
+
+
 def load_hf_model(path: Union[str, Path], dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a local Hugging Face causal-LM directory, in eval mode.
 
-    Eager attention, because TransformerLens hooks attention patterns and compares against eager.
+    Eager attention, because TransformerLens hooks attention patterns and compares against eager. The
+    directory's ``config.json`` is checked first (``check_config``), naming the file in every error.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise LensFileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(path)
+    check_config(path)  # before transformers reads it: a hostile config fails here, naming the file
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, TypeError) as error:
+        raise _fail(path / "config.json", f"cannot be read as a model config ({type(error).__name__}: {error})") from None
     architectures = getattr(config, "architectures", None) or []
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         raise LensValueError(
@@ -135,4 +217,4 @@ def load_default_model(
     return hooked_transformer_from_hf(model, tokenizer)
 
 __all__ = ["DEFAULT_MODEL_NAME", "Backend", "BACKENDS", "cache_dir", "gguf_path", "default_model_dir",
-    "load_hf_model", "load_default_model"]
+    "check_config", "load_hf_model", "load_default_model"]

@@ -505,7 +505,8 @@ def html_report(
     figures = [lens_heatmap(result, metric, batch) for metric in metrics]  # validate all before writing
     prompt = "".join(result.str_tokens(batch))
     final = result.top_tokens(result.positions[-1], batch)[result.labels[-1]][0]
-    intro = (f"<p>Prompt: <code>{html.escape(prompt)}</code></p>\n<p>Rows {html.escape(result.labels[0])} (bottom) .. "
+    # <bdi>: a prompt in or with right-to-left script renders in its own order, not mixed into the page's.
+    intro = (f"<p>Prompt: <bdi><code>{html.escape(prompt)}</code></bdi></p>\n<p>Rows {html.escape(result.labels[0])} (bottom) .. "
              f"{html.escape(result.labels[-1])} (top); at the last decoded position the model predicts "
              f"<code>{html.escape(repr(final[0]))}</code> with p = {final[1]:.3f}.</p>")
     with atomic_write(path) as staging:

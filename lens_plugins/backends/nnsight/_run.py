@@ -59,6 +59,15 @@ def remote_error(error: Exception, remote, backend) -> Exception:
     message = str(error).lower()
     # NDIF says "Your job exceeded the execution timeout of 20.0s." when it stops a job itself.
     timed_out = "timed out" in message or "execution timeout" in message
+    # An HTTP reply that is not NDIF's (a 404 from a wrong host) fails nnsight's first step, the websocket
+    # handshake, with the HTTP status on the error (``WebSocketBadStatusException.status_code``).
+    status = getattr(error, "status_code", None)
+    if isinstance(status, int):
+        host = getattr(backend, "host", None) or nnsight.CONFIG.API.HOST
+        return RemoteLensError(
+            f"the server at {host} did not answer as an NDIF server (HTTP {status}: {kind}): check "
+            "nnsight.CONFIG.API.HOST (or the backend's host) names an NDIF server, or run the same lens locally "
+            "with remote=False. Nothing local was changed.")
     if isinstance(error, TimeoutError) or timed_out or "Timeout" in kind:
         what = "the remote job timed out"
     elif isinstance(error, RemoteError) and "Failed to send request" in str(error) or isinstance(error, OSError):

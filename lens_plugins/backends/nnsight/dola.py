@@ -8,7 +8,7 @@ from typing import Optional, Union
 import nnsight
 import torch
 
-from lens_plugins.backends._common import check_max_new_tokens, eval_mode, one_at_a_time, unwrap
+from lens_plugins.backends._common import check_max_new_tokens, check_token_ids, eval_mode, one_at_a_time, unwrap
 from lens_plugins.backends.nnsight._run import one_prompt, remote_error, trace_kwargs
 from lens_plugins.core.trace.dola import dola
 from lens_plugins.methods import dola as dola_module
@@ -35,6 +35,7 @@ def run_dola(
     """DoLa decoding (Chuang et al. 2023) of ``text`` in one ``model.generate`` request; see
     ``lens_plugins.core.dola`` for the definition and ``core/trace/dola.py`` for the in-trace form.
     ``tied_embeddings`` (for ``layers="low"``) defaults to the model config's ``tie_word_embeddings``."""
+    check_token_ids(model, text)
     check_max_new_tokens(max_new_tokens)
     one_prompt(model, text, max_new_tokens)
     try:

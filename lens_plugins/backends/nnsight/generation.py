@@ -9,7 +9,7 @@ from typing import Optional, Union
 import nnsight
 import torch
 
-from lens_plugins.backends._common import check_max_new_tokens, eval_mode, one_at_a_time, unwrap
+from lens_plugins.backends._common import check_max_new_tokens, check_token_ids, eval_mode, one_at_a_time, unwrap
 from lens_plugins.backends.nnsight._run import one_prompt, remote_error, shippable, trace_kwargs
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
@@ -48,6 +48,7 @@ def run_generation_lens(
 ) -> GeneratedLens:
     """Generate greedily from ``text`` (``generate_kwargs`` go to ``model.generate``, e.g. ``do_sample=True``)
     and lens every step, in one request: the one-call form. The lens parameters are ``run_logit_lens``'s."""
+    check_token_ids(model, text)
     check_max_new_tokens(max_new_tokens)
     one_prompt(model, text, max_new_tokens)
     generation.refuse_arguments(generate_kwargs, inspect.signature(run_generation_lens).parameters)

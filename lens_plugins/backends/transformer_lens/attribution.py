@@ -119,9 +119,11 @@ def logit_diff(
     layers: Optional[Sequence[Union[int, str]]] = None,
     positions: Optional[Union[int, Sequence[int]]] = None,
     lens=None,
+    attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
 ) -> LogitDiff:
     """The lens's ``target`` minus ``distractor`` logit at every row and position (the function behind
-    ``cache.lens.logit_diff``); rows, ``layers``, ``positions`` and ``lens`` as in ``logit_lens``."""
+    ``cache.lens.logit_diff``); rows, ``layers``, ``positions`` and ``lens`` as in ``logit_lens``;
+    ``attention_mask`` (for a padded batch) refuses a position that is padding in any prompt."""
     model, every, read, (batch, seq) = lens_rows(cache, resid_mid, sublayers)
     decoder = decoder_for(model)
     target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
@@ -129,7 +131,7 @@ def logit_diff(
     chosen = select(every, layers)
     chosen_positions = resolve_positions(positions, seq)
     values = pipeline.logit_diff(read, chosen, chosen_positions, decoder, target_ids, distractor_ids, batch,
-                                 lens)
+                                 lens, None if attention_mask is None else attention_mask.cpu())
     return LogitDiff([row.label for row in chosen], chosen_positions, values.cpu(), target_names, distractor_names)
 
 
@@ -171,6 +173,7 @@ def run_logit_diff(
     with eval_mode(model), torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask,
                                         names_filter=hook_filter(model, resid_mid, sublayers))
-        return logit_diff(cache, target, distractor, resid_mid=resid_mid, sublayers=sublayers, **kwargs)
+        return logit_diff(cache, target, distractor, resid_mid=resid_mid, sublayers=sublayers,
+                          attention_mask=mask, **kwargs)
 
 __all__ = ["cache_parts", "attribution", "logit_diff", "run_attribution", "run_logit_diff"]

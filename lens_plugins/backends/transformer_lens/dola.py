@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from lens_plugins.backends._common import eval_mode, one_at_a_time
+from lens_plugins.backends._common import check_token_ids, eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens.reader import decoder_for, hook_name, prompt_tokens
 from lens_plugins.core import dola as core_dola
 from lens_plugins.core.errors import LensValueError
@@ -31,6 +31,7 @@ def run_dola(
     """DoLa decoding of ``text`` (``lens_plugins.core.dola``), one forward pass per generated token; stops
     at the tokenizer's end-of-text token. ``tied_embeddings`` (for ``layers="low"``) defaults to the model
     config's ``tie_word_embeddings``."""
+    check_token_ids(model, text)
     if max_new_tokens < 1:
         raise LensValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tokens = prompt_tokens(model, text, max_new_tokens)

@@ -11,7 +11,7 @@ from typing import Union
 
 import torch
 
-from lens_plugins.backends._common import eval_mode, one_at_a_time
+from lens_plugins.backends._common import check_token_ids, eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens.lens import logit_lens
 from lens_plugins.backends.transformer_lens.reader import hook_filter, prompt_tokens
 from lens_plugins.core.errors import LensValueError
@@ -25,6 +25,7 @@ from lens_plugins.typecheck import typechecked
 def run_generation_lens(model, text: Union[str, torch.Tensor], *, max_new_tokens: int = 10, **lens_kwargs) -> GeneratedLens:
     """Generate greedily from ``text`` (stopping at end-of-text), then lens every generated position in one
     cached forward pass; ``lens_kwargs`` go to ``logit_lens`` (``top_k``, ``targets``, ``reductions``, ...)."""
+    check_token_ids(model, text)
     if max_new_tokens < 1:
         raise LensValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     generation.refuse_arguments(lens_kwargs, inspect.signature(logit_lens).parameters)

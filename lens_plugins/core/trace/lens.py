@@ -77,10 +77,10 @@ def logit_diff(model, target, distractor, positions=None, layers=None, resid_mid
     distractor_ids = request.token_set_ids(model.tokenizer, distractor, d_vocab)
     _, chosen = plan(model, spec, layers, resid_mid, sublayers)
     try:
-        token_ids, _ = model_input(model)
+        token_ids, mask = model_input(model)
         chosen_positions = request.resolve_positions(positions, token_ids.shape[1])
         values = pipeline.logit_diff(reader(model, spec), chosen, chosen_positions, decoder, target_ids,
-                                     distractor_ids, token_ids.shape[0], lens)
+                                     distractor_ids, token_ids.shape[0], lens, mask.cpu())
     except OutOfOrderError as error:
         raise out_of_order(error) from error
     return nnsight.save({

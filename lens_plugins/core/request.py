@@ -10,7 +10,7 @@ bad input with the same message.
 
 import torch
 
-from lens_plugins.core.errors import LensIndexError, LensValueError
+from lens_plugins.core.errors import LensError, LensIndexError, LensTypeError, LensValueError
 from lens_plugins.core.readout import NO_TARGET
 from lens_plugins.core.reductions import COLUMNS, LENS
 
@@ -24,7 +24,7 @@ def check_top_k(top_k):
 def check_reductions(reductions):
     if isinstance(reductions, str):
         reductions = [reductions]
-    unknown = [name for name in reductions if name not in LENS]
+    unknown = [name for name in reductions if not isinstance(name, str) or name not in LENS]
     if unknown:
         raise LensValueError(f"unknown reductions {unknown}; choose from {list(LENS)}")
     return tuple(dict.fromkeys(reductions))
@@ -46,13 +46,17 @@ def resolve_positions(positions, seq_len):
         raise LensValueError("the prompt is empty: there is no position to decode")
     if positions is None:
         return list(range(seq_len))
-    if isinstance(positions, int):
+    if isinstance(positions, int) and not isinstance(positions, bool):
         positions = [positions]
+    if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+        raise LensTypeError(f"positions must be None, an int or a list of ints, got {positions!r}")
     chosen = set()
     for pos in positions:
+        if isinstance(pos, bool) or not isinstance(pos, int):
+            raise LensTypeError(f"positions must be None, an int or a list of ints, got {positions!r}")
         if not -seq_len <= pos < seq_len:
             raise LensIndexError(f"position {pos} is out of range for a prompt of {seq_len} tokens "
-                             f"(valid: {-seq_len} .. {seq_len - 1})")
+                             f"(valid: {-seq_len} .. {seq_len - 1}): check positions=")
         chosen.add(pos % seq_len)
     if not chosen:
         raise LensValueError("positions is empty: pass None for all positions, or a list of indices")
@@ -86,7 +90,13 @@ def single_token_id(tokenizer, target, d_vocab):
 def token_set_ids(tokenizer, spec, d_vocab):
     """The ids of an attribution target: one token (string or id) or a list of them (a token set), each
     checked by ``single_token_id``; a token named twice is refused (it would count twice)."""
-    members = [spec] if isinstance(spec, (str, int)) else list(spec)
+    if isinstance(spec, (str, int)):
+        members = [spec]
+    elif isinstance(spec, (list, tuple)):
+        members = list(spec)
+    else:
+        raise LensTypeError(f"a target must be a token (a string or an id) or a list of them (a token set), "
+                            f"got {type(spec).__name__} {spec!r}")
     if not members:
         raise LensValueError("an empty token set: give at least one token, e.g. ' Paris' or [' Paris', 'Paris']")
     ids = [single_token_id(tokenizer, m, d_vocab) for m in members]
@@ -95,18 +105,42 @@ def token_set_ids(tokenizer, spec, d_vocab):
     return ids
 
 
+def _naming(argument, make):
+    """``make()``, a refusal prefixed with the argument it concerns (a token rule is shared by several)."""
+    try:
+        return make()
+    except LensError as error:
+        raise type(error)(f"{argument}: {error}") from None
+
+
+def check_token_sets(token_sets):
+    """``token_sets`` as a dict ``{name: [tokens]}`` (a bare token is a one-member set), or refused, named."""
+    if token_sets is None:
+        return {}
+    if not hasattr(token_sets, "items"):
+        raise LensTypeError(f"token_sets must be a dict {{name: [tokens]}}, got {type(token_sets).__name__} "
+                            f"{token_sets!r}")
+    sets = {}
+    for name, members in dict(token_sets).items():
+        if not isinstance(name, str):
+            raise LensTypeError(f"token_sets: a set's name must be a string, got {name!r}")
+        sets[name] = [members] if isinstance(members, (str, int)) else members
+    return sets
+
+
 def build(tokenizer, d_vocab, seq_len, top_k, positions, targets, token_sets, reductions):
     """The request of one lens call, or the first error its arguments hold."""
     if isinstance(targets, (str, int)):
         targets = [targets]
     reductions = check_reductions(reductions)
-    target_ids = [single_token_id(tokenizer, t, d_vocab) for t in targets]
-    sets = dict(token_sets or {})
+    target_ids = [_naming("targets", lambda t=t: single_token_id(tokenizer, t, d_vocab)) for t in targets]
+    sets = check_token_sets(token_sets)
     set_ids = []
     for name, members in sets.items():
-        ids = list(dict.fromkeys(single_token_id(tokenizer, m, d_vocab) for m in members))
+        ids = _naming(f"token_sets[{name!r}]", lambda members=members: list(dict.fromkeys(
+            single_token_id(tokenizer, m, d_vocab) for m in members)))
         if not ids:
-            raise LensValueError(f"the token set {name!r} has no members: give it at least one token")
+            raise LensValueError(f"the token set {name!r} of token_sets has no members: give it at least one token")
         set_ids.append(ids)
     return {
         "top_k": check_top_k(top_k),
@@ -141,5 +175,5 @@ def target_columns(token_ids, attention_mask, positions, reductions, user_ids):
     stacked = [c.long().unsqueeze(-1) for c in columns] + [user.reshape(1, 1, -1).expand(batch, len(positions), -1)]
     return torch.cat(stacked, dim=-1).reshape(batch * len(positions), -1)
 
-__all__ = ["check_top_k", "check_reductions", "readout_reductions", "resolve_positions", "single_token_id",
+__all__ = ["check_top_k", "check_reductions", "check_token_sets", "readout_reductions", "resolve_positions", "single_token_id",
     "token_set_ids", "build", "user_ids", "target_columns"]

@@ -16,7 +16,7 @@ tuned-lens checkpoints use; sublayer rows have none.
 
 from dataclasses import dataclass
 
-from lens_plugins.core.errors import LensIndexError, LensKeyError, LensValueError
+from lens_plugins.core.errors import LensIndexError, LensKeyError, LensTypeError, LensValueError
 
 SITES = ("embed", "pre", "mid", "post", "attn", "mlp", "attn+mlp", "attn_out", "mlp_out")
 
@@ -108,12 +108,14 @@ def select(rows, layers):
                         f"layers={layer!r} looks like a module path, but layers= selects rows (indices or labels "
                         f"such as 3 or '3_pre'); give module paths as paths={{'layers': {layer!r}, "
                         "'final_norm': ..., 'lm_head': ...}")
-                raise LensKeyError(f"no row labelled {layer!r}; the rows are {labels}")
+                raise LensKeyError(f"layers: no row labelled {layer!r}; the rows are {labels}")
             chosen.add(labels.index(layer))
         elif isinstance(layer, int) and not isinstance(layer, bool) and -n <= layer < n:
             chosen.add(layer % n)
         else:
-            raise LensIndexError(f"layer {layer!r} is out of range: the stack has rows 0..{n - 1} "
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise LensTypeError(f"layers: {layer!r} is neither a row index nor a row label such as '3_pre'")
+            raise LensIndexError(f"layers: layer {layer!r} is out of range: the stack has rows 0..{n - 1} "
                              f"({labels[0]} .. {labels[-1]}), negative indices count from the end")
     return [rows[i] for i in sorted(chosen | {n - 1})]
 

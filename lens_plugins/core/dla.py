@@ -12,6 +12,8 @@ TransformerLens cache on the caller's machine and inside an nnsight trace (``cor
 NDIF server, so both backends share one piece of arithmetic.
 """
 
+import numbers
+
 import torch
 
 from lens_plugins.core.errors import (
@@ -19,6 +21,7 @@ from lens_plugins.core.errors import (
     LensIndexError,
     LensKeyError,
     LensNotImplementedError,
+    LensTypeError,
     LensValueError,
 )
 
@@ -208,6 +211,9 @@ def check_position(position, attention_mask):
     """Refuse a position outside the prompt, or one that is padding in any prompt of the batch (padding
     has no prediction to attribute: pad on the left to attribute every prompt's last token)."""
     seq_len = attention_mask.shape[-1]
+    if isinstance(position, bool) or not isinstance(position, numbers.Integral):
+        raise LensTypeError(f"position must be one integer position (e.g. position=-1, the last token), got "
+                            f"{position!r}")
     if not -seq_len <= position < seq_len:
         raise LensIndexError(f"position {position} is out of range for a prompt of {seq_len} tokens "
                          f"(valid: {-seq_len} .. {seq_len - 1})")

@@ -12,10 +12,12 @@ the patterns' causal structure is then checked, which catches it. Torch and core
 by source.
 """
 
+import numbers
+
 import torch
 
 from lens_plugins.core import architectures
-from lens_plugins.core.errors import AttentionUnavailableError, LensIndexError, LensValueError
+from lens_plugins.core.errors import AttentionUnavailableError, LensIndexError, LensTypeError, LensValueError
 
 FORMAT = "lens_plugins.attention/1"
 _TOO_LATE = ("{what}: the forward pass began before the switch to eager attention, which must come before the "
@@ -28,10 +30,18 @@ def choose_layers(layers, n_layers):
     duplicates dropped; out of range refused."""
     if layers is None:
         return list(range(n_layers))
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise LensTypeError(f"layers must be a list of layer indices, e.g. layers=[0, {n_layers - 1}], got {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise LensValueError("layers is empty: name at least one layer, or pass layers=None for all of them")
     chosen = []
     for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise LensTypeError(f"layers must hold integer layer indices, got {layer!r} in layers={layers!r}")
+        layer = int(layer)
         if not -n_layers <= layer < n_layers:
-            raise LensIndexError(f"layer {layer} is out of range for a model of {n_layers} layers")
+            raise LensIndexError(f"layers: layer {layer} is out of range for a model of {n_layers} layers")
         chosen.append(layer % n_layers)
     return list(dict.fromkeys(chosen))
 
@@ -62,8 +72,8 @@ def attention(model, layers=None):
             raise LensValueError("attention views need input_ids to label their tokens: trace token ids or text, "
                                  "not inputs_embeds")
         mask = kwargs.get("attention_mask")
-        patterns = []
-        for layer in chosen:
+        patterns = {}
+        for layer in sorted(chosen):  # the forward reaches them in layer order, whatever order was asked for
             weights = architectures.component(model, spec, "attn", layer).output[1]
             if weights is None:  # a module that skips the weights even when eager
                 raise AttentionUnavailableError(f"layer {layer}'s attention returned no weights although the model "
@@ -71,11 +81,11 @@ def attention(model, layers=None):
             weights = weights.detach().float()
             if previous != "eager":  # a model loaded eager may attend both ways (a prefix LM): nothing to check
                 check_causal(weights, mask, layer)
-            patterns.append(weights.cpu())
+            patterns[layer] = weights.cpu()
     finally:
         config._attn_implementation = previous
     return nnsight.save({
-        "format": FORMAT, "layers": chosen, "patterns": torch.stack(patterns), "token_ids": tokens.cpu(),
+        "format": FORMAT, "layers": chosen, "patterns": torch.stack([patterns[layer] for layer in chosen]), "token_ids": tokens.cpu(),
         "attention_mask": torch.ones_like(tokens).cpu() if mask is None else mask.cpu(),
     })
 

@@ -87,9 +87,14 @@ def single_token_id(tokenizer, target, d_vocab):
     return ids[0]
 
 
-def token_set_ids(tokenizer, spec, d_vocab):
-    """The ids of an attribution target: one token (string or id) or a list of them (a token set), each
-    checked by ``single_token_id``; a token named twice is refused (it would count twice)."""
+def token_set_ids(tokenizer, spec, d_vocab, argument="target"):
+    """The ids of an attribution target (or distractor: ``argument`` names which, in every refusal): one token
+    (string or id) or a list of them (a token set), each checked by ``single_token_id``; a token named twice is
+    refused (it would count twice)."""
+    return _naming(argument, lambda: _token_set_ids(tokenizer, spec, d_vocab))
+
+
+def _token_set_ids(tokenizer, spec, d_vocab):
     if isinstance(spec, (str, int)):
         members = [spec]
     elif isinstance(spec, (list, tuple)):

@@ -34,11 +34,12 @@ TokenSet = Union[str, int, Sequence[Union[str, int]]]
 
 
 @typechecked
-def token_set(tokenizer, spec: TokenSet, d_vocab: int) -> tuple[list[int], list[str]]:
-    """Ids and display names of a target: one token (string or id) or a list of them (a token set)."""
+def token_set(tokenizer, spec: TokenSet, d_vocab: int, argument: str = "target") -> tuple[list[int], list[str]]:
+    """Ids and display names of a target (or distractor: ``argument``): one token (string or id) or a list of
+    them (a token set). The ids are checked before any is decoded for its name."""
+    ids = token_set_ids(tokenizer, spec, d_vocab, argument)
     members = [spec] if isinstance(spec, (str, int)) else list(spec)
-    names = [m if isinstance(m, str) else tokenizer.decode([m]) for m in members]
-    return token_set_ids(tokenizer, members, d_vocab), names
+    return ids, [m if isinstance(m, str) else tokenizer.decode([i]) for m, i in zip(members, ids)]
 
 
 @typechecked

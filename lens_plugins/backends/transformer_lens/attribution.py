@@ -102,7 +102,8 @@ def attribution(
     model = cache_model(cache)
     decoder = decoder_for(model)
     target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
-    distractor_ids, distractor_names = ([], []) if distractor is None else token_set(model.tokenizer, distractor, decoder.d_vocab)
+    distractor_ids, distractor_names = ([], []) if distractor is None else token_set(model.tokenizer, distractor, decoder.d_vocab,
+                                                                                             "distractor")
     values = attribute_parts(cache_parts(cache, position, attention_mask), decoder, target_ids, distractor_ids)
     return from_values(values, by=by, position=position, target_names=target_names,
                        distractor_names=distractor_names, parallel=is_parallel(model))
@@ -127,7 +128,7 @@ def logit_diff(
     model, every, read, (batch, seq) = lens_rows(cache, resid_mid, sublayers)
     decoder = decoder_for(model)
     target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
-    distractor_ids, distractor_names = token_set(model.tokenizer, distractor, decoder.d_vocab)
+    distractor_ids, distractor_names = token_set(model.tokenizer, distractor, decoder.d_vocab, "distractor")
     chosen = select(every, layers)
     chosen_positions = resolve_positions(positions, seq)
     values = pipeline.logit_diff(read, chosen, chosen_positions, decoder, target_ids, distractor_ids, batch,

@@ -37,7 +37,7 @@ def attribution(model, target, distractor=None, position=-1, paths=None):
     check_decoder(decoder)
     d_vocab = decoder.d_vocab
     target_ids = request.token_set_ids(model.tokenizer, target, d_vocab)
-    distractor_ids = [] if distractor is None else request.token_set_ids(model.tokenizer, distractor, d_vocab)
+    distractor_ids = [] if distractor is None else request.token_set_ids(model.tokenizer, distractor, d_vocab, "distractor")
     try:
         _, mask = model_input(model)
         dla.check_position(position, mask)

@@ -74,7 +74,7 @@ def logit_diff(model, target, distractor, positions=None, layers=None, resid_mid
     decoder = decoder_tensors(model, spec)
     d_vocab = decoder.d_vocab
     target_ids = request.token_set_ids(model.tokenizer, target, d_vocab)
-    distractor_ids = request.token_set_ids(model.tokenizer, distractor, d_vocab)
+    distractor_ids = request.token_set_ids(model.tokenizer, distractor, d_vocab, "distractor")
     _, chosen = plan(model, spec, layers, resid_mid, sublayers)
     try:
         token_ids, mask = model_input(model)

@@ -659,11 +659,10 @@ def paths_strategy():
                              {**GOOD_PATHS, "final_norm": "model.gone"}])),
         # A partial dict (the table fills the rest) and an unknown key may be accepted.
         either(st.sampled_from([{"layers": "model.layers"}, {**GOOD_PATHS, "unknown": "x"}])),
-        # Left out, DEFECTS (reported; core/architectures.py, not ours to edit): a path to the wrong kind of module
-        # ({"layers": "model.norm"}: TypeError "object of type 'LlamaRMSNorm' has no len()"; {"lm_head":
-        # "model.embed_tokens.weight"}: AttributeError "'Parameter' object has no attribute 'weight'"), a non-string
-        # path ({"layers": 3}: AttributeError "'int' object has no attribute 'split'"), an empty path or a final norm
-        # that is a ModuleList (LensErrors that name neither paths= nor the key), and a non-dict paths=.
+        # The wrong kind of module, a weight, a non-string or empty path, and a paths= that is not a dict.
+        bad(st.sampled_from([{**GOOD_PATHS, "layers": "model.norm"}, {**GOOD_PATHS, "lm_head": "model.embed_tokens.weight"},
+                             {**GOOD_PATHS, "layers": 3}, {**GOOD_PATHS, "lm_head": ""},
+                             {**GOOD_PATHS, "final_norm": "model.layers"}, ["model.layers"], "model.layers"])),
     )
 
 

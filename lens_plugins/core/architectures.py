@@ -35,7 +35,13 @@ in-trace lens (``lens_plugins.core.trace``) calls it on the NDIF server, where i
 
 import torch
 
-from lens_plugins.core.errors import LensAttributeError, LensTypeError, UnknownArchitectureError, UnknownNormError
+from lens_plugins.core.errors import (
+    LensAttributeError,
+    LensTypeError,
+    LensValueError,
+    UnknownArchitectureError,
+    UnknownNormError,
+)
 from lens_plugins.core.readout import DecoderTensors
 
 _LLAMA_LIKE = {
@@ -127,9 +133,9 @@ def resolve(model, paths=None):
     by_hand = {k: v for k, v in (paths or {}).items() if v is not None}
     kind = model_type(model)
     if kind in ARCHITECTURES:
-        return dict(ARCHITECTURES[kind], **by_hand)
+        return check_paths(model, dict(ARCHITECTURES[kind], **by_hand), by_hand)
     if all(k in by_hand for k in PATH_ROLES):
-        return by_hand
+        return check_paths(model, by_hand, by_hand)
     missing = [k for k in PATH_ROLES if k not in by_hand]
     raise UnknownArchitectureError(
         f"lens_plugins does not know the architecture {kind!r} ({type(model).__name__}); known: "
@@ -138,6 +144,44 @@ def resolve(model, paths=None):
         "'lm_head': 'lm_head'}) (final_norm '' if the model has none), or add an entry to "
         "lens_plugins.core.architectures.ARCHITECTURES."
     )
+
+
+def check_paths(model, spec, by_hand):
+    """``spec``, once every path given by hand is a dotted string (``final_norm`` may be ``""``: no norm) that
+    names the right kind of module: ``layers`` a list of blocks, ``lm_head`` a module with a 2-D weight,
+    ``final_norm`` one module, not a list. A wrong path would otherwise fail deep in a forward pass or decode
+    through the wrong weights; the refusal names ``paths[key]``."""
+    def refuse(key, why, kind=LensValueError):
+        raise kind(f"paths[{key!r}]={by_hand[key]!r} {why}; pass the dotted path of the module "
+                             "(print(model) shows the module tree), e.g. paths={'layers': 'model.layers', "
+                             "'final_norm': 'model.norm', 'lm_head': 'lm_head'}")
+
+    for key, path in by_hand.items():
+        if not isinstance(path, str):
+            refuse(key, "is not a dotted module path (a string)")
+        if not path and key != "final_norm":
+            refuse(key, "is empty (only final_norm may be '', for a model without a final norm)")
+    for key in (k for k in PATH_ROLES if by_hand.get(k)):
+        try:
+            module = get_path(model, spec[key])
+        except LensAttributeError:
+            refuse(key, "names no submodule of this model", LensAttributeError)
+        if isinstance(module, torch.Tensor):
+            refuse(key, "is a tensor (a weight), not a module")
+        if key == "layers":
+            try:
+                len(module)
+            except TypeError:
+                refuse(key, "is one module, not the list of the model's blocks")
+        else:
+            try:
+                len(module)
+                refuse(key, "is a list of modules, not one module")
+            except TypeError:
+                pass
+        if key == "lm_head" and getattr(getattr(module, "weight", None), "ndim", None) != 2:
+            refuse(key, "has no 2-D weight: it is not the unembedding")
+    return spec
 
 
 def get_path(root, path, optional=False):
@@ -261,6 +305,6 @@ def layer_input(inputs):
     return args[0] if args else kwargs["hidden_states"]
 
 __all__ = ["ARCHITECTURES", "ENCODER_DECODER", "ROLES", "model_type", "PATH_ROLES", "resolve", "get_path",
-    "component", "ONE_PLUS_WEIGHT_NORMS", "norm_params", "decoder_tensors", "scales_decoder_output", "is_parallel",
+    "check_paths", "component", "ONE_PLUS_WEIGHT_NORMS", "norm_params", "decoder_tensors", "scales_decoder_output", "is_parallel",
     "layer_output",
     "layer_input"]

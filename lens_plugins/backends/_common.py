@@ -1,6 +1,6 @@
 """The one-call guards both backends share, so that every ``run_*`` verb refuses the same input with the
-same message: context length, prompt text, padding of a batch, eval mode, the model under a wrapper, and one
-call at a time on one model."""
+same message: context length, prompt text, the one tokenization rule (``prompt_ids``: BOS or not), padding of
+a batch, eval mode, the model under a wrapper, and one call at a time on one model."""
 
 import contextlib
 import functools
@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from lens_plugins.core.decoder_lens import one_example
 from lens_plugins.core.errors import LensTypeError, LensValueError
 
 
@@ -70,6 +71,21 @@ def pad_batch(sequences: Sequence[Tensor], pad_id: int, side: str) -> tuple[Tens
     return token_ids, mask
 
 
+def example_ids(tokenizer, value: Union[str, Tensor], name: str, prepend_bos: Optional[bool]) -> Tensor:
+    """The DecoderLens's one example ``[1, seq]``: text through ``prompt_ids`` (as every one-call form), then
+    ``core.decoder_lens.one_example``'s checks; token ids as given."""
+    if isinstance(value, str) and value.strip():
+        value = torch.tensor([prompt_ids(tokenizer, value, prepend_bos)])
+    return one_example(tokenizer, value, name)
+
+
+def pad_prompts(tokenizer, sequences: Sequence[Sequence[int]], side: str) -> tuple[Tensor, Tensor]:
+    """``pad_batch`` of ``prompt_ids`` lists with the tokenizer's pad token (its end-of-text token if it has
+    none, as the one-call forms always padded)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad_batch([torch.tensor(ids, dtype=torch.long) for ids in sequences], pad_id, side)
+
+
 @contextlib.contextmanager
 def eval_mode(module: torch.nn.Module):
     """Run ``module`` in eval mode for the duration (a model in training mode runs dropout, so its lens
@@ -102,6 +118,32 @@ def check_prompts(prompt: Union[str, Sequence[str]]) -> list[str]:
             where = "the prompt" if isinstance(prompt, str) else f"prompt {index} of the batch"
             raise LensValueError(f"{where} is empty ({text!r}): give the model some text to predict from")
     return prompts
+
+
+def prompt_ids(tokenizer, text: str, prepend_bos: Optional[bool]) -> list[int]:
+    """The token ids every one-call form of both backends runs for ``text``: the one rule, so that the same
+    prompt is the same input on TransformerLens and on nnsight.
+
+    ``prepend_bos=None``: as ``tokenizer(text)`` does (the model's own Hugging Face tokenizer, as
+    ``model.generate``, pipelines and every nnsight trace you write tokenize; in-trace forms cannot change your
+    trace's tokenization, so this is the one default both backends can share). ``True``: exactly one BOS at the
+    start, prepended unless the ids already start with it. ``False``: no BOS, one the tokenizer added removed
+    (one the text itself spells, such as a chat template's, is kept)."""
+    ids = list(tokenizer(text)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if prepend_bos is None or (bos is None and not prepend_bos):
+        return ids
+    if bos is None:
+        raise LensValueError(
+            f"prepend_bos=True, but the tokenizer ({type(tokenizer).__name__}) has no bos_token: pass "
+            "prepend_bos=None (its own tokenization) or prepend_bos=False"
+        )
+    if prepend_bos:
+        return ids if ids[:1] == [bos] else [bos] + ids
+    if ids[:1] != [bos]:
+        return ids
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[1:] if ids[1:len(plain) + 1] == list(plain) else ids  # added by the tokenizer, not spelled
 
 
 def check_max_new_tokens(max_new_tokens: int) -> None:
@@ -148,5 +190,5 @@ def one_at_a_time(run):
     return locked
 
 
-__all__ = ["unwrap", "context_length", "check_context", "model_lock", "one_at_a_time", "pad_batch", "eval_mode",
-           "check_prompts", "check_max_new_tokens"]
+__all__ = ["unwrap", "context_length", "check_context", "model_lock", "one_at_a_time", "pad_batch", "pad_prompts",
+           "eval_mode", "check_prompts", "prompt_ids", "example_ids", "check_max_new_tokens"]

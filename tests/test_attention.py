@@ -181,7 +181,7 @@ def test_smollm2_backends_agree_and_show_sinks(smollm2_bridge, smollm2_hf):
     from lens_plugins.backends.nnsight import wrap_model
 
     prompt = "The capital of France is"
-    tl = lp.transformer_lens.run_attention(smollm2_bridge, prompt)
+    tl = lp.transformer_lens.run_attention(smollm2_bridge, prompt, prepend_bos=True)  # to_tokens's ids, traced below
     model = wrap_model(*smollm2_hf)
     tokens = smollm2_bridge.to_tokens(prompt)
     with torch.no_grad(), model.trace(tokens):

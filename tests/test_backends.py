@@ -10,6 +10,7 @@ import torch
 import lens_plugins as lp
 from lens_plugins.backends import nnsight as lpn
 from lens_plugins.backends import transformer_lens as tl_adapter
+from lens_plugins.backends.transformer_lens.reader import tokenize as tl_tokenize
 from lens_plugins.core import architectures, lenses as core_lenses, rows as row_plan
 from lens_plugins.core.trace import reader as trace_reader
 from lens_plugins.methods.lens import DEFAULT_TOP_K, logit_lens_from_stack
@@ -42,15 +43,14 @@ class TransformerLensBackend:
         return tl_adapter.run_attribution(self.model, prompt, target, distractor, **kwargs)
 
     def on_tokens(self, verb, tokens, *args, resid_mid=False, sublayers=False, **kwargs):
-        """``verb`` ("logit_lens" / "logit_diff") on a cache of ``tokens``: the same ids on both backends (the
-        one-call forms tokenise differently: TransformerLens's ``to_tokens`` prepends BOS)."""
+        """``verb`` ("logit_lens" / "logit_diff") on a cache of ``tokens``: given ids, the same on both backends."""
         _, cache = self.model.run_with_cache(tokens, names_filter=tl_adapter.hook_filter(self.model, resid_mid, sublayers))
         extra = {"tokens": tokens} if verb == "logit_lens" else {}
         return getattr(tl_adapter, verb)(cache, *args, resid_mid=resid_mid, sublayers=sublayers, **extra, **kwargs)
 
     def stack(self, prompt):
         """``(stack, labels, decoder, tokens)``: the residual stack this backend reads, and its decoder."""
-        tokens = self.model.to_tokens(prompt)
+        tokens, _ = tl_tokenize(self.model, prompt, None)  # the ids the one-call forms run
         _, cache = self.model.run_with_cache(tokens, names_filter=tl_adapter.hook_filter(self.model))
         stack, labels = tl_adapter.residual_stack(cache)
         return stack, labels, tl_adapter.decoder_for(self.model), tokens.cpu()

@@ -47,7 +47,7 @@ def test_default_prompt_table_and_html(tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert status == 0
     header = out.splitlines()[1]
-    assert header.split()[:3] == ["row", "0", "'<|im_start|>'"] and header.endswith("5 ' is'")
+    assert header.split()[:3] == ["row", "0", "'The'"] and header.endswith("4 ' is'")  # as the tokenizer: no BOS
     assert re.search(r"' Paris' 0\.7\d$", final_row(out))  # the model's answer, last position
     assert out.splitlines()[32].startswith("embed")  # final row first, embedding last
     assert "rank ' Paris'" in out
@@ -66,7 +66,7 @@ def test_rich_table_on_a_terminal(run, monkeypatch):
     status = cli.main([PROMPT, "--no-html"])
     out = re.sub(r"\x1b\[[0-9;]*m", "", sys.stdout.getvalue())  # rich styles a terminal's output
     assert status == 0
-    assert "┃ row" in out and re.search(r"│ 29_post │.*' Paris' 0\.7\d │", out)
+    assert "┃ row" in out and re.search(r"│ 29_post │.*' Paris' 0\.7\d +│", out)
 
 
 def test_plain_flag_and_html_options(run, tmp_path):
@@ -79,10 +79,10 @@ def test_plain_flag_and_html_options(run, tmp_path):
 
 
 @pytest.mark.parametrize("argv, columns", [
-    (["--positions", "0", "3", "5"], ["0 '<|im_start|>'", "3 ' of'", "5 ' is'"]),
-    (["--positions", "-2:"], ["4 ' France'", "5 ' is'"]),
-    (["--positions=::2"], ["0 '<|im_start|>'", "2 ' capital'", "4 ' France'"]),
-    (["--positions", "5", "-1", "4:"], ["4 ' France'", "5 ' is'"]),  # duplicates collapse
+    (["--positions", "0", "2", "4"], ["0 'The'", "2 ' of'", "4 ' is'"]),
+    (["--positions", "-2:"], ["3 ' France'", "4 ' is'"]),
+    (["--positions=::2", "--prepend-bos"], ["0 '<|im_start|>'", "2 ' capital'", "4 ' France'"]),  # BOS at 0
+    (["--positions", "4", "-1", "3:"], ["3 ' France'", "4 ' is'"]),  # duplicates collapse
 ])
 def test_positions(run, argv, columns):
     status, out, _, _ = run(PROMPT, "--no-html", *argv)
@@ -98,9 +98,9 @@ def test_model_path_is_passed_through(run):
 
 @pytest.mark.parametrize("argv, message", [
     (["  "], "the prompt is empty ('  ')"),
-    ([PROMPT, "--positions", "6"], "position 6 is out of range for a prompt of 6 tokens (valid: -6 .. 5"),
+    ([PROMPT, "--positions", "5"], "position 5 is out of range for a prompt of 5 tokens (valid: -5 .. 4"),
     ([PROMPT, "--positions", "-7"], "position -7 is out of range"),
-    ([PROMPT, "--positions", "10:"], "positions 10: select nothing in a prompt of 6 tokens"),
+    ([PROMPT, "--positions", "10:"], "positions 10: select nothing in a prompt of 5 tokens"),
     ([PROMPT, "--targets", " Parisian"], "target ' Parisian' is 2 tokens, not one"),
     ([PROMPT, "--top-k", "0"], "--top-k must be at least 1, got 0"),
     ([PROMPT, "--metric", "probability"], "unknown metric 'probability'"),

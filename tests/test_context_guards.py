@@ -12,6 +12,7 @@ import pytest
 
 import lens_plugins as lp
 from lens_plugins.errors import LensError, LensValueError
+from lens_plugins.backends.transformer_lens.reader import hf_tokenizer
 from tiny_models import random_tokens, tiny_model
 
 LIMIT = 128  # the tiny models' max_position_embeddings / n_positions
@@ -120,7 +121,7 @@ LONG = " the" * 150  # one token a word, past the context
 def test_the_report_refuses_a_prompt_longer_than_the_context(llama, tmp_path):
     """It used to cut the prompt to the context without a word and write the report."""
     bridge, embedding = llama["transformer_lens"]
-    n_tokens = bridge.to_tokens(LONG, truncate=False).shape[1]
+    n_tokens = len(hf_tokenizer(bridge)(LONG)["input_ids"])  # the one-call forms' ids: the model's tokenizer's
     assert n_tokens > LIMIT
     with pytest.raises(LensValueError) as plain:
         lp.transformer_lens.run_logit_lens(bridge, LONG)
@@ -140,6 +141,6 @@ def test_the_report_command_exits_non_zero_naming_the_limit(llama, tmp_path, mon
     monkeypatch.setattr(cli, "load_model", lambda path: bridge)
     path = tmp_path / "report.html"
     status = cli.main(["report", LONG, "-o", str(path)])
-    n_tokens = bridge.to_tokens(LONG, truncate=False).shape[1]
+    n_tokens = len(hf_tokenizer(bridge)(LONG)["input_ids"])  # the one-call forms' ids: the model's tokenizer's
     assert status == 1 and capsys.readouterr().err == f"lens-plugins: error: {over('the prompt', n_tokens)}\n"
     assert not path.exists()

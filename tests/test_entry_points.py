@@ -33,7 +33,7 @@ def test_transformer_lens_run_attribution_is_the_cache_attribution(gpt2_bridge):
     batch padded on the left, so that position -1 is every prompt's last token)."""
     one_call = lp.transformer_lens.run_attribution(gpt2_bridge, [PROMPT, "is the"], " the", " a", by="layer",
                                                    padding_side="left")
-    sequences = [gpt2_bridge.to_tokens(p)[0] for p in (PROMPT, "is the")]
+    sequences = [gpt2_bridge.to_tokens(p, prepend_bos=False)[0] for p in (PROMPT, "is the")]  # as the tokenizer
     tokens, mask = pad_batch(sequences, gpt2_bridge.tokenizer.pad_token_id, "left")
     _, cache = gpt2_bridge.run_with_cache(tokens, attention_mask=mask,
                                           names_filter=lp.transformer_lens.hook_filter(gpt2_bridge, attribution=True))

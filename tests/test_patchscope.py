@@ -92,7 +92,7 @@ def test_target_after_the_last_block_is_the_logit_lens(backend, smollm2_bridge, 
     logit lens's final row."""
     model = smollm2_bridge if backend == "transformer_lens" else smollm2
     tokens = smollm2_bridge.to_tokens(PROMPT)
-    lens = tla.run_logit_lens(smollm2_bridge, PROMPT, positions=[1, -1], top_k=5)
+    lens = tla.run_logit_lens(smollm2_bridge, PROMPT, positions=[1, -1], top_k=5, prepend_bos=True)  # as tokens
     read_out = lp.patchscope(model, tokens, positions=[1, -1], target_layer="29_post", top_k=5)
     assert read_out.target_labels == ["29_post"] * 31
     assert_same(read_out, lens)

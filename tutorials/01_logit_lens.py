@@ -19,7 +19,11 @@ from lens_plugins.plot import html_report
 
 model = lp.load_default_model(backend="transformer_lens")  # a TransformerBridge; no model hub involved
 prompt = "The capital of France is"
-print(model.cfg.n_layers, "layers; tokens:", model.to_str_tokens(prompt))
+# The prompt as the model's own tokenizer reads it (SmolLM2's adds no BOS): the ids model.generate, nnsight and
+# every one-call form of lens_plugins run by default. TransformerLens's `to_tokens` would prepend a BOS, which
+# changes the numbers below (see "BOS or not" at the end).
+tokens = model.to_tokens(prompt, prepend_bos=False)
+print(model.cfg.n_layers, "layers; tokens:", model.to_str_tokens(tokens[0]))
 
 # %% [markdown]
 # ## Cache only what the lens needs
@@ -31,7 +35,7 @@ print(model.cfg.n_layers, "layers; tokens:", model.to_str_tokens(prompt))
 # %%
 lens_hooks = lp.transformer_lens.hook_filter(model)
 print(len(lens_hooks), "hooks:", lens_hooks[:3], "...", lens_hooks[-1])
-logits, cache = model.run_with_cache(prompt, names_filter=lens_hooks)
+logits, cache = model.run_with_cache(tokens, names_filter=lens_hooks)
 
 # %% [markdown]
 # ## The lens
@@ -183,3 +187,23 @@ assert spearman(kl_mean[late]) < -0.9
 
 # %%
 lp.plot.metric_trajectory(moved, ["kl_final_row"], pos=-2).show()
+
+# %% [markdown]
+# ## BOS or not
+#
+# Whether the prompt starts with a BOS token changes what every row sees, so it changes the numbers. Every
+# one-call form of lens_plugins (`run_logit_lens`, `run_attribution`, ..., the command line and the report), on
+# TransformerLens and on nnsight alike, takes `prepend_bos`: `None` (the default) tokenizes as the model's own
+# Hugging Face tokenizer does, as above, as `model.generate` and as your own nnsight traces; `True` starts the
+# prompt with exactly one BOS (what TransformerLens's `to_tokens` does by default); `False` with none. The
+# course's quiz (`07_exercises`) uses the default, so its question 3 is answered by the row found above.
+
+# %%
+for prepend_bos in (None, True):
+    run = lp.transformer_lens.run_logit_lens(model, prompt, targets=[" Paris"], prepend_bos=prepend_bos)
+    first = run.labels[int((run.rank_of(" Paris")[:, 0, -1] == 1).nonzero()[0])]
+    p_paris = run.target_logprobs[-1, 0, -1, 0].exp().item()
+    print(f"prepend_bos={prepend_bos!s:5}  {run.str_tokens(0)[:2]} ...  P(' Paris') {p_paris:.3f}, first on top at {first}")
+    if prepend_bos is None:  # the default is the lens above: the same ids, the same first row
+        assert torch.equal(run.token_ids.cpu(), tokens.cpu()) and first == result.labels[first_top]
+assert run.labels.index(first) < first_top  # with a BOS (the last run), " Paris" comes out on top earlier

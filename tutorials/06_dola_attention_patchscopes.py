@@ -35,7 +35,7 @@ prompt = "Q: What is the capital of France?\nA: The capital of France is"
 
 
 def greedy(text, steps):
-    ids = model.to_tokens(text)
+    ids = model.to_tokens(text, prepend_bos=False)  # as run_dola: the tokenizer's own ids (SmolLM2's adds no BOS)
     with torch.no_grad():
         for _ in range(steps):
             ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)

@@ -99,7 +99,9 @@ cc.run(cc.check_patchscope, patchscope, model, tokenizer)
 #
 # Answer with the functions above (and the model); `07_solutions.ipynb` computes every answer. Rows are named
 # as in lens_plugins: `embed` (the input of block 0), `L_pre` (the input of block L), `29_post` (the last
-# block's output, which the model decodes). The prompt is "The capital of France is" unless stated.
+# block's output, which the model decodes). The prompt is "The capital of France is" unless stated, tokenized
+# as the model's tokenizer does (`tokenizer(prompt)`: SmolLM2's adds no BOS), as in tutorial 01 and as every
+# one-call form of lens_plugins does by default (`prepend_bos=None`).
 #
 # 1. How many rows does the logit lens of SmolLM2-135M decode?
 # 2. What is the largest entropy, in nats, that any row's distribution can have?

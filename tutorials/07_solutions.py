@@ -183,10 +183,13 @@ assert answers[1] == len(reference.labels) == n_layers + 1
 answers[2] = entropy(torch.zeros(model.config.vocab_size)).item()
 assert math.isclose(answers[2], math.log(model.config.vocab_size), rel_tol=1e-9)
 
-# Q3: the first row (block input) whose top-1 at the last position is " Paris"?
+# Q3: the first row (block input) whose top-1 at the last position is " Paris"? (No BOS, as `tokenizer(prompt)`
+# and tutorial 01: "29_post". With a BOS, prepend_bos=True, it is "28_pre".)
 top1 = row_logits[:, -1].argmax(-1)
 answers[3] = reference.labels[int((top1 == paris).nonzero()[0])]
-assert answers[3] == reference.labels[int((reference.rank_of(" Paris")[:, 0, -1] == 1).nonzero()[0])]
+assert answers[3] == reference.labels[int((reference.rank_of(" Paris")[:, 0, -1] == 1).nonzero()[0])] == "29_post"
+with_bos = lp.nnsight.run_logit_lens(wrapped, prompt, targets=[" Paris"], prepend_bos=True)
+assert with_bos.labels[int((with_bos.rank_of(" Paris")[:, 0, -1] == 1).nonzero()[0])] == "28_pre"
 
 # Q4: the entropy of the model's own next-token distribution after the prompt, in nats?
 answers[4] = entropy(logits[-1]).item()

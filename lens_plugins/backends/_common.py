@@ -1,6 +1,7 @@
 """The one-call guards both backends share, so that every ``run_*`` verb refuses the same input with the
-same message: context length, prompt text, token ids in the vocabulary, padding of a batch, eval mode, the
-model under a wrapper, a model with weights to run, and one call at a time on one model."""
+same message: context length, prompt text, the one tokenization rule (``prompt_ids``: BOS or not), token ids
+in the vocabulary, padding of a batch, eval mode, the model under a wrapper, a model with weights to run, and one
+call at a time on one model."""
 
 import contextlib
 import functools
@@ -13,6 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from lens_plugins.core.decoder_lens import one_example
 from lens_plugins.core.errors import LensTypeError, LensValueError
 
 
@@ -68,6 +70,21 @@ def pad_batch(sequences: Sequence[Tensor], pad_id: int, side: str) -> tuple[Tens
         token_ids[row, span] = sequence
         mask[row, span] = 1
     return token_ids, mask
+
+
+def example_ids(tokenizer, value: Union[str, Tensor], name: str, prepend_bos: Optional[bool]) -> Tensor:
+    """The DecoderLens's one example ``[1, seq]``: text through ``prompt_ids`` (as every one-call form), then
+    ``core.decoder_lens.one_example``'s checks; token ids as given."""
+    if isinstance(value, str) and value.strip():
+        value = torch.tensor([prompt_ids(tokenizer, value, prepend_bos)])
+    return one_example(tokenizer, value, name)
+
+
+def pad_prompts(tokenizer, sequences: Sequence[Sequence[int]], side: str) -> tuple[Tensor, Tensor]:
+    """``pad_batch`` of ``prompt_ids`` lists with the tokenizer's pad token (its end-of-text token if it has
+    none, as the one-call forms always padded)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad_batch([torch.tensor(ids, dtype=torch.long) for ids in sequences], pad_id, side)
 
 
 @contextlib.contextmanager
@@ -150,6 +167,32 @@ def check_model(model) -> None:
             "followed by load_state_dict)")
 
 
+def prompt_ids(tokenizer, text: str, prepend_bos: Optional[bool]) -> list[int]:
+    """The token ids every one-call form of both backends runs for ``text``: the one rule, so that the same
+    prompt is the same input on TransformerLens and on nnsight.
+
+    ``prepend_bos=None``: as ``tokenizer(text)`` does (the model's own Hugging Face tokenizer, as
+    ``model.generate``, pipelines and every nnsight trace you write tokenize; in-trace forms cannot change your
+    trace's tokenization, so this is the one default both backends can share). ``True``: exactly one BOS at the
+    start, prepended unless the ids already start with it. ``False``: no BOS, one the tokenizer added removed
+    (one the text itself spells, such as a chat template's, is kept)."""
+    ids = list(tokenizer(text)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if prepend_bos is None or (bos is None and not prepend_bos):
+        return ids
+    if bos is None:
+        raise LensValueError(
+            f"prepend_bos=True, but the tokenizer ({type(tokenizer).__name__}) has no bos_token: pass "
+            "prepend_bos=None (its own tokenization) or prepend_bos=False"
+        )
+    if prepend_bos:
+        return ids if ids[:1] == [bos] else [bos] + ids
+    if ids[:1] != [bos]:
+        return ids
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[1:] if ids[1:len(plain) + 1] == list(plain) else ids  # added by the tokenizer, not spelled
+
+
 def check_max_new_tokens(max_new_tokens: int) -> None:
     """Refuse a generation of no tokens before any forward pass."""
     if max_new_tokens < 1:
@@ -195,5 +238,6 @@ def one_at_a_time(run):
     return locked
 
 
-__all__ = ["unwrap", "context_length", "check_context", "model_lock", "one_at_a_time", "pad_batch", "eval_mode",
-           "check_prompts", "vocab_size", "check_token_ids", "check_model", "check_max_new_tokens"]
+__all__ = ["unwrap", "context_length", "check_context", "model_lock", "one_at_a_time", "pad_batch", "pad_prompts",
+           "eval_mode", "check_prompts", "prompt_ids", "example_ids", "vocab_size", "check_token_ids", "check_model",
+           "check_max_new_tokens"]

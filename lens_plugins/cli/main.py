@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("prompt", help="the text to run (the model's BOS token is prepended)")
+    parser.add_argument("prompt", help="the text to run, tokenized as the model's tokenizer does (see --prepend-bos)")
     parser.add_argument("--model", metavar="PATH", help="a local Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
+    _prepend_bos_arg(parser)
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="tokens listed per row at the last position (default 5)")
     parser.add_argument("--positions", metavar="POS", type=_positions_arg,
                         help="prompt positions to decode: indices and python slices, e.g. -1, '0 3 5', -4: (default: all)")
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resid-mid", action="store_true", help="also decode each block's hook_resid_mid")
     parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table (automatic when not a terminal)")
     return parser
+
+
+def _prepend_bos_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="start the prompt with exactly one BOS token (--no-prepend-bos: with none); default: "
+                             "as the model's own tokenizer does, which is what nnsight and model.generate run")
 
 
 def _positions_arg(text: str) -> list[str]:
@@ -202,12 +209,16 @@ def run(args: argparse.Namespace, out) -> None:
     model = load_model(args.model)
     positions = None
     if args.positions is not None:
-        positions = resolve_positions(args.positions, model.to_tokens(args.prompt).shape[1])
+        from lens_plugins.backends.transformer_lens.reader import tokenize
+
+        tokens, _ = tokenize(model, args.prompt, None, args.prepend_bos)
+        positions = resolve_positions(args.positions, tokens.shape[1])
 
     import lens_plugins as lp
 
     result = lp.transformer_lens.run_logit_lens(
         model, args.prompt, top_k=args.top_k, positions=positions, targets=args.targets, resid_mid=args.resid_mid,
+        prepend_bos=args.prepend_bos,
     )
     (print_plain if args.plain or not out.isatty() else print_rich)(result, out)
     if args.html:
@@ -222,7 +233,8 @@ def build_report_parser() -> argparse.ArgumentParser:
         description="One offline HTML page: the lens heatmap, the final answer and the runner-up across rows, "
                     "their direct logit attribution, and every head's attention.",
     )
-    parser.add_argument("prompt", help="the text to run (the model's BOS token is prepended)")
+    parser.add_argument("prompt", help="the text to run, tokenized as the model's tokenizer does (see --prepend-bos)")
+    _prepend_bos_arg(parser)
     parser.add_argument("-o", "--output", default="report.html", metavar="FILE", help="HTML file to write (default report.html)")
     parser.add_argument("--model", metavar="PATH", help="a local Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="tokens listed per cell on hover (default 5)")
@@ -238,7 +250,8 @@ def run_report(args: argparse.Namespace) -> None:
     check_file(args.output, overwrite=args.force)  # before seconds of loading, not after
     from lens_plugins.methods.report import run_report as write
 
-    write(load_model(args.model), args.prompt, args.output, top_k=args.top_k, overwrite=args.force)
+    write(load_model(args.model), args.prompt, args.output, top_k=args.top_k, overwrite=args.force,
+          prepend_bos=args.prepend_bos)
     print(f"report written to {args.output}", file=sys.stderr)
 
 

@@ -57,12 +57,13 @@ def write_report(path: Union[str, Path], lens, attribution=None, attention=None,
 
 
 def run_report(model, prompt: str, path: Union[str, Path], top_k: int = TOP_K, title: Optional[str] = None, *,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, prepend_bos: Optional[bool] = None) -> Path:
     """Run a TransformerLens model once on ``prompt``, caching what the lens, the attribution and the
     attention views read, and write the report; the attribution explains the final top-1 against the
     runner-up at the last position. ``path`` is checked (and an existing file refused without ``overwrite``)
     before the model runs, and so is ``prompt``: one longer than the model's context is refused with the
-    plain lens's error (``to_tokens`` would cut it to the context without a word)."""
+    plain lens's error (``to_tokens`` would cut it to the context without a word). ``prepend_bos`` is
+    ``run_logit_lens``'s: the report shows the ids the one-call forms of both backends run."""
     check_file(path, overwrite=overwrite)  # before the model runs, not after
 
     import torch
@@ -70,7 +71,7 @@ def run_report(model, prompt: str, path: Union[str, Path], top_k: int = TOP_K, t
     from lens_plugins import transformer_lens as tl  # the report drives a backend: imported when it runs
     from lens_plugins.backends.transformer_lens.reader import tokenize
 
-    tokens, _ = tokenize(model, prompt, None)  # the plain lens's guards: prompt text, context, no truncation
+    tokens, _ = tokenize(model, prompt, None, prepend_bos)  # the plain lens's guards and tokenization
     names = list(dict.fromkeys(tl.hook_filter(model, attribution=True) + tl.attention_hook_filter(model)))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=names)

@@ -17,6 +17,8 @@ from lens_plugins.core.reductions import FIELD_REDUCTION, METRICS
 from lens_plugins.files import atomic_write, check_file
 from lens_plugins.typecheck import typechecked
 
+_REPR_TOKENS = 6  # tokens of prompt 0 a repr shows: enough to see whether it starts with BOS
+
 RowFloat = Float[Tensor, "row batch pos"]
 RowInt = Int[Tensor, "row batch pos"]
 
@@ -256,9 +258,13 @@ class LensResult:
         ]
 
     def __repr__(self) -> str:
+        """Rows, batch, positions, reductions and the first tokens of prompt 0 as they ran (padding left out),
+        so that a BOS the tokenization added, or did not, is in plain sight."""
         rows, batch, pos = self.log_partition.shape
+        real = [self.token(int(i)) for i, m in zip(self.token_ids[0], self.attention_mask[0]) if m]
+        shown = repr(real[:_REPR_TOKENS])[:-1] + (f", ... {len(real)} tokens]" if len(real) > _REPR_TOKENS else "]")
         return (
-            f"LensResult({rows} rows [{self.labels[0]} .. {self.labels[-1]}], batch={batch}, "
+            f"LensResult({rows} rows [{self.labels[0]} .. {self.labels[-1]}], batch={batch}, tokens={shown}, "
             f"positions={self.positions if pos <= 8 else f'{pos} positions'}, reductions={self.reductions}, "
             f"targets={self.target_names}, sets={self.set_names})"
         )

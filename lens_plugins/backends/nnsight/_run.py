@@ -11,7 +11,15 @@ import nnsight
 import torch
 
 from lens_plugins import core
-from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode, unwrap
+from lens_plugins.backends._common import (
+    check_context,
+    check_prompts,
+    context_length,
+    eval_mode,
+    pad_prompts,
+    prompt_ids,
+    unwrap,
+)
 from lens_plugins.backends.nnsight.reader import lens_tensors
 from lens_plugins.core.errors import LensTypeError, LensValueError, RemoteLensError
 
@@ -20,18 +28,25 @@ for _module in SHIPPED_MODULES:
     nnsight.register(_module)
 
 
-def trace(model, prompt, remote, backend, body, padding_side=None):
+def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=None):
     """Run ``body()`` inside ``model.trace(prompt)`` with the one-call guards (prompts, context, eval mode),
     a batch padded on ``padding_side`` (default the tokenizer's, as on TransformerLens), and name a remote
-    failure."""
+    failure. The prompts are the ids of ``prompt_ids`` (the rule TransformerLens's one-call forms use): the
+    text itself goes to the trace when that is the tokenizer's own tokenization (``prepend_bos=None``, or a
+    setting the tokenizer already does), its padded ids and mask when ``prepend_bos`` changes it."""
     if padding_side not in (None, "left", "right"):
         raise LensValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     prompts = check_prompts(prompt)
     tokenizer = model.tokenizer
-    check_context(max(len(ids) for ids in tokenizer(prompts)["input_ids"]), context_length(model))
+    own = [prompt_ids(tokenizer, text, None) for text in prompts]
+    ids = own if prepend_bos is None else [prompt_ids(tokenizer, text, prepend_bos) for text in prompts]
+    check_context(max(len(one) for one in ids), context_length(model))
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     side = tokenizer.padding_side
     tokenizer.padding_side = padding_side or side  # the batch is tokenized when the trace starts
+    if ids != own:
+        tokens, mask = pad_prompts(tokenizer, ids, tokenizer.padding_side)
+        prompt = {"input_ids": tokens, "attention_mask": mask}
     try:
         with eval_mode(unwrap(model)), model.trace(prompt, **trace_kwargs):
             saved = body()
@@ -86,18 +101,20 @@ def trace_kwargs(remote, backend) -> dict:
     return {"remote": remote} if backend is None else {"backend": backend}
 
 
-def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int) -> None:
-    """One prompt, as text or as ``[1, seq]`` token ids, that fits the model's context with the
-    ``max_new_tokens`` to be generated after it."""
+def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int, prepend_bos=None) -> Union[str, torch.Tensor]:
+    """What ``model.generate`` runs for one prompt, checked to fit the model's context with the
+    ``max_new_tokens`` to be generated after it: ``[1, seq]`` token ids as given; text as itself when
+    ``prompt_ids`` leaves the tokenizer's tokenization, else as its ids ``[1, seq]``."""
     if isinstance(text, torch.Tensor):
         if text.dim() != 2 or text.shape[0] != 1 or text.shape[1] == 0:
             raise LensValueError(f"generation takes one prompt: token ids of shape [1, seq], got {tuple(text.shape)}")
-        n_tokens = text.shape[1]
-    else:
-        if not isinstance(text, str):
-            raise LensTypeError("generation takes one prompt (a string or [1, seq] token ids); run a batch prompt by prompt")
-        check_prompts(text)
-        n_tokens = len(model.tokenizer(text)["input_ids"])
-    check_context(n_tokens, context_length(model), max_new_tokens)
+        check_context(text.shape[1], context_length(model), max_new_tokens)
+        return text
+    if not isinstance(text, str):
+        raise LensTypeError("generation takes one prompt (a string or [1, seq] token ids); run a batch prompt by prompt")
+    check_prompts(text)
+    ids = prompt_ids(model.tokenizer, text, prepend_bos)
+    check_context(len(ids), context_length(model), max_new_tokens)
+    return text if ids == prompt_ids(model.tokenizer, text, None) else torch.tensor([ids])
 
 __all__ = ["SHIPPED_MODULES", "trace", "shippable", "remote_error", "one_prompt"]

@@ -33,11 +33,12 @@ def run_attention(
     remote: Union[bool, str] = False,
     backend=None,
     padding_side: Optional[str] = None,
+    prepend_bos: Optional[bool] = None,
 ) -> AttentionResult:
     """Trace ``model`` on ``prompt`` and return its attention patterns: the one-call form, locally or on an
     NDIF server (the patterns are ``O(layers x heads x seq^2)`` numbers: choose ``layers`` for a long prompt),
-    with ``run_logit_lens``'s guards and remote errors."""
-    saved = trace(model, prompt, remote, backend, lambda: attention(model, layers), padding_side)
+    with ``run_logit_lens``'s guards, ``prepend_bos`` and remote errors."""
+    saved = trace(model, prompt, remote, backend, lambda: attention(model, layers), padding_side, prepend_bos)
     return attention_result(saved, model)
 
 __all__ = ["attention_result", "run_attention"]

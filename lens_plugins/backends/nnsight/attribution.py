@@ -50,14 +50,15 @@ def run_logit_diff(
     lens=None,
     paths: Optional[dict] = None,
     padding_side: Optional[str] = None,
+    prepend_bos: Optional[bool] = None,
 ) -> LogitDiff:
     """Trace ``prompt`` and return the lens's ``target`` minus ``distractor`` at every row and position:
-    the one-call form of ``logit_diff``, with ``run_logit_lens``'s guards."""
+    the one-call form of ``logit_diff``, with ``run_logit_lens``'s guards and ``prepend_bos``."""
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = shippable(model, lens, remote, backend, **rows)
     saved = trace(model, prompt, remote, backend,
                    lambda: logit_diff(model, target, distractor, positions=positions, lens=lens, **rows),
-                   padding_side)
+                   padding_side, prepend_bos)
     return logit_diff_result(saved, model)
 
 
@@ -75,12 +76,14 @@ def run_attribution(
     backend=None,
     paths: Optional[dict] = None,
     padding_side: Optional[str] = None,
+    prepend_bos: Optional[bool] = None,
 ) -> Attribution:
     """Trace ``prompt`` and return the direct logit attribution of ``target`` (minus ``distractor``) at
     ``position``: the one-call form, with ``run_logit_lens``'s guards (context length, padding with its
-    mask, eval mode) and its remote errors."""
+    mask, eval mode), its ``prepend_bos`` and its remote errors."""
     saved = trace(model, prompt, remote, backend,
-                   lambda: attribution(model, target, distractor, position=position, paths=paths), padding_side)
+                   lambda: attribution(model, target, distractor, position=position, paths=paths), padding_side,
+                   prepend_bos)
     return attribution_result(saved, model, by=by)
 
 __all__ = ["logit_diff_result", "attribution_result", "run_logit_diff", "run_attribution"]

@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from lens_plugins.backends._common import eval_mode, one_at_a_time, unwrap
+from lens_plugins.backends._common import eval_mode, example_ids, one_at_a_time, unwrap
 from lens_plugins.backends.nnsight._run import remote_error
 from lens_plugins.core import decoder_lens as core_decoder_lens
 from lens_plugins.core.architectures import get_path
@@ -43,13 +43,14 @@ def run_decoder_lens(
     reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
     remote: Union[bool, str] = False,
     backend=None,
+    prepend_bos: Optional[bool] = None,
 ) -> LensResult:
     """The DecoderLens of one example: ``input_ids`` for the encoder, ``decoder_input_ids`` for the decoder
     (strings are tokenized; a 1 x seq tensor is used as is), traced as one batch of ``n_encoder_layers + 1``
-    copies, locally or remotely."""
+    copies, locally or remotely; text is tokenized with ``prepend_bos`` as in ``run_logit_lens``."""
     spec = core_decoder_lens.encoder_decoder_spec(model)
     n = len(get_path(model, spec["encoder_layers"]))
-    encoder_ids, decoder_ids = (core_decoder_lens.one_example(model.tokenizer, x, name) for x, name in
+    encoder_ids, decoder_ids = (example_ids(model.tokenizer, x, name, prepend_bos) for x, name in
                                 ((input_ids, "input_ids"), (decoder_input_ids, "decoder_input_ids")))
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     try:

@@ -31,13 +31,15 @@ def run_dola(
     remote: Union[bool, str] = False,
     backend=None,
     paths: Optional[dict] = None,
+    prepend_bos: Optional[bool] = None,
 ) -> DolaOutput:
     """DoLa decoding (Chuang et al. 2023) of ``text`` in one ``model.generate`` request; see
     ``lens_plugins.core.dola`` for the definition and ``core/trace/dola.py`` for the in-trace form.
-    ``tied_embeddings`` (for ``layers="low"``) defaults to the model config's ``tie_word_embeddings``."""
+    ``tied_embeddings`` (for ``layers="low"``) defaults to the model config's ``tie_word_embeddings``; text is
+    tokenized with ``prepend_bos`` as in ``run_logit_lens`` (token ids run as given)."""
     check_token_ids(model, text)
     check_max_new_tokens(max_new_tokens)
-    one_prompt(model, text, max_new_tokens)
+    text = one_prompt(model, text, max_new_tokens, prepend_bos)
     try:
         with eval_mode(unwrap(model)), model.generate(
             text, max_new_tokens=max_new_tokens, do_sample=False, **trace_kwargs(remote, backend)

@@ -44,13 +44,15 @@ def run_generation_lens(
     sublayers: Union[bool, str] = False,
     lens=None,
     paths: Optional[dict] = None,
+    prepend_bos: Optional[bool] = None,
     **generate_kwargs,
 ) -> GeneratedLens:
     """Generate greedily from ``text`` (``generate_kwargs`` go to ``model.generate``, e.g. ``do_sample=True``)
-    and lens every step, in one request: the one-call form. The lens parameters are ``run_logit_lens``'s."""
+    and lens every step, in one request: the one-call form. The lens parameters and ``prepend_bos`` (text
+    only; token ids run as given) are ``run_logit_lens``'s."""
     check_token_ids(model, text)
     check_max_new_tokens(max_new_tokens)
-    one_prompt(model, text, max_new_tokens)
+    text = one_prompt(model, text, max_new_tokens, prepend_bos)
     generation.refuse_arguments(generate_kwargs, inspect.signature(run_generation_lens).parameters)
     generate_kwargs.setdefault("do_sample", False)
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)

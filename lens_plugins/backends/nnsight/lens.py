@@ -78,6 +78,7 @@ def run_logit_lens(
     token_chunk: Optional[int] = None,
     precision: str = "float32",
     padding_side: Optional[str] = None,
+    prepend_bos: Optional[bool] = None,
 ) -> LensResult:
     """Trace ``prompt`` (one string or a batch) and return its lens: the one-call form.
 
@@ -86,15 +87,18 @@ def run_logit_lens(
     call can simply be retried, or run with ``remote=False``.
 
     A batch is padded on ``padding_side`` ("left" or "right"; default the tokenizer's) and run with its
-    attention mask (padding is marked in ``result.attention_mask`` and scores nothing). A prompt longer than
-    the model's context is refused before tracing; a model in training mode runs in eval mode for the call, with a warning.
+    attention mask (padding is marked in ``result.attention_mask`` and scores nothing). ``prepend_bos``
+    (``None``: as the model's own Hugging Face tokenizer does, as your own traces do; ``True``: exactly one BOS;
+    ``False``: none) is the one tokenization rule of both backends, so TransformerLens's ``run_logit_lens``
+    runs the same ids (``backends._common.prompt_ids``). A prompt longer than the model's context is refused
+    before tracing; a model in training mode runs in eval mode for the call, with a warning.
     """
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = shippable(model, lens, remote, backend, **rows)
     saved = trace(model, prompt, remote, backend, lambda: logit_lens(
         model, top_k=top_k, targets=list(targets), positions=positions, token_sets=token_sets,
         reductions=check_reductions(reductions), lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-        precision=precision, **rows), padding_side)
+        precision=precision, **rows), padding_side, prepend_bos)
     return logit_lens_result(saved, model)
 
 __all__ = ["logit_lens_result", "run_logit_lens"]

@@ -18,7 +18,15 @@ from jaxtyping import Int
 from torch import Tensor
 
 from lens_plugins import tokens as token_utils
-from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode, one_at_a_time, unwrap
+from lens_plugins.backends._common import (
+    check_context,
+    check_prompts,
+    context_length,
+    eval_mode,
+    one_at_a_time,
+    prompt_ids,
+    unwrap,
+)
 from lens_plugins.backends.nnsight._run import remote_error
 from lens_plugins.core import architectures
 from lens_plugins.core import rows as row_plan
@@ -78,20 +86,22 @@ def run_patchscope(
     paths: Optional[dict] = None,
     vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+    prepend_bos: Optional[bool] = None,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, or its token ids ``[1, seq]``) on an nnsight ``model``; the
     options are those of ``lp.transformer_lens.patchscope``. ``remote`` / ``backend`` go to every
     ``model.trace`` (the source trace and one per batch of pairs); ``paths`` holds module paths
-    (``{"layers": ..., "final_norm": ..., "lm_head": ...}``) for a family ``core.architectures`` does not know."""
+    (``{"layers": ..., "final_norm": ..., "lm_head": ...}``) for a family ``core.architectures`` does not know.
+    Source and target text are tokenized with ``prepend_bos`` as in ``run_logit_lens``."""
 
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     tokenizer = model.tokenizer
     if isinstance(source, str):
         check_prompts(source)
-        source = tokenizer(source, return_tensors="pt")["input_ids"]
+        source = torch.tensor([prompt_ids(tokenizer, source, prepend_bos)])
     if isinstance(target_prompt, str):
         check_prompts(target_prompt)
-        target_ids = tokenizer(target_prompt, return_tensors="pt")["input_ids"][0]
+        target_ids = torch.tensor(prompt_ids(tokenizer, target_prompt, prepend_bos))
     else:
         target_ids = target_prompt
     check_context(source.shape[1], context_length(model), what="the source prompt")

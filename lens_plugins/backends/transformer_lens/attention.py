@@ -9,6 +9,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from lens_plugins.backends._common import one_at_a_time
+from lens_plugins.backends.transformer_lens.reader import tokenize
 from lens_plugins.core.errors import LensKeyError, LensValueError
 from lens_plugins.core.trace.attention import choose_layers
 from lens_plugins.methods.attention import AttentionResult, attention_result
@@ -54,11 +55,14 @@ def attention(
 
 
 @one_at_a_time
-def run_attention(model, prompt: Union[str, list[str]], layers: Optional[list[int]] = None) -> AttentionResult:
-    """Run a TransformerLens model on ``prompt`` caching only the patterns: the one-call form."""
-    tokens = model.to_tokens(prompt)
+def run_attention(model, prompt: Union[str, list[str]], layers: Optional[list[int]] = None, *,
+                  padding_side: Optional[str] = None, prepend_bos: Optional[bool] = None) -> AttentionResult:
+    """Run a TransformerLens model on ``prompt`` caching only the patterns: the one-call form, tokenized and
+    padded as ``run_logit_lens`` does (``padding_side``, ``prepend_bos``), so that it shows the attention of
+    the tokens the lens ran."""
+    tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=attention_hook_filter(model, layers))
-    return attention(cache, tokens, layers=layers)
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=attention_hook_filter(model, layers))
+    return attention(cache, tokens, layers=layers, attention_mask=mask)
 
 __all__ = ["pattern_hook", "attention_hook_filter", "attention", "run_attention"]

@@ -147,10 +147,12 @@ def run_attribution(
     by: str = "component",
     position: int = -1,
     padding_side: Optional[str] = None,
+    prepend_bos: Optional[bool] = None,
 ) -> Attribution:
     """Run ``model`` on ``prompt`` caching only what attribution reads, then attribute: the one-call form,
-    with ``run_logit_lens``'s guards (context length, no truncation, padding with its mask, eval mode)."""
-    tokens, mask = tokenize(model, prompt, padding_side)
+    with ``run_logit_lens``'s guards (context length, no truncation, padding with its mask, eval mode) and
+    its ``prepend_bos``."""
+    tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
     with eval_mode(model), torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=hook_filter(model, attribution=True))
         return attribution(cache, target, distractor, by=by, position=position, attention_mask=mask)
@@ -167,10 +169,12 @@ def run_logit_diff(
     resid_mid: bool = False,
     sublayers: Sublayers = False,
     padding_side: Optional[str] = None,
+    prepend_bos: Optional[bool] = None,
     **kwargs,
 ) -> LogitDiff:
-    """Run ``model`` on ``prompt`` caching only the lens hooks, then ``logit_diff``: the one-call form."""
-    tokens, mask = tokenize(model, prompt, padding_side)
+    """Run ``model`` on ``prompt`` caching only the lens hooks, then ``logit_diff``: the one-call form
+    (``padding_side`` and ``prepend_bos`` as in ``run_logit_lens``)."""
+    tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
     with eval_mode(model), torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask,
                                         names_filter=hook_filter(model, resid_mid, sublayers))

@@ -8,9 +8,10 @@ from typing import Optional, Union
 
 import torch
 
-from lens_plugins.backends._common import eval_mode, one_at_a_time
+from lens_plugins.backends._common import eval_mode, example_ids, one_at_a_time
+from lens_plugins.backends.transformer_lens.reader import hf_tokenizer
 from lens_plugins.core.architectures import decoder_tensors, get_path
-from lens_plugins.core.decoder_lens import decoder_lens_stats, encoder_decoder_spec, one_example
+from lens_plugins.core.decoder_lens import decoder_lens_stats, encoder_decoder_spec
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.core.request import check_reductions
 from lens_plugins.methods.lens import DEFAULT_TOP_K, LensRequest, assemble
@@ -35,9 +36,11 @@ def run_decoder_lens(
     token_sets: Optional[dict] = None,
     positions: Optional[Union[int, Sequence[int]]] = None,
     reductions: Sequence[str] = DEFAULT_LENS_REDUCTIONS,
+    prepend_bos: Optional[bool] = None,
 ) -> LensResult:
-    """The DecoderLens of one example (text, or ``[1, seq]`` encoder and decoder ids) on a TransformerBridge."""
-    input_ids, decoder_input_ids = (one_example(model.tokenizer, x, name) for x, name in
+    """The DecoderLens of one example (text, or ``[1, seq]`` encoder and decoder ids) on a TransformerBridge;
+    text is tokenized with ``prepend_bos`` as in ``run_logit_lens``."""
+    input_ids, decoder_input_ids = (example_ids(hf_tokenizer(model), x, name, prepend_bos) for x, name in
                                     ((input_ids, "input_ids"), (decoder_input_ids, "decoder_input_ids")))
     hf = model.original_model
     spec = encoder_decoder_spec(hf)

@@ -27,14 +27,16 @@ def run_dola(
     repetition_penalty: Optional[float] = None,
     premature_norm: bool = True,
     tied_embeddings: Optional[bool] = None,
+    prepend_bos: Optional[bool] = None,
 ) -> DolaOutput:
     """DoLa decoding of ``text`` (``lens_plugins.core.dola``), one forward pass per generated token; stops
     at the tokenizer's end-of-text token. ``tied_embeddings`` (for ``layers="low"``) defaults to the model
-    config's ``tie_word_embeddings``."""
+    config's ``tie_word_embeddings``. Text is tokenized with ``prepend_bos`` as in ``run_logit_lens``; token
+    ids run as given."""
     check_token_ids(model, text)
     if max_new_tokens < 1:
         raise LensValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    tokens = prompt_tokens(model, text, max_new_tokens)
+    tokens = prompt_tokens(model, text, max_new_tokens, prepend_bos)
     n = model.cfg.n_layers
     tied = bool(getattr(model.cfg, "tie_word_embeddings", False)) if tied_embeddings is None else tied_embeddings
     chosen = core_dola.candidate_layers(layers, n, tied)

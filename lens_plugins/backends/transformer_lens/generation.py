@@ -7,7 +7,7 @@ computed (with a key-value cache), so this equals nnsight's per-step lens up to 
 """
 
 import inspect
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -22,14 +22,16 @@ from lens_plugins.typecheck import typechecked
 
 @one_at_a_time
 @typechecked
-def run_generation_lens(model, text: Union[str, torch.Tensor], *, max_new_tokens: int = 10, **lens_kwargs) -> GeneratedLens:
+def run_generation_lens(model, text: Union[str, torch.Tensor], *, max_new_tokens: int = 10,
+                        prepend_bos: Optional[bool] = None, **lens_kwargs) -> GeneratedLens:
     """Generate greedily from ``text`` (stopping at end-of-text), then lens every generated position in one
-    cached forward pass; ``lens_kwargs`` go to ``logit_lens`` (``top_k``, ``targets``, ``reductions``, ...)."""
+    cached forward pass; ``lens_kwargs`` go to ``logit_lens`` (``top_k``, ``targets``, ``reductions``, ...).
+    Text is tokenized with ``prepend_bos`` as in ``run_logit_lens``; token ids run as given."""
     check_token_ids(model, text)
     if max_new_tokens < 1:
         raise LensValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     generation.refuse_arguments(lens_kwargs, inspect.signature(logit_lens).parameters)
-    tokens = prompt_tokens(model, text, max_new_tokens)
+    tokens = prompt_tokens(model, text, max_new_tokens, prepend_bos)
     with eval_mode(model), torch.no_grad():
         # Without the key-value cache: TransformerBridge's cached generate (TL 4.3) drifted from Hugging Face's
         # greedy decoding after the first token on a tiny Llama; uncached, it matches token for token.

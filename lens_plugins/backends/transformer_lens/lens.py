@@ -81,16 +81,20 @@ def run_logit_lens(
     resid_mid: bool = False,
     sublayers: Sublayers = False,
     padding_side: Optional[str] = None,
+    prepend_bos: Optional[bool] = None,
     **kwargs,
 ) -> LensResult:
     """Run ``model`` on ``prompt`` caching only the lens hooks, then decode: the one-call form.
 
     A batch of prompts is padded on ``padding_side`` ("left" or "right"; default the tokenizer's) and run
     with its attention mask, so each prompt's lens is its lens alone; ``result.attention_mask`` marks the
-    padding. A prompt longer than the model's context is refused (``to_tokens`` would truncate it). A
-    model in training mode runs in eval mode for the call, with a warning, and is put back.
+    padding. ``prepend_bos`` (``None``: as the model's own Hugging Face tokenizer does, which is what nnsight
+    runs; ``True``: exactly one BOS; ``False``: none) is the one tokenization rule of both backends
+    (``backends._common.prompt_ids``), not TransformerLens's ``to_tokens``. A prompt longer than the model's
+    context is refused (``to_tokens`` would truncate it). A model in training mode runs in eval mode for the
+    call, with a warning, and is put back.
     """
-    tokens, mask = tokenize(model, prompt, padding_side)
+    tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
     with eval_mode(model), torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask,
                                         names_filter=hook_filter(model, resid_mid, sublayers))

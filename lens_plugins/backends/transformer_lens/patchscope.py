@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from lens_plugins import tokens as token_utils
-from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode, one_at_a_time
+from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode, one_at_a_time, prompt_ids
 from lens_plugins.backends.transformer_lens import reader as tla
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.pipeline import check_decoder
@@ -91,6 +91,7 @@ def run_patchscope(
     max_new_tokens: int = 0,
     vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
+    prepend_bos: Optional[bool] = None,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, its token ids ``[1, seq]``, or an ``ActivationCache`` of one
     prompt cached with ``hook_filter()``; ``tokens`` overrides the ids recovered from a cache) on a
@@ -103,18 +104,20 @@ def run_patchscope(
     pair), after ``mapping`` (``None``, a callable on ``[pairs, d]``, or ``(weight, bias)``). The target's
     next-token distribution at ``target_position`` is reduced as by the logit lens (``top_k``, ``targets``,
     ``token_sets``, ``reductions``); ``max_new_tokens`` adds a greedy continuation. ``batch_size`` pairs run
-    per target forward.
+    per target forward. Source and target text are tokenized with ``prepend_bos`` as in ``run_logit_lens``
+    (``backends._common.prompt_ids``, as nnsight's ``run_patchscope`` does); token ids run as given.
     """
     if isinstance(source, (str, Tensor)):
         if isinstance(source, str):
             check_prompts(source)
-        source_ids, cache = model.to_tokens(source, truncate=False) if isinstance(source, str) else source, None
+            source = torch.tensor([prompt_ids(tla.hf_tokenizer(model), source, prepend_bos)], device=model.cfg.device)
+        source_ids, cache = source, None
     else:
         cache, source_ids = source, tokens
         tla.cache_model(cache)  # a cache taken in training mode is refused, not re-run
     if isinstance(target_prompt, str):
         check_prompts(target_prompt)
-        target_ids = model.to_tokens(target_prompt, truncate=False)[0]
+        target_ids = torch.tensor(prompt_ids(tla.hf_tokenizer(model), target_prompt, prepend_bos), device=model.cfg.device)
     else:
         target_ids = target_prompt.to(model.cfg.device)
     if cache is None:  # a given cache has run already; a source to run must fit, as must the target

@@ -11,6 +11,7 @@ sublayer's own write alone ("0_attn_out", "0_mlp_out", ..., nostalgebraist's sub
 final residual kept as the last row.
 """
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
@@ -18,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins.backends._common import check_context, check_prompts, context_length, pad_batch
+from lens_plugins.backends._common import check_context, check_prompts, context_length, pad_prompts, prompt_ids
 from lens_plugins.core.architectures import norm_params
 from lens_plugins.core.errors import LensKeyError, LensTypeError, LensValueError
 from lens_plugins.core.rows import Row, plan
@@ -276,21 +277,54 @@ def at(cache, hook: str, position: int) -> Tensor:
     return value[:, position]
 
 
-def tokenize(model, prompt: Union[str, list[str]], padding_side: Optional[str]) -> tuple[Tensor, Tensor]:
-    """``(tokens, attention_mask)`` of the one-call forms: prompts checked, never truncated (a prompt longer
-    than the context is refused), a batch padded on ``padding_side`` (default the tokenizer's)."""
-    prompts = check_prompts(prompt)
-    sequences = [model.to_tokens(p, truncate=False)[0] for p in prompts]
-    check_context(max(len(s) for s in sequences), context_length(model))
+_OWN_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def hf_tokenizer(model):
+    """The model's own Hugging Face tokenizer, whose ``tokenizer(text)`` is the default of ``prompt_ids``.
+    TransformerLens swaps a tokenizer that adds no BOS for a copy reloaded with ``add_bos_token=True``
+    (``get_tokenizer_with_bos``, so that ``to_tokens`` can strip it again); that copy is reloaded here as the
+    tokenizer's own files define it, once per copy, so that a prompt is the same ids here as on nnsight, in
+    ``model.generate`` and in pipelines. A tokenizer that adds no BOS is TransformerLens's unchanged original.
+    What the files cannot say (a tokenizer given ``add_bos_token`` in memory) TransformerLens's copy hides:
+    pass ``prepend_bos`` then."""
     tokenizer = model.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokens, mask = pad_batch(sequences, pad_id, padding_side or getattr(tokenizer, "padding_side", "right"))
-    return tokens.to(sequences[0].device), mask.to(sequences[0].device)
+    if not getattr(tokenizer, "add_bos_token", False):
+        return tokenizer
+    own = _OWN_TOKENIZERS.get(tokenizer)
+    if own is None:
+        from transformers import AutoTokenizer
+
+        kwargs = {k: v for k, v in tokenizer.init_kwargs.items() if k not in ("name_or_path", "add_bos_token")}
+        try:
+            own = AutoTokenizer.from_pretrained(tokenizer.name_or_path, **kwargs)
+        except (OSError, ValueError) as error:
+            raise LensValueError(
+                f"cannot reload this model's own tokenizer from {tokenizer.name_or_path!r} ({error}) to tokenize "
+                "as Hugging Face does (prepend_bos=None): pass prepend_bos=True or prepend_bos=False"
+            ) from error
+        _OWN_TOKENIZERS[tokenizer] = own
+    return own
 
 
-def prompt_tokens(model, text: Union[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
-    """One prompt, as text or as ``[1, seq]`` token ids, that fits the model's context with the
-    ``max_new_tokens`` to be generated after it."""
+def tokenize(model, prompt: Union[str, list[str]], padding_side: Optional[str],
+             prepend_bos: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+    """``(tokens, attention_mask)`` of the one-call forms: prompts checked, tokenized by ``prompt_ids`` (the
+    rule nnsight's one-call forms use: BOS as the model's own tokenizer adds it unless ``prepend_bos`` says),
+    never truncated (a prompt longer than the context is refused), a batch padded on ``padding_side``
+    (default the tokenizer's)."""
+    tokenizer = hf_tokenizer(model)
+    sequences = [prompt_ids(tokenizer, p, prepend_bos) for p in check_prompts(prompt)]
+    check_context(max(len(s) for s in sequences), context_length(model))
+    tokens, mask = pad_prompts(model.tokenizer, sequences, padding_side or getattr(model.tokenizer, "padding_side", "right"))
+    device = model.cfg.device
+    return tokens.to(device), mask.to(device)
+
+
+def prompt_tokens(model, text: Union[str, torch.Tensor], max_new_tokens: int,
+                  prepend_bos: Optional[bool] = None) -> torch.Tensor:
+    """One prompt, as text (tokenized by ``prompt_ids``) or as ``[1, seq]`` token ids (run as given), that
+    fits the model's context with the ``max_new_tokens`` to be generated after it."""
     if isinstance(text, torch.Tensor):
         if text.dim() != 2 or text.shape[0] != 1 or text.shape[1] == 0:
             raise LensValueError(f"generation takes one prompt: token ids of shape [1, seq], got {tuple(text.shape)}")
@@ -298,11 +332,10 @@ def prompt_tokens(model, text: Union[str, torch.Tensor], max_new_tokens: int) ->
     elif not isinstance(text, str):
         raise LensTypeError("generation takes one prompt (a string or [1, seq] token ids); run a batch prompt by prompt")
     else:
-        check_prompts(text)
-        tokens = model.to_tokens(text, truncate=False)
+        tokens, _ = tokenize(model, text, None, prepend_bos)
     check_context(tokens.shape[1], context_length(model), max_new_tokens)
     return tokens
 
 __all__ = ["Sublayers", "ATTRIBUTION_SUFFIXES", "hook_filter", "is_parallel", "hook_name", "attribution_hooks",
     "has_pos_embed", "decoder_for", "detached", "row_plan", "reader", "fix_hint", "residual_stack", "require",
-    "recover_tokens", "check_tokens_match_embed", "lens_rows", "cache_model", "at", "tokenize", "prompt_tokens"]
+    "recover_tokens", "check_tokens_match_embed", "lens_rows", "cache_model", "at", "hf_tokenizer", "tokenize", "prompt_tokens"]

@@ -476,13 +476,8 @@ def text_strategy():
         ok(WORDS), ok(token_ids(1, 6)),
         bad(st.sampled_from(["", "  ", "\n"])),
         bad(st.integers(130, 300).map(lambda n: " the" * n)),  # past the context of 128
-        # An empty [1, 0] tensor is left out: DEFECT (reported; backends/nnsight/_run.one_prompt, not ours to edit):
-        # it is refused as "generation takes one prompt: token ids of shape [1, seq], got (1, 0)", naming neither
-        # text nor why (empty).
-        # Also left out, DEFECTS (reported; backends/_common.py / nnsight/_run.one_prompt, not ours to edit):
-        # float token ids (torch.tensor([[5., 6.]]) is accepted by run_generation_lens), ids outside the vocabulary
-        # ([[5, 1003]]: IndexError "index out of range in self" from the embedding), and a 3-d tensor (refused as
-        # "generation takes one prompt: token ids of shape [1, seq], got (1, 1, 2)", not naming text).
+        bad(st.sampled_from([torch.zeros(1, 0, dtype=torch.long), torch.tensor([[5.0, 6.0]]), torch.tensor([[5, 1003]]),
+                             torch.tensor([[[5, 6]]])])),
         bad(st.sampled_from([torch.tensor([[5, 6], [7, 8]]), None, 3, [" the"]])),
     )
 

@@ -80,7 +80,7 @@ def test_per_step_equals_transformer_lens(family, per_step, smollm2_tokenizer):
 
 def test_refuses_a_batch_and_nothing_to_generate(smollm2_tokenizer):
     model = lpn.wrap_model(tiny_model("llama"), smollm2_tokenizer)
-    with pytest.raises(ValueError, match=r"one prompt: token ids of shape \[1, seq\]"):
+    with pytest.raises(ValueError, match=r"text as token ids must be one prompt of shape \[1, seq\]"):
         lpn.run_generation_lens(model, PROMPT.repeat(2, 1), max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
         lpn.run_generation_lens(model, PROMPT, max_new_tokens=0)

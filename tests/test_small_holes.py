@@ -141,7 +141,7 @@ RTL = ["The", " word", " שלום"]  # mixed direction: a Latin start, then Hebr
 def rtl_result(model):
     """A lens result whose three tokens ("in it" with its BOS) read as ``RTL``: the pages write the prompt
     from the result's tokens."""
-    result = lp.transformer_lens.run_logit_lens(model, "in it")
+    result = lp.transformer_lens.run_logit_lens(model, "in it", prepend_bos=True)
     assert result.token_ids.shape[1] == len(RTL)
     result.str_tokens = lambda batch=0: list(RTL)
     return result

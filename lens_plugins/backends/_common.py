@@ -150,6 +150,17 @@ def check_token_ids(model, prompt, argument: str = "text") -> None:
             "(model.tokenizer), or pass the text itself")
 
 
+def check_one_prompt_ids(model, text) -> None:
+    """Refuse token ids that are not one prompt a generation can start from, naming ``text``: the shape
+    ``[1, seq]`` with ``seq >= 1``, integer ids inside the vocabulary (``check_token_ids``)."""
+    if text.dim() != 2 or text.shape[0] != 1:
+        raise LensValueError(f"text as token ids must be one prompt of shape [1, seq], got {tuple(text.shape)}: "
+                             "generation runs one prompt at a time")
+    if text.shape[1] == 0:
+        raise LensValueError("text is empty (token ids of shape (1, 0)): give the model at least one token")
+    check_token_ids(model, text)
+
+
 def check_model(model) -> None:
     """Refuse what a one-call verb cannot run, where it starts: something that is not a model (arguments in
     the wrong order put the prompt there), or a TransformerLens or Hugging Face model whose weights are on the
@@ -239,5 +250,5 @@ def one_at_a_time(run):
 
 
 __all__ = ["unwrap", "context_length", "check_context", "model_lock", "one_at_a_time", "pad_batch", "pad_prompts",
-           "eval_mode", "check_prompts", "prompt_ids", "example_ids", "vocab_size", "check_token_ids", "check_model",
+           "eval_mode", "check_prompts", "prompt_ids", "example_ids", "vocab_size", "check_token_ids", "check_one_prompt_ids", "check_model",
            "check_max_new_tokens"]

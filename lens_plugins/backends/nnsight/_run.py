@@ -13,6 +13,7 @@ import torch
 from lens_plugins import core
 from lens_plugins.backends._common import (
     check_context,
+    check_one_prompt_ids,
     check_prompts,
     context_length,
     eval_mode,
@@ -106,8 +107,7 @@ def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int, prepe
     ``max_new_tokens`` to be generated after it: ``[1, seq]`` token ids as given; text as itself when
     ``prompt_ids`` leaves the tokenizer's tokenization, else as its ids ``[1, seq]``."""
     if isinstance(text, torch.Tensor):
-        if text.dim() != 2 or text.shape[0] != 1 or text.shape[1] == 0:
-            raise LensValueError(f"generation takes one prompt: token ids of shape [1, seq], got {tuple(text.shape)}")
+        check_one_prompt_ids(model, text)
         check_context(text.shape[1], context_length(model), max_new_tokens)
         return text
     if not isinstance(text, str):

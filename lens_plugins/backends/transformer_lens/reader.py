@@ -19,7 +19,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_plugins.backends._common import check_context, check_prompts, context_length, pad_prompts, prompt_ids
+from lens_plugins.backends._common import (
+    check_context,
+    check_one_prompt_ids,
+    check_prompts,
+    context_length,
+    pad_prompts,
+    prompt_ids,
+)
 from lens_plugins.core.architectures import norm_params
 from lens_plugins.core.errors import LensKeyError, LensTypeError, LensValueError
 from lens_plugins.core.rows import Row, plan
@@ -326,8 +333,7 @@ def prompt_tokens(model, text: Union[str, torch.Tensor], max_new_tokens: int,
     """One prompt, as text (tokenized by ``prompt_ids``) or as ``[1, seq]`` token ids (run as given), that
     fits the model's context with the ``max_new_tokens`` to be generated after it."""
     if isinstance(text, torch.Tensor):
-        if text.dim() != 2 or text.shape[0] != 1 or text.shape[1] == 0:
-            raise LensValueError(f"generation takes one prompt: token ids of shape [1, seq], got {tuple(text.shape)}")
+        check_one_prompt_ids(model, text)
         tokens = text.long()
     elif not isinstance(text, str):
         raise LensTypeError("generation takes one prompt (a string or [1, seq] token ids); run a batch prompt by prompt")

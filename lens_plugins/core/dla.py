@@ -24,6 +24,7 @@ from lens_plugins.core.errors import (
     LensTypeError,
     LensValueError,
 )
+from lens_plugins.core.readout import all_finite
 
 
 def norm_scale(x, norm_kind, norm_eps):
@@ -110,7 +111,7 @@ def check_parts(parts):
     first = None
     for order, name in enumerate(PART_ORDER):
         part = parts.get(name)
-        if part is None:
+        if part is None or all_finite(part):
             continue
         bad = ~torch.isfinite(part).all(-1)
         if not bad.any():

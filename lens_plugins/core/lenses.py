@@ -15,6 +15,7 @@ so that every entry point of both backends refuses a mismatch with the same mess
 import torch
 
 from lens_plugins.core.errors import LensFloatingPointError, LensTypeError, LensValueError
+from lens_plugins.core.readout import all_finite
 
 # The unembedding entries a fingerprint keeps: PROBE_ROWS rows of W_U (model dimensions) by PROBE_COLUMNS
 # vocabulary columns, spread evenly. 512 numbers: cheap to gather on every call, small in a config.json.
@@ -130,6 +131,8 @@ def check_output(out, rows):
     """Refuse a lens's output ``[rows, tokens, d]`` holding NaN or inf, naming the first such row: its inputs
     were finite (``pipeline.check_finite``), so the lens's weights or its transform made them, and every
     statistic of that row would be NaN."""
+    if all_finite(out):
+        return
     bad = ~torch.isfinite(out).flatten(1).all(-1)
     if bad.any():
         row = int(bad.nonzero()[0])

@@ -128,7 +128,7 @@ def test_cli_report_on_the_default_model(browser, tmp_path, monkeypatch, capsys)
     from lens_plugins.cli import main as cli
 
     path = tmp_path / "report.html"
-    assert cli.main(["report", "The capital of France is", "-o", str(path)]) == 0
+    assert cli.main(["report", "The capital of France is", "-o", str(path), "--prepend-bos"]) == 0
     assert capsys.readouterr().err.endswith(f"report written to {path}\n")
     html = path.read_text(encoding="utf-8")
     assert "plotly.js v" in html and not re.search(r"<script[^>]+src=", html)  # inlined: works offline

@@ -292,7 +292,7 @@ def test_the_html_commands_overwrite_with_force(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "load_model", lambda path: "MODEL")
-    monkeypatch.setattr(report, "run_report", lambda model, prompt, path, top_k, overwrite:
+    monkeypatch.setattr(report, "run_report", lambda model, prompt, path, top_k, overwrite, **_:
                         write_report(path, lens_result(), overwrite=overwrite))
     (tmp_path / "report.html").write_text("old")
     assert cli.main(["report", "a prompt", "--force"]) == 0

@@ -15,7 +15,7 @@ PROMPT = "The capital of France is"
 def result(smollm2_bridge):
     import lens_plugins as lp
 
-    return lp.transformer_lens.run_logit_lens(smollm2_bridge, PROMPT, top_k=5, targets=[" Paris"])
+    return lp.transformer_lens.run_logit_lens(smollm2_bridge, PROMPT, top_k=5, targets=[" Paris"], prepend_bos=True)
 
 
 def z_of(fig) -> np.ndarray:

@@ -126,12 +126,16 @@ def test_weight_processing_does_not_change_the_lens(smollm2_hf, smollm2_ht, smol
         torch.testing.assert_close(getattr(processed, field), getattr(raw, field), atol=TOL, rtol=1e-5, equal_nan=True)
 
 
-def test_run_logit_lens_one_call(smollm2_ht):
+def test_run_logit_lens_one_call(smollm2_ht, smollm2_hf):
+    """The one-call form runs the prompt as the model's own tokenizer does (``prepend_bos=None``), and with
+    ``prepend_bos=True`` as HookedTransformer's ``to_tokens`` does (BOS first)."""
     from export_lens import PROMPT
 
     result = lp.transformer_lens.run_logit_lens(smollm2_ht, PROMPT, top_k=3)
-    assert torch.equal(result.token_ids, smollm2_ht.to_tokens(PROMPT).cpu())
+    assert result.token_ids[0].tolist() == smollm2_hf[1](PROMPT)["input_ids"]
     assert result.top_ids.shape == (smollm2_ht.cfg.n_layers + 1, 1, result.token_ids.shape[1], 3)
+    with_bos = lp.transformer_lens.run_logit_lens(smollm2_ht, PROMPT, top_k=3, prepend_bos=True)
+    assert torch.equal(with_bos.token_ids, smollm2_ht.to_tokens(PROMPT).cpu())
 
 
 # --- tiny random models --------------------------------------------------------------------------

@@ -352,9 +352,7 @@ def prompt_strategy():
         bad(st.lists(WORDS, max_size=2).map(lambda good: good + ["  \n"])),
         bad(st.just([])),
         bad(st.integers(130, 400).map(lambda n: " the" * n)),  # longer than the context of 128
-        # [" the", 3] is left out: DEFECT (reported; typecheck.py samples one list item, and the one-call
-        # tokenisation is not ours to edit): the tokenizer's TypeError "TextEncodeInput must be ..." escapes.
-        bad(st.sampled_from([None, 3, b"the", torch.tensor([[5, 6]]), torch.tensor([[5.0, 6.0]])])),
+        bad(st.sampled_from([None, 3, b"the", torch.tensor([[5, 6]]), torch.tensor([[5.0, 6.0]]), [" the", 3]])),
     )
 
 
@@ -627,12 +625,8 @@ def test_attention_both_backends(tokens, layers, tl, nn, workdir):
         torch.testing.assert_close(a.result.patterns.float(), b.result.patterns.float(), atol=TOL, rtol=0)
 
 
-# Only valid prompts: DEFECT (reported; backends/transformer_lens/attention.run_attention, one-call tokenisation,
-# not ours to edit): TransformerLens's run_attention has neither the type check nor run_logit_lens's prompt and
-# context guards, so "" is accepted, None raises the tokenizer's ValueError, [" the", 3] its TypeError, and a
-# prompt past the context of 128 an IndexError.
 @settings(max_examples=15, **SETTINGS)
-@given(prompt=ok(WORDS | st.lists(WORDS, min_size=1, max_size=3)), layers=attention_layers_strategy())
+@given(prompt=prompt_strategy(), layers=attention_layers_strategy())
 def test_one_call_attention_prompts(prompt, layers, tl, nn, workdir):
     args = {"prompt": prompt, "layers": layers}
     must_fail, names = verdict_of(args)

@@ -55,6 +55,7 @@ def attention(
 
 
 @one_at_a_time
+@typechecked
 def run_attention(model, prompt: Union[str, list[str]], layers: Optional[list[int]] = None, *,
                   padding_side: Optional[str] = None, prepend_bos: Optional[bool] = None) -> AttentionResult:
     """Run a TransformerLens model on ``prompt`` caching only the patterns: the one-call form, tokenized and

@@ -70,4 +70,32 @@ def residual_stack(hf, input_ids: Tensor, attention_mask: Optional[Tensor] = Non
             handle.remove()
     return torch.stack([captured[i] for i in range(len(layers) + 1)])
 
-__all__ = ["hf_model", "stack_rows", "decoder_tensors", "residual_stack"]
+def block_outputs(hf, input_ids: Tensor, layers: list[int], spec: Optional[dict] = None) -> list[Tensor]:
+    """The outputs ``[batch, seq, d_model]`` of decoder layers ``layers`` (sorted, the last being the model's
+    last layer for a Jacobian-lens fit), on one autograd graph rooted at the earliest of them: that output is
+    made to require grad, so with frozen parameters the graph holds only the layers above it. The base model
+    runs (no ``lm_head``)."""
+    spec = spec or architectures.resolve(hf)
+    modules = architectures.get_path(hf, spec["layers"])
+    captured: dict[int, Tensor] = {}
+    root = min(layers)
+
+    def keep(index):
+        def hook(module, args, output):
+            h = architectures.layer_output(output)
+            if index == root and not h.requires_grad:
+                h.requires_grad_(True)
+            captured[index] = h
+        return hook
+
+    handles = [modules[index].register_forward_hook(keep(index)) for index in sorted(set(layers))]
+    base = getattr(hf, "base_model", hf)
+    try:
+        with torch.enable_grad():
+            base(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[index] for index in layers]
+
+__all__ = ["hf_model", "stack_rows", "decoder_tensors", "residual_stack", "block_outputs"]

@@ -84,8 +84,9 @@ def evaluate_lenses(
     token_chunk: Optional[int] = 1024,
 ) -> LensEvaluation:
     """Score ``lenses`` (objects with ``transform(resid, rows)``, e.g. ``LogitLens()``, a ``TunedLens``, a
-    ``LastBlocksLens``) on ``texts``: a text source as in training, or token blocks ``[blocks, seq]`` such as
-    ``tuned.heldout_blocks``. ``max_blocks`` caps the blocks read. A lens made for another model
+    ``LastBlocksLens``, a ``JacobianLens``) on ``texts``: a text source as in training, or token blocks
+    ``[blocks, seq]`` such as ``tuned.heldout_blocks``. ``max_blocks`` caps the blocks read. Rows a lens has no
+    map for (its ``covers(row, n_layers)`` is false: the Jacobian lens's embeddings row) score NaN. A lens made for another model
     (``core.lenses.check_fits``), a non-finite decoder or a lens output holding NaN/inf is refused, as on every
     lens entry point."""
     lenses = list(lenses)
@@ -106,6 +107,10 @@ def evaluate_lenses(
         check_fits(made_for(lens), hf.config.hidden_size, hf.config.num_hidden_layers, decoder)
     n_rows = hf.config.num_hidden_layers + 1
     rows = stack_rows(n_rows - 1)
+    # A lens that has no map for some rows (a Jacobian lens has none for the embeddings) says so with
+    # ``covers(row, n_layers)``; those rows score NaN ("not defined"), not another lens's numbers.
+    covered = [[r for r, row in enumerate(rows) if getattr(lens, "covers", lambda row, n: True)(row, n_rows - 1)]
+               for lens in lenses]
     kl_sum = torch.zeros(len(lenses), n_rows, dtype=torch.float64)
     ce_sum = torch.zeros(len(lenses), n_rows, dtype=torch.float64)
     was_training = hf.training
@@ -118,16 +123,21 @@ def evaluate_lenses(
                                                          token_chunk)
                 next_ids = torch.cat([block[1:], torch.tensor([-1])])
                 for i, lens in enumerate(lenses):
-                    mapped = lens.transform(stack.float(), rows)
-                    check_output(mapped, rows)
+                    scored = covered[i]
+                    picked = [rows[r] for r in scored]
+                    mapped = lens.transform(stack[scored].float(), picked)
+                    check_output(mapped, picked)
                     normed = decoder.normalize(mapped)
-                    for r in range(n_rows):
-                        kl, ce = vocab_loss.kl_and_cross_entropy(normed[r], reference, next_ids, decoder,
+                    for j, r in enumerate(scored):
+                        kl, ce = vocab_loss.kl_and_cross_entropy(normed[j], reference, next_ids, decoder,
                                                                  vocab_chunk, token_chunk)
                         kl_sum[i, r] += kl.double().sum()
                         ce_sum[i, r] += ce[:-1].double().sum()
     finally:
         hf.train(was_training)
+    for i, scored in enumerate(covered):
+        missing = [r for r in range(n_rows) if r not in scored]
+        kl_sum[i, missing] = ce_sum[i, missing] = float("nan")
     n_tokens = blocks.numel()
     n_predicted = blocks.shape[0] * (blocks.shape[1] - 1)
     return LensEvaluation(lens_names=names, row_labels=[row.label for row in rows],

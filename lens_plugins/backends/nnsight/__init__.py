@@ -22,6 +22,7 @@ from lens_plugins.backends.nnsight.attribution import (
 from lens_plugins.backends.nnsight.decoder_lens import decoder_lens, decoder_lens_result, run_decoder_lens
 from lens_plugins.backends.nnsight.dola import dola, dola_result, run_dola
 from lens_plugins.backends.nnsight.generation import generation_lens, generation_result, run_generation_lens
+from lens_plugins.backends.nnsight.jacobian import jacobian_edit, run_jacobian_edit
 from lens_plugins.backends.nnsight.lens import logit_lens, logit_lens_result, run_logit_lens
 from lens_plugins.backends.nnsight.patchscope import run_patchscope
 from lens_plugins.backends.nnsight.reader import decoder_for, lens_tensors, remote_model, wrap_model
@@ -32,7 +33,8 @@ __all__ = [
     "attribution", "attribution_result", "run_attribution", "generation_lens", "generation_result",
     "run_generation_lens", "dola", "dola_result", "run_dola", "decoder_lens", "decoder_lens_result",
     "run_decoder_lens", "run_patchscope", "attention", "attention_result", "run_attention", "decoder_for",
-    "lens_tensors", "remote_model", "wrap_model", "RemoteLensError", "SHIPPED_MODULES",
+    "lens_tensors", "remote_model", "wrap_model", "RemoteLensError", "SHIPPED_MODULES", "jacobian_edit",
+    "run_jacobian_edit",
 ]
 
 __getattr__ = deprecated_names(__name__, {

@@ -19,6 +19,7 @@ from lens_plugins.backends.transformer_lens.attribution import (
 from lens_plugins.backends.transformer_lens.decoder_lens import run_decoder_lens
 from lens_plugins.backends.transformer_lens.dola import run_dola
 from lens_plugins.backends.transformer_lens.generation import run_generation_lens
+from lens_plugins.backends.transformer_lens.jacobian import jacobian_hooks, run_jacobian_edit
 from lens_plugins.backends.transformer_lens.lens import logit_lens, run_logit_lens
 from lens_plugins.backends.transformer_lens.patchscope import run_patchscope
 from lens_plugins.backends.transformer_lens.reader import (
@@ -35,7 +36,8 @@ __all__ = [
     "logit_lens", "run_logit_lens", "logit_diff", "run_logit_diff", "attribution", "run_attribution",
     "cache_parts", "run_generation_lens", "run_dola", "run_decoder_lens", "run_patchscope", "attention",
     "attention_hook_filter", "run_attention", "decoder_for", "hook_filter", "hook_name", "reader",
-    "recover_tokens", "residual_stack", "row_plan", "CacheLens", "register_accessor",
+    "recover_tokens", "residual_stack", "row_plan", "CacheLens", "register_accessor", "jacobian_hooks",
+    "run_jacobian_edit",
 ]
 
 __getattr__ = deprecated_names(__name__, {

@@ -9,7 +9,7 @@ recurse forever).
 
 import types
 
-from lens_plugins.core.trace import attention, attribution, decoder_lens, dola, generation, lens, patchscope
+from lens_plugins.core.trace import attention, attribution, decoder_lens, dola, generation, jacobian, lens, patchscope
 
 
 def server_namespace():
@@ -18,6 +18,7 @@ def server_namespace():
         logit_lens=lens.logit_lens, logit_diff=lens.logit_diff, attribution=attribution.attribution,
         generation_lens=generation.generation_lens, dola=dola.dola, decoder_lens=decoder_lens.decoder_lens,
         attention=attention.attention, read_source=patchscope.read_source,
-        patch_and_read=patchscope.patch_and_read, patch_and_next_token=patchscope.patch_and_next_token))
+        patch_and_read=patchscope.patch_and_read, patch_and_next_token=patchscope.patch_and_next_token,
+        jacobian_edit=jacobian.jacobian_edit, edited_logits=jacobian.edited_logits))
 
 __all__ = ["server_namespace"]

@@ -290,15 +290,12 @@ def test_remote_serialization_equals_local(nn_model, lens_nn, texts):
 
 
 def test_evaluate_lenses_scores_the_rows_it_covers(nn_model, lens_nn):
-    from lens_plugins.training.loop import builtin_corpus
-
     blocks = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     ev = lp.evaluate_lenses(nn_model, blocks, [lp.LogitLens(), lens_nn], names=["logit", "jacobian"])
     assert ev.row_labels[0] == "embed"
     assert torch.isnan(ev.kl[1, 0]) and not torch.isnan(ev.kl[0, 0])  # no matrix for the embeddings
     assert float(ev.kl[1, -1]) == pytest.approx(0.0, abs=1e-6)  # the final row is the model's output
     assert not torch.isnan(ev.kl[1, 1:]).any()
-    del builtin_corpus
 
 
 def test_hub_names_resolve_without_network(monkeypatch, tmp_path, lens_tl):
@@ -353,3 +350,26 @@ def test_smollm2_fit_and_readout_equal_transformer_lens(smollm2_bridge, smollm2_
             top = torch.log_softmax(readout.lens_logits[layer].float(), -1).topk(5, dim=-1)
             assert torch.equal(result.top_ids[r, 0], top.indices)
             torch.testing.assert_close(result.top_logprobs[r, 0], top.values, rtol=0, atol=1e-5)
+
+
+def test_a_lens_too_big_to_ship_is_routed_to_client_decoding(nn_model, lens_nn, texts):
+    """Past ``max_bytes`` the request is refused with the client-side route; that route (downloaded block outputs
+    decoded by ``decode_rows``) equals the shipped lens."""
+    from lens_plugins.models.checkpoint import decode_rows
+
+    rows = list(range(1, 4))
+    tensors = lp.nnsight.lens_tensors(nn_model, lens_nn, layers=rows)
+    assert tensors["weight"].numel() * 4 == 3 * 64 * 64 * 4  # what ships: J - I per row, float32
+    with pytest.raises(LensValueError, match="decode_rows"):
+        lp.nnsight.lens_tensors(nn_model, lens_nn, layers=rows, max_bytes=1000)
+    shipped = lp.nnsight.run_logit_lens(nn_model, texts[0], lens=tensors, layers=rows, remote="local")
+    with torch.no_grad(), nn_model.trace(texts[0]):
+        out0 = nn_model.model.layers[0].output.save()
+        out1 = nn_model.model.layers[1].output.save()
+        out2 = nn_model.model.layers[2].output.save()
+    stack = torch.stack([out0, out1, out2])  # block outputs 0, 1, 2 = rows 1_pre, 2_pre, 2_post
+    token_ids = torch.tensor([nn_model.tokenizer(texts[0])["input_ids"]])
+    client = decode_rows(stack, ["1_pre", "2_pre", "2_post"], lens_nn, lp.nnsight.decoder_for(nn_model), token_ids,
+                         nn_model.tokenizer)
+    assert torch.equal(client.top_ids, shipped.top_ids)
+    torch.testing.assert_close(client.top_logprobs, shipped.top_logprobs, rtol=0, atol=1e-6)

@@ -164,3 +164,22 @@ def test_a_session_of_two_traces(model):
     rome, paris = patched.logprob_of(" Rome")[21:, 0, -1], patched.logprob_of(" Paris")[21:, 0, -1]
     clean_gap = clean.logprob_of(" Rome")[21:, 0, -1] - clean.logprob_of(" Paris")[21:, 0, -1]
     assert ((rome - paris) > clean_gap).all()
+
+
+def test_jacobian_lens_and_edit(model):
+    """A Jacobian lens ships as tensors (``J - I`` per row, 30 x 576^2 floats): the remote lens equals the local
+    one bit for bit, and so does a steering edit's effect on the output."""
+    generator = torch.Generator().manual_seed(0)
+    matrices = {layer: torch.eye(576) + 0.005 * torch.randn(576, 576, generator=generator) for layer in range(29)}
+    jlens = lp.JacobianLens(matrices, n_prompts=1, d_model=576, metadata={"target_layer": 29})
+    rows = list(range(1, 31))
+    local = lp.nnsight.run_logit_lens(model, PROMPT, lens=jlens, layers=rows, targets=[" Paris"])
+    remote = lp.nnsight.run_logit_lens(model, PROMPT, lens=jlens, layers=rows, targets=[" Paris"], remote=True)
+    assert remote.labels[0] == "1_pre" and remote.labels[-1] == "29_post"
+    assert torch.equal(remote.top_ids, local.top_ids)
+    assert torch.equal(remote.top_logprobs, local.top_logprobs)
+    edit = jlens.steering(model, " London", [10, 20], alpha=2.0, positions=[-1])
+    here = lp.nnsight.run_jacobian_edit(model, PROMPT, edit)
+    there = lp.nnsight.run_jacobian_edit(model, PROMPT, edit, remote=True)
+    assert torch.equal(there.edited_probs, here.edited_probs) and torch.equal(there.kl, here.kl)
+    assert float(here.edited_probs[0, 0]) > float(here.clean_probs[0, 0])  # steering toward " London" raised it

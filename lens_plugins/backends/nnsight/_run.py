@@ -59,8 +59,9 @@ def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=N
 
 
 def shippable(model, lens, remote, backend, **rows):
-    """The lens as it can travel: itself for a local trace, its tensors for a remote one."""
-    if lens is None or (remote is False and backend is None):
+    """The lens as it can travel: itself for a local trace, its tensors for a remote one (tensors already made
+    by ``lens_tensors`` travel as they are)."""
+    if lens is None or isinstance(lens, dict) or (remote is False and backend is None):
         return lens
     return lens_tensors(model, lens, **rows)
 

@@ -11,7 +11,8 @@ from lens_plugins.backends._common import unwrap
 from lens_plugins.core import architectures
 from lens_plugins.core import lenses as core_lenses
 from lens_plugins.core import rows as row_plan
-from lens_plugins.core.errors import LensTypeError
+from lens_plugins.core.defaults import SHIP_LIMIT_BYTES
+from lens_plugins.core.errors import LensTypeError, LensValueError
 from lens_plugins.decoder import Decoder
 from lens_plugins.typecheck import typechecked
 
@@ -68,10 +69,12 @@ def lens_tensors(
     resid_mid: bool = False,
     sublayers: Sublayers = False,
     paths: Optional[dict] = None,
+    max_bytes: int = SHIP_LIMIT_BYTES,
 ) -> dict:
     """An affine lens as the tensors a remote trace body can carry (``lens=`` of the in-trace entry points),
     for the rows that ``layers`` / ``resid_mid`` / ``sublayers`` choose. A lens without ``affine`` cannot
-    run on a server: it is refused here, by name."""
+    run on a server: it is refused here, by name; so is one whose tensors would pass ``max_bytes`` (the
+    message gives the route that decodes downloaded rows on the client instead)."""
     if getattr(lens, "affine", None) is None:
         raise LensTypeError(
             f"{type(lens).__name__} has no affine(rows, d_model), so it cannot run in a remote trace (the server "
@@ -81,7 +84,17 @@ def lens_tensors(
     n_layers = len(architectures.get_path(hf, spec["layers"]))
     every = row_plan.plan(n_layers, resid_mid, sublayers, architectures.is_parallel(hf, spec))
     chosen = row_plan.select(every, layers)
-    weight, bias = lens.affine(chosen, architectures.decoder_tensors(hf, spec).d_model)
+    d_model = architectures.decoder_tensors(hf, spec).d_model
+    size = len(chosen) * (d_model + 1) * d_model * 4
+    if size > max_bytes:
+        raise LensValueError(
+            f"this lens's tensors for {len(chosen)} rows are {size / 2**30:.1f} GiB, more than a remote request "
+            f"should carry (max_bytes={max_bytes / 2**30:.1f} GiB): read fewer rows (layers=), or download the rows "
+            "and decode them here: .save() the block outputs you want in your trace (e.g. "
+            "model.model.layers[i].output[:, positions]), stack them [rows, batch, pos, d], then "
+            "lp.models.checkpoint.decode_rows(stack, labels, lens, lp.decoder_from_checkpoint(model_dir), token_ids, "
+            "tokenizer), which reads only the final norm and the unembedding from the checkpoint")
+    weight, bias = lens.affine(chosen, d_model)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     return core_lenses.shipped(detach(weight), detach(bias), [row.label for row in chosen],
                                core_lenses.made_for(lens))

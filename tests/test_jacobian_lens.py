@@ -241,6 +241,9 @@ def test_compatibility_mode_is_refused(tokenizer, texts):
     folded.enable_compatibility_mode()
     with pytest.raises(LensValueError, match="compatibility mode"):
         JacobianLens.fit(folded, texts, progress=False)
+    eye = JacobianLens({0: torch.eye(64), 1: torch.eye(64)}, n_prompts=1, d_model=64)
+    with pytest.raises(LensValueError, match="compatibility mode"):  # the readout too: another residual basis
+        lp.transformer_lens.run_logit_lens(folded, texts[0], lens=eye, layers=range(1, 4))
 
 
 @pytest.mark.parametrize("kind", ["steer", "ablate", "swap"])

@@ -114,6 +114,10 @@ class JacobianLens:
 
     # -- what it is ------------------------------------------------------------------------------------------
 
+    # The matrices act on raw Hugging Face activations: a TransformerLens model whose weights were folded or
+    # centred has another residual basis, and the TransformerLens lens refuses it (``check_raw``).
+    raw_basis = True
+
     @property
     def source_layers(self) -> list[int]:
         return sorted(self.jacobians)

@@ -64,6 +64,10 @@ def logit_lens(
     if tuple(tokens.shape) != (batch, seq):
         raise LensValueError(f"tokens have shape {tuple(tokens.shape)} but the cache holds [batch, seq] = {(batch, seq)}")
     check_tokens_match_embed(cache, tokens, attention_mask)
+    if getattr(lens, "raw_basis", False):  # a lens fitted on raw activations (the Jacobian lens)
+        from lens_plugins.backends.transformer_lens.jacobian import check_raw
+
+        check_raw(model)
     return run_lens(
         read, every, layers, tokens.to(torch.long).cpu(), model.tokenizer, decoder_for(model),
         attention_mask=None if attention_mask is None else attention_mask.to(torch.long).cpu(),

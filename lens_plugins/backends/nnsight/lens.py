@@ -79,6 +79,7 @@ def run_logit_lens(
     precision: str = "float32",
     padding_side: Optional[str] = None,
     prepend_bos: Optional[bool] = None,
+    auto_tokens: int = 0,
 ) -> LensResult:
     """Trace ``prompt`` (one string or a batch) and return its lens: the one-call form.
 
@@ -98,7 +99,7 @@ def run_logit_lens(
     saved = trace(model, prompt, remote, backend, lambda: logit_lens(
         model, top_k=top_k, targets=list(targets), positions=positions, token_sets=token_sets,
         reductions=check_reductions(reductions), lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-        precision=precision, **rows), padding_side, prepend_bos)
+        precision=precision, auto_tokens=auto_tokens, **rows), padding_side, prepend_bos)
     return logit_lens_result(saved, model)
 
 __all__ = ["logit_lens_result", "run_logit_lens"]

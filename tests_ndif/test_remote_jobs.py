@@ -3,7 +3,6 @@ several jobs are in flight from one client together, and each ``result()`` is th
 the call run locally; a job that fails on the server and a cancelled job are named."""
 
 import pytest
-import torch
 
 import lens_plugins as lp
 from helpers import PROMPT, assert_identical
@@ -18,8 +17,10 @@ def test_several_jobs_in_flight_from_one_client(model):
                                      effects=3)
     jobs = lenses + [dla]
     assert len({job.job_id for job in jobs}) == len(jobs)  # every submission returned before any result came
-    assert all(job.status() in ("PENDING", "RECEIVED", "QUEUED", "DISPATCHED", "RUNNING", "COMPLETED", "APPROVED")
-               for job in jobs), [job.status() for job in jobs]
+    from nnsight.schema.response import Status
+
+    known = {status.name for status in Status} - {"ERROR"} | {"PENDING"}
+    assert all(job.status() in known for job in jobs), [job.status() for job in jobs]
     for prompt, job in zip(PROMPTS, lenses):
         result = job.result(timeout=180)
         local = lp.nnsight.run_logit_lens(model, prompt, targets=[" Paris"], auto_tokens=3)

@@ -53,5 +53,7 @@ def test_blocking_false_needs_a_server(smollm2_tokenizer):
     for remote in (False, "local"):
         with pytest.raises(lp.LensError, match="blocking=False submits a job to an NDIF server"):
             lpn.run_logit_lens(model, "in it is", remote=remote, blocking=False)
+    with pytest.raises(lp.LensError, match="blocking=False submits a job to an NDIF server"):
+        lpn.run_attention(model, "in it is", remote=False, blocking=False)
     with pytest.raises(lp.LensError, match="not backend="):
         lpn.run_attribution(model, "in it is", " the", backend=object(), blocking=False)

@@ -15,7 +15,8 @@ def test_several_jobs_in_flight_from_one_client(model):
               for prompt in PROMPTS]
     dla = lp.nnsight.run_attribution(model, PROMPT, " Paris", " London", remote=True, blocking=False, by="neuron",
                                      effects=3)
-    jobs = lenses + [dla]
+    patterns = lp.nnsight.run_attention(model, PROMPT, [0, 29], remote=True, blocking=False)
+    jobs = lenses + [dla, patterns]
     assert len({job.job_id for job in jobs}) == len(jobs)  # every submission returned before any result came
     from nnsight.schema.response import Status
 
@@ -32,6 +33,7 @@ def test_several_jobs_in_flight_from_one_client(model):
     assert remote.labels == local.labels
     for field in ("neuron_values", "neuron_index", "mlp", "promoted_ids"):
         assert_identical(getattr(remote, field), getattr(local, field), field)
+    assert_identical(patterns.result(timeout=180).patterns, lp.nnsight.run_attention(model, PROMPT, [0, 29]).patterns)
 
 
 def test_a_failed_job_and_a_cancelled_job_are_named(model):

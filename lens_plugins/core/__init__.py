@@ -16,7 +16,8 @@ exactly these with ``nnsight.register``, and ``tests/test_shipping.py`` holds ea
 - ``architectures``: Hugging Face families keyed by ``model_type``, module paths, the decoder's tensors
 - ``lenses``: a lens's per-row affine map (``apply_affine``)
 - ``pipeline``: read rows with a backend's reader, check, apply the lens, decode and reduce
-- ``dla``: frozen-norm direct logit attribution arithmetic, head split
+- ``dla``: frozen-norm direct logit attribution arithmetic, head split, neurons, promoted / suppressed tokens
+- ``track``: tokens worth tracking (``auto_tokens=N``): candidates from every row's top-k, the fade score
 - ``dola``: DoLa's premature-layer choice and contrastive scores
 - ``decoder_lens``: the DecoderLens arithmetic (encoder rows decoded by the decoder)
 - ``patching``: Patchscopes' write arithmetic (mappings, batching of (row, position) pairs)

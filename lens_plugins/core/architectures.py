@@ -26,6 +26,8 @@ Direct logit attribution (``lens_plugins.core.dla``) needs more of each layer, a
 - ``parallel``: GPT-J and GPT-NeoX (``use_parallel_residual``) add attention and MLP to the same input, so
   there is no residual between them (no ``resid_mid``); ``True`` or the config attribute that says so.
 - ``pos_embed``: learned absolute positional embeddings (GPT-2, GPT-Neo, OPT), attributed on their own.
+- ``neuron_out``: the MLP's output projection (relative to one layer), whose input is the neuron activations
+  and whose weight rows are the neurons' writes (``by="neuron"``); absent for a mixture of experts.
 - ``adds_residual``: BLOOM's attention and MLP add the residual inside the module, which the attribution
   does not take apart; it refuses these families with a message.
 
@@ -46,30 +48,30 @@ from lens_plugins.core.readout import DecoderTensors
 
 _LLAMA_LIKE = {
     "layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head", "embed": "model.embed_tokens",
-    "attn": "self_attn", "mlp": "mlp", "o_proj": "self_attn.o_proj",
+    "attn": "self_attn", "mlp": "mlp", "o_proj": "self_attn.o_proj", "neuron_out": "mlp.down_proj",
 }
 _SANDWICH = {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm", "post_norms": True}
 _GPT2_LIKE = {
     "layers": "transformer.h", "final_norm": "transformer.ln_f", "lm_head": "lm_head", "embed": "transformer.wte",
-    "attn": "attn", "mlp": "mlp", "o_proj": "attn.c_proj", "pos_embed": "transformer.wpe",
+    "attn": "attn", "mlp": "mlp", "o_proj": "attn.c_proj", "pos_embed": "transformer.wpe", "neuron_out": "mlp.c_proj",
 }
 
 # model_type -> module paths (``attn`` / ``mlp`` are relative to one decoder layer) and quirks.
 ARCHITECTURES = {
     "gpt2": dict(_GPT2_LIKE),
     "gpt_neo": dict(_GPT2_LIKE, o_proj="attn.attention.out_proj"),
-    "gptj": dict(_GPT2_LIKE, o_proj="attn.out_proj", pos_embed=None, parallel=True),
+    "gptj": dict(_GPT2_LIKE, o_proj="attn.out_proj", pos_embed=None, parallel=True, neuron_out="mlp.fc_out"),
     "gpt_neox": {
         "layers": "gpt_neox.layers", "final_norm": "gpt_neox.final_layer_norm",
         "lm_head": ("lm_head", "embed_out"),  # transformers 5 renamed Pythia's embed_out
         "embed": "gpt_neox.embed_in", "attn": "attention", "mlp": "mlp", "o_proj": "attention.dense",
-        "parallel": "use_parallel_residual",
+        "parallel": "use_parallel_residual", "neuron_out": "mlp.dense_4h_to_h",
     },
     "opt": {
         "layers": "model.decoder.layers", "final_norm": "model.decoder.final_layer_norm", "lm_head": "lm_head",
         "embed": "model.decoder.embed_tokens", "attn": "self_attn", "mlp": "fc2",
         "project_out": "model.decoder.project_out", "o_proj": "self_attn.out_proj",
-        "pos_embed": "model.decoder.embed_positions",
+        "pos_embed": "model.decoder.embed_positions", "neuron_out": "fc2",
     },
     "bloom": {
         "layers": "transformer.h", "final_norm": "transformer.ln_f", "lm_head": "lm_head",
@@ -78,7 +80,7 @@ ARCHITECTURES = {
     },
     "llama": dict(_LLAMA_LIKE),
     "mistral": dict(_LLAMA_LIKE),
-    "mixtral": dict(_LLAMA_LIKE),
+    "mixtral": {k: v for k, v in _LLAMA_LIKE.items() if k != "neuron_out"},  # experts: no one down_proj
     "qwen2": dict(_LLAMA_LIKE),
     "qwen3": dict(_LLAMA_LIKE),
     "phi3": dict(_LLAMA_LIKE),

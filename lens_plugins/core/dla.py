@@ -131,7 +131,7 @@ def check_parts(parts):
             "half precision?) before attributing them")
 
 
-def attribute(parts, decoder, target_ids, distractor_ids):
+def attribute(parts, decoder, target_ids, distractor_ids, neurons=None, top_neurons=0, effects=0):
     """Direct logit attribution of the vectors in ``parts`` (each ``[batch, ..., d_model]`` at one position):
     ``embed``, optional ``pos_embed``, ``heads [batch, layer, head, d]``, ``head_bias [batch, layer, d]``,
     ``attn`` and ``mlp`` ``[batch, layer, d]`` (what each sublayer added to the stream), ``final [batch, d]``;
@@ -142,6 +142,10 @@ def attribute(parts, decoder, target_ids, distractor_ids):
     ``model_value`` (the same with the model's soft-capped logits), ``coef`` and ``ids`` (member weights) and
     ``reconstruction_error`` (relative norm of ``final`` minus the sum of the parts: 0 up to rounding when
     the parts really are everything the stream holds). Non-finite parts are refused (``check_parts``).
+
+    ``neurons`` (one ``(acts, W_out, b_out)`` per layer, ``neuron_attribution``) adds the neuron split of every
+    MLP and its ``top_neurons`` largest neurons; ``effects=k`` adds the ``k`` tokens every write (and every top
+    neuron) promotes and suppresses most (``write_effects``).
     """
     check_parts(parts)
     final = parts["final"].to(decoder.W_U.device).float()  # work where the unembedding lives
@@ -165,7 +169,120 @@ def attribute(parts, decoder, target_ids, distractor_ids):
         constant=constant, explained=(raw * coef).sum(-1), model_value=(capped * coef).sum(-1), coef=coef, ids=ids,
         reconstruction_error=(final - total).norm(dim=-1) / final.norm(dim=-1).clamp(min=1e-12),
     )
+    chosen = None
+    if neurons is not None:
+        chosen = neuron_attribution(neurons, vec, top_neurons)
+        out.update(chosen)
+    if effects:
+        out.update(write_effects(effect_writes(parts, neurons, chosen), final, decoder, effects))
     return out
+
+
+NEURON_CHUNK = 8192  # neurons of one layer whose W_out rows are dotted with the direction at once
+VOCAB_CHUNK = 8192  # vocabulary columns per matmul when ranking the tokens a write promotes and suppresses
+
+
+def neuron_attribution(neurons, vec, top):
+    """Direct logit attribution of single MLP neurons: neuron ``i`` of a layer writes ``a_i * W_out[i]``, so
+    its attribution is ``a_i * (W_out[i] . direction)``, the same frozen-norm direction as every other part.
+
+    ``neurons`` holds one ``(acts [batch, n], W_out [n, d_model], b_out [d_model] or None)`` per layer (the
+    activations entering the MLP's output projection at the position); ``vec [batch, d_model]`` is the
+    direction. Chunked over neurons (``NEURON_CHUNK``) and reduced to a running top ``top``, so memory is
+    ``O(batch x (chunk + top))`` whatever the width. The top neurons are one list for the whole batch (ranked
+    by their summed magnitude over the prompts), so every prompt's attribution has the same labels. Returns
+    ``neuron_sums [batch, layer]`` (a layer's neurons in all: plus ``mlp_bias`` exactly that layer's MLP
+    attribution), ``mlp_bias [batch, layer]`` (the output bias's share, ``b_out . direction``),
+    ``neuron_values [batch, top]`` and their ``neuron_layers`` / ``neuron_index [top]``, largest first."""
+    device = vec.device
+    batch = vec.shape[0]
+    best_score = torch.zeros(0, device=device)
+    best_vals = torch.zeros(batch, 0, device=device)
+    best_layer = torch.zeros(0, dtype=torch.long, device=device)
+    best_index = torch.zeros(0, dtype=torch.long, device=device)
+    sums, biases = [], []
+    for layer, (acts, W_out, b_out) in enumerate(neurons):
+        acts = acts.to(device).float()
+        total = torch.zeros(batch, device=device)
+        for n0 in range(0, W_out.shape[0], NEURON_CHUNK):
+            rows = W_out[n0:n0 + NEURON_CHUNK].to(device).float()  # [chunk, d]
+            values = acts[:, n0:n0 + NEURON_CHUNK] * (vec @ rows.T)  # [batch, chunk]
+            total = total + values.sum(-1)
+            score = torch.cat([best_score, values.abs().sum(0)])
+            keep = score.topk(min(top, score.shape[0])).indices
+            best_score = score[keep]
+            best_vals = torch.cat([best_vals, values], -1)[:, keep]
+            index = torch.arange(n0, n0 + rows.shape[0], device=device)
+            best_layer = torch.cat([best_layer, torch.full_like(index, layer)])[keep]
+            best_index = torch.cat([best_index, index])[keep]
+        sums.append(total)
+        biases.append(torch.zeros(batch, device=device) if b_out is None else vec @ b_out.to(device).float())
+    return {"neuron_sums": torch.stack(sums, 1), "mlp_bias": torch.stack(biases, 1), "neuron_values": best_vals,
+            "neuron_layers": best_layer, "neuron_index": best_index}
+
+
+def neuron_writes(neurons, layers, index):
+    """``[batch, top, d_model]``: what the chosen neurons (``neuron_layers`` / ``neuron_index [top]``) wrote,
+    ``a_i * W_out[i]``."""
+    writes = []
+    for layer, i in zip(layers.tolist(), index.tolist()):
+        acts, W_out, _ = neurons[layer]
+        writes.append(acts[:, i].float().unsqueeze(-1) * W_out[i].float().to(acts.device))
+    return torch.stack(writes, 1)
+
+
+def write_effects(writes, final, decoder, k):
+    """The ``k`` tokens each write promotes and suppresses most: ``writes [batch, C, d_model]`` through the
+    final norm frozen at ``final [batch, d_model]``'s scale (its weight included, centred for a LayerNorm; no
+    bias: a write's own effect) and the unembedding ``W_U`` (no ``b_U``, no soft-cap), the vocabulary in chunks
+    of ``VOCAB_CHUNK`` with a running top-k at both ends. Returns ``promoted_ids`` / ``promoted_logits`` and
+    ``suppressed_ids`` / ``suppressed_logits`` ``[batch, C, k]`` (most promoted, most suppressed first)."""
+    W_U = decoder.W_U
+    device = W_U.device
+    mapped = frozen_norm(writes.to(device), final.to(device), decoder.norm_kind, decoder.norm_weight, decoder.norm_eps)
+    batch, n, d = mapped.shape
+    flat = mapped.reshape(batch * n, d)
+    k = min(k, W_U.shape[1])
+    ends = {}
+    for sign, name in ((1.0, "promoted"), (-1.0, "suppressed")):
+        vals = torch.full((batch * n, 0), float("-inf"), device=device)
+        ids = torch.zeros(batch * n, 0, dtype=torch.long, device=device)
+        for v0 in range(0, W_U.shape[1], VOCAB_CHUNK):
+            logits = sign * (flat @ W_U[:, v0:v0 + VOCAB_CHUNK].float())
+            chunk_vals, chunk_ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+            merged_vals, merged_ids = torch.cat([vals, chunk_vals], -1), torch.cat([ids, chunk_ids + v0], -1)
+            vals, order = merged_vals.topk(min(k, merged_vals.shape[-1]), dim=-1)
+            ids = merged_ids.gather(-1, order)
+        ends[f"{name}_ids"] = ids.reshape(batch, n, -1)
+        ends[f"{name}_logits"] = (sign * vals).reshape(batch, n, -1)
+    return ends
+
+
+def effect_writes(parts, neurons, chosen):
+    """``[batch, C, d_model]``: every write whose promoted and suppressed tokens are reported, in the order of
+    ``effect_labels``: the embeddings, then per layer each head, the attention output bias, the attention in
+    all and the MLP, then the top neurons (``chosen``: ``neuron_attribution``'s, when neurons were read)."""
+    batch = parts["final"].shape[0]
+    d = parts["final"].shape[-1]
+    device = parts["final"].device
+    writes = [parts["embed"].unsqueeze(1)]
+    if parts.get("pos_embed") is not None:
+        writes.append(parts["pos_embed"].unsqueeze(1))
+    for layer in range(parts["attn"].shape[1]):
+        writes += [parts["heads"][:, layer], parts["head_bias"][:, layer].unsqueeze(1), parts["attn"][:, layer].unsqueeze(1),
+                   parts["mlp"][:, layer].unsqueeze(1)]
+    if chosen is not None and chosen["neuron_index"].numel():
+        writes.append(neuron_writes(neurons, chosen["neuron_layers"], chosen["neuron_index"]))
+    return torch.cat([w.to(device).float().reshape(batch, -1, d) for w in writes], 1)
+
+
+def effect_labels(n_layers, n_heads, pos_embed, n_neurons):
+    """The labels of ``effect_writes``' rows (a top neuron is ``"neuron j"``, its layer and index per prompt
+    being ``neuron_layers`` / ``neuron_index``)."""
+    labels = ["embed"] + (["pos_embed"] if pos_embed else [])
+    for layer in range(n_layers):
+        labels += [f"L{layer}H{h}" for h in range(n_heads)] + [f"{layer}_attn_bias", f"{layer}_attn", f"{layer}_mlp"]
+    return labels + [f"neuron {j}" for j in range(n_neurons)]
 
 
 def head_count(model):
@@ -234,6 +351,26 @@ def check_sublayer_writes(spec):
         )
 
 
+def check_neurons(spec, top_neurons, effects):
+    """Refuse what neuron attribution cannot do, before anything runs: a family whose MLP output projection
+    is not in the table (a mixture of experts has many), or whose MLP write passes a sandwich norm (a neuron's
+    write would need that norm frozen too: not supported yet); and counts that are not positive integers."""
+    for name, value, low in (("top_neurons", top_neurons, 1), ("effects", effects, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise LensValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if spec is None:
+        return
+    if spec.get("post_norms"):
+        raise LensNotImplementedError(
+            "this family's MLP write passes a norm after the MLP (a sandwich norm: Gemma 2/3, OLMo 2), so a "
+            "neuron's write is not its activation times its W_out row; by='neuron' does not support it yet: use "
+            "by='component' or by='head'")
+    if "neuron_out" not in spec:
+        raise LensKeyError("the architecture entry has no 'neuron_out' (the MLP's output projection, whose input "
+                           "is the neuron activations) path: add one to lens_plugins.core.architectures.ARCHITECTURES "
+                           "(or paths={'neuron_out': ...}) to attribute to neurons")
+
+
 def check_supported(spec):
     """Refuse a family DLA cannot take apart: see ``check_sublayer_writes``, and heads need ``o_proj``."""
     check_sublayer_writes(spec)
@@ -242,6 +379,8 @@ def check_supported(spec):
                        "lens_plugins.core.architectures.ARCHITECTURES to attribute to heads")
 
 __all__ = ["norm_scale", "frozen_norm", "member_coefficients", "column_logits", "direction", "component_label",
+    "NEURON_CHUNK", "VOCAB_CHUNK", "neuron_attribution", "neuron_writes", "write_effects", "effect_writes",
+    "effect_labels", "check_neurons",
     "PART_ORDER", "check_parts", "attribute",
     "head_count", "output_projection", "split_heads", "through_post_norm", "check_position",
     "check_sublayer_writes", "check_supported"]

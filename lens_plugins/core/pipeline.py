@@ -9,7 +9,7 @@ and default is shared. Torch only: on a remote nnsight trace this runs on the se
 
 import torch
 
-from lens_plugins.core import lenses
+from lens_plugins.core import lenses, track
 from lens_plugins.core.dla import column_logits
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.readout import all_finite, lens_statistics
@@ -91,12 +91,27 @@ def logit_lens(read, rows, request, decoder, token_ids, attention_mask, lens=Non
     positions = request["positions"]
     flat = lens_rows(read, rows, positions, lens, decoder)
     columns = target_columns(token_ids, attention_mask, positions, request["reductions"], user_ids(request))
+    wanted = readout_reductions(request["reductions"], len(user_ids(request)))
+    n_auto = request.get("auto_tokens", 0)
+    if n_auto and "top_k" not in wanted:
+        wanted = wanted + ("top_k",)  # the candidates are every row's top-k
     with torch.no_grad():
-        return lens_statistics(
+        stats = lens_statistics(
             flat, decoder, top_k=request["top_k"], target_ids=columns, vocab_chunk=vocab_chunk,
-            token_chunk=token_chunk, reductions=readout_reductions(request["reductions"], len(user_ids(request))),
-            precision=precision,
+            token_chunk=token_chunk, reductions=wanted, precision=precision,
         )
+        if n_auto:
+            stats.update(tracked_tokens(flat, decoder, stats, n_auto))
+            if "top_k" not in request["reductions"]:
+                del stats["top_ids"], stats["top_logprobs"]
+    return stats
+
+
+def tracked_tokens(flat, decoder, stats, n):
+    """``core.track.auto_tokens`` of the lens-mapped rows ``flat [rows, tokens, d_model]`` from the readout's
+    ``stats`` (its top-k and log-partition): the second, vocabulary-free pass of ``auto_tokens=``."""
+    normed = decoder.normalize(flat.to(decoder.W_U.device))
+    return track.auto_tokens(normed, decoder, stats["log_partition"], stats["top_ids"], n)
 
 
 def set_logit(normed, decoder, ids):
@@ -130,5 +145,5 @@ def logit_diff(read, rows, positions, decoder, target_ids, distractor_ids, batch
     diff = set_logit(normed, decoder, target_ids) - set_logit(normed, decoder, distractor_ids)
     return diff.reshape(len(rows), batch, len(positions))
 
-__all__ = ["check_finite", "check_decoder", "check_rows", "sequence_index", "lens_rows", "logit_lens", "set_logit", "check_not_padding",
+__all__ = ["check_finite", "check_decoder", "check_rows", "sequence_index", "lens_rows", "logit_lens", "tracked_tokens", "set_logit", "check_not_padding",
            "logit_diff"]

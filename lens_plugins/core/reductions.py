@@ -6,7 +6,8 @@ their plot styles are all read from here, so adding a reduction is one entry plu
 
 Each entry: ``by`` says who computes it (``"readout"``: the streamed kernel; ``"column"``: a per-position
 token the request scores through the readout's ``targets``; ``"internal"``: the readout's target scoring,
-which a request never names directly); ``outputs`` are the result fields it fills; ``metrics`` maps each
+which a request never names directly; ``"pipeline"``: a pass after the readout, asked for by its own
+argument, ``auto_tokens=N``, not by name); ``outputs`` are the result fields it fills; ``metrics`` maps each
 ``[row, batch, pos]`` quantity it yields to ``(colour scale, axis title)`` for a heatmap; ``default`` says
 whether a lens computes it when no ``reductions=`` are given. Plain data (no imports): it ships to NDIF.
 """
@@ -33,6 +34,8 @@ TABLE = {
                    "metrics": {"final_top1_rank": ("Blues_r", "rank of final top-1"),
                                "final_top1_logprob": ("Blues", "log P(final top-1)")}},
     "targets": {"by": "internal", "outputs": ("target_logprobs", "target_ranks"), "default": False, "metrics": {}},
+    "auto_tokens": {"by": "pipeline", "outputs": ("auto_ids", "auto_logprobs", "auto_reasons", "auto_peak_rows",
+                                                  "auto_scores"), "default": False, "metrics": {}},
     "next_token": {"by": "column", "outputs": ("next_token_logprob", "next_token_rank"), "default": True,
                    "metrics": {"next_token_rank": ("Blues_r", "rank of next token"),
                                "next_token_logprob": ("Blues", "log P(next token)")}},
@@ -46,7 +49,7 @@ READOUT = tuple(name for name, entry in TABLE.items() if entry["by"] in ("readou
 # Per-position tokens scored through ``targets``, in the order their columns come.
 COLUMNS = tuple(name for name, entry in TABLE.items() if entry["by"] == "column")
 # What a lens request may name.
-LENS = tuple(name for name, entry in TABLE.items() if entry["by"] != "internal")
+LENS = tuple(name for name, entry in TABLE.items() if entry["by"] in ("readout", "column"))
 DEFAULT_LENS = tuple(name for name in LENS if TABLE[name]["default"])
 # [row, batch, pos] metric name -> (colour scale, axis title), in menu order.
 METRIC_STYLES = {metric: style for entry in TABLE.values() for metric, style in entry["metrics"].items()}

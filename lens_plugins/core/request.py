@@ -13,6 +13,7 @@ import torch
 from lens_plugins.core.errors import LensError, LensIndexError, LensTypeError, LensValueError
 from lens_plugins.core.readout import NO_TARGET
 from lens_plugins.core.reductions import COLUMNS, LENS
+from lens_plugins.core.track import check_auto_tokens
 
 
 def check_top_k(top_k):
@@ -133,8 +134,9 @@ def check_token_sets(token_sets):
     return sets
 
 
-def build(tokenizer, d_vocab, seq_len, top_k, positions, targets, token_sets, reductions):
-    """The request of one lens call, or the first error its arguments hold."""
+def build(tokenizer, d_vocab, seq_len, top_k, positions, targets, token_sets, reductions, auto_tokens=0):
+    """The request of one lens call, or the first error its arguments hold. ``auto_tokens``: how many tokens
+    per position ``core.track`` chooses and traces (0: none)."""
     if isinstance(targets, (str, int)):
         targets = [targets]
     reductions = check_reductions(reductions)
@@ -155,6 +157,7 @@ def build(tokenizer, d_vocab, seq_len, top_k, positions, targets, token_sets, re
         "target_ids": target_ids,
         "set_names": list(sets),
         "set_ids": set_ids,
+        "auto_tokens": check_auto_tokens(auto_tokens),
     }
 
 

@@ -70,14 +70,69 @@ class Attribution:
     model_value: Float[Tensor, "batch"]
     reconstruction_error: Float[Tensor, "batch"]
     parallel: bool = False
+    # by="neuron": every MLP's neurons in all, its output bias's share, and the top neurons (one list per batch)
+    neuron_sums: Optional[Float[Tensor, "batch layer"]] = None
+    mlp_bias: Optional[Float[Tensor, "batch layer"]] = None
+    neuron_values: Optional[Float[Tensor, "batch neuron"]] = None
+    neuron_layers: Optional[Int[Tensor, "neuron"]] = None
+    neuron_index: Optional[Int[Tensor, "neuron"]] = None
+    # effects=k: the k tokens each write (``effect_labels``) promotes and suppresses most, pre-soft-cap logits
+    effect_labels: Optional[list[str]] = None
+    promoted_ids: Optional[Int[Tensor, "batch effect k"]] = None
+    promoted_logits: Optional[Float[Tensor, "batch effect k"]] = None
+    suppressed_ids: Optional[Int[Tensor, "batch effect k"]] = None
+    suppressed_logits: Optional[Float[Tensor, "batch effect k"]] = None
+    vocab_strings: Optional[dict[int, str]] = None
 
     def __post_init__(self) -> None:
-        if self.by not in ("component", "layer", "head"):
-            raise LensValueError(f"by={self.by!r}: choose 'component', 'layer' or 'head'")
+        check_view(self.by)
+        if self.by == "neuron" and self.neuron_values is None:
+            raise LensValueError("by='neuron' needs the neuron split, computed when attributing: pass by='neuron' "
+                                 "to attribution(...) / run_attribution(...)")
 
     def view(self, by: str) -> "Attribution":
-        """The same attribution shown another way (``"component"``, ``"layer"`` or ``"head"``)."""
+        """The same attribution shown another way (``"component"``, ``"layer"``, ``"head"``, or ``"neuron"``
+        when it was computed with ``by="neuron"``)."""
         return dataclasses.replace(self, by=by)
+
+    def neuron_labels(self) -> list[str]:
+        """``"L{layer}N{index}"`` of the top neurons, largest summed magnitude first."""
+        return [f"L{layer}N{i}" for layer, i in zip(self._require_neurons()[0].tolist(), self.neuron_index.tolist())]
+
+    def _require_neurons(self) -> tuple[Tensor, Tensor]:
+        if self.neuron_values is None:
+            raise LensValueError("no neuron split: attribute with by='neuron'")
+        return self.neuron_layers, self.neuron_values
+
+    def top_neurons(self, n: int = 10, batch: int = 0) -> list[tuple[str, float]]:
+        """The ``n`` top neurons of the batch with their attribution in prompt ``batch``, largest magnitude first."""
+        _, values = self._require_neurons()
+        row = values[batch]
+        order = row.abs().argsort(descending=True)[:n].tolist()
+        labels = self.neuron_labels()
+        return [(labels[i], float(row[i])) for i in order]
+
+    def tokens(self, component: str, batch: int = 0) -> dict[str, list[tuple[str, float]]]:
+        """The tokens ``component``'s write promotes and suppresses most (``effects=k``): its write through the
+        final norm frozen at its real scale and the unembedding, as ``(token, logit)`` pairs, pre-soft-cap,
+        without ``b_U`` (a write's own effect). ``component`` is any label of the ``"head"`` view, an
+        ``"{layer}_attn"``, or a top neuron ``"L{layer}N{index}"``."""
+        if self.effect_labels is None:
+            raise LensValueError("no promoted / suppressed tokens: attribute with effects=k (e.g. effects=10)")
+        labels = list(self.effect_labels)
+        if self.neuron_values is not None:
+            names = self.neuron_labels()
+            labels = [names[int(label.split()[1])] if label.startswith("neuron ") else label for label in labels]
+        if component not in labels:
+            raise LensKeyError(f"no write {component!r} with promoted / suppressed tokens; choose from {labels}")
+        c = labels.index(component)
+
+        def named(ids: Tensor, logits: Tensor) -> list[tuple[str, float]]:
+            strings = self.vocab_strings or {}
+            return [(strings.get(i, f"<{i}>"), float(v)) for i, v in zip(ids[batch, c].tolist(), logits[batch, c])]
+
+        return {"promoted": named(self.promoted_ids, self.promoted_logits),
+                "suppressed": named(self.suppressed_ids, self.suppressed_logits)}
 
     @property
     def n_layers(self) -> int:
@@ -98,8 +153,20 @@ class Attribution:
                 rows.append((f"{layer}_attn_bias", self.head_bias[:, layer]))
             else:
                 rows.append((f"{layer}_attn", self.attn[:, layer]))
-            rows.append((f"{layer}_mlp", self.mlp[:, layer]))
+            if self.by == "neuron":
+                rows += self._neuron_rows(layer)
+            else:
+                rows.append((f"{layer}_mlp", self.mlp[:, layer]))
         return rows
+
+    def _neuron_rows(self, layer: int) -> list[tuple[str, Tensor]]:
+        """A layer's top neurons, then the rest of its MLP (its other neurons and its output bias), so that the
+        rows still add up to ``explained``."""
+        in_layer = (self.neuron_layers == layer).nonzero().reshape(-1).tolist()
+        labels = self.neuron_labels()
+        rows = [(labels[j], self.neuron_values[:, j]) for j in in_layer]
+        shown = self.neuron_values[:, in_layer].sum(-1)
+        return rows + [(f"{layer}_mlp_rest", self.mlp[:, layer] - shown)]
 
     @property
     def labels(self) -> list[str]:
@@ -144,6 +211,16 @@ class Attribution:
         return attribution_figure(self, batch)
 
 
+VIEWS = ("component", "layer", "head", "neuron")
+
+
+def check_view(by: str) -> str:
+    """``by`` as one of ``VIEWS``, or refused (the same words on both backends)."""
+    if by not in VIEWS:
+        raise LensValueError(f"by={by!r}: choose 'component', 'layer', 'head' or 'neuron'")
+    return by
+
+
 def _set_name(names: list[str]) -> str:
     if not names:
         return ""
@@ -159,8 +236,18 @@ def from_values(
     target_names: list[str],
     distractor_names: list[str],
     parallel: bool,
+    tokenizer=None,
 ) -> Attribution:
-    """An ``Attribution`` from what ``core.dla.attribute`` returned (locally or from a trace)."""
+    """An ``Attribution`` from what ``core.dla.attribute`` returned (locally or from a trace); ``tokenizer``
+    names the promoted and suppressed tokens, when there are any."""
+    optional = {name: values[name].cpu() for name in _OPTIONAL if name in values}
+    if "promoted_ids" in values:
+        n_heads = values["heads"].shape[2]
+        n_neurons = values["neuron_index"].shape[0] if "neuron_index" in values else 0
+        optional["effect_labels"] = dla.effect_labels(values["attn"].shape[1], n_heads, values.get("pos_embed") is not None,
+                                                      n_neurons)
+        shown = torch.cat([values["promoted_ids"].reshape(-1), values["suppressed_ids"].reshape(-1)]).unique().tolist()
+        optional["vocab_strings"] = {i: tokenizer.decode([i]) for i in shown} if tokenizer is not None else None
     return Attribution(
         by=by, position=position, target_names=target_names, distractor_names=distractor_names,
         member_ids=values["ids"].cpu(), member_weights=values["coef"].abs().cpu(),
@@ -168,8 +255,12 @@ def from_values(
         heads=values["heads"].cpu(), head_bias=values["head_bias"].cpu(), attn=values["attn"].cpu(),
         mlp=values["mlp"].cpu(), constant=values["constant"].cpu(), explained=values["explained"].cpu(),
         model_value=values["model_value"].cpu(), reconstruction_error=values["reconstruction_error"].cpu(),
-        parallel=parallel,
+        parallel=parallel, **optional,
     )
+
+
+_OPTIONAL = ("neuron_sums", "mlp_bias", "neuron_values", "neuron_layers", "neuron_index", "promoted_ids",
+             "promoted_logits", "suppressed_ids", "suppressed_logits")
 
 
 @typechecked
@@ -184,6 +275,7 @@ def result_from_saved(saved: dict, tokenizer, by: str = "component") -> Attribut
         saved["values"], by=by, position=saved["position"],
         target_names=[tokenizer.decode([i]) for i in saved["target_ids"]],
         distractor_names=[tokenizer.decode([i]) for i in saved["distractor_ids"]], parallel=saved["parallel"],
+        tokenizer=tokenizer,
     )
 
 
@@ -230,12 +322,15 @@ def attribute_parts(
     decoder: Decoder,
     target_ids: list[int],
     distractor_ids: list[int],
+    neurons: Optional[list] = None,
+    top_neurons: int = 0,
+    effects: int = 0,
 ) -> dict[str, Tensor]:
     """``core.dla.attribute`` with a ``Decoder`` (the local side's form of the decoder), refused non-finite
     as inside a trace (``pipeline.check_decoder``)."""
     pipeline.check_decoder(decoder)
     with torch.no_grad():
-        return dla.attribute(parts, decoder, target_ids, distractor_ids)
+        return dla.attribute(parts, decoder, target_ids, distractor_ids, neurons, top_neurons, effects)
 
-__all__ = ["TokenSet", "token_set", "Attribution", "from_values", "result_from_saved", "LogitDiff",
+__all__ = ["TokenSet", "token_set", "VIEWS", "check_view", "Attribution", "from_values", "result_from_saved", "LogitDiff",
     "logit_diff_from_saved", "attribute_parts"]

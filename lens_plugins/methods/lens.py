@@ -31,6 +31,7 @@ TokenSets = Mapping[str, Sequence[tokens.TargetSpec]]
 # The result fields the readout fills directly (``targets`` is split into columns, targets and sets below).
 _READOUT_FIELDS = tuple(field for name in reduction_table.READOUT if name != "targets"
                         for field in reduction_table.TABLE[name]["outputs"])
+_AUTO_FIELDS = reduction_table.TABLE["auto_tokens"]["outputs"]  # [token, n] per position, [row, token, n] trajectories
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class LensRequest:
     set_names: list[str]
     set_ids: list[list[int]]
     top_k: int = DEFAULT_TOP_K
+    auto_tokens: int = 0
 
     @classmethod
     def from_dict(cls, request: dict) -> "LensRequest":
@@ -73,8 +75,13 @@ def assemble(
             return x.reshape(batch, n_pos)
         return x.reshape(x.shape[0], batch, n_pos, *x.shape[2:])
 
-    s = {name: unflatten(value) for name, value in stats.items()}
+    s = {name: unflatten(value) for name, value in stats.items() if name not in _AUTO_FIELDS}
     fields = {name: s.get(name) for name in _READOUT_FIELDS}
+    for name in _AUTO_FIELDS:
+        if name in stats:
+            value = stats[name].cpu()
+            leading = value.shape[:-2]  # the rows of ``auto_logprobs``
+            fields[name] = value.reshape(*leading, batch, n_pos, value.shape[-1])
     rows = len(labels)
     empty_f = torch.zeros(rows, batch, n_pos, 0)
     logprobs = s.get("target_logprobs", empty_f)
@@ -102,6 +109,8 @@ def assemble(
 
     shown = [token_ids.reshape(-1), torch.tensor(request.user_ids, dtype=torch.long)]
     shown += [s[name].reshape(-1) for name in ("top_ids", "final_top1") if name in s]
+    if fields.get("auto_ids") is not None:
+        shown.append(fields["auto_ids"][fields["auto_ids"] >= 0])
     return LensResult(
         labels=list(labels),
         positions=request.positions,
@@ -150,12 +159,13 @@ def run_lens(
     vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
     precision: str = "float32",
+    auto_tokens: int = 0,
 ) -> LensResult:
     """The local run of the pipeline: select rows, build the request, run, label. ``read(rows)`` is the
     backend's reader; ``every`` its full row plan."""
     chosen = row_plan.select(every, layers)
     request = lens_request.build(tokenizer, decoder.d_vocab, token_ids.shape[1], top_k, positions, targets,
-                                 token_sets, reductions)
+                                 token_sets, reductions, auto_tokens)
     pipeline.check_rows(request, chosen, every)
     mask = torch.ones_like(token_ids) if attention_mask is None else attention_mask
     stats = pipeline.logit_lens(read, chosen, request, decoder, token_ids, mask, lens, vocab_chunk,
@@ -183,6 +193,7 @@ def logit_lens_from_stack(
     vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
     precision: str = "float32",
+    auto_tokens: int = 0,
 ) -> LensResult:
     """The logit lens of a residual stack whose first row is the embeddings and last row the model's
     final residual stream.
@@ -191,7 +202,9 @@ def logit_lens_from_stack(
     prompt positions; ``targets`` are single-token strings or ids scored at every row and position;
     ``token_sets`` maps a name to several tokens whose probabilities are summed (see
     ``tokens.variants``); ``reductions`` names what to compute (``core.reductions.LENS``); ``lens`` maps
-    each row before decoding (``lens_plugins.lenses``; row labels must then be row labels, "3_pre").
+    each row before decoding (``lens_plugins.lenses``; row labels must then be row labels, "3_pre");
+    ``auto_tokens=N`` also traces, per position, the N tokens most worth tracking (``core.track``: the final
+    top-1, then tokens that peaked at an intermediate row and faded).
     """
     if len(labels) != stack.shape[0]:
         raise LensValueError(f"{len(labels)} labels for a stack of {stack.shape[0]} rows")
@@ -208,7 +221,7 @@ def logit_lens_from_stack(
     return run_lens(read, every, layers, token_ids, tokenizer, decoder, attention_mask=attention_mask,
                     positions=positions, top_k=top_k, targets=targets, token_sets=token_sets,
                     reductions=reductions, lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-                    precision=precision)
+                    precision=precision, auto_tokens=auto_tokens)
 
 __all__ = ["DEFAULT_VOCAB_CHUNK", "DEFAULT_TOKEN_CHUNK", "DEFAULT_TOP_K", "TokenSets", "LensRequest", "assemble",
     "Labelled", "rows_of", "run_lens", "logit_lens_from_stack"]

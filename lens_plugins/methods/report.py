@@ -2,7 +2,8 @@
 
 ``write_report`` takes result objects (a ``LensResult``, an ``Attribution``, an ``AttentionResult``) and writes
 one self-contained HTML file; ``run_report`` computes them on a TransformerLens model from a single cached
-forward pass: the lens heatmap, the final top-1 and the runner-up across rows, the direct logit attribution
+forward pass: the lens heatmap, the final top-1 and the runner-up across rows, the tokens worth tracking
+(``auto_tokens``: those that surfaced at an intermediate row and faded), the direct logit attribution
 of the top-1 against the runner-up, and the attention of every layer and head.
 """
 
@@ -12,8 +13,11 @@ from typing import Optional, Union
 
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.files import atomic_write, check_file
-from lens_plugins.plot.figures import lens_heatmap, trajectory_figure, write_page
+from lens_plugins.plot.figures import lens_heatmap, tracked_figure, trajectory_figure, write_page
 from lens_plugins.tokens import display_token
+
+
+REPORT_AUTO_TOKENS = 5  # tokens tracked at the last position (``core.track``): the top-k's dot products, no vocabulary pass
 
 
 def report_sections(lens, attribution=None, attention=None, batch: int = 0) -> list:
@@ -23,6 +27,9 @@ def report_sections(lens, attribution=None, attention=None, batch: int = 0) -> l
         sections.append(("the final answer and the runner-up across rows: probability",
                          trajectory_figure(lens, kind="prob", batch=batch)))
         sections.append(("... and their rank", trajectory_figure(lens, kind="rank", batch=batch)))
+    if lens.auto_ids is not None:
+        sections.append(("tokens worth tracking: the final top-1 and tokens that surfaced and faded",
+                         tracked_figure(lens, "prob", lens.positions[-1], batch)))
     if attribution is not None:
         from lens_plugins.plot.attribution import attribution_bars, attribution_figure
 
@@ -76,9 +83,9 @@ def run_report(model, prompt: str, path: Union[str, Path], top_k: int = TOP_K, t
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=names)
     best, runner = logits[0, -1].topk(2).indices.tolist()
-    lens = tl.logit_lens(cache, tokens=tokens, top_k=top_k, targets=[best, runner])
+    lens = tl.logit_lens(cache, tokens=tokens, top_k=top_k, targets=[best, runner], auto_tokens=REPORT_AUTO_TOKENS)
     dla = tl.attribution(cache, best, runner, position=-1)
     patterns = tl.attention(cache, tokens)
     return write_report(path, lens, dla, patterns, title=title or f"Logit lens report: {prompt}", overwrite=overwrite)
 
-__all__ = ["report_sections", "write_report", "run_report"]
+__all__ = ["REPORT_AUTO_TOKENS", "report_sections", "write_report", "run_report"]

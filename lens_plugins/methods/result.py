@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lens_plugins.core.errors import LensIndexError, LensKeyError, LensValueError
 from lens_plugins.core.reductions import FIELD_REDUCTION, METRICS
+from lens_plugins.core.track import REASONS
 from lens_plugins.files import atomic_write, check_file
 from lens_plugins.typecheck import typechecked
 
@@ -31,7 +32,9 @@ RowInt = Int[Tensor, "row batch pos"]
 class LensResult:
     """Per row, batch item and decoded position: the lens's top-k, entropy, divergences from the final row
     (and from the input row, and from the next row), and the log-prob and rank of the final top-1, of the
-    actual next token, of the input token, of user targets and of token sets.
+    actual next token, of the input token, of user targets and of token sets; with ``auto_tokens=N``, per
+    position, the N tokens worth tracking (``auto_ids``, their ``auto_logprobs`` at every row, why each was
+    chosen: ``tracked``).
 
     ``rank`` is 1 for the most likely token; ties share the better rank. Where a position has no token to
     score (the last position's next token, padding) the log-prob is NaN and the rank -1. ``kl_final_row``
@@ -70,6 +73,11 @@ class LensResult:
     next_token_rank: Optional[RowInt] = None
     input_token_logprob: Optional[RowFloat] = None
     input_token_rank: Optional[RowInt] = None
+    auto_ids: Optional[Int[Tensor, "batch pos n"]] = None
+    auto_logprobs: Optional[Float[Tensor, "row batch pos n"]] = None
+    auto_reasons: Optional[Int[Tensor, "batch pos n"]] = None
+    auto_peak_rows: Optional[Int[Tensor, "batch pos n"]] = None
+    auto_scores: Optional[Float[Tensor, "batch pos n"]] = None
 
     def __post_init__(self) -> None:
         if len(self.labels) != self.log_partition.shape[0]:
@@ -81,6 +89,9 @@ class LensResult:
         value = getattr(self, name)
         if value is None:
             hint = FIELD_REDUCTION.get(name, name)
+            if hint == "auto_tokens":
+                raise LensValueError(f"{name} was not computed: pass auto_tokens=N (tokens tracked per position) "
+                                     "when computing the lens")
             raise LensValueError(f"{name} was not computed: add {hint!r} to reductions=[...] when computing the lens")
         return value
 
@@ -126,6 +137,27 @@ class LensResult:
             label: [(self.token(i), q) for i, q in zip(row_ids, row_probs)]
             for label, row_ids, row_probs in zip(self.labels, ids, probs)
         }
+
+    def tracked(self, pos: int = -1, batch: int = 0) -> list[dict]:
+        """The tokens ``auto_tokens=N`` chose at prompt position ``pos``, best first: for each, ``token``,
+        ``id``, ``reason`` (why it was chosen, ``core.track.REASONS``), ``peak_row`` (the intermediate row where
+        it is most likely, or ``None``), ``score`` (that peak probability minus its final-row probability) and
+        ``probs`` (its probability at every row, as ``logprob_of(...).exp()`` would give for a target)."""
+        p = self.pos_index(pos)
+        ids = self._require("auto_ids")[batch, p].tolist()
+        chosen = []
+        for j, token_id in enumerate(ids):
+            if token_id < 0:
+                continue
+            peak = int(self.auto_peak_rows[batch, p, j])
+            chosen.append({
+                "token": self.token(token_id), "id": token_id,
+                "reason": REASONS[int(self.auto_reasons[batch, p, j])],
+                "peak_row": self.labels[peak] if peak >= 0 else None,
+                "score": float(self.auto_scores[batch, p, j]),
+                "probs": self.auto_logprobs[:, batch, p, j].exp().tolist(),
+            })
+        return chosen
 
     def _target_index(self, target: Union[str, int]) -> int:
         if isinstance(target, str) and target in self.target_names:

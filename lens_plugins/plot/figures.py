@@ -24,6 +24,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from lens_plugins.core import track
 from lens_plugins.core.errors import LensIndexError, LensValueError
 from lens_plugins.core.reductions import METRIC_STYLES
 from lens_plugins.files import atomic_write, check_file
@@ -380,13 +381,18 @@ def trajectory_figure(
     """Probability, rank or log-prob of targets and token sets across rows, at prompt position ``pos``.
 
     Defaults: every target and set of the result, every prompt of the batch (several prompts: the mean,
-    with a band from the minimum to the maximum). Ranks are drawn on a log axis. The points are exactly
+    with a band from the minimum to the maximum); a result with neither but with ``auto_tokens=N`` draws the
+    tracked tokens of prompt ``batch`` (``tracked_figure``). Ranks are drawn on a log axis. The points are exactly
     ``rank_of``/``logprob_of`` (exp'd for ``prob``) or ``set_prob``/``set_rank``.
     """
     targets = list(result.target_names if targets is None else targets)
     sets = list(result.set_names if sets is None else sets)
+    one_prompt = isinstance(batch, int) or (batch is None and result.token_ids.shape[0] == 1)
+    if not targets and not sets and result.auto_ids is not None and one_prompt:
+        return tracked_figure(result, kind, pos, batch or 0)
     if not targets and not sets:
-        raise LensValueError("nothing to trace: compute the lens with targets=[...] or token_sets={...}, or name them here")
+        raise LensValueError("nothing to trace: compute the lens with targets=[...], token_sets={...} or "
+                             "auto_tokens=N, or name them here")
     p = result.pos_index(pos)
     chosen = _batches(result.token_ids.shape[0], batch)
     figure = go.Figure()
@@ -404,6 +410,29 @@ def trajectory_figure(
     figure.update_xaxes(type="category", showgrid=True, gridcolor="#eeeeee")
     figure.update_yaxes(type="log" if kind == "rank" else "linear", showgrid=True, gridcolor="#eeeeee",
                         range=[0, 1.02] if kind == "prob" else None)
+    return figure
+
+
+def tracked_figure(result: LensResult, kind: str = "prob", pos: int = -1, batch: int = 0) -> go.Figure:
+    """The trajectories of the tokens ``auto_tokens=N`` chose at prompt position ``pos`` (``LensResult.tracked``),
+    each named with why it was chosen: the final top-1, then tokens that surfaced at an intermediate row and
+    faded. ``kind`` is ``"prob"`` or ``"logprob"`` (the lens computes no rank for them)."""
+    if kind not in ("prob", "logprob"):
+        raise LensValueError(f"kind={kind!r}: tracked tokens have 'prob' and 'logprob' trajectories (no ranks)")
+    _batches(result.token_ids.shape[0], batch)
+    figure = go.Figure()
+    for i, chosen in enumerate(result.tracked(pos, batch)):
+        values = torch.tensor(chosen["probs"])
+        values = values if kind == "prob" else values.log()
+        peak = f", peak at {chosen['peak_row']}" if chosen["reason"] != track.REASONS[track.FINAL_TOP1] else ""
+        figure.add_trace(go.Scatter(x=list(result.labels), y=values.tolist(), mode="lines+markers",
+                                    name=f"{visible_text(chosen['token'])} ({chosen['reason']}{peak})",
+                                    line={"color": _COLOURS[i % len(_COLOURS)]}))
+    figure.update_layout(title=f"tracked tokens: {kind} across rows at position {result.positions[result.pos_index(pos)]}",
+                         xaxis_title="residual stream row", yaxis_title=kind, plot_bgcolor="white",
+                         hovermode="x unified", legend={"orientation": "h", "y": -0.3})
+    figure.update_xaxes(type="category", showgrid=True, gridcolor="#eeeeee")
+    figure.update_yaxes(showgrid=True, gridcolor="#eeeeee", range=[0, 1.02] if kind == "prob" else None)
     return figure
 
 
@@ -542,5 +571,6 @@ code {{ background: #f3f3f3; padding: 0 .2em; white-space: pre-wrap; }}</style><
 __all__ = ["MAX_TEXT_POSITIONS", "DEFAULT_REPORT_METRICS", "available_metrics", "check_metric", "metric_values",
     "is_rank_metric", "position_labels", "row_selection", "position_selection", "final_top1", "next_tokens",
     "top_axis_labels", "agreement_cells", "outlined_cells", "lens_heatmap", "heatmap_values", "trajectory_figure",
+    "tracked_figure",
     "metric_trajectory", "logit_diff_trajectory", "COMPARISON_COLUMNS", "lens_comparison_figure", "html_report",
     "write_page", "display_token", "visible_text"]

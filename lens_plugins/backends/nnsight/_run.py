@@ -29,12 +29,101 @@ for _module in SHIPPED_MODULES:
     nnsight.register(_module)
 
 
-def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=None):
+class RemoteJob:
+    """A remote one-call form submitted with ``blocking=False``: the job runs on the NDIF server while the caller
+    goes on, and ``result()`` assembles the same result type the blocking call returns.
+
+    ``job_id`` is the server's id; ``status()`` asks the server once (``"RECEIVED"``, ``"QUEUED"``, ``"RUNNING"``,
+    ``"COMPLETED"``, ...; ``"PENDING"`` before the server recorded any); ``done()`` is whether the result is in;
+    ``result(timeout=None)`` waits for it (a job error or a timeout raises ``RemoteLensError``, as a blocking
+    call would); ``cancel()`` stops this handle waiting and drops the result: NDIF (0.1.2) has no endpoint to stop
+    a submitted job, so the server still runs it to the end. Several jobs can be in flight from one client; each
+    handle polls only its own job (``GET /response/{job_id}``, no websocket held open)."""
+
+    def __init__(self, backend, label):
+        self._backend, self._label = backend, label
+        self._saved, self._cancelled = None, False
+
+    @property
+    def job_id(self) -> str:
+        return self._backend.job_id
+
+    def __repr__(self) -> str:
+        return f"RemoteJob({self.job_id!r}, status={self._last_status()!r})"
+
+    def _last_status(self) -> str:
+        if self._cancelled:
+            return "CANCELLED"
+        status = self._backend.status
+        return "PENDING" if status is None else getattr(status, "name", str(status))
+
+    def _poll(self) -> None:
+        if self._saved is not None or self._cancelled:
+            return
+        try:
+            saved = self._backend.poll()
+        except Exception as error:  # noqa: BLE001 - named as a remote failure, as a blocking call names it
+            raise remote_error(error, True, self._backend) from error
+        if isinstance(saved, dict):
+            self._saved = saved
+
+    def status(self) -> str:
+        """The job's latest status, asked of the server now."""
+        self._poll()
+        return "COMPLETED" if self._saved is not None else self._last_status()
+
+    def done(self) -> bool:
+        return self.status() == "COMPLETED"
+
+    def result(self, timeout=None, interval: float = 0.25):
+        """The call's result (``LensResult``, ``Attribution``, ...), waiting up to ``timeout`` seconds (``None``:
+        as long as it takes) and asking the server every ``interval`` seconds."""
+        import time
+
+        if self._cancelled:
+            raise RemoteLensError(f"job {self.job_id} was cancelled on this client: its result was dropped")
+        start = time.monotonic()
+        while self.status() != "COMPLETED":
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise RemoteLensError(f"job {self.job_id} did not finish within {timeout} s (status "
+                                      f"{self._last_status()}); call result() again to keep waiting")
+            time.sleep(interval)
+        if "saved" not in self._saved:
+            raise RemoteLensError(f"job {self.job_id} finished without the saved result (got {sorted(self._saved)})")
+        return self._label(self._saved["saved"])
+
+    def cancel(self) -> None:
+        """Stop waiting for this job and drop its result (the server still finishes it: NDIF 0.1.2 cannot stop a job)."""
+        self._cancelled = True
+
+
+def submit(model, prompt, remote, body, label, padding_side=None, prepend_bos=None):
+    """``trace`` without waiting: the request is sent to the NDIF server (``remote=True`` or a host URL) and a
+    ``RemoteJob`` comes back, whose ``result()`` applies ``label`` to what the body saved."""
+    if remote is False or remote == "local":
+        raise LensValueError(f"blocking=False submits a job to an NDIF server: it needs remote=True (or a host URL), "
+                             f"got remote={remote!r}; a local trace has nothing to wait for")
+    backend = trace(model, prompt, remote, None, body, padding_side, prepend_bos, blocking=False)
+    return RemoteJob(backend, label)
+
+
+def run(model, prompt, remote, backend, body, label, blocking=True, padding_side=None, prepend_bos=None):
+    """The one-call forms' last step: ``label(trace(...))``, or with ``blocking=False`` a ``RemoteJob``."""
+    if not blocking:
+        if backend is not None:
+            raise LensValueError("blocking=False makes its own non-blocking remote backend: pass remote=True "
+                                 "(or a host URL), not backend=")
+        return submit(model, prompt, remote, body, label, padding_side, prepend_bos)
+    return label(trace(model, prompt, remote, backend, body, padding_side, prepend_bos))
+
+
+def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=None, blocking=True):
     """Run ``body()`` inside ``model.trace(prompt)`` with the one-call guards (prompts, context, eval mode),
     a batch padded on ``padding_side`` (default the tokenizer's, as on TransformerLens), and name a remote
     failure. The prompts are the ids of ``prompt_ids`` (the rule TransformerLens's one-call forms use): the
     text itself goes to the trace when that is the tokenizer's own tokenization (``prepend_bos=None``, or a
-    setting the tokenizer already does), its padded ids and mask when ``prepend_bos`` changes it."""
+    setting the tokenizer already does), its padded ids and mask when ``prepend_bos`` changes it. With
+    ``blocking=False`` the job is only submitted and the trace's remote backend (holding its job id) returned."""
     if padding_side not in (None, "left", "right"):
         raise LensValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     prompts = check_prompts(prompt)
@@ -43,19 +132,21 @@ def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=N
     ids = own if prepend_bos is None else [prompt_ids(tokenizer, text, prepend_bos) for text in prompts]
     check_context(max(len(one) for one in ids), context_length(model))
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
+    if not blocking:
+        trace_kwargs["blocking"] = False
     side = tokenizer.padding_side
     tokenizer.padding_side = padding_side or side  # the batch is tokenized when the trace starts
     if ids != own:
         tokens, mask = pad_prompts(tokenizer, ids, tokenizer.padding_side)
         prompt = {"input_ids": tokens, "attention_mask": mask}
     try:
-        with eval_mode(unwrap(model)), model.trace(prompt, **trace_kwargs):
+        with eval_mode(unwrap(model)), model.trace(prompt, **trace_kwargs) as tracer:
             saved = body()
     except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours
         raise remote_error(error, remote, backend) from error
     finally:
         tokenizer.padding_side = side
-    return saved
+    return saved if blocking else tracer.backend
 
 
 def shippable(model, lens, remote, backend, **rows):
@@ -118,4 +209,4 @@ def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int, prepe
     check_context(len(ids), context_length(model), max_new_tokens)
     return text if ids == prompt_ids(model.tokenizer, text, None) else torch.tensor([ids])
 
-__all__ = ["SHIPPED_MODULES", "trace", "shippable", "remote_error", "one_prompt"]
+__all__ = ["SHIPPED_MODULES", "RemoteJob", "submit", "run", "trace", "shippable", "remote_error", "one_prompt"]

@@ -6,7 +6,7 @@ for the forward it reads, whatever implementation it was loaded with (here or on
 from typing import Optional, Union
 
 from lens_plugins.backends._common import one_at_a_time
-from lens_plugins.backends.nnsight._run import trace
+from lens_plugins.backends.nnsight._run import RemoteJob, run
 from lens_plugins.core.errors import LensTypeError
 from lens_plugins.core.trace import attention as trace_attention
 from lens_plugins.core.trace.attention import attention
@@ -34,11 +34,13 @@ def run_attention(
     backend=None,
     padding_side: Optional[str] = None,
     prepend_bos: Optional[bool] = None,
-) -> AttentionResult:
+    blocking: bool = True,
+) -> Union[AttentionResult, RemoteJob]:
     """Trace ``model`` on ``prompt`` and return its attention patterns: the one-call form, locally or on an
     NDIF server (the patterns are ``O(layers x heads x seq^2)`` numbers: choose ``layers`` for a long prompt),
-    with ``run_logit_lens``'s guards, ``prepend_bos`` and remote errors."""
-    saved = trace(model, prompt, remote, backend, lambda: attention(model, layers), padding_side, prepend_bos)
-    return attention_result(saved, model)
+    with ``run_logit_lens``'s guards, ``prepend_bos`` and remote errors; ``blocking=False`` (with ``remote=True``)
+    returns a ``RemoteJob`` at once (``result()``: this ``AttentionResult``)."""
+    return run(model, prompt, remote, backend, lambda: attention(model, layers),
+               lambda saved: attention_result(saved, model), blocking, padding_side, prepend_bos)
 
 __all__ = ["attention_result", "run_attention"]

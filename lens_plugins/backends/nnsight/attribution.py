@@ -6,14 +6,16 @@ from collections.abc import Sequence
 from typing import Optional, Union
 
 from lens_plugins.backends._common import one_at_a_time
-from lens_plugins.backends.nnsight._run import shippable, trace
+from lens_plugins.backends.nnsight._run import RemoteJob, run, shippable
 from lens_plugins.backends.nnsight.reader import Sublayers
+from lens_plugins.core.defaults import TOP_NEURONS
 from lens_plugins.core.trace.attribution import attribution
 from lens_plugins.core.trace.lens import logit_diff
 from lens_plugins.methods.attribution import (
     Attribution,
     LogitDiff,
     TokenSet,
+    check_view,
     logit_diff_from_saved,
     result_from_saved,
 )
@@ -29,7 +31,8 @@ def logit_diff_result(saved: dict, model) -> LogitDiff:
 @typechecked
 def attribution_result(saved: dict, model, by: str = "component") -> Attribution:
     """The ``Attribution`` of what ``attribution(model, ...)`` saved inside a trace (``model`` supplies the
-    tokenizer for the target names); ``by`` is ``"component"``, ``"layer"`` or ``"head"``."""
+    tokenizer for the target names); ``by`` is ``"component"``, ``"layer"``, ``"head"`` or (when the trace
+    called ``attribution(model, ..., neurons=True)``) ``"neuron"``."""
     return result_from_saved(saved, getattr(model, "tokenizer", model), by=by)
 
 
@@ -51,15 +54,15 @@ def run_logit_diff(
     paths: Optional[dict] = None,
     padding_side: Optional[str] = None,
     prepend_bos: Optional[bool] = None,
-) -> LogitDiff:
+    blocking: bool = True,
+) -> Union[LogitDiff, RemoteJob]:
     """Trace ``prompt`` and return the lens's ``target`` minus ``distractor`` at every row and position:
     the one-call form of ``logit_diff``, with ``run_logit_lens``'s guards and ``prepend_bos``."""
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = shippable(model, lens, remote, backend, **rows)
-    saved = trace(model, prompt, remote, backend,
-                   lambda: logit_diff(model, target, distractor, positions=positions, lens=lens, **rows),
-                   padding_side, prepend_bos)
-    return logit_diff_result(saved, model)
+    return run(model, prompt, remote, backend,
+               lambda: logit_diff(model, target, distractor, positions=positions, lens=lens, **rows),
+               lambda saved: logit_diff_result(saved, model), blocking, padding_side, prepend_bos)
 
 
 @one_at_a_time
@@ -77,13 +80,17 @@ def run_attribution(
     paths: Optional[dict] = None,
     padding_side: Optional[str] = None,
     prepend_bos: Optional[bool] = None,
-) -> Attribution:
+    top_neurons: int = TOP_NEURONS,
+    effects: int = 0,
+    blocking: bool = True,
+) -> Union[Attribution, RemoteJob]:
     """Trace ``prompt`` and return the direct logit attribution of ``target`` (minus ``distractor``) at
     ``position``: the one-call form, with ``run_logit_lens``'s guards (context length, padding with its
     mask, eval mode), its ``prepend_bos`` and its remote errors."""
-    saved = trace(model, prompt, remote, backend,
-                   lambda: attribution(model, target, distractor, position=position, paths=paths), padding_side,
-                   prepend_bos)
-    return attribution_result(saved, model, by=by)
+    check_view(by)
+    return run(model, prompt, remote, backend,
+               lambda: attribution(model, target, distractor, position=position, paths=paths,
+                                   neurons=by == "neuron", top_neurons=top_neurons, effects=effects),
+               lambda saved: attribution_result(saved, model, by=by), blocking, padding_side, prepend_bos)
 
 __all__ = ["logit_diff_result", "attribution_result", "run_logit_diff", "run_attribution"]

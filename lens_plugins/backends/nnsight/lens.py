@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 
 from lens_plugins.backends._common import one_at_a_time
-from lens_plugins.backends.nnsight._run import shippable, trace
+from lens_plugins.backends.nnsight._run import RemoteJob, run, shippable
 from lens_plugins.backends.nnsight.reader import Sublayers
 from lens_plugins.core.errors import LensTypeError
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
@@ -79,7 +79,9 @@ def run_logit_lens(
     precision: str = "float32",
     padding_side: Optional[str] = None,
     prepend_bos: Optional[bool] = None,
-) -> LensResult:
+    auto_tokens: int = 0,
+    blocking: bool = True,
+) -> Union[LensResult, RemoteJob]:
     """Trace ``prompt`` (one string or a batch) and return its lens: the one-call form.
 
     ``remote``/``backend`` go to ``model.trace``. A remote failure raises ``RemoteLensError`` naming what
@@ -92,13 +94,16 @@ def run_logit_lens(
     ``False``: none) is the one tokenization rule of both backends, so TransformerLens's ``run_logit_lens``
     runs the same ids (``backends._common.prompt_ids``). A prompt longer than the model's context is refused
     before tracing; a model in training mode runs in eval mode for the call, with a warning.
+
+    ``blocking=False`` (with ``remote=True``) submits the job and returns a ``RemoteJob`` at once: ``job_id``,
+    ``status()``, ``result()`` (this ``LensResult``, when it is ready), ``cancel()``.
     """
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = shippable(model, lens, remote, backend, **rows)
-    saved = trace(model, prompt, remote, backend, lambda: logit_lens(
+    return run(model, prompt, remote, backend, lambda: logit_lens(
         model, top_k=top_k, targets=list(targets), positions=positions, token_sets=token_sets,
         reductions=check_reductions(reductions), lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-        precision=precision, **rows), padding_side, prepend_bos)
-    return logit_lens_result(saved, model)
+        precision=precision, auto_tokens=auto_tokens, **rows), lambda saved: logit_lens_result(saved, model),
+        blocking, padding_side, prepend_bos)
 
 __all__ = ["logit_lens_result", "run_logit_lens"]

@@ -28,7 +28,16 @@ from lens_plugins.core import dla, pipeline
 from lens_plugins.core.architectures import norm_params
 from lens_plugins.core.request import resolve_positions
 from lens_plugins.core.rows import select
-from lens_plugins.methods.attribution import Attribution, LogitDiff, TokenSet, attribute_parts, from_values, token_set
+from lens_plugins.core.defaults import TOP_NEURONS
+from lens_plugins.methods.attribution import (
+    Attribution,
+    LogitDiff,
+    TokenSet,
+    attribute_parts,
+    check_view,
+    from_values,
+    token_set,
+)
 from lens_plugins.typecheck import typechecked
 
 
@@ -84,6 +93,32 @@ def cache_parts(cache, position: int = -1, attention_mask: Optional[Tensor] = No
     }
 
 
+def neuron_spec(model) -> dict:
+    """What ``dla.check_neurons`` asks of a family, read off the TransformerLens model: a sandwich norm after
+    the MLP (``ln2_post``), and whether each MLP has one output projection (``W_out``; a mixture of experts
+    has none)."""
+    block = model.blocks[0]
+    spec = {"post_norms": getattr(block, "ln2_post", None) is not None}
+    if getattr(block.mlp, "W_out", None) is not None:
+        spec["neuron_out"] = "mlp.W_out"
+    return spec
+
+
+def cache_neurons(cache, position: int) -> list:
+    """Per layer ``(acts [batch, d_mlp], W_out [d_mlp, d_model], b_out or None)``: the neuron activations at
+    ``position`` (``hook_post``, the input of ``W_out``) and the weights they write through (``neurons`` of
+    ``core.dla.attribute``)."""
+    model = cache_model(cache)
+    require(cache, [f"blocks.{layer}.mlp.hook_post" for layer in range(model.cfg.n_layers)], "attribution=True")
+    read = []
+    for layer in range(model.cfg.n_layers):
+        mlp = model.blocks[layer].mlp
+        b_out = getattr(mlp, "b_out", None)
+        read.append((at(cache, f"blocks.{layer}.mlp.hook_post", position).float(), mlp.W_out.detach(),
+                     None if b_out is None else b_out.detach()))
+    return read
+
+
 @typechecked
 def attribution(
     cache,
@@ -93,20 +128,28 @@ def attribution(
     by: str = "component",
     position: int = -1,
     attention_mask: Optional[Int[Tensor, "batch seq"]] = None,
+    top_neurons: int = TOP_NEURONS,
+    effects: int = 0,
 ) -> Attribution:
     """Direct logit attribution of ``target`` (minus ``distractor``) at ``position`` (the function behind
     ``cache.lens.attribution``). Targets are single-token strings or ids, or lists of them (token sets,
-    see ``lens_plugins.methods.attribution``); ``by`` is ``"component"``, ``"layer"`` or ``"head"``;
-    ``attention_mask`` (for a padded batch) refuses a position that is padding. Cache with
-    ``hook_filter(model, attribution=True)``."""
+    see ``lens_plugins.methods.attribution``); ``by`` is ``"component"``, ``"layer"``, ``"head"`` or
+    ``"neuron"`` (every MLP split into its neurons, the ``top_neurons`` largest shown); ``effects=k`` adds the
+    ``k`` tokens each write promotes and suppresses most (``Attribution.tokens``); ``attention_mask`` (for a
+    padded batch) refuses a position that is padding. Cache with ``hook_filter(model, attribution=True)``."""
     model = cache_model(cache)
     decoder = decoder_for(model)
+    check_view(by)
+    neurons = by == "neuron"
+    dla.check_neurons(neuron_spec(model) if neurons else None, top_neurons, effects)
     target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
     distractor_ids, distractor_names = ([], []) if distractor is None else token_set(model.tokenizer, distractor, decoder.d_vocab,
                                                                                              "distractor")
-    values = attribute_parts(cache_parts(cache, position, attention_mask), decoder, target_ids, distractor_ids)
+    parts = cache_parts(cache, position, attention_mask)
+    values = attribute_parts(parts, decoder, target_ids, distractor_ids,
+                             cache_neurons(cache, position) if neurons else None, top_neurons, effects)
     return from_values(values, by=by, position=position, target_names=target_names,
-                       distractor_names=distractor_names, parallel=is_parallel(model))
+                       distractor_names=distractor_names, parallel=is_parallel(model), tokenizer=model.tokenizer)
 
 
 @typechecked
@@ -148,6 +191,8 @@ def run_attribution(
     position: int = -1,
     padding_side: Optional[str] = None,
     prepend_bos: Optional[bool] = None,
+    top_neurons: int = TOP_NEURONS,
+    effects: int = 0,
 ) -> Attribution:
     """Run ``model`` on ``prompt`` caching only what attribution reads, then attribute: the one-call form,
     with ``run_logit_lens``'s guards (context length, no truncation, padding with its mask, eval mode) and
@@ -155,7 +200,8 @@ def run_attribution(
     tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
     with eval_mode(model), torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=hook_filter(model, attribution=True))
-        return attribution(cache, target, distractor, by=by, position=position, attention_mask=mask)
+        return attribution(cache, target, distractor, by=by, position=position, attention_mask=mask,
+                           top_neurons=top_neurons, effects=effects)
 
 
 @one_at_a_time
@@ -181,4 +227,4 @@ def run_logit_diff(
         return logit_diff(cache, target, distractor, resid_mid=resid_mid, sublayers=sublayers,
                           attention_mask=mask, **kwargs)
 
-__all__ = ["cache_parts", "attribution", "logit_diff", "run_attribution", "run_logit_diff"]
+__all__ = ["neuron_spec", "cache_neurons", "cache_parts", "attribution", "logit_diff", "run_attribution", "run_logit_diff"]

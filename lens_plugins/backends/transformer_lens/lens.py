@@ -45,6 +45,7 @@ def logit_lens(
     vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
     precision: str = "float32",
+    auto_tokens: int = 0,
 ) -> LensResult:
     """The logit lens of a TransformerLens ``ActivationCache`` (the function behind ``cache.lens.logit_lens``).
 
@@ -55,7 +56,8 @@ def logit_lens(
     indices, negative allowed) defaults to all; ``targets`` are single-token strings or ids whose log-prob
     and rank are reported at every row and position; ``token_sets`` maps names to several tokens whose
     probabilities add up; ``reductions`` names what to compute (``lens_plugins.core.reductions.LENS``);
-    ``lens`` maps each row before decoding (``lens_plugins.lenses``; default the logit lens).
+    ``lens`` maps each row before decoding (``lens_plugins.lenses``; default the logit lens); ``auto_tokens=N``
+    traces, per position, the N tokens most worth tracking (``core.track``; ``LensResult.tracked``).
     """
     model, every, read, (batch, seq) = lens_rows(cache, resid_mid, sublayers)
     check_context(seq, context_length(model))
@@ -72,7 +74,7 @@ def logit_lens(
         read, every, layers, tokens.to(torch.long).cpu(), model.tokenizer, decoder_for(model),
         attention_mask=None if attention_mask is None else attention_mask.to(torch.long).cpu(),
         positions=positions, top_k=top_k, targets=targets, token_sets=token_sets, reductions=reductions,
-        lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk, precision=precision,
+        lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk, precision=precision, auto_tokens=auto_tokens,
     )
 
 

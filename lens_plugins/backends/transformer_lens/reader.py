@@ -38,7 +38,7 @@ _NORMALIZATION_KINDS = {"LN": "layernorm", "LNPre": "layernorm", "RMS": "rmsnorm
 Sublayers = Union[bool, str]  # False, True (residual after each sublayer) or "outputs" (each write alone)
 
 
-ATTRIBUTION_SUFFIXES = ("hook_attn_out", "hook_mlp_out", "attn.hook_z")
+ATTRIBUTION_SUFFIXES = ("hook_attn_out", "hook_mlp_out", "attn.hook_z", "mlp.hook_post")
 
 
 def hook_filter(
@@ -58,6 +58,7 @@ def hook_filter(
             names += [hook_name(row) for row in plan(model.cfg.n_layers, resid_mid, sublayers, is_parallel(model))]
         if attribution:
             names += attribution_hooks(model)
+            names += [f"blocks.{layer}.mlp.hook_post" for layer in range(model.cfg.n_layers)]  # by="neuron"
         return list(dict.fromkeys(names))
     suffixes = ("hook_resid_pre", "hook_resid_post") + (("hook_resid_mid",) if resid_mid or sublayers else ())
     suffixes += ("hook_attn_out", "hook_mlp_out") if sublayers == "outputs" else ()

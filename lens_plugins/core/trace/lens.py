@@ -31,13 +31,15 @@ def logit_lens(
     vocab_chunk=None,
     token_chunk=None,
     precision="float32",
+    auto_tokens=0,
 ):
     """Run the logit lens on this invoke's rows; call it inside the trace, turn it into a ``LensResult``
     after the trace with ``lp.nnsight.result(lens, model)``. Parameters as the TransformerLens
     ``logit_lens`` (``lens_plugins.backends.nnsight`` documents them); ``paths`` holds module paths for a
     family ``core.architectures`` does not know; ``lens`` is a lens object (a local trace) or
     ``lp.nnsight.lens_tensors(...)`` (any trace); ``precision`` is how the unembedding matmul runs where the
-    model runs ("float32", "tf32" on CUDA, "bf16x3"; ``readout.PRECISIONS``), the statistics being float32."""
+    model runs ("float32", "tf32" on CUDA, "bf16x3"; ``readout.PRECISIONS``), the statistics being float32;
+    ``auto_tokens=N`` chooses and traces N tokens per position where the model runs (``core.track``)."""
     import nnsight
     from nnsight.intervention.interleaver import OutOfOrderError
 
@@ -47,7 +49,7 @@ def logit_lens(
     try:
         token_ids, mask = model_input(model)
         req = request.build(model.tokenizer, decoder.d_vocab, token_ids.shape[1], top_k, positions,
-                            targets, token_sets, reductions)
+                            targets, token_sets, reductions, auto_tokens)
         pipeline.check_rows(req, chosen, every)
         stats = pipeline.logit_lens(reader(model, spec), chosen, req, decoder, token_ids.cpu(), mask.cpu(), lens,
                                     vocab_chunk, token_chunk, precision)

@@ -61,14 +61,14 @@ def ours(approach: str, steps: int) -> dict:
         model = lp.nnsight.wrap_model(hf, tokenizer)
 
         def run(n):
-            return lp.nnsight.run_dola(model, ids, max_new_tokens=n, **kwargs).token_ids[0].tolist()[ids.shape[1]:]
+            return lp.nnsight.run_dola(model, ids, max_new_tokens=n, **kwargs).token_ids.tolist()[ids.shape[1]:]
     else:
         from transformer_lens.model_bridge import TransformerBridge
 
         bridge = TransformerBridge.boot_transformers("SmolLM2-135M-Instruct", hf_model=hf, tokenizer=tokenizer).eval()
 
         def run(n):
-            return lp.transformer_lens.run_dola(bridge, ids, max_new_tokens=n, **kwargs).token_ids[0].tolist()[ids.shape[1]:]
+            return lp.transformer_lens.run_dola(bridge, ids, max_new_tokens=n, **kwargs).token_ids.tolist()[ids.shape[1]:]
     run(2)
     start = time.perf_counter()
     tokens = run(steps)

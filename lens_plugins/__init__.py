@@ -54,6 +54,8 @@ _LAZY = {
     "evaluate_lenses": ("lens_plugins.methods.evaluate", "evaluate_lenses"),
     "LensEvaluation": ("lens_plugins.methods.evaluate", "LensEvaluation"),
     "decoder_from_checkpoint": ("lens_plugins.models.checkpoint", "decoder_from_checkpoint"),
+    "surfaced": ("lens_plugins.methods.surfaced", "surfaced"),
+    "SurfacedResult": ("lens_plugins.methods.surfaced", "SurfacedResult"),
 }
 
 __all__ = list(_LAZY)

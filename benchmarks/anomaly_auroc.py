@@ -84,7 +84,7 @@ def german_pairs(tokenizer, n, rng):
     return [(cut(e), cut(g)) for e, g in pairs[:n]]
 
 
-def features(model, prompts, lens, layers, positions, batch=25) -> TrajectoryFeatures:
+def features(model, prompts, lens, layers, positions, batch=40) -> TrajectoryFeatures:
     parts = []
     for start in range(0, len(prompts), batch):
         result = lpn.run_logit_lens(model, prompts[start:start + batch], layers=layers, positions=positions,

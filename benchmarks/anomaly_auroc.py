@@ -35,7 +35,13 @@ import torch
 from lens_plugins.backends import nnsight as lpn
 from lens_plugins.lenses.affine import LogitLens
 from lens_plugins.lenses.tuned import TunedLens
-from lens_plugins.methods.anomaly import REDUCTIONS, AnomalyDetector, TrajectoryFeatures, auroc, trajectory_features
+from lens_plugins.methods.anomaly import (
+    REDUCTIONS,
+    AnomalyDetector,
+    TrajectoryFeatures,
+    auroc,
+    trajectory_features,
+)
 from lens_plugins.models import default_model_dir, load_hf_model
 from lens_plugins.training import loop as train
 from lens_plugins.training.tuned_lens import shortcut_init
@@ -80,7 +86,7 @@ def german_pairs(tokenizer, n, rng):
     if len(pairs) < n:
         return None
     rng.shuffle(pairs)
-    cut = lambda text: tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:WINDOW])  # noqa: E731
+    cut = lambda text: tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:WINDOW])
     return [(cut(e), cut(g)) for e, g in pairs[:n]]
 
 
@@ -101,6 +107,7 @@ def main() -> None:
     parser.add_argument("--row-stride", type=int, default=3)
     parser.add_argument("--shortcut-blocks", type=int, default=32)
     parser.add_argument("--tuned", default=None, help="a trained tuned lens directory instead of the shortcut fit")
+    parser.add_argument("--logit-only", action="store_true", help="skip the tuned lens (half the time)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.time()
@@ -131,15 +138,15 @@ def main() -> None:
     else:
         shifts["German (gettext messages vs their English originals)"] = ([e for e, _ in pairs], [g for _, g in pairs])
 
+    lenses = [("logit lens", LogitLens())]
     if args.tuned:
-        tuned = TunedLens.load(args.tuned, hf)
-        tuned_name = f"tuned lens ({args.tuned})"
-    else:
+        lenses.append((f"tuned lens ({args.tuned})", TunedLens.load(args.tuned, hf)))
+    elif not args.logit_only:
         t0 = time.time()
         tuned = TunedLens.for_model(hf)
         blocks = train.token_blocks(train_docs, tokenizer, 128)[:args.shortcut_blocks]
         shortcut_init(tuned, hf, blocks)
-        tuned_name = "tuned lens (least-squares fit, 0 KL steps)"
+        lenses.append(("tuned lens (least-squares fit, 0 KL steps)", tuned))
         print(f"shortcut fit on {len(blocks)} x 128 training tokens: {time.time() - t0:.0f} s", flush=True)
     n_rows = hf.config.num_hidden_layers + 1
     layers = list(range(0, n_rows, args.row_stride))
@@ -147,7 +154,7 @@ def main() -> None:
     positions = list(range(-args.positions, 0))
 
     table = []
-    for lens_name, lens in (("logit lens", LogitLens()), (tuned_name, tuned)):
+    for lens_name, lens in lenses:
         t0 = time.time()
         fitted = features(model, normal_train, lens, layers, positions)
         detectors = {method: AnomalyDetector(method).fit(fitted) for method in ("isolation_forest", "local_outlier_factor")}

@@ -4,10 +4,16 @@ backends give the same features on the real model."""
 
 import pytest
 import torch
+from synthetic_results import lens_result
 
 import lens_plugins as lp
-from lens_plugins.methods.anomaly import REDUCTIONS, AnomalyDetector, TrajectoryFeatures, auroc, trajectory_features
-from synthetic_results import lens_result
+from lens_plugins.methods.anomaly import (
+    REDUCTIONS,
+    AnomalyDetector,
+    TrajectoryFeatures,
+    auroc,
+    trajectory_features,
+)
 
 pytest.importorskip("sklearn")
 
@@ -58,7 +64,7 @@ def features(values):
 def test_detectors_find_a_planted_shift_and_not_a_resample(method):
     g = torch.Generator().manual_seed(0)
     scale = torch.linspace(0.1, 10, 8)  # features on very different scales: the detector standardises them
-    normal = lambda n: torch.randn(n, 8, generator=g) * scale  # noqa: E731
+    normal = lambda n: torch.randn(n, 8, generator=g) * scale
     detector = AnomalyDetector(method).fit(features(normal(300)))
     held, resample = detector.score(features(normal(200))), detector.score(features(normal(200)))
     shifted = normal(200)

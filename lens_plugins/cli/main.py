@@ -358,7 +358,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if command == "get-model":
             from lens_plugins.cli import get_model
 
-            return get_model.main(argv[1:])
+            try:
+                return get_model.main(argv[1:])
+            except (LensValueError, ValueError, OSError) as error:
+                return _fail(error)
         report = command == "report"
         if command in ("lens", "report"):
             argv = argv[1:]

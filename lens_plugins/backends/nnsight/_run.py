@@ -5,6 +5,7 @@ Importing it registers every module of ``lens_plugins.core`` (``core.SHIPPED``) 
 they ship by source and import only torch, so an NDIF server needs nothing of ours."""
 
 import importlib
+from pathlib import Path
 from typing import Union
 
 import nnsight
@@ -37,6 +38,7 @@ def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=N
     setting the tokenizer already does), its padded ids and mask when ``prepend_bos`` changes it."""
     if padding_side not in (None, "left", "right"):
         raise LensValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    check_remote(model, remote, backend)
     prompts = check_prompts(prompt)
     tokenizer = model.tokenizer
     own = [prompt_ids(tokenizer, text, None) for text in prompts]
@@ -56,6 +58,30 @@ def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=N
     finally:
         tokenizer.padding_side = side
     return saved
+
+
+PUBLIC_NDIF = "ndif.us"  # the public service's domain (nnsight's default host, https://api.ndif.us)
+
+
+def check_remote(model, remote, backend) -> None:
+    """Before a ``remote=True`` request to the public NDIF service, refuse what it cannot run, naming the fix:
+    a model whose repo id is a local directory (NDIF loads its own copy by Hugging Face id; nnsight would fail
+    with a bare ``HFValidationError``), and a missing API key. A server of your own (``NDIF_HOST``, ``make
+    ndif-up``) may load a local directory and need no key, so it is not checked."""
+    if remote is not True or backend is not None or PUBLIC_NDIF not in str(nnsight.CONFIG.API.HOST):
+        return
+    repo = getattr(model, "repo_id", None)
+    if isinstance(repo, str) and (Path(repo).expanduser().exists() or Path(repo).is_absolute() or repo.startswith(".")):
+        raise RemoteLensError(
+            f"remote=True sends the model's repo id to NDIF, which loads its own copy of the weights; this model's id "
+            f"is the local directory {repo!r}, which NDIF cannot load. Name a model NDIF hosts, e.g. "
+            "lp.nnsight.remote_model(\"meta-llama/Llama-3.1-8B\"), or run locally: remote=False (or remote=\"local\" "
+            "to rehearse the request's serialisation)")
+    if not nnsight.CONFIG.API.APIKEY:
+        raise RemoteLensError(
+            f"remote=True needs an NDIF API key for {nnsight.CONFIG.API.HOST}: set the NDIF_API_KEY environment "
+            "variable or call nnsight.CONFIG.set_default_api_key(KEY) (keys at https://login.ndif.us), or run "
+            "locally with remote=False")
 
 
 def shippable(model, lens, remote, backend, **rows):
@@ -98,7 +124,10 @@ def remote_error(error: Exception, remote, backend) -> Exception:
     )
 
 
-def trace_kwargs(remote, backend) -> dict:
+def trace_kwargs(remote, backend, model=None) -> dict:
+    """``model.trace`` / ``model.generate``'s keywords for ``remote`` or ``backend``, after ``check_remote``."""
+    if model is not None:
+        check_remote(model, remote, backend)
     return {"remote": remote} if backend is None else {"backend": backend}
 
 
@@ -117,4 +146,5 @@ def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int, prepe
     check_context(len(ids), context_length(model), max_new_tokens)
     return text if ids == prompt_ids(model.tokenizer, text, None) else torch.tensor([ids])
 
-__all__ = ["SHIPPED_MODULES", "trace", "shippable", "remote_error", "one_prompt"]
+__all__ = ["SHIPPED_MODULES", "PUBLIC_NDIF", "check_remote", "trace", "shippable", "remote_error", "trace_kwargs",
+    "one_prompt"]

@@ -42,7 +42,7 @@ def run_dola(
     text = one_prompt(model, text, max_new_tokens, prepend_bos)
     try:
         with eval_mode(unwrap(model)), model.generate(
-            text, max_new_tokens=max_new_tokens, do_sample=False, **trace_kwargs(remote, backend)
+            text, max_new_tokens=max_new_tokens, do_sample=False, **trace_kwargs(remote, backend, model)
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
             dola(model, tracer, max_new_tokens, layers=layers, alpha=alpha,

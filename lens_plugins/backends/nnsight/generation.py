@@ -59,7 +59,7 @@ def run_generation_lens(
     lens = shippable(model, lens, remote, backend, **rows)
     try:
         with eval_mode(unwrap(model)), model.generate(
-            text, max_new_tokens=max_new_tokens, **generate_kwargs, **trace_kwargs(remote, backend)
+            text, max_new_tokens=max_new_tokens, **generate_kwargs, **trace_kwargs(remote, backend, model)
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
             generation_lens(model, tracer, max_new_tokens, top_k=top_k, targets=list(targets),

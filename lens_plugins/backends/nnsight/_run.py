@@ -4,7 +4,9 @@ eval mode, padding side), a lens made shippable, and remote failures named as ``
 Importing it registers every module of ``lens_plugins.core`` (``core.SHIPPED``) with ``nnsight.register``:
 they ship by source and import only torch, so an NDIF server needs nothing of ours."""
 
+import contextlib
 import importlib
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -131,6 +133,35 @@ def trace_kwargs(remote, backend, model=None) -> dict:
     return {"remote": remote} if backend is None else {"backend": backend}
 
 
+@contextlib.contextmanager
+def generation_ends(record: dict):
+    """Hold back nnsight's "'...' was never reached: the loop asked for a step the run did not make, so it was
+    cut short" warning, which a generation that meets its end-of-text token before ``max_new_tokens`` raises
+    from inside a step-by-step body: that is a normal end, and ``stopped_early`` says where it stopped instead.
+    Every other warning is passed on. ``record["cut"]`` tells whether the warning came."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        text = str(warning.message)
+        if "was never reached" in text and "cut short" in text:
+            record["cut"] = True
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def stopped_early(what: str, generated: list, max_new_tokens: int, tokenizer) -> None:
+    """Warn where a generation stopped when it made fewer than ``max_new_tokens`` tokens: the last one ends
+    generation (the model's end-of-text token, or a stop the caller set); the result holds every step."""
+    if len(generated) >= max_new_tokens:
+        return
+    last = tokenizer.decode([generated[-1]]) if generated else None
+    where = f"after {len(generated)} of max_new_tokens={max_new_tokens} tokens"
+    ending = f" at {last!r}, a token that ends generation" if last is not None else ""
+    warnings.warn(f"{what} stopped {where}{ending}: a normal end of text; the result holds every step that ran",
+                  UserWarning, stacklevel=3)
+
+
 def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int, prepend_bos=None) -> Union[str, torch.Tensor]:
     """What ``model.generate`` runs for one prompt, checked to fit the model's context with the
     ``max_new_tokens`` to be generated after it: ``[1, seq]`` token ids as given; text as itself when
@@ -147,4 +178,4 @@ def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int, prepe
     return text if ids == prompt_ids(model.tokenizer, text, None) else torch.tensor([ids])
 
 __all__ = ["SHIPPED_MODULES", "PUBLIC_NDIF", "check_remote", "trace", "shippable", "remote_error", "trace_kwargs",
-    "one_prompt"]
+    "generation_ends", "stopped_early", "one_prompt"]

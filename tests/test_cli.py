@@ -36,6 +36,14 @@ def run(smollm2_bridge, monkeypatch, tmp_path, capsys):
     return invoke
 
 
+STATUS = re.compile(r"lens-plugins: .* \.\.\.|lens-plugins: .*: (done|failed) in \d+\.\d s")
+
+
+def messages(err: str) -> list[str]:
+    """stderr without the status lines of the phases (``lens_plugins.cli.status``)."""
+    return [line for line in err.splitlines() if not STATUS.fullmatch(line)]
+
+
 def final_row(out: str) -> str:
     return next(line for line in out.splitlines() if line.startswith("29_post"))
 
@@ -54,7 +62,13 @@ def test_default_prompt_table_and_html(tmp_path, monkeypatch, capsys):
     html = (tmp_path / "lens.html").read_text(encoding="utf-8")
     assert "plotly.js v" in html and html.count("Plotly.newPlot(") == 6
     assert '"ticktext":["embed","1_pre"' in html and "<h2>rank[ Paris]</h2>" in html
-    assert err == "heatmaps written to lens.html\n"  # no weight-loading progress bar, no warnings
+    # A status line as each phase starts and ends, then the file; no weight-loading progress bar, no warnings.
+    lines = err.splitlines()
+    assert lines[-1] == "heatmaps written to lens.html", err
+    phases = ["loading SmolLM2-135M-Instruct into TransformerLens", "running the logit lens", "writing lens.html"]
+    expected = [pattern for phase in phases for pattern in (re.escape(f"lens-plugins: {phase} ..."),
+                                                             re.escape(f"lens-plugins: {phase}: done in ") + r"\d+\.\d s")]
+    assert len(lines) == len(expected) + 1 and all(re.fullmatch(p, line) for p, line in zip(expected, lines)), err
 
 
 def test_rich_table_on_a_terminal(run, monkeypatch):
@@ -110,8 +124,10 @@ def test_model_path_is_passed_through(run):
 def test_bad_input_is_one_line_on_stderr(run, argv, message):
     status, _, err, asked = run(*argv)
     assert status == 1
-    assert err.startswith("lens-plugins: error: ") and message in err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert messages(err) == [err.splitlines()[-1]] and err.splitlines()[-1].startswith("lens-plugins: error: ")
+    assert message in err and "Traceback" not in err
+    if asked == []:
+        assert err.count("\n") == 1  # refused before any phase began: the error alone
     if "position" not in message and "target " not in message:
         assert asked == []  # refused before spending seconds on loading the model
 
@@ -130,7 +146,8 @@ def test_bad_model_dir(tmp_path, capsys, files, message):
         (tmp_path / name).write_text(content)
     status = cli.main([PROMPT, "--model", str(tmp_path), "--no-html"])
     err = capsys.readouterr().err
-    assert status == 1 and message in err and err.count("\n") == 1
+    assert status == 1 and message in err and len(messages(err)) == 1
+    assert re.search(r"loading .*: failed in ", err)  # the phase that failed says so
 
 
 def test_console_script_error_has_no_traceback(tmp_path):

@@ -57,7 +57,11 @@ def test_model_path_reaches_the_report(invoke, monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(cli, "load_model", lambda path: calls.append(("load", path)) or "MODEL")
-    monkeypatch.setattr(lens_plugins.methods.report, "run_report", lambda model, prompt, path, top_k, overwrite, prepend_bos: calls.append((model, prompt, path, top_k, prepend_bos)))
+    monkeypatch.setattr(lens_plugins.methods.report, "run_report", lambda model, prompt, path, top_k, overwrite, prepend_bos, **options: calls.append((model, prompt, path, top_k, prepend_bos, options)))
     status, _, err, _ = invoke("report", PROMPT, "--model", "some/dir", "-o", "r.html", "--top-k", "3", "--prepend-bos")
-    assert status == 0 and calls == [("load", "some/dir"), ("MODEL", PROMPT, "r.html", 3, True)]
-    assert err == "report written to r.html\n"
+    defaults = {"target": None, "distractor": None, "plotly": "inline"}
+    assert status == 0 and calls == [("load", "some/dir"), ("MODEL", PROMPT, "r.html", 3, True, defaults)]
+    assert err.splitlines()[-1] == "report written to r.html"
+    calls.clear()
+    status, _, _, _ = invoke("report", PROMPT, "-o", "s.html", "--target", " Paris", "--distractor", "1234", "--plotly", "cdn")
+    assert status == 0 and calls[1][-1] == {"target": " Paris", "distractor": 1234, "plotly": "cdn"}

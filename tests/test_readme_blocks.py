@@ -1,11 +1,13 @@
-"""Every fenced code block of README.md runs (issue 18, item 6), so a renamed argument breaks a test, not a reader.
+"""Every fenced code block of README.md and of every page of docs/ runs (issues 18 and 30), so a renamed
+argument breaks a test, not a reader.
 
-Rules (for whoever adds a README section):
+Rules (for whoever adds a README section or a docs page):
 
-- ```` ```python ```` blocks run in README order in one fresh interpreter, all in **one shared namespace**, like
-  the cells of one notebook: a block may use names an earlier block defined (the sublayer block uses the
-  quick start's ``model`` and ``cache``). A later block that rebinds a name (``model``) changes it for the
-  blocks after it, so a section that needs a particular model should load it itself. They run on the real
+- ```` ```python ```` blocks of one file run in order in one fresh interpreter, all in **one shared namespace**
+  per file (README.md, or one page of docs/), like the cells of one notebook: a block may use names an earlier
+  block of the same file defined; each file starts empty, so a page's first block imports ``lens_plugins`` and
+  loads its model. A later block that rebinds a name (``model``) changes it for the blocks after it, so a
+  section that needs a particular model should load it itself. They run on the real
   default model (SmolLM2-135M-Instruct), whichever backend each block loads, in a scratch directory, with
   plotly's renderer set to ``json`` (``fig.show()`` prints instead of opening a browser).
 - ```` ```bash ```` / ```` ```sh ```` / ```` ```shell ```` / ```` ```console ```` blocks run through ``bash -e`` in a
@@ -30,7 +32,10 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+FILES = [README, *DOCS]
 SHELL = {"bash", "sh", "shell", "console"}
 PYTHON = {"python", "py", "python3"}
 NEEDS_NDIF = re.compile(r"remote\s*=\s*True|api_key|NDIF_API_KEY")
@@ -50,7 +55,7 @@ class Block:
         code = self.run or self.code
         for old, new in self.replace:
             if old not in code:
-                raise AssertionError(f"README.md:{self.line}: the marker replaces {old!r}, which the block does not contain")
+                raise AssertionError(f"line {self.line}: the marker replaces {old!r}, which the block does not contain")
             code = code.replace(old, new)
         return code
 
@@ -72,12 +77,12 @@ def readme_blocks(text: str) -> list[Block]:
                 kind, arg = marker.groups()
                 if kind == "replace":
                     old, sep, new = arg.partition(" => ")
-                    assert sep, f"README.md:{k + 1}: write 'replace OLD => NEW'"
+                    assert sep, f"line {k + 1}: write 'replace OLD => NEW'"
                     block.replace.insert(0, (old, new))
                 elif kind == "run":
                     block.run = arg
                 else:
-                    assert arg, f"README.md:{k + 1}: a skip marker must say why"
+                    assert arg, f"line {k + 1}: a skip marker must say why"
                     block.skip = arg
             k -= 1
         blocks.append(block)
@@ -94,20 +99,38 @@ def test_the_parser_reads_fences_and_markers():
     assert synopsis.runnable() == 'lens-plugins "hi"' and make.skip == "recursion" and plain.lang == ""
 
 
-@pytest.fixture(scope="module")
-def blocks():
-    found = readme_blocks(README.read_text(encoding="utf-8"))
-    assert found, "README.md has no code blocks?"
+def name(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def checked_blocks(path: Path) -> list[Block]:
+    """The blocks of ``path``, with the rules above enforced: no unlabelled code, no NDIF without a marker."""
+    found = readme_blocks(path.read_text(encoding="utf-8"))
     for block in found:
         if block.skip:
-            print(f"README.md:{block.line}: not run: {block.skip}")
+            print(f"{name(path)}:{block.line}: not run: {block.skip}")
         if block.lang in PYTHON and NEEDS_NDIF.search(_code_only(block.code)) and not block.replace and not block.skip:
-            raise AssertionError(f"README.md:{block.line}: this block needs NDIF; mark it with e.g. "
+            raise AssertionError(f"{name(path)}:{block.line}: this block needs NDIF; mark it with e.g. "
                                  "<!-- readme-test: replace remote=True => remote=\"local\" --> (see this test's docstring)")
         if not block.lang and LOOKS_LIKE_CODE.match(block.code) and not block.skip:
-            raise AssertionError(f"README.md:{block.line}: an unlabelled block that looks like code: label it "
+            raise AssertionError(f"{name(path)}:{block.line}: an unlabelled block that looks like code: label it "
                                  "```python or ```bash so that it runs (or ```text if it is output)")
     return found
+
+
+def _runnable(path: Path, langs: set) -> bool:
+    return any(b.lang in langs and not b.skip for b in readme_blocks(path.read_text(encoding="utf-8")))
+
+
+PYTHON_FILES = [path for path in FILES if _runnable(path, PYTHON)]
+SHELL_FILES = [path for path in FILES if _runnable(path, SHELL)]
+
+
+def test_the_readme_and_the_docs_have_runnable_blocks():
+    assert README in PYTHON_FILES and README in SHELL_FILES, "the README's quick starts are python and bash blocks"
+    assert len(DOCS) >= 10 and {"logit_lens.md", "cli.md", "tuned_lens.md"} <= {p.name for p in PYTHON_FILES + SHELL_FILES}
+    for path in FILES:
+        checked_blocks(path)  # the labelling and NDIF rules hold on every file, run or not
 
 
 def _code_only(code: str) -> str:
@@ -127,21 +150,21 @@ blocks = {blocks!r}
 namespace = {{"__name__": "__main__"}}
 for line, code in blocks:
     try:
-        exec(compile("\\n" * (line - 1) + code, "README.md", "exec"), namespace)
+        exec(compile("\\n" * (line - 1) + code, {file!r}, "exec"), namespace)
     except BaseException:
         traceback.print_exc()
-        print(f"README block at line {{line}} failed", file=sys.stderr)
+        print(f"{file} block at line {{line}} failed", file=sys.stderr)
         sys.exit(1)
-    print(f"README block at line {{line}} ran", flush=True)
+    print(f"{file} block at line {{line}} ran", flush=True)
 '''
 
 
 @pytest.mark.slow
-def test_python_blocks_run_in_order_in_one_namespace(blocks, tmp_path):
-    python = [(b.line, b.runnable()) for b in blocks if b.lang in PYTHON and not b.skip]
-    assert python, "README.md has no python blocks?"
-    script = tmp_path / "readme_blocks.py"
-    script.write_text(RUNNER.format(blocks=python), encoding="utf-8")
+@pytest.mark.parametrize("path", PYTHON_FILES, ids=name)
+def test_python_blocks_run_in_order_in_one_namespace(path, tmp_path):
+    python = [(b.line, b.runnable()) for b in checked_blocks(path) if b.lang in PYTHON and not b.skip]
+    script = tmp_path / "blocks.py"
+    script.write_text(RUNNER.format(blocks=python, file=name(path)), encoding="utf-8")
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
@@ -149,10 +172,10 @@ def test_python_blocks_run_in_order_in_one_namespace(blocks, tmp_path):
 
 
 @pytest.mark.slow
-def test_shell_blocks_run(blocks, tmp_path):
-    shell = [b for b in blocks if b.lang in SHELL and not b.skip]
-    assert shell, "README.md has no runnable shell block (the command line)?"
+@pytest.mark.parametrize("path", SHELL_FILES, ids=name)
+def test_shell_blocks_run(path, tmp_path):
+    shell = [b for b in checked_blocks(path) if b.lang in SHELL and not b.skip]
     for block in shell:
         proc = subprocess.run(["bash", "-e", "-c", block.runnable()], cwd=tmp_path, env=_env(), capture_output=True,
                               text=True, timeout=600)
-        assert proc.returncode == 0, f"README.md:{block.line}: {block.runnable()!r} failed:\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, f"{name(path)}:{block.line}: {block.runnable()!r} failed:\n{proc.stderr[-3000:]}"

@@ -1,4 +1,5 @@
-"""The README's SmolLM2 figures, asserted where they are properties of the model (issue 18, item 5).
+"""The SmolLM2 figures the README's quick start and docs/logit_lens.md and docs/attribution.md quote, asserted
+where they are properties of the model (issue 18, item 5; the pages since issue 30).
 
 "The capital of France is" on SmolLM2-135M-Instruct in float32, on both backends. What may differ between
 CPUs is float32 rounding: another SIMD width or thread count sums the same products in another order. That

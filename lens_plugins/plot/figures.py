@@ -517,14 +517,32 @@ def html_report(
     title: str = "Logit lens",
     *,
     overwrite: bool = False,
+    plotly: str = "inline",
 ) -> Path:
-    """Write one self-contained HTML file with a heatmap per metric, stacked, and return its path.
+    """Write one HTML file with a heatmap per metric, stacked, and return its path.
 
-    ``metrics`` defaults to ``DEFAULT_REPORT_METRICS`` plus the rank of each target. plotly.js is inlined
-    once (about 4.5 MB) so the file opens offline and can be copied off a cluster as is. An existing file is
-    refused unless ``overwrite=True``; the file is written atomically (``lens_plugins.files``).
+    plotly.js is inlined once by default (about 4.5 MB) so the file opens offline and can be copied off a
+    cluster as is; ``plotly="cdn"`` links it from plotly's CDN instead (a file of tens of KB that needs the
+    network to draw).
+
+    Args:
+        result: the lens to draw.
+        path: the HTML file to write.
+        metrics: one heatmap per name of ``plot.available_metrics``; default ``DEFAULT_REPORT_METRICS`` plus
+            the rank of each target.
+        batch: the prompt of a batch to draw.
+        title: the page's title.
+        overwrite: replace an existing file (default: refuse it).
+        plotly: ``"inline"`` (offline) or ``"cdn"``.
+
+    Returns:
+        ``path``, written atomically (``lens_plugins.files``): an interrupted write leaves an old file whole.
+
+    Raises:
+        LensValueError: ``path`` exists and ``overwrite`` is false (or cannot be written); an unknown metric, an empty ``metrics`` or an unknown ``plotly``.
     """
     check_file(path, overwrite=overwrite)
+    check_plotly(plotly)
     if metrics is None:
         metrics = list(DEFAULT_REPORT_METRICS) + [f"rank[{name}]" for name in result.target_names]
     if isinstance(metrics, str):
@@ -539,16 +557,30 @@ def html_report(
              f"{html.escape(result.labels[-1])} (top); at the last decoded position the model predicts "
              f"<code>{html.escape(repr(final[0]))}</code> with p = {final[1]:.3f}.</p>")
     with atomic_write(path) as staging:
-        write_page(staging, title, intro, list(zip(metrics, figures)))
+        write_page(staging, title, intro, list(zip(metrics, figures)), plotly=plotly)
     return Path(path)
 
 
-def write_page(path: Union[str, Path], title: str, intro: str, sections: Sequence[tuple[str, go.Figure]]) -> Path:
-    """One self-contained HTML page: a title, ``intro`` (HTML, already escaped), a table of contents and a
-    section per ``(heading, figure)``, with plotly.js inlined once (about 4.5 MB) so that it opens offline."""
+PLOTLY_JS = ("inline", "cdn")
+
+
+def check_plotly(plotly: str) -> None:
+    """Refuse a ``plotly=`` other than ``"inline"`` (offline, ~4.5 MB) or ``"cdn"`` (a link to plotly's CDN)."""
+    if plotly not in PLOTLY_JS:
+        raise LensValueError(f"plotly={plotly!r}: choose 'inline' (plotly.js in the file, works offline) or 'cdn' "
+                             "(a link to plotly's CDN: a small file that needs the network to draw)")
+
+
+def write_page(path: Union[str, Path], title: str, intro: str, sections: Sequence[tuple[str, go.Figure]],
+               plotly: str = "inline") -> Path:
+    """One HTML page: a title, ``intro`` (HTML, already escaped), a table of contents and a section per
+    ``(heading, figure)``, with plotly.js inlined once (about 4.5 MB, so that it opens offline) or, with
+    ``plotly="cdn"``, loaded from plotly's CDN."""
+    check_plotly(plotly)
     parts = []
     for i, (heading, fig) in enumerate(sections):
-        body = fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"figure-{i}")
+        include = (True if plotly == "inline" else "cdn") if i == 0 else False
+        body = fig.to_html(full_html=False, include_plotlyjs=include, div_id=f"figure-{i}")
         parts.append(f'<section id="section-{i}"><h2>{html.escape(heading)}</h2>\n{body}\n</section>')
     nav = " · ".join(f'<a href="#section-{i}">{html.escape(h)}</a>' for i, (h, _) in enumerate(sections))
     document = f"""<!DOCTYPE html>

@@ -137,6 +137,37 @@ def train_tuned_lens(
     least-squares maps of ``shortcut_init`` (fitted on ``shortcut_blocks`` training blocks) instead of zero
     (the paper's start, where an untrained lens is the logit lens): a better start when the budget allows only
     a few KL steps, e.g. on a CPU.
+
+    Args:
+        model: a Hugging Face, nnsight or TransformerLens model (frozen).
+        texts: a list of strings, a .txt / .jsonl path, ``None`` (built-in corpus) or token blocks.
+        steps: optimiser steps.
+        seq_len: tokens per block.
+        batch_size: blocks per forward pass.
+        accumulate: forward passes per step.
+        loss: ``"kl"`` (to the final layer) or ``"ce"`` (next token).
+        lr: learning rate, before the ``(1 - momentum)`` factor.
+        momentum: Nesterov momentum.
+        weight_decay: SGD weight decay.
+        clip_grad_norm: gradient-norm clip; ``None`` for none.
+        warmup_steps: linear warm-up steps.
+        heldout: the fraction of blocks held out.
+        seed: fixes the split, the order and hence the lens.
+        lens: a lens to continue training; default a zero lens.
+        init: ``"zero"`` (the logit lens) or ``"shortcut"`` (least-squares start).
+        shortcut_blocks: blocks the shortcut start is fitted on.
+        checkpoint: a directory that makes the run resumable.
+        checkpoint_every: steps between saves of the state.
+        progress: show a progress bar.
+        vocab_chunk: vocabulary columns per tile of the loss.
+        token_chunk: tokens per tile of the loss.
+        matmul_dtype: ``torch.bfloat16`` runs the loss's matmuls in bfloat16.
+
+    Returns:
+        The trained ``TunedLens`` (``lens.heldout_blocks``, ``lens.history``).
+
+    Raises:
+        LensValueError: bad sizes, too little text, a checkpoint of another run.
     """
     if loss not in ("kl", "ce"):
         raise LensValueError(f"loss must be 'kl' (to the final layer, the paper's) or 'ce' (to the next token), got {loss!r}")

@@ -4,7 +4,10 @@ eval mode, padding side), a lens made shippable, and remote failures named as ``
 Importing it registers every module of ``lens_plugins.core`` (``core.SHIPPED``) with ``nnsight.register``:
 they ship by source and import only torch, so an NDIF server needs nothing of ours."""
 
+import contextlib
 import importlib
+import warnings
+from pathlib import Path
 from typing import Union
 
 import nnsight
@@ -126,6 +129,7 @@ def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=N
     ``blocking=False`` the job is only submitted and the trace's remote backend (holding its job id) returned."""
     if padding_side not in (None, "left", "right"):
         raise LensValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    check_remote(model, remote, backend)
     prompts = check_prompts(prompt)
     tokenizer = model.tokenizer
     own = [prompt_ids(tokenizer, text, None) for text in prompts]
@@ -147,6 +151,30 @@ def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=N
     finally:
         tokenizer.padding_side = side
     return saved if blocking else tracer.backend
+
+
+PUBLIC_NDIF = "ndif.us"  # the public service's domain (nnsight's default host, https://api.ndif.us)
+
+
+def check_remote(model, remote, backend) -> None:
+    """Before a ``remote=True`` request to the public NDIF service, refuse what it cannot run, naming the fix:
+    a model whose repo id is a local directory (NDIF loads its own copy by Hugging Face id; nnsight would fail
+    with a bare ``HFValidationError``), and a missing API key. A server of your own (``NDIF_HOST``, ``make
+    ndif-up``) may load a local directory and need no key, so it is not checked."""
+    if remote is not True or backend is not None or PUBLIC_NDIF not in str(nnsight.CONFIG.API.HOST):
+        return
+    repo = getattr(model, "repo_id", None)
+    if isinstance(repo, str) and (Path(repo).expanduser().exists() or Path(repo).is_absolute() or repo.startswith(".")):
+        raise RemoteLensError(
+            f"remote=True sends the model's repo id to NDIF, which loads its own copy of the weights; this model's id "
+            f"is the local directory {repo!r}, which NDIF cannot load. Name a model NDIF hosts, e.g. "
+            "lp.nnsight.remote_model(\"meta-llama/Llama-3.1-8B\"), or run locally: remote=False (or remote=\"local\" "
+            "to rehearse the request's serialisation)")
+    if not nnsight.CONFIG.API.APIKEY:
+        raise RemoteLensError(
+            f"remote=True needs an NDIF API key for {nnsight.CONFIG.API.HOST}: set the NDIF_API_KEY environment "
+            "variable or call nnsight.CONFIG.set_default_api_key(KEY) (keys at https://login.ndif.us), or run "
+            "locally with remote=False")
 
 
 def shippable(model, lens, remote, backend, **rows):
@@ -190,8 +218,40 @@ def remote_error(error: Exception, remote, backend) -> Exception:
     )
 
 
-def trace_kwargs(remote, backend) -> dict:
+def trace_kwargs(remote, backend, model=None) -> dict:
+    """``model.trace`` / ``model.generate``'s keywords for ``remote`` or ``backend``, after ``check_remote``."""
+    if model is not None:
+        check_remote(model, remote, backend)
     return {"remote": remote} if backend is None else {"backend": backend}
+
+
+@contextlib.contextmanager
+def generation_ends(record: dict):
+    """Hold back nnsight's "'...' was never reached: the loop asked for a step the run did not make, so it was
+    cut short" warning, which a generation that meets its end-of-text token before ``max_new_tokens`` raises
+    from inside a step-by-step body: that is a normal end, and ``stopped_early`` says where it stopped instead.
+    Every other warning is passed on. ``record["cut"]`` tells whether the warning came."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        text = str(warning.message)
+        if "was never reached" in text and "cut short" in text:
+            record["cut"] = True
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def stopped_early(what: str, generated: list, max_new_tokens: int, tokenizer) -> None:
+    """Warn where a generation stopped when it made fewer than ``max_new_tokens`` tokens: the last one ends
+    generation (the model's end-of-text token, or a stop the caller set); the result holds every step."""
+    if len(generated) >= max_new_tokens:
+        return
+    last = tokenizer.decode([generated[-1]]) if generated else None
+    where = f"after {len(generated)} of max_new_tokens={max_new_tokens} tokens"
+    ending = f" at {last!r}, a token that ends generation" if last is not None else ""
+    warnings.warn(f"{what} stopped {where}{ending}: a normal end of text; the result holds every step that ran",
+                  UserWarning, stacklevel=3)
 
 
 def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int, prepend_bos=None) -> Union[str, torch.Tensor]:
@@ -209,4 +269,5 @@ def one_prompt(model, text: Union[str, torch.Tensor], max_new_tokens: int, prepe
     check_context(len(ids), context_length(model), max_new_tokens)
     return text if ids == prompt_ids(model.tokenizer, text, None) else torch.tensor([ids])
 
-__all__ = ["SHIPPED_MODULES", "RemoteJob", "submit", "run", "trace", "shippable", "remote_error", "one_prompt"]
+__all__ = ["SHIPPED_MODULES", "PUBLIC_NDIF", "check_remote", "RemoteJob", "submit", "run", "trace", "shippable",
+    "remote_error", "trace_kwargs", "generation_ends", "stopped_early", "one_prompt"]

@@ -86,7 +86,28 @@ def run_attribution(
 ) -> Union[Attribution, RemoteJob]:
     """Trace ``prompt`` and return the direct logit attribution of ``target`` (minus ``distractor``) at
     ``position``: the one-call form, with ``run_logit_lens``'s guards (context length, padding with its
-    mask, eval mode), its ``prepend_bos`` and its remote errors."""
+    mask, eval mode), its ``prepend_bos`` and its remote errors.
+
+    Args:
+        model: an nnsight model.
+        prompt: a text or a list of texts.
+        target: the token whose logit is explained (string, id, or a list of them).
+        distractor: the token subtracted; ``None`` explains the target's logit alone.
+        by: ``"component"``, ``"layer"`` or ``"head"``.
+        position: the position explained.
+        remote: ``False``, ``True`` (NDIF) or ``"local"``.
+        backend: an nnsight backend passed to the trace.
+        paths: module paths for an unknown family.
+        padding_side: ``"left"`` or ``"right"`` for a batch.
+        prepend_bos: as ``run_logit_lens``.
+
+    Returns:
+        The same ``Attribution`` as ``lp.transformer_lens.run_attribution``.
+
+    Raises:
+        RemoteLensError: a remote trace failed.
+        LensValueError: a target that is not one token, a padding position.
+    """
     check_view(by)
     return run(model, prompt, remote, backend,
                lambda: attribution(model, target, distractor, position=position, paths=paths,

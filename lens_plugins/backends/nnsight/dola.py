@@ -9,7 +9,7 @@ import nnsight
 import torch
 
 from lens_plugins.backends._common import check_max_new_tokens, check_token_ids, eval_mode, one_at_a_time, unwrap
-from lens_plugins.backends.nnsight._run import one_prompt, remote_error, trace_kwargs
+from lens_plugins.backends.nnsight._run import generation_ends, one_prompt, remote_error, stopped_early, trace_kwargs
 from lens_plugins.core.trace.dola import dola
 from lens_plugins.methods import dola as dola_module
 from lens_plugins.methods.dola import DolaOutput
@@ -40,9 +40,10 @@ def run_dola(
     check_token_ids(model, text)
     check_max_new_tokens(max_new_tokens)
     text = one_prompt(model, text, max_new_tokens, prepend_bos)
+    ended: dict = {}
     try:
-        with eval_mode(unwrap(model)), model.generate(
-            text, max_new_tokens=max_new_tokens, do_sample=False, **trace_kwargs(remote, backend)
+        with generation_ends(ended), eval_mode(unwrap(model)), model.generate(
+            text, max_new_tokens=max_new_tokens, do_sample=False, **trace_kwargs(remote, backend, model)
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
             dola(model, tracer, max_new_tokens, layers=layers, alpha=alpha,
@@ -50,7 +51,9 @@ def run_dola(
                             into=saved, tied_embeddings=tied_embeddings)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise remote_error(error, remote, backend) from error
-    return dola_result(saved, model)
+    out = dola_result(saved, model)
+    stopped_early("DoLa", out.generated_ids, max_new_tokens, model.tokenizer)
+    return out
 
 
 @typechecked

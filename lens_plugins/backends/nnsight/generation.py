@@ -10,7 +10,14 @@ import nnsight
 import torch
 
 from lens_plugins.backends._common import check_max_new_tokens, check_token_ids, eval_mode, one_at_a_time, unwrap
-from lens_plugins.backends.nnsight._run import one_prompt, remote_error, shippable, trace_kwargs
+from lens_plugins.backends.nnsight._run import (
+    generation_ends,
+    one_prompt,
+    remote_error,
+    shippable,
+    stopped_early,
+    trace_kwargs,
+)
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.core.trace.generation import generation_lens
@@ -57,9 +64,10 @@ def run_generation_lens(
     generate_kwargs.setdefault("do_sample", False)
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = shippable(model, lens, remote, backend, **rows)
+    ended: dict = {}
     try:
-        with eval_mode(unwrap(model)), model.generate(
-            text, max_new_tokens=max_new_tokens, **generate_kwargs, **trace_kwargs(remote, backend)
+        with generation_ends(ended), eval_mode(unwrap(model)), model.generate(
+            text, max_new_tokens=max_new_tokens, **generate_kwargs, **trace_kwargs(remote, backend, model)
         ) as tracer:
             saved = nnsight.save({})  # filled step by step: a generation that stops early never returns
             generation_lens(model, tracer, max_new_tokens, top_k=top_k, targets=list(targets),
@@ -67,6 +75,8 @@ def run_generation_lens(
                                             into=saved, **rows)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened, unless it is ours
         raise remote_error(error, remote, backend) from error
-    return generation_result(saved, model)
+    result = generation_result(saved, model)
+    stopped_early("the generation lens", result.generated_ids(), max_new_tokens, model.tokenizer)
+    return result
 
 __all__ = ["generation_result", "run_generation_lens"]

@@ -45,6 +45,13 @@ def logit_lens_result(lens: dict, model) -> LensResult:
     Positions where every prompt of the batch is padding are kept; a padded position of one prompt has
     no next token (NaN log-prob, rank -1); compare prompts of different lengths at their real positions
     (``lens["attention_mask"]``).
+
+    Args:
+        lens: what ``lp.nnsight.logit_lens`` saved in the trace.
+        model: the nnsight model that ran the trace (for the tokenizer).
+
+    Returns:
+        A ``LensResult``.
     """
     if not isinstance(lens, dict) or lens.get("format") != trace_lens.FORMAT:
         raise LensTypeError(
@@ -97,6 +104,34 @@ def run_logit_lens(
 
     ``blocking=False`` (with ``remote=True``) submits the job and returns a ``RemoteJob`` at once: ``job_id``,
     ``status()``, ``result()`` (this ``LensResult``, when it is ready), ``cancel()``.
+
+    Args:
+        model: an nnsight ``LanguageModel`` / ``TransformersModel`` (``lp.nnsight.wrap_model``, ``remote_model``).
+        prompt: a text or a list of texts.
+        remote: ``False`` (local), ``True`` (NDIF) or ``"local"`` (nnsight's serialisation, run locally).
+        backend: an nnsight backend passed to the trace.
+        resid_mid: also decode after each block's attention.
+        sublayers: decode after every sublayer (``True``) or their outputs (``"outputs"``).
+        layers: rows to keep, by index or label.
+        top_k: tokens kept per row and position.
+        targets: single tokens whose rank and log-prob are reported.
+        positions: positions to decode; default all.
+        token_sets: ``{name: [tokens]}``.
+        reductions: what to compute, by name.
+        lens: a map applied to each row (a tuned lens ships as tensors to a remote trace).
+        paths: module paths for a family the architecture table does not know.
+        vocab_chunk: vocabulary columns per tile.
+        token_chunk: vectors per tile.
+        precision: ``"float32"``, ``"tf32"`` or ``"bf16x3"``.
+        padding_side: ``"left"`` or ``"right"`` for a batch.
+        prepend_bos: ``None`` (as the tokenizer does), ``True`` or ``False``.
+
+    Returns:
+        The same ``LensResult`` as ``lp.transformer_lens.run_logit_lens`` gives for the same ids.
+
+    Raises:
+        RemoteLensError: a remote trace failed (server unreachable, job failed, timed out).
+        LensValueError: a bad option, an empty or too long prompt.
     """
     rows = dict(layers=layers, resid_mid=resid_mid, sublayers=sublayers, paths=paths)
     lens = shippable(model, lens, remote, backend, **rows)

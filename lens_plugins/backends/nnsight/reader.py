@@ -20,7 +20,16 @@ Sublayers = Union[bool, str]
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, **kwargs):
-    """An nnsight ``TransformersModel`` (task ``text-generation``) around an already-loaded HF causal LM."""
+    """An nnsight ``TransformersModel`` (task ``text-generation``) around an already-loaded HF causal LM.
+
+    Args:
+        model: a Hugging Face ``PreTrainedModel``, already loaded.
+        tokenizer: its tokenizer.
+        **kwargs: passed to nnsight's ``LanguageModel``.
+
+    Returns:
+        An nnsight model around ``model`` (no copy of the weights).
+    """
     from nnsight.modeling.transformers import TransformersModel
 
     return TransformersModel(model, tokenizer=tokenizer, task="text-generation", **kwargs)
@@ -34,6 +43,14 @@ def remote_model(path_or_repo_id: str, tokenizer=None, **kwargs):
     (tokenizer files only). A local directory is its own repo id, so nnsight does not ask the model hub to
     canonicalise it; the server then loads that same path, as a local NDIF server (``make ndif-up``) does.
     ``remote=False`` still works: the weights load on first local use.
+
+    Args:
+        path_or_repo_id: a Hugging Face repo id the server knows, or a local directory (its own id).
+        tokenizer: a tokenizer; default loaded from ``path_or_repo_id``.
+        **kwargs: passed to nnsight's ``LanguageModel``.
+
+    Returns:
+        An nnsight model whose weights stay on the meta device until a local trace needs them.
     """
     from pathlib import Path
 

@@ -60,7 +60,21 @@ def run_attention(model, prompt: Union[str, list[str]], layers: Optional[list[in
                   padding_side: Optional[str] = None, prepend_bos: Optional[bool] = None) -> AttentionResult:
     """Run a TransformerLens model on ``prompt`` caching only the patterns: the one-call form, tokenized and
     padded as ``run_logit_lens`` does (``padding_side``, ``prepend_bos``), so that it shows the attention of
-    the tokens the lens ran."""
+    the tokens the lens ran.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer``.
+        prompt: a text or a list of texts.
+        layers: the layers to read; default all.
+        padding_side: ``"left"`` or ``"right"`` for a batch.
+        prepend_bos: as ``run_logit_lens``.
+
+    Returns:
+        An ``AttentionResult``: ``patterns [layer, batch, head, query, key]`` in float32.
+
+    Raises:
+        AttentionUnavailableError: the model does not form attention weights (not eager attention).
+    """
     tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=attention_hook_filter(model, layers))

@@ -136,7 +136,23 @@ def attribution(
     see ``lens_plugins.methods.attribution``); ``by`` is ``"component"``, ``"layer"``, ``"head"`` or
     ``"neuron"`` (every MLP split into its neurons, the ``top_neurons`` largest shown); ``effects=k`` adds the
     ``k`` tokens each write promotes and suppresses most (``Attribution.tokens``); ``attention_mask`` (for a
-    padded batch) refuses a position that is padding. Cache with ``hook_filter(model, attribution=True)``."""
+    padded batch) refuses a position that is padding. Cache with ``hook_filter(model, attribution=True)``.
+
+    Args:
+        cache: an ``ActivationCache`` cached with ``hook_filter(model, attribution=True)``.
+        target: the token whose logit is explained: a single-token string or id, or a list of them (a token set).
+        distractor: the token subtracted (logit difference); ``None`` explains the target's logit alone.
+        by: ``"component"`` (embeddings, each attention and MLP), ``"layer"`` or ``"head"``.
+        position: the position explained (negative allowed).
+        attention_mask: 1 on real tokens, for a padded batch (a padding position is refused).
+
+    Returns:
+        An ``Attribution``: one contribution per part, which with its constant sums to the logit difference.
+
+    Raises:
+        LensKeyError: the cache lacks a hook attribution reads (the message names the ``hook_filter`` to use).
+        LensValueError: a target that is not one token, a padding position, non-finite residual parts.
+    """
     model = cache_model(cache)
     decoder = decoder_for(model)
     check_view(by)
@@ -167,7 +183,25 @@ def logit_diff(
 ) -> LogitDiff:
     """The lens's ``target`` minus ``distractor`` logit at every row and position (the function behind
     ``cache.lens.logit_diff``); rows, ``layers``, ``positions`` and ``lens`` as in ``logit_lens``;
-    ``attention_mask`` (for a padded batch) refuses a position that is padding in any prompt."""
+    ``attention_mask`` (for a padded batch) refuses a position that is padding in any prompt.
+
+    Args:
+        cache: an ``ActivationCache`` cached with ``hook_filter(model, ...)`` for the rows asked.
+        target: the token (or token set) whose logit comes first.
+        distractor: the token (or set) subtracted.
+        resid_mid: also read each block's ``hook_resid_mid``.
+        sublayers: read after every sublayer.
+        layers: rows to keep, by index or label.
+        positions: positions to keep; default all.
+        lens: a map applied to each row before decoding; default the logit lens.
+        attention_mask: 1 on real tokens; a position that is padding in any prompt is refused.
+
+    Returns:
+        A ``LogitDiff``: ``values [row, batch, pos]`` of target minus distractor logit, decoded at each row.
+
+    Raises:
+        LensValueError: a target that is not one token, or a padding position.
+    """
     model, every, read, (batch, seq) = lens_rows(cache, resid_mid, sublayers)
     decoder = decoder_for(model)
     target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
@@ -196,7 +230,24 @@ def run_attribution(
 ) -> Attribution:
     """Run ``model`` on ``prompt`` caching only what attribution reads, then attribute: the one-call form,
     with ``run_logit_lens``'s guards (context length, no truncation, padding with its mask, eval mode) and
-    its ``prepend_bos``."""
+    its ``prepend_bos``.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer``.
+        prompt: a text or a list of texts.
+        target: the token whose logit is explained (string, id, or a list of them).
+        distractor: the token subtracted; ``None`` explains the target's logit alone.
+        by: ``"component"``, ``"layer"`` or ``"head"``.
+        position: the position explained.
+        padding_side: ``"left"`` or ``"right"`` for a batch.
+        prepend_bos: as ``run_logit_lens``.
+
+    Returns:
+        The ``Attribution`` of ``attribution`` on the cached run.
+
+    Raises:
+        LensValueError: as ``attribution``, and for an empty or too long prompt.
+    """
     tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
     with eval_mode(model), torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=hook_filter(model, attribution=True))

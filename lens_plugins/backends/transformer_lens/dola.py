@@ -32,7 +32,26 @@ def run_dola(
     """DoLa decoding of ``text`` (``lens_plugins.core.dola``), one forward pass per generated token; stops
     at the tokenizer's end-of-text token. ``tied_embeddings`` (for ``layers="low"``) defaults to the model
     config's ``tie_word_embeddings``. Text is tokenized with ``prepend_bos`` as in ``run_logit_lens``; token
-    ids run as given."""
+    ids run as given.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer``.
+        text: one prompt, as text or ids.
+        max_new_tokens: tokens to decode.
+        layers: candidate premature layers: ``"low"``, ``"high"`` (transformers 4.x's buckets) or
+            ``output_hidden_states`` indices.
+        alpha: the adaptive plausibility threshold (``p >= alpha * max p``).
+        repetition_penalty: transformers' penalty on DoLa's scores; ``None`` for none.
+        premature_norm: decode premature layers through the final norm (default); ``False`` is transformers 4.x.
+        tied_embeddings: override the tied-embedding detection.
+        prepend_bos: as ``run_logit_lens``.
+
+    Returns:
+        A ``DolaOutput``: the text and ids, the premature layer chosen at each step and the JS divergences.
+
+    Raises:
+        LensValueError: bad layers, or a prompt plus ``max_new_tokens`` longer than the context.
+    """
     check_token_ids(model, text)
     if max_new_tokens < 1:
         raise LensValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

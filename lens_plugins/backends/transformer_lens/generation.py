@@ -26,7 +26,21 @@ def run_generation_lens(model, text: Union[str, torch.Tensor], *, max_new_tokens
                         prepend_bos: Optional[bool] = None, **lens_kwargs) -> GeneratedLens:
     """Generate greedily from ``text`` (stopping at end-of-text), then lens every generated position in one
     cached forward pass; ``lens_kwargs`` go to ``logit_lens`` (``top_k``, ``targets``, ``reductions``, ...).
-    Text is tokenized with ``prepend_bos`` as in ``run_logit_lens``; token ids run as given."""
+    Text is tokenized with ``prepend_bos`` as in ``run_logit_lens``; token ids run as given.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer``.
+        text: one prompt, as text or ids ``[1, seq]``.
+        max_new_tokens: greedy steps.
+        prepend_bos: as ``run_logit_lens``.
+        **lens_kwargs: every option of ``logit_lens`` (``top_k``, ``targets``, ``layers``, ``lens``, ...).
+
+    Returns:
+        A ``GeneratedLens``: a ``LensResult`` over the positions that predicted each generated token.
+
+    Raises:
+        LensValueError: more than one prompt, or a prompt plus ``max_new_tokens`` longer than the context.
+    """
     check_token_ids(model, text)
     if max_new_tokens < 1:
         raise LensValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

@@ -58,6 +58,36 @@ def logit_lens(
     probabilities add up; ``reductions`` names what to compute (``lens_plugins.core.reductions.LENS``);
     ``lens`` maps each row before decoding (``lens_plugins.lenses``; default the logit lens); ``auto_tokens=N``
     traces, per position, the N tokens most worth tracking (``core.track``; ``LensResult.tracked``).
+
+    Args:
+        cache: an ``ActivationCache`` of a ``TransformerBridge`` or ``HookedTransformer``, cached with
+            ``names_filter=lp.transformer_lens.hook_filter(model, ...)``.
+        tokens: the ids that ran (``[batch, seq]``); default recovered from ``hook_embed``.
+        attention_mask: 1 on real tokens, for a padded batch.
+        resid_mid: also decode each block's ``hook_resid_mid``.
+        sublayers: decode after every attention and MLP sublayer (``True``) or their outputs (``"outputs"``).
+        layers: rows to keep, by index or label (``[0, "12_pre", -1]``); the final row is always kept as the reference.
+        positions: prompt positions to decode (negative allowed); default all.
+        top_k: tokens kept per row and position (the ``top_k`` reduction).
+        targets: single-token strings (mind the leading space) or ids whose rank and log-prob are reported.
+        token_sets: ``{name: [tokens]}``: several tokens whose probabilities add up (a set ranks as its best member).
+        reductions: what to compute, by name (``lens_plugins.core.reductions.LENS``); default top-k, entropy, both
+            KLs to the final row, the final top-1 and the next token.
+        lens: a map applied to each row before the final norm (``lp.TunedLens``, ``lp.AffineLens``, ...); default
+            the logit lens.
+        vocab_chunk: vocabulary columns per tile (default: chosen by ``readout.tile_sizes``); results do not
+            depend on it beyond float32 rounding.
+        token_chunk: row x token vectors per tile (as ``vocab_chunk``).
+        precision: ``"float32"`` (default), ``"tf32"`` (CUDA only) or ``"bf16x3"``; statistics are float32 in
+            every mode.
+
+    Returns:
+        A ``LensResult``: statistics ``[row, batch, pos, ...]`` in float32, with row labels and token strings.
+
+    Raises:
+        LensKeyError: the cache lacks a hook the rows need (the message names the ``hook_filter`` to cache with).
+        LensValueError: a bad target, position, reduction or lens, a prompt longer than the context, non-finite
+            residuals, or a model in training mode.
     """
     model, every, read, (batch, seq) = lens_rows(cache, resid_mid, sublayers)
     check_context(seq, context_length(model))
@@ -99,6 +129,23 @@ def run_logit_lens(
     (``backends._common.prompt_ids``), not TransformerLens's ``to_tokens``. A prompt longer than the model's
     context is refused (``to_tokens`` would truncate it). A model in training mode runs in eval mode for the
     call, with a warning, and is put back.
+
+    Args:
+        model: a ``TransformerBridge`` (TransformerLens 4.x) or ``HookedTransformer`` (3.9).
+        prompt: a text or a list of texts (a padded batch).
+        resid_mid: also decode each block's ``hook_resid_mid``.
+        sublayers: decode after every attention and MLP sublayer (``True``) or their outputs (``"outputs"``).
+        padding_side: ``"left"`` or ``"right"`` for a batch; default the tokenizer's.
+        prepend_bos: ``None`` (as the tokenizer does), ``True`` (exactly one BOS) or ``False`` (none).
+        **kwargs: every option of ``logit_lens`` (``top_k``, ``targets``, ``token_sets``, ``layers``,
+            ``positions``, ``reductions``, ``lens``, ``precision``, ...).
+
+    Returns:
+        The ``LensResult`` of ``logit_lens`` on the cached run.
+
+    Raises:
+        LensValueError: an empty prompt, a prompt longer than the model's context, or a bad option of
+            ``logit_lens``.
     """
     tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
     with eval_mode(model), torch.no_grad():

@@ -106,6 +106,32 @@ def run_patchscope(
     ``token_sets``, ``reductions``); ``max_new_tokens`` adds a greedy continuation. ``batch_size`` pairs run
     per target forward. Source and target text are tokenized with ``prepend_bos`` as in ``run_logit_lens``
     (``backends._common.prompt_ids``, as nnsight's ``run_patchscope`` does); token ids run as given.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer``.
+        source: the source prompt (text), or an ``ActivationCache`` of it (then pass ``tokens``).
+        tokens: the source ids when ``source`` is a cache.
+        layers: source rows; default every lens row.
+        positions: source positions; default all.
+        target_prompt: the prompt the hidden state is written into; default the token-identity prompt.
+        target_layer: the row written at (``None``: the source row, ``l* = l``).
+        target_position: the position written at; default the placeholder.
+        mapping: ``None``, a callable on ``[pairs, d_model]`` or ``(weight, bias)``.
+        top_k: tokens kept.
+        targets: single tokens whose rank and log-prob are reported.
+        token_sets: ``{name: [tokens]}``.
+        reductions: what to compute, by name.
+        batch_size: (row, position) pairs per target forward pass.
+        max_new_tokens: greedy continuation of each patched target (``res.generated``).
+        vocab_chunk: vocabulary columns per tile.
+        token_chunk: vectors per tile.
+        prepend_bos: as ``run_logit_lens``, for source and target.
+
+    Returns:
+        A ``PatchscopeResult``: a ``LensResult`` whose rows are source rows and columns source positions.
+
+    Raises:
+        LensValueError: a prompt that does not fit the context, a bad row, position or mapping.
     """
     if isinstance(source, (str, Tensor)):
         if isinstance(source, str):

@@ -50,6 +50,15 @@ def hook_filter(
     since it cannot know which block is last). ``resid_mid`` / ``sublayers`` add what ``logit_lens`` reads
     with those rows, ``attribution`` what ``attribution`` reads (each layer's attention and MLP writes,
     ``hook_z``, positional embeddings).
+
+    Args:
+        model: the model the cache will come from; ``None`` gives a predicate on hook names instead of a list.
+        resid_mid: also cache ``hook_resid_mid``.
+        sublayers: also cache each attention and MLP output (``True`` or ``"outputs"``).
+        attribution: also cache what direct logit attribution reads (sublayer outputs, ``attn.hook_z``).
+
+    Returns:
+        The hook names to pass as ``run_with_cache(..., names_filter=...)`` (a predicate when ``model`` is None).
     """
     if model is not None:
         names = ["hook_embed"]

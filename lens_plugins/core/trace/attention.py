@@ -18,6 +18,7 @@ import torch
 
 from lens_plugins.core import architectures
 from lens_plugins.core.errors import AttentionUnavailableError, LensIndexError, LensTypeError, LensValueError
+from lens_plugins.core.trace.reader import inputs
 
 FORMAT = "lens_plugins.attention/1"
 _TOO_LATE = ("{what}: the forward pass began before the switch to eager attention, which must come before the "
@@ -64,7 +65,7 @@ def attention(model, layers=None):
     config._attn_implementation = "eager"
     try:
         try:
-            args, kwargs = model.inputs
+            args, kwargs = inputs(model)
         except OutOfOrderError as error:
             raise AttentionUnavailableError(_TOO_LATE.format(what="the model's inputs were already passed")) from error
         tokens = kwargs.get("input_ids", args[0] if args else None)

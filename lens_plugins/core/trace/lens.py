@@ -39,7 +39,28 @@ def logit_lens(
     family ``core.architectures`` does not know; ``lens`` is a lens object (a local trace) or
     ``lp.nnsight.lens_tensors(...)`` (any trace); ``precision`` is how the unembedding matmul runs where the
     model runs ("float32", "tf32" on CUDA, "bf16x3"; ``readout.PRECISIONS``), the statistics being float32;
-    ``auto_tokens=N`` chooses and traces N tokens per position where the model runs (``core.track``)."""
+    ``auto_tokens=N`` chooses and traces N tokens per position where the model runs (``core.track``).
+
+    Args:
+        model: the nnsight model being traced.
+        top_k: tokens kept per row and position.
+        targets: single tokens whose rank and log-prob are reported.
+        positions: positions to decode; default all.
+        token_sets: ``{name: [tokens]}``.
+        reductions: what to compute, by name.
+        layers: rows to keep, by index or label.
+        resid_mid: also decode after each block's attention.
+        sublayers: decode after every sublayer.
+        lens: a map applied to each row (in a remote body, ``lp.nnsight.lens_tensors(model, lens)``).
+        paths: module paths for an unknown family.
+        vocab_chunk: vocabulary columns per tile.
+        token_chunk: vectors per tile.
+        precision: ``"float32"``, ``"tf32"`` or ``"bf16x3"``.
+
+    Returns:
+        A saved dict of the reductions; ``lp.nnsight.logit_lens_result(lens, model)`` after the trace makes
+        it a ``LensResult``.
+    """
     import nnsight
     from nnsight.intervention.interleaver import OutOfOrderError
 

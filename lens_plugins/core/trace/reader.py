@@ -17,10 +17,27 @@ from lens_plugins.core.architectures import get_path, is_parallel, layer_input, 
 from lens_plugins.core.errors import LensValueError
 
 
+OUTSIDE_A_TRACE = ("lp.nnsight's in-trace verbs (logit_lens, logit_diff, attribution, attention, ...) read the "
+                   "model's activations, so they run inside `with model.trace(prompt):` (or a tracer.invoke); "
+                   "outside a trace, use the one-call forms, e.g. lp.nnsight.run_logit_lens(model, prompt), "
+                   "which trace for you")
+
+
+def inputs(model):
+    """``(args, kwargs)`` the traced model was called with. Outside a trace nnsight says "Cannot access
+    `model.input` outside of interleaving", which names nnsight's internals rather than the fix: say that."""
+    try:
+        return model.inputs
+    except ValueError as error:
+        if "outside of interleaving" in str(error):
+            raise LensValueError(OUTSIDE_A_TRACE) from None
+        raise
+
+
 def model_input(model):
     """This invoke's ``input_ids`` and ``attention_mask`` (all ones without one), read from the model's
     input; the mask tells left padding from the prompt."""
-    args, kwargs = model.inputs
+    args, kwargs = inputs(model)
     token_ids = kwargs.get("input_ids", args[0] if args else None)
     if token_ids is None:
         raise LensValueError("the lens needs input_ids: trace token ids or text, not inputs_embeds")
@@ -83,4 +100,4 @@ def out_of_order(error):
         "inside a separate, empty `with tracer.invoke():` after it"
     )
 
-__all__ = ["model_input", "plan", "reader", "out_of_order"]
+__all__ = ["OUTSIDE_A_TRACE", "inputs", "model_input", "plan", "reader", "out_of_order"]

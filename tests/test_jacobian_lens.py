@@ -325,6 +325,7 @@ def test_hub_names_resolve_without_network(monkeypatch, tmp_path, lens_tl):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_smollm2_fit_and_readout_equal_transformer_lens(smollm2_bridge, smollm2_hf):
     """SmolLM2, three top blocks (the reference fit is slow on CPU: every backward pass runs through the blocks
     above the earliest source), two prompts: matrices within the derived bound (module docstring), readout top-5

@@ -18,7 +18,7 @@ import pytest
 from test_readme_blocks import README, SHELL, readme_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def quick_start_command() -> str:

@@ -159,8 +159,14 @@ for line, code in blocks:
 '''
 
 
+def heavy_unless_readme(files):
+    """The docs pages' blocks are the longest part of the suite (every method on the real model): they run in
+    ``make test-heavy``; the README's, the quick starts a user runs first, stay in ``make test``."""
+    return [f if f.name == "README.md" else pytest.param(f, marks=pytest.mark.heavy) for f in files]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", PYTHON_FILES, ids=name)
+@pytest.mark.parametrize("path", heavy_unless_readme(PYTHON_FILES), ids=name)
 def test_python_blocks_run_in_order_in_one_namespace(path, tmp_path):
     python = [(b.line, b.runnable()) for b in checked_blocks(path) if b.lang in PYTHON and not b.skip]
     script = tmp_path / "blocks.py"
@@ -172,7 +178,7 @@ def test_python_blocks_run_in_order_in_one_namespace(path, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", SHELL_FILES, ids=name)
+@pytest.mark.parametrize("path", heavy_unless_readme(SHELL_FILES), ids=name)
 def test_shell_blocks_run(path, tmp_path):
     shell = [b for b in checked_blocks(path) if b.lang in SHELL and not b.skip]
     for block in shell:

@@ -232,11 +232,17 @@ def check_sublayer_writes(spec):
             "this family's attention and MLP add the residual inside the module (BLOOM), so their own writes "
             "are not a module output; sublayer rows and direct logit attribution do not support it yet"
         )
+    if spec.get("sublayers_refused"):  # set by core.verification from the model's own numbers
+        raise LensNotImplementedError(f"sublayer rows and direct logit attribution are refused for this model: "
+                                      f"{spec['sublayers_refused']}")
 
 
 def check_supported(spec):
     """Refuse a family DLA cannot take apart: see ``check_sublayer_writes``, and heads need ``o_proj``."""
     check_sublayer_writes(spec)
+    if spec.get("heads_refused"):  # set by core.verification from the model's own numbers
+        raise LensNotImplementedError(f"direct logit attribution by head is refused for this model: "
+                                      f"{spec['heads_refused']}")
     if "o_proj" not in spec:
         raise LensKeyError("the architecture entry has no 'o_proj' (attention output projection) path; add one to "
                        "lens_plugins.core.architectures.ARCHITECTURES to attribute to heads")

@@ -306,8 +306,9 @@ def is_parallel(model, spec):
 
 
 def layer_output(output):
-    """A decoder layer's residual output: a tensor in transformers 5, the first element of a tuple in 4."""
-    return output[0] if isinstance(output, tuple) else output
+    """A decoder layer's residual output: a tensor in transformers 5, the first element of a tuple in 4 (of a
+    list in OpenAI GPT)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def layer_input(inputs):

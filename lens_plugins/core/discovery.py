@@ -30,7 +30,7 @@ FEED_FORWARD_WORDS = ("MLP", "MoE", "Moe", "FeedForward", "Expert", "SparseBlock
 # The attention's output projection (its input is the per-head ``z`` that direct logit attribution splits).
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out", "proj")
 # Config fields a family's forward uses to soft-cap the final logits.
-SOFTCAP_FIELDS = ("final_logit_softcapping", "logit_softcapping", "output_softcapping")
+SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "logit_softcapping", "output_softcapping")
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "norm_f", "ln_out")
 
 
@@ -58,10 +58,11 @@ def module_path(root, target):
     return min(paths, key=lambda p: (p.count("."), len(p))) if paths else None
 
 
-def block_list(hf, n_layers):
+def block_list(hf, n_layers, towers=("vision", "visual", "audio", "encoder", "image", "speech", "patcher", "mtp",
+                                     "draft")):
     """``(path, module list)`` of the decoder blocks: a ``ModuleList`` with one entry per layer (the one with
-    the most parameters when the config names no layer count), outside any vision/audio/encoder tower."""
-    towers = ("vision", "visual", "audio", "encoder", "image", "speech", "patcher", "mtp", "draft")
+    the most parameters when the config names no layer count), outside any vision/audio/encoder tower (unless
+    nothing else fits: BERT-style decoders keep their blocks under ``encoder``)."""
     found = []
     for name, module in hf.named_modules():
         if not isinstance(module, torch.nn.ModuleList) or len(module) == 0 or not name:
@@ -75,7 +76,7 @@ def block_list(hf, n_layers):
         size = sum(p.numel() for p in module.parameters())
         found.append((name.count("."), -size, name, module))
     if not found:
-        return None, None
+        return block_list(hf, n_layers, ()) if towers else (None, None)
     found.sort(key=lambda item: item[:3])
     return found[0][2], found[0][3]
 

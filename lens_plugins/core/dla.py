@@ -16,6 +16,7 @@ import numbers
 
 import torch
 
+from lens_plugins.core import discovery
 from lens_plugins.core.errors import (
     LensAttributeError,
     LensIndexError,
@@ -170,7 +171,7 @@ def attribute(parts, decoder, target_ids, distractor_ids):
 
 def head_count(model):
     """Attention heads per layer, from the config under any of its usual names."""
-    config = getattr(model, "config", None)
+    config = discovery.text_config(getattr(model, "config", None))
     for name in ("num_attention_heads", "n_head", "num_heads"):
         value = getattr(config, name, None)
         if isinstance(value, int):

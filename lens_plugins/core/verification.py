@@ -129,9 +129,11 @@ def run(hf, spec):
               "proj_in": {}, "norm_out": None}
     handles = []
 
+    # Every tensor is cloned as it is recorded: a family may add into a module's output in place afterwards
+    # (Falcon's ``mlp_output += attention_output``).
     def keep(store, key):
-        def hook(module, args, kwargs, output=None):
-            store[key] = output if output is not None else architectures.layer_input((args, kwargs))
+        def hook(module, args, kwargs):
+            store[key] = architectures.layer_input((args, kwargs)).clone()
         return hook
 
     def keep_output(layer, child):
@@ -139,26 +141,26 @@ def run(hf, spec):
             value = architectures.layer_output(output)
             if isinstance(value, torch.Tensor):
                 record["children"][layer].pop(child, None)  # re-insert: dict order is the order they ran
-                record["children"][layer][child] = value
+                record["children"][layer][child] = value.clone()
         return hook
 
     def keep_child_input(layer, child):
         def hook(module, args, kwargs):
             value = args[0] if args else kwargs.get("hidden_states")
             if isinstance(value, torch.Tensor):
-                record["child_in"][layer][child] = value
+                record["child_in"][layer][child] = value.clone()
         return hook
 
     def keep_projection_input(layer):
         def hook(module, args, kwargs):
-            record["proj_in"][layer] = args[0] if args else next(iter(kwargs.values()))
+            record["proj_in"][layer] = (args[0] if args else next(iter(kwargs.values()))).clone()
         return hook
 
     try:
         for layer, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(keep(record["in"], layer), with_kwargs=True))
             handles.append(block.register_forward_hook(
-                lambda m, a, o, layer=layer: record["out"].__setitem__(layer, architectures.layer_output(o))))
+                lambda m, a, o, layer=layer: record["out"].__setitem__(layer, architectures.layer_output(o).clone())))
             for child_name, child in block.named_children():
                 handles.append(child.register_forward_hook(keep_output(layer, child_name)))
                 handles.append(child.register_forward_pre_hook(keep_child_input(layer, child_name), with_kwargs=True))
@@ -168,7 +170,8 @@ def run(hf, spec):
                     handles.append(proj.register_forward_pre_hook(keep_projection_input(layer), with_kwargs=True))
                     break
         if norm is not None:
-            handles.append(norm.register_forward_hook(lambda m, a, o: record.__setitem__("norm_out", o)))
+            handles.append(norm.register_forward_hook(
+                lambda m, a, o: record.__setitem__("norm_out", architectures.layer_output(o).clone())))
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(min(3, vocab - 1), vocab, (1, TOKENS), generator=generator)
         device = next(hf.parameters()).device
@@ -201,6 +204,13 @@ def check_rows(record, tol):
     if ran:
         return f"blocks {ran} of the layer list did not run in the forward pass (not the decoder's blocks?)"
     hidden = record["hidden_states"]
+    for layer in range(n - 1):
+        error = mismatch(record["out"][layer], record["in"][layer + 1])
+        if error > tol:
+            return f"block {layer}'s output is not block {layer + 1}'s input (differs by {error:.2e}, relative)"
+    if hidden is not None and len(hidden) == n + 1 and mismatch(record["in"][0], hidden[0]) > tol and all(
+            mismatch(record["out"][layer], hidden[layer]) <= tol for layer in range(n - 1)):
+        hidden = None  # Mamba's hidden states are the blocks' outputs: checked above, block to block
     if hidden is not None and len(hidden) == n + 1:
         for layer in range(n):
             error = mismatch(record["in"][layer], hidden[layer])
@@ -213,11 +223,7 @@ def check_rows(record, tol):
             return (f"the last block's output (or its final norm) differs from output_hidden_states[{n}] by "
                     f"{last:.2e} (relative)")
         return None
-    for layer in range(n - 1):
-        error = mismatch(record["out"][layer], record["in"][layer + 1])
-        if error > tol:
-            return f"block {layer}'s output is not block {layer + 1}'s input (differs by {error:.2e}, relative)"
-    if hidden is not None:
+    if hidden is not None and len(hidden) != n + 1:
         return f"the model returns {len(hidden)} hidden states for {n} blocks (expected {n + 1})"
     return None
 
@@ -266,19 +272,21 @@ def fit_norm(norm, x, y, config, tol):
 
     module = getattr(norm, "_module", norm)
     eps = next((getattr(module, f) for f in EPS_FIELDS if isinstance(getattr(module, f, None), float)), None)
-    if eps is None:
-        eps = next((getattr(config, f) for f in CONFIG_EPS_FIELDS if isinstance(getattr(config, f, None), float)), 1e-6)
+    candidates = [eps] if eps is not None else [
+        getattr(config, f) for f in CONFIG_EPS_FIELDS if isinstance(getattr(config, f, None), float)] + [1e-5, 1e-6]
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     weight = weight if isinstance(weight, torch.Tensor) else None
     bias = bias if isinstance(bias, torch.Tensor) else None
     y = architectures.layer_output(y)
-    for kind, one_plus in (("rmsnorm", False), ("rmsnorm", True), ("layernorm", False)):
-        w = None if weight is None else (1.0 + weight.float() if one_plus else weight)
-        if one_plus and weight is None:
-            continue
-        ours = apply_final_norm(x, kind, w, bias if kind == "layernorm" else None, eps)
-        if mismatch(ours, y) <= tol:
-            return {"norm_kind": kind, "norm_one_plus": one_plus, "norm_eps": eps}
+    forms = (("rmsnorm", False), ("rmsnorm", True), ("layernorm", False), ("layernorm", True))  # Nemotron: 1 + w
+    for eps in candidates:
+        for kind, one_plus in forms:
+            if one_plus and weight is None:
+                continue
+            w = None if weight is None else (1.0 + weight.float() if one_plus else weight)
+            ours = apply_final_norm(x, kind, w, bias if kind == "layernorm" else None, eps)
+            if mismatch(ours, y) <= tol:
+                return {"norm_kind": kind, "norm_one_plus": one_plus, "norm_eps": eps}
     return None
 
 

@@ -1,0 +1,107 @@
+"""Structure discovery and verification at first use (issue 28): families out of the table are found from
+their module tree and lensed exactly (the in-trace lens's final row against the model's own log-probs, a path
+independent of the verification's own decode), a model that does not match is refused by name, and the
+verdict is cached per model class."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens_plugins.backends import nnsight as lpn
+from lens_plugins.core import architectures, verification
+from tiny_models import FAMILIES, random_tokens, tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import architectures_coverage as coverage  # noqa: E402
+
+TOL = 1e-4
+
+# Families with no table entry, each for a quirk discovery must find: Cohere's logit_scale (a config field
+# fitted from the logits), Falcon's parallel attention + MLP, Qwen3-MoE and OLMoE's experts, Granite's
+# logits_scaling (a divisor), Phi's parallel block with a LayerNorm and an lm_head bias, Llama 4 (MoE), StableLM,
+# Starcoder2 and OLMo's parameter-free LayerNorm.
+DISCOVERED = ["cohere", "falcon", "qwen3_moe", "olmoe", "granite", "phi", "llama4_text", "stablelm", "starcoder2",
+              "olmo"]
+
+
+@pytest.fixture(scope="module")
+def built():
+    return {family: coverage.tiny(family, coverage.dict(coverage.families())[family]) for family in DISCOVERED}
+
+
+@pytest.mark.parametrize("family", DISCOVERED)
+def test_a_discovered_family_lenses_to_the_model_s_own_logprobs(family, built, smollm2_tokenizer):
+    hf = built[family]
+    assert hf.config.model_type not in architectures.ARCHITECTURES
+    model = lpn.wrap_model(hf, smollm2_tokenizer)
+    tokens = random_tokens(batch=2, seq=6) % hf.config.vocab_size
+    with model.trace(tokens):
+        lens = lpn.logit_lens(model, top_k=3, sublayers=False)
+        logits = model.output.logits.save()
+    result = lpn.logit_lens_result(lens, model)
+    logp = torch.log_softmax(logits.float(), -1)
+    assert torch.equal(result.top_ids[-1, ..., 0], logp.argmax(-1)), family
+    assert (result.top_logprobs[-1, ..., 0] - logp.max(-1).values).abs().max() <= TOL, family
+    entropy = -(logp.exp() * logp).sum(-1)
+    assert (result.entropy[-1] - entropy).abs().max() <= TOL, family
+
+
+def test_quirks_are_found_by_numbers():
+    spec = architectures.resolve(coverage.tiny("cohere", "CohereForCausalLM"))
+    cohere = verification.resolve(coverage.tiny("cohere", "CohereForCausalLM"))
+    assert spec["discovered"] and cohere["logit_multiplier"] == ("logit_scale", "mul") and cohere["parallel"]
+    granite = verification.resolve(coverage.tiny("granite", "GraniteForCausalLM"))
+    assert granite["logit_multiplier"] == ("logits_scaling", "div") and not granite["parallel"]
+    gemma2 = tiny_model("gemma2")
+    found = verification.verify(gemma2, architectures.check_paths(gemma2, architectures.discovery.discover(gemma2), {}))
+    assert found["refused"] is None
+    for key in ("attn_out", "mlp_out", "post_norms", "norm_one_plus"):  # the sandwich norms and 1 + w, by numbers
+        assert found["spec"][key] == architectures.ARCHITECTURES["gemma2"][key], key
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_table_entry_is_verified_unchanged(family):
+    hf = tiny_model(family)
+    spec = architectures.resolve(hf)
+    verdict = verification.verify(hf, spec)
+    assert verdict["refused"] is None, verdict["refused"]
+    assert verdict["spec"] == dict(spec, **{k: v for k, v in verdict["spec"].items() if k not in spec})
+    assert ("sublayers_refused" in verdict["spec"]) is False and ("heads_refused" in verdict["spec"]) is False
+
+
+def test_a_model_that_does_not_match_is_refused_before_the_lens_runs(smollm2_tokenizer):
+    """paths= naming a wrong final norm (a block's norm) decodes the last row wrongly: refused, naming the
+    logits mismatch, before any lens runs, and the verdict is cached for the class."""
+    hf = tiny_model("llama")
+    model = lpn.wrap_model(hf, smollm2_tokenizer)
+    paths = {"layers": "model.layers", "final_norm": "model.layers.0.input_layernorm", "lm_head": "lm_head"}
+    with pytest.raises(architectures.UnknownArchitectureError, match=r"last row decoded .* differs from the model's logits"):
+        with model.trace(random_tokens(batch=1, seq=4)):
+            lpn.logit_lens(model, paths=paths)
+    keys = [key for key in verification.VERDICTS if key[0] is type(hf) and dict(key[1]).get("final_norm") == paths["final_norm"]]
+    assert len(keys) == 1 and verification.VERDICTS[keys[0]]["refused"]
+    with pytest.raises(architectures.UnknownArchitectureError):
+        lpn.decoder_for(hf, paths)
+
+
+def test_the_verdict_is_computed_once_per_class(monkeypatch):
+    hf = tiny_model("qwen2")
+    calls = []
+    real = verification.verify
+    monkeypatch.setattr(verification, "verify", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(verification, "VERDICTS", {})
+    for _ in range(3):
+        verification.resolve(hf)
+    verification.resolve(tiny_model("qwen2", seed=1))
+    assert calls == [1]
+
+
+def test_sublayer_and_head_refusals_reach_the_methods():
+    from lens_plugins.core import dla
+
+    with pytest.raises(NotImplementedError, match="sublayer rows .* refused .*: block 3: why"):
+        dla.check_sublayer_writes({"sublayers_refused": "block 3: why"})
+    with pytest.raises(NotImplementedError, match="by head is refused .*: no heads"):
+        dla.check_supported({"heads_refused": "no heads", "o_proj": "x"})

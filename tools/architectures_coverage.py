@@ -34,8 +34,13 @@ SIZES = dict(
     linear_value_head_dim=16, sliding_window=16, first_k_dense_replace=1, n_shared_experts=1,
     decoder_sparse_step=1, moe_layer_freq=1, block_size=16, num_memory_tokens=0,
     pad_token_id=0, bos_token_id=1, eos_token_id=2, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96,
+    embedding_size=64, input_embedding_size=64, output_embedding_size=64,
     decoder_ffn_dim=96, encoder_attention_heads=4, decoder_attention_heads=4, n_group=2, topk_group=1, num_expert_group=2,
 )
+
+
+# Families whose config ties sizes together in a way the shared sizes above break.
+OVERRIDES = {"mamba2": dict(head_dim=32)}  # Mamba-2: heads x head_dim must equal expand x hidden_size
 
 
 def has(config, key):
@@ -83,9 +88,12 @@ def tiny(model_type, class_name, seed=0):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config = shrunk(CONFIG_MAPPING[model_type])
+    for key, value in OVERRIDES.get(model_type, {}).items():
+        setattr(config, key, value)
     model_class = getattr(transformers, class_name)
-    if getattr(model_class, "config_class", type(config)) is not type(config) and hasattr(config, "get_text_config"):
-        config = config.get_text_config()  # a multimodal config whose causal LM takes the text config
+    if getattr(model_class, "config_class", type(config)) is not type(config):
+        # a multimodal config whose causal LM takes the text (or decoder) config
+        config = getattr(config, "decoder", None) or config.get_text_config()
     with torch.device("meta"):
         size = sum(p.numel() for p in model_class(config).parameters())
     if size > MAX_PARAMETERS:

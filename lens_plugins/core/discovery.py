@@ -82,17 +82,18 @@ def block_list(hf, n_layers, towers=("vision", "visual", "audio", "encoder", "im
 
 
 def final_norm(hf, layers_path):
-    """The final norm: a norm-like child of the blocks' parent registered after the block list (``""``:
-    none found, a model whose last block feeds the unembedding directly)."""
+    """The final norm: the last norm-like child of the blocks' parent registered after the block list (a
+    norm of the embeddings may sit there too, as in BART; ``verification`` drops one that is not applied to
+    the last block's output). ``""``: none found, the last block feeds the unembedding directly."""
     parent_path, _, list_name = layers_path.rpartition(".")
     parent = hf.get_submodule(parent_path) if parent_path else hf
     names = [name for name, _ in parent.named_children()]
     after = names[names.index(list_name) + 1:] if list_name in names else names
-    for name in after:
-        module = getattr(parent, name)
-        if "norm" in type(module).__name__.lower() or name in FINAL_NORM_NAMES:
-            return f"{parent_path}.{name}" if parent_path else name
-    return ""
+    norms = [name for name in after
+             if "norm" in type(getattr(parent, name)).__name__.lower() or name in FINAL_NORM_NAMES]
+    if not norms:
+        return ""
+    return f"{parent_path}.{norms[-1]}" if parent_path else norms[-1]
 
 
 def sublayer(block, names, words):
@@ -144,11 +145,13 @@ def discover(model):
             "embed": module_path(hf, embed), "discovered": True}
     mixers = [sublayer(block, MIXER_NAMES, MIXER_WORDS) for block in blocks]
     feed_forwards = [sublayer(block, FEED_FORWARD_NAMES, FEED_FORWARD_WORDS) for block in blocks]
-    if all(mixers) and all(feed_forwards):
-        spec["attn"], spec["mlp"] = first_of(mixers), first_of(feed_forwards)
+    if all(mixers):
+        spec["attn"] = first_of(mixers)
         projections = [output_projection(block, mixer) for block, mixer in zip(blocks, mixers)]
         if all(projections):
             spec["o_proj"] = first_of(projections)
+    if all(feed_forwards):  # else (OPT-style fc1 / fc2 blocks) found by numbers in ``verification``
+        spec["mlp"] = first_of(feed_forwards)
     for field in SOFTCAP_FIELDS:
         if getattr(config, field, None):
             spec["softcap_attr"] = field

@@ -126,7 +126,7 @@ def run(hf, spec):
     norm = architectures.get_path(hf, spec["final_norm"]) if spec.get("final_norm") else None
     vocab = architectures.get_path(hf, spec["lm_head"]).weight.shape[0]
     record = {"in": {}, "out": {}, "children": [{} for _ in blocks], "child_in": [{} for _ in blocks],
-              "proj_in": {}, "norm_out": None}
+              "proj_in": {}, "norm_out": None, "norm_in": None}
     handles = []
 
     # Every tensor is cloned as it is recorded: a family may add into a module's output in place afterwards
@@ -172,6 +172,8 @@ def run(hf, spec):
         if norm is not None:
             handles.append(norm.register_forward_hook(
                 lambda m, a, o: record.__setitem__("norm_out", architectures.layer_output(o).clone())))
+            handles.append(norm.register_forward_pre_hook(
+                lambda m, a, k: record.__setitem__("norm_in", architectures.layer_input((a, k)).clone()), with_kwargs=True))
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(min(3, vocab - 1), vocab, (1, TOKENS), generator=generator)
         device = next(hf.parameters()).device
@@ -234,7 +236,9 @@ def check_logits(hf, spec, record, tol):
     if record["logits"] is None:
         return "the model's forward returns no logits"
     last = record["out"][record["n"] - 1]
-    if spec.get("discovered") and record["norm_out"] is not None:
+    if spec.get("discovered") and spec.get("final_norm") and mismatch(record["norm_in"], last) > tol:
+        spec["final_norm"] = ""  # a norm registered after the blocks but applied elsewhere (BART's embeddings')
+    if spec.get("discovered") and spec.get("final_norm"):
         fitted = fit_norm(architectures.get_path(hf, spec["final_norm"]), last, record["norm_out"], text_config(hf), tol)
         if fitted is None:
             return f"the final norm {spec['final_norm']!r} is neither a LayerNorm nor an RMSNorm (w or 1 + w)"

@@ -28,7 +28,7 @@ DISCOVERED = ["cohere", "falcon", "qwen3_moe", "olmoe", "granite", "phi", "llama
 
 @pytest.fixture(scope="module")
 def built():
-    return {family: coverage.tiny(family, coverage.dict(coverage.families())[family]) for family in DISCOVERED}
+    return {family: coverage.tiny(family, dict(coverage.families())[family]) for family in DISCOVERED}
 
 
 @pytest.mark.parametrize("family", DISCOVERED)
@@ -52,13 +52,40 @@ def test_quirks_are_found_by_numbers():
     spec = architectures.resolve(coverage.tiny("cohere", "CohereForCausalLM"))
     cohere = verification.resolve(coverage.tiny("cohere", "CohereForCausalLM"))
     assert spec["discovered"] and cohere["logit_multiplier"] == ("logit_scale", "mul") and cohere["parallel"]
-    granite = verification.resolve(coverage.tiny("granite", "GraniteForCausalLM"))
-    assert granite["logit_multiplier"] == ("logits_scaling", "div") and not granite["parallel"]
-    gemma2 = tiny_model("gemma2")
-    found = verification.verify(gemma2, architectures.check_paths(gemma2, architectures.discovery.discover(gemma2), {}))
-    assert found["refused"] is None
-    for key in ("attn_out", "mlp_out", "post_norms", "norm_one_plus"):  # the sandwich norms and 1 + w, by numbers
-        assert found["spec"][key] == architectures.ARCHITECTURES["gemma2"][key], key
+    hf = coverage.tiny("granite", "GraniteForCausalLM")
+    hf.config.logits_scaling = 4.0  # the default 1.0 would not show a divisor
+    granite = verification.verify(hf, architectures.resolve(hf))
+    assert granite["refused"] is None, granite["refused"]
+    assert granite["spec"]["logit_multiplier"] == ("logits_scaling", "div") and not granite["spec"]["parallel"]
+    hf.config.logits_scaling = 3.0  # the decoder reads the field, as the model's forward does
+    logits = hf(torch.arange(3, 9)[None]).logits
+    decoder = architectures.decoder_tensors(hf, granite["spec"])
+    final = verification.run(hf, granite["spec"])
+    torch.testing.assert_close(decoder.unembed(decoder.normalize(final["out"][1])), final["logits"], rtol=1e-4, atol=1e-5)
+    assert logits.shape[-1] == decoder.d_vocab
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"opt", "bloom"}))
+def test_discovery_finds_what_the_table_names(family):
+    """Every table family but OPT (``project_out``) and BLOOM (``adds_residual``), discovered as if unknown,
+    reaches the same modules, parallel flag and decoder (Gemma's ``1 + w`` and sandwich norms by numbers)."""
+    hf = tiny_model(family)
+    table = architectures.resolve(hf)
+    verdict = verification.verify(hf, architectures.check_paths(hf, architectures.discovery.discover(hf), {}))
+    assert verdict["refused"] is None, verdict["refused"]
+    found = verdict["spec"]
+    for role in ("layers", "final_norm", "lm_head", "embed"):
+        assert architectures.get_path(hf, found[role]) is architectures.get_path(hf, table[role]), role
+    block = architectures.get_path(hf, table["layers"])[1]
+    for role in ("attn", "mlp", "o_proj", "attn_out", "mlp_out"):
+        ours, theirs = found.get(role, found.get(role[:-4])), table.get(role, table.get(role[:-4]))
+        assert architectures.get_path(block, ours) is architectures.get_path(block, theirs), role
+    assert architectures.is_parallel(hf, found) == architectures.is_parallel(hf, table)
+    assert bool(found.get("post_norms")) == bool(table.get("post_norms"))
+    ours, theirs = architectures.decoder_tensors(hf, found), architectures.decoder_tensors(hf, table)
+    assert ours.norm_kind == theirs.norm_kind and ours.softcap == theirs.softcap
+    torch.testing.assert_close(ours.norm_weight, theirs.norm_weight, rtol=0, atol=0)
+    torch.testing.assert_close(ours.W_U, theirs.W_U, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -77,9 +104,12 @@ def test_a_model_that_does_not_match_is_refused_before_the_lens_runs(smollm2_tok
     hf = tiny_model("llama")
     model = lpn.wrap_model(hf, smollm2_tokenizer)
     paths = {"layers": "model.layers", "final_norm": "model.layers.0.input_layernorm", "lm_head": "lm_head"}
-    with pytest.raises(architectures.UnknownArchitectureError, match=r"last row decoded .* differs from the model's logits"):
+    with pytest.raises(architectures.UnknownArchitectureError, match=r"differs from output_hidden_states\[3\] by"):
         with model.trace(random_tokens(batch=1, seq=4)):
             lpn.logit_lens(model, paths=paths)
+    untied = dict(paths, final_norm="model.norm", lm_head="model.embed_tokens")  # a weight of the right shape
+    with pytest.raises(architectures.UnknownArchitectureError, match=r"last row decoded .* differs from the model's logits"):
+        lpn.decoder_for(hf, untied)
     keys = [key for key in verification.VERDICTS if key[0] is type(hf) and dict(key[1]).get("final_norm") == paths["final_norm"]]
     assert len(keys) == 1 and verification.VERDICTS[keys[0]]["refused"]
     with pytest.raises(architectures.UnknownArchitectureError):

@@ -40,7 +40,7 @@ SIZES = dict(
 
 
 # Families whose config ties sizes together in a way the shared sizes above break.
-OVERRIDES = {"mamba2": dict(head_dim=32)}  # Mamba-2: heads x head_dim must equal expand x hidden_size
+OVERRIDES = {"mamba2": dict(head_dim=32, n_groups=1), "falcon_h1": dict(mamba_d_ssm=128)}  # Mamba-2: heads x head_dim = expand x hidden_size
 
 
 def has(config, key):

@@ -2,9 +2,15 @@
 
 The logit lens needs, per model: the decoder layers (their inputs are the lens rows), the final norm and
 the unembedding (the decoder), and, for the quirks, what each family does between them. Rather than an
-``isinstance`` ladder, ``ARCHITECTURES`` is a table keyed by ``config.model_type``: a new family is one
-entry, and a family the table does not know is one call with the paths by hand
-(``logit_lens(model, paths={"layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head"})``).
+``isinstance`` ladder, ``ARCHITECTURES`` is a table keyed by ``config.model_type``. A family the table does not know
+is found from its module tree and config (``core.discovery``) and, like every family, checked against the
+model's own forward on first use (``core.verification``); paths given by hand
+(``logit_lens(model, paths={"layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head"})``)
+override what was found. The table keeps its 16 families because ``models.checkpoint`` reads a decoder from
+safetensors files without building the model (no module tree to discover), and because two of them hold
+what discovery cannot: OPT's ``project_out`` (a projection after the final norm, folded into ``W_U``) and
+BLOOM's ``adds_residual`` (discovery only finds that the sublayer writes do not add up). For the other 14,
+discovery finds the same modules (``tests/test_verification.py`` checks Gemma 2's sandwich norms).
 
 Quirks are data, not code paths:
 

@@ -295,12 +295,15 @@ def fit_norm(norm, x, y, config, tol):
 
 
 def fit_multiplier(ours, theirs, config, tol):
-    """``(config field, "mul" | "div")`` when the model's logits are ours times a scalar that a float field of
-    the config holds (or whose inverse it holds); ``None`` otherwise."""
+    """``(config field, "mul" | "div")`` when the model's logits are ours times a scalar that a config field
+    named for logits, a scale or a multiplier holds (or whose inverse it holds); ``None`` otherwise."""
     scale = float((ours * theirs).sum() / (ours * ours).sum().clamp(min=1e-12))
     if mismatch(ours * scale, theirs) > tol:
         return None
-    for field, value in vars(config).items():
+    fields = sorted((f for f in vars(config) if any(w in f for w in ("logit", "scal", "mult"))),
+                    key=lambda f: "logit" not in f)  # a logit field first; never a size that happens to match
+    for field in fields:
+        value = getattr(config, field)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
             for how, candidate in (("mul", float(value)), ("div", 1.0 / float(value))):
                 if abs(candidate - scale) <= 1e-4 * abs(scale):

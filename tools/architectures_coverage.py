@@ -49,10 +49,14 @@ def has(config, key):
         return hasattr(config, key)
     except Exception:
         return False
-MOE_WORDS = ("moe", "expert", "mixtral", "dbrx", "jamba", "deepseek", "gpt_oss", "llama4", "olmoe", "phimoe",
-             "granitemoe", "qwen2_moe", "qwen3_moe", "qwen3_next", "hunyuan_v1_moe", "ernie4_5_moe", "glm4_moe",
-             "minimax", "dots1", "bailing", "afmoe", "longcat", "flex_olmo", "arcee", "exaone_moe", "lfm2_moe",
-             "hybrid", "falcon_h1", "bamba", "zamba", "nemotron_h", "mamba", "recurrent_gemma", "lfm2", "plamo")
+# Class-name words of a token mixer that is not softmax attention (a hybrid family mixes them with attention,
+# or uses them alone), and family-name words for the families that could not be built (no module tree to read).
+STATE_SPACE_WORDS = ("Mamba", "SSM", "DeltaNet", "ShortConv", "RecurrentBlock", "Rglru", "RGLRU", "Lightning",
+                     "LinearAttention", "Xlstm", "xLSTM", "Mlstm", "Rwkv", "Retention")
+MOE_NAME_WORDS = ("moe", "mixtral", "dbrx", "jamba", "deepseek", "gpt_oss", "llama4", "longcat", "minimax",
+                  "dots", "glm4_moe", "kimi", "bailing", "afmoe", "flex_olmo", "jetmoe", "granitemoe", "ernie4_5_moe")
+HYBRID_NAME_WORDS = ("hybrid", "falcon_h1", "bamba", "zamba", "nemotron_h", "mamba", "recurrent_gemma", "lfm2",
+                     "qwen3_next", "qwen3_5", "kimi_linear", "xlstm", "jamba", "plamo", "olmo_hybrid")
 
 
 def shrunk(config_class, make=None):
@@ -111,6 +115,19 @@ def tiny(model_type, class_name, seed=0):
     return model.float().eval()
 
 
+def kind(model_type, model=None):
+    """``dense``, ``MoE``, ``hybrid`` or ``MoE + hybrid``: from the built model's modules (experts; a
+    state-space, linear-attention or convolutional mixer), or from the family name if it was not built."""
+    if model is not None:
+        names = [(name.lower(), type(module).__name__) for name, module in model.named_modules()]
+        moe = any("expert" in name or "Expert" in cls or "MoE" in cls or "Moe" in cls for name, cls in names)
+        hybrid = any(word in cls for _, cls in names for word in STATE_SPACE_WORDS)
+    else:
+        moe = any(word in model_type for word in MOE_NAME_WORDS)
+        hybrid = any(word in model_type for word in HYBRID_NAME_WORDS)
+    return {(False, False): "dense", (True, False): "MoE", (False, True): "hybrid"}.get((moe, hybrid), "MoE + hybrid")
+
+
 def transformer_lens_families():
     """model_types with a TransformerLens 4.3 bridge adapter (``None`` if TransformerLens is not installed)."""
     try:
@@ -128,11 +145,13 @@ def check(model_type, class_name, tl_classes):
     """One row of the table: ``dict(family, class, nnsight, tl, sublayers, heads, verdict)``."""
     from lens_plugins.core import architectures, verification
 
-    row = dict(family=model_type, cls=class_name, tl="yes" if tl_classes and class_name in tl_classes else "no")
+    row = dict(family=model_type, cls=class_name, tl="yes" if tl_classes and class_name in tl_classes else "no",
+               kind=kind(model_type))
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(SECONDS_PER_FAMILY)
     try:
         model = tiny(model_type, class_name)
+        row["kind"] = kind(model_type, model)
         spec = architectures.resolve(model)
         verdict = verification.verify(model, spec)
     except Exception as error:
@@ -164,7 +183,9 @@ def render(rows):
     import transformers
 
     verified = [r for r in rows if r["nnsight"].startswith("verified")]
-    hybrid = [r for r in rows if any(w in r["family"] for w in MOE_WORDS)]
+    special = [r for r in rows if r["kind"] != "dense"]
+    by_kind = ", ".join(f"{k}: {sum(r in verified for r in special if r['kind'] == k)} of "
+                        f"{sum(r['kind'] == k for r in special)}" for k in ("MoE", "hybrid", "MoE + hybrid"))
     lines = [
         "# Architectures",
         "",
@@ -179,8 +200,10 @@ def render(rows):
         f"**{len(verified)} of {len(rows)} families verified** on the nnsight path "
         f"({sum(r['sublayers'] == 'yes' for r in verified)} with sublayer rows, "
         f"{sum(r['heads'] == 'yes' for r in verified)} with direct logit attribution by head). "
-        f"Mixture-of-experts and hybrid families: {sum(r in verified for r in hybrid)} of {len(hybrid)} verified; "
-        "every other one is listed with the reason it is refused.",
+        f"Mixture-of-experts and hybrid (state-space, linear-attention or convolutional mixers) families: "
+        f"{sum(r in verified for r in special)} of {len(special)} verified "
+        f"({by_kind}); "
+        "every other family is listed with the reason it is refused.",
         "",
         "A model is verified the same way on first use (one forward of 5 tokens, cached per model class); a "
         "family that fails is refused before any lens runs, with the mismatch named. `table` marks the 16 "
@@ -189,12 +212,12 @@ def render(rows):
         "says whether TransformerLens 4.3 ships a bridge adapter for the model class (the bridge is not run "
         "here).",
         "",
-        "| family | class | nnsight | TL bridge | sublayers | DLA by head | verdict or reason refused |",
-        "|---|---|---|---|---|---|---|",
+        "| family | class | kind | nnsight | TL bridge | sublayers | DLA by head | verdict or reason refused |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         verdict = r["verdict"].replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r['family']} | {r['cls']} | {r['nnsight']} | {r['tl']} | {r['sublayers']} | "
+        lines.append(f"| {r['family']} | {r['cls']} | {r['kind']} | {r['nnsight']} | {r['tl']} | {r['sublayers']} | "
                      f"{r['heads']} | {verdict} |")
     return "\n".join(lines) + "\n"
 

@@ -417,6 +417,11 @@ def check_heads(hf, spec, record, tol):
         spec["heads_refused"] = str(error)
         return
     for layer in range(record["n"]):
+        mixer = get_any(blocks[layer], spec.get("attn"))
+        if not any(word in type(mixer).__name__ for word in ("Attention", "Attn")):
+            # any linear layer's input splits into chunks that add up: only attention's chunks are heads
+            spec["heads_refused"] = f"block {layer}'s token mixer ({type(mixer).__name__}) is not attention"
+            return
         if layer not in record["proj_in"]:
             mixer = discovery.first_of([spec.get("attn")])
             spec["heads_refused"] = (f"block {layer}'s token mixer ({type(get_any(blocks[layer], mixer)).__name__}) has "
@@ -441,6 +446,8 @@ def check_heads(hf, spec, record, tol):
 
 
 def get_any(block, path):
+    if path is None:
+        return None
     names = path if isinstance(path, tuple) else (path,)
     for name in names:
         found = architectures.get_path(block, name, optional=True)

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-import architectures_coverage as coverage  # noqa: E402
+import architectures_coverage as coverage
 
 
 @pytest.mark.slow

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import FAMILIES, random_tokens, tiny_model
 
 from lens_plugins.backends import nnsight as lpn
 from lens_plugins.core import architectures, verification
-from tiny_models import FAMILIES, random_tokens, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import architectures_coverage as coverage  # noqa: E402
+import architectures_coverage as coverage
 
 TOL = 1e-4
 

@@ -34,7 +34,7 @@ SIZES = dict(
     linear_value_head_dim=16, sliding_window=16, first_k_dense_replace=1, n_shared_experts=1,
     decoder_sparse_step=1, moe_layer_freq=1, block_size=16, num_memory_tokens=0,
     pad_token_id=0, bos_token_id=1, eos_token_id=2, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96,
-    embedding_size=64, input_embedding_size=64, output_embedding_size=64,
+    num_kv_shared_layers=0, vocab_size_per_layer_input=512, hidden_size_per_layer_input=16, embedding_size=64, input_embedding_size=64, output_embedding_size=64,
     decoder_ffn_dim=96, encoder_attention_heads=4, decoder_attention_heads=4, n_group=2, topk_group=1, num_expert_group=2,
 )
 
@@ -131,7 +131,9 @@ def kind(model_type, model=None):
 def transformer_lens_families():
     """model_types with a TransformerLens 4.3 bridge adapter (``None`` if TransformerLens is not installed)."""
     try:
-        from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+        from transformer_lens.factories.architecture_adapter_factory import (
+            SUPPORTED_ARCHITECTURES,
+        )
     except Exception:
         return None
     return set(SUPPORTED_ARCHITECTURES)

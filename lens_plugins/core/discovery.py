@@ -130,6 +130,9 @@ def discover(model):
 
     Raises ``UnknownArchitectureError`` naming what was not found, with the ``paths=`` remedy."""
     hf = getattr(model, "_module", model)
+    if not isinstance(hf, torch.nn.Module):
+        raise UnknownArchitectureError(f"expected a Hugging Face causal LM (or an nnsight model around one), got "
+                                       f"{type(model).__name__}")
     config = text_config(getattr(hf, "config", None))
     n_layers = config_int(config, LAYER_COUNT)
     layers_path, blocks = block_list(hf, n_layers)
@@ -163,6 +166,23 @@ def discover(model):
         spec["pos_embed"] = positions[0]
     return spec
 
-__all__ = ["LAYER_COUNT", "WIDTH", "MIXER_NAMES", "MIXER_WORDS", "FEED_FORWARD_NAMES", "FEED_FORWARD_WORDS",
-           "OUTPUT_PROJECTIONS", "SOFTCAP_FIELDS", "FINAL_NORM_NAMES", "text_config", "config_int", "module_path",
-           "block_list", "final_norm", "sublayer", "output_projection", "first_of", "discover"]
+__all__ = [
+    "FEED_FORWARD_NAMES",
+    "FEED_FORWARD_WORDS",
+    "FINAL_NORM_NAMES",
+    "LAYER_COUNT",
+    "MIXER_NAMES",
+    "MIXER_WORDS",
+    "OUTPUT_PROJECTIONS",
+    "SOFTCAP_FIELDS",
+    "WIDTH",
+    "block_list",
+    "config_int",
+    "discover",
+    "final_norm",
+    "first_of",
+    "module_path",
+    "output_projection",
+    "sublayer",
+    "text_config",
+]

@@ -27,7 +27,7 @@ tensors of a remote-only model) is verified where it runs. Torch only: this ship
 
 import torch
 
-from lens_plugins.core import architectures, dla, discovery
+from lens_plugins.core import architectures, discovery, dla
 from lens_plugins.core.errors import LensError, UnknownArchitectureError
 
 VERDICTS = {}
@@ -88,6 +88,14 @@ def mismatch(ours, theirs):
         return float("inf")
     ours, theirs = ours.detach().float().reshape(theirs.shape), theirs.detach().float()
     return float((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-6))
+
+
+def by(error, ours, theirs):
+    """How two tensors differ, for a refusal: relatively, or in shape."""
+    if error != float("inf"):
+        return f"by {error:.2e} (relative)"
+    shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
+    return f"in shape ({shape(ours)} against {shape(theirs)}: the residual is not one [batch, seq, d_model] stream)"
 
 
 def verify(hf, spec):
@@ -209,7 +217,8 @@ def check_rows(record, tol):
     for layer in range(n - 1):
         error = mismatch(record["out"][layer], record["in"][layer + 1])
         if error > tol:
-            return f"block {layer}'s output is not block {layer + 1}'s input (differs by {error:.2e}, relative)"
+            return (f"block {layer}'s output is not block {layer + 1}'s input (differs "
+                    f"{by(error, record['out'][layer], record['in'][layer + 1])})")
     if hidden is not None and len(hidden) == n + 1 and mismatch(record["in"][0], hidden[0]) > tol and all(
             mismatch(record["out"][layer], hidden[layer]) <= tol for layer in range(n - 1)):
         hidden = None  # Mamba's hidden states are the blocks' outputs: checked above, block to block
@@ -218,12 +227,12 @@ def check_rows(record, tol):
             error = mismatch(record["in"][layer], hidden[layer])
             if error > tol:
                 return (f"residual row {layer} (block {layer}'s input) differs from output_hidden_states[{layer}] "
-                        f"by {error:.2e} (relative)")
+                        f"{by(error, record['in'][layer], hidden[layer])}")
         last = min(mismatch(record["out"][n - 1], hidden[n]), mismatch(record["norm_out"], hidden[n]))
         comparable = hidden[n].shape[-1] == record["out"][n - 1].shape[-1]  # not after OPT's project_out
         if comparable and last > tol:
-            return (f"the last block's output (or its final norm) differs from output_hidden_states[{n}] by "
-                    f"{last:.2e} (relative)")
+            return (f"the last block's output (or its final norm) differs from output_hidden_states[{n}] "
+                    f"{by(last, record['out'][n - 1], hidden[n])}")
         return None
     if hidden is not None and len(hidden) != n + 1:
         return f"the model returns {len(hidden)} hidden states for {n} blocks (expected {n + 1})"
@@ -261,7 +270,7 @@ def check_logits(hf, spec, record, tol):
             error = mismatch(ours, theirs)
     if error > tol:
         return (f"the last row decoded through {spec.get('final_norm') or 'no final norm'!r} and "
-                f"{spec['lm_head']!r} differs from the model's logits by {error:.2e} (relative)")
+                f"{spec['lm_head']!r} differs from the model's logits {by(error, ours, theirs)}")
     return None
 
 
@@ -300,10 +309,14 @@ def fit_multiplier(ours, theirs, config, tol):
     scale = float((ours * theirs).sum() / (ours * ours).sum().clamp(min=1e-12))
     if mismatch(ours * scale, theirs) > tol:
         return None
-    fields = sorted((f for f in vars(config) if any(w in f for w in ("logit", "scal", "mult"))),
+    names = set(vars(config)) | {n for n in dir(type(config)) if isinstance(getattr(type(config), n, None), property)}
+    fields = sorted((f for f in names if any(w in f for w in ("logit", "scal", "mult"))),
                     key=lambda f: "logit" not in f)  # a logit field first; never a size that happens to match
     for field in fields:
-        value = getattr(config, field)
+        try:
+            value = getattr(config, field)
+        except Exception:  # a per-layer field (Gemma 4) raises on global access
+            continue
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
             for how, candidate in (("mul", float(value)), ("div", 1.0 / float(value))):
                 if abs(candidate - scale) <= 1e-4 * abs(scale):
@@ -357,12 +370,12 @@ def check_sublayers(hf, spec, record, tol):
 def writes_pair_names(hf, spec, pairs, attn_out, mlp_out):
     """For blocks whose writers differ (hybrids): per block, whether ``first that exists`` picks a wrong one."""
     blocks = architectures.get_path(hf, spec["layers"])
-    wrong = []
-    for layer, (a, m) in enumerate(pairs):
-        pick = lambda names: next(n for n in (names if isinstance(names, tuple) else (names,))  # noqa: E731
-                                  if architectures.get_path(blocks[layer], n, optional=True) is not None)
-        wrong.append(pick(attn_out) != a or pick(mlp_out) != m)
-    return wrong
+    def pick(block, names):
+        return next(n for n in (names if isinstance(names, tuple) else (names,))
+                    if architectures.get_path(block, n, optional=True) is not None)
+
+    return [pick(blocks[layer], attn_out) != a or pick(blocks[layer], mlp_out) != m
+            for layer, (a, m) in enumerate(pairs)]
 
 
 def record_child(record, block, layer, path):
@@ -455,8 +468,32 @@ def get_any(block, path):
             return found
     return None
 
-__all__ = ["VERDICTS", "TOKENS", "TOLERANCE", "HALF_TOLERANCE", "EPS_FIELDS", "CONFIG_EPS_FIELDS", "resolve",
-           "spec_key", "weights_here", "tolerance", "mismatch", "verify", "run", "projection_paths", "check_rows",
-           "check_logits", "text_config", "fit_norm", "fit_multiplier",
-           "check_sublayers", "writes_pair_names", "record_child", "writes_pair", "parallel", "check_heads",
-           "get_any"]
+__all__ = [
+    "CONFIG_EPS_FIELDS",
+    "EPS_FIELDS",
+    "HALF_TOLERANCE",
+    "TOKENS",
+    "TOLERANCE",
+    "VERDICTS",
+    "by",
+    "check_heads",
+    "check_logits",
+    "check_rows",
+    "check_sublayers",
+    "fit_multiplier",
+    "fit_norm",
+    "get_any",
+    "mismatch",
+    "parallel",
+    "projection_paths",
+    "record_child",
+    "resolve",
+    "run",
+    "spec_key",
+    "text_config",
+    "tolerance",
+    "verify",
+    "weights_here",
+    "writes_pair",
+    "writes_pair_names",
+]

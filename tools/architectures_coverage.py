@@ -12,6 +12,7 @@ with the reason.
 """
 
 import argparse
+import re
 import signal
 import sys
 import warnings
@@ -51,7 +52,7 @@ def has(config, key):
         return False
 # Class-name words of a token mixer that is not softmax attention (a hybrid family mixes them with attention,
 # or uses them alone), and family-name words for the families that could not be built (no module tree to read).
-STATE_SPACE_WORDS = ("Mamba", "SSM", "DeltaNet", "ShortConv", "RecurrentBlock", "Rglru", "RGLRU", "Lightning",
+STATE_SPACE_WORDS = ("Mamba", "Mixer", "SSM", "DeltaNet", "ShortConv", "RecurrentBlock", "Rglru", "RGLRU", "Lightning",
                      "LinearAttention", "Xlstm", "xLSTM", "Mlstm", "Rwkv", "Retention")
 MOE_NAME_WORDS = ("moe", "mixtral", "dbrx", "jamba", "deepseek", "gpt_oss", "llama4", "longcat", "minimax",
                   "dots", "glm4_moe", "kimi", "bailing", "afmoe", "flex_olmo", "jetmoe", "granitemoe", "ernie4_5_moe")
@@ -218,7 +219,11 @@ def render(rows):
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        verdict = r["verdict"].replace("|", "\\|").replace("\n", " ")
+        # The size of a mismatch varies in its last digits across CPUs; the page states that it is beyond the
+        # tolerance, so the page is the same wherever the suite regenerates it.
+        verdict = re.sub(r"by \d\.\d+e[+-]\d+ \(relative\)", "beyond the tolerance", r["verdict"])
+        verdict = verdict.split(". Pass the module paths by hand")[0]  # the remedy every refusal ends with
+        verdict = verdict.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {r['family']} | {r['cls']} | {r['kind']} | {r['nnsight']} | {r['tl']} | {r['sublayers']} | "
                      f"{r['heads']} | {verdict} |")
     return "\n".join(lines) + "\n"

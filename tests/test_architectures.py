@@ -95,19 +95,27 @@ def test_transformers_4_tuple_outputs():
     assert architectures.layer_input(((), {"hidden_states": hidden})) is hidden
 
 
-def test_unknown_architecture_error_and_paths_by_hand(monkeypatch, smollm2_tokenizer):
+def test_a_family_out_of_the_table_is_discovered_and_paths_by_hand_agree(monkeypatch, smollm2_tokenizer):
+    """Without its table entry, Llama is found from its module tree (``core.discovery``) and verified; the
+    lens is identical to the table's and to paths given by hand. A model with no block list is refused by
+    name, with the ``paths=`` remedy."""
     hf = tiny_model("llama")
     model = lpn.wrap_model(hf, smollm2_tokenizer)
     tokens = random_tokens(batch=1, seq=5)
     known, _, _ = _trace(model, tokens)
     monkeypatch.delitem(architectures.ARCHITECTURES, "llama")
-    with pytest.raises(architectures.UnknownArchitectureError, match=r"'layers': 'model.layers'.*'lm_head'"):
-        architectures.resolve(hf)
-    with pytest.raises(architectures.UnknownArchitectureError, match="missing: \\['lm_head'\\]"):
-        architectures.resolve(hf, {"layers": "model.layers", "final_norm": "model.norm"})
+    spec = architectures.resolve(hf)
+    assert spec["discovered"] and (spec["layers"], spec["final_norm"], spec["lm_head"]) == (
+        "model.layers", "model.norm", "lm_head")
+    discovered, _, _ = _trace(model, tokens)
     by_hand, _, _ = _trace(model, tokens, paths={"layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head"})
     for name, value in known["stats"].items():
         torch.testing.assert_close(value, by_hand["stats"][name], rtol=0, atol=0, equal_nan=True, msg=name)
+        torch.testing.assert_close(value, discovered["stats"][name], rtol=0, atol=0, equal_nan=True, msg=name)
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    flat.config = hf.config
+    with pytest.raises(architectures.UnknownArchitectureError, match=r"could not find the layers.*paths="):
+        architectures.resolve(flat)
 
 
 def test_wrong_path_names_the_path():

@@ -216,7 +216,7 @@ def test_attribution_request_runs_where_lens_plugins_cannot_be_imported(tmp_path
     backend = SerializeThenRunLocally()
     with model.trace("in it is the", backend=backend):
         dla = attribution(model, [" the", " a"], " it")
-    assert len(backend.blob) < 100_000, "the request must not carry weights"
+    assert len(backend.blob) < 150_000, "the request must not carry weights"  # the embedding alone is 256 KB
     served = run_on_server(tmp_path, hf, backend.blob, saved_name="dla")
     for name, value in dla["values"].items():
         torch.testing.assert_close(served["values"][name], value, rtol=0, atol=0, msg=name)

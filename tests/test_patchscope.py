@@ -202,7 +202,7 @@ def test_remote_request_runs_where_lens_plugins_cannot_be_imported(tmp_path, smo
     with model.trace(TARGET.expand(k, -1), backend=backend):
         ps = patch_and_read(model, values, ["embed", "1_pre", "2_post"], 3, reference, target_ids, 4,
                             ("top_k", "entropy", "kl_final_row", "final_top1", "targets"), True)
-    assert len(backend.blob) < 100_000, "the request must carry the patch, not the weights"
+    assert len(backend.blob) < 150_000, "the request must carry the patch, not the weights"  # W_E: 256 KB
     served = run_on_server(tmp_path, hf, backend.blob, saved_name="ps")
     assert served.keys() == ps.keys()
     assert torch.equal(served["next_token"], ps["next_token"])

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lens_plugins.core import architectures
+from lens_plugins.core import verification
 from lens_plugins.core.errors import LensTypeError
 from lens_plugins.core.readout import DecoderTensors
 from lens_plugins.core.rows import Row, plan
@@ -38,14 +39,14 @@ def stack_rows(n_layers: int) -> list[Row]:
 
 def decoder_tensors(hf, spec: Optional[dict] = None) -> DecoderTensors:
     """The model's decoder (final norm, ``W_U``, ``b_U``, soft-cap), detached: frozen for training."""
-    return architectures.decoder_tensors(hf, spec or architectures.resolve(hf)).detached()
+    return architectures.decoder_tensors(hf, spec or verification.resolve(hf)).detached()
 
 
 def residual_stack(hf, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                    spec: Optional[dict] = None) -> Tensor:
     """``[n_layers + 1, batch, seq, d_model]``: hidden state ``i`` is the input of layer ``i``, the last is the
     last layer's output (before the final norm). Runs without grad, in the model's dtype."""
-    spec = spec or architectures.resolve(hf)
+    spec = spec or verification.resolve(hf)
     layers = architectures.get_path(hf, spec["layers"])
     captured: dict[int, Tensor] = {}
     handles = []
@@ -75,7 +76,7 @@ def block_outputs(hf, input_ids: Tensor, layers: list[int], spec: Optional[dict]
     last layer for a Jacobian-lens fit), on one autograd graph rooted at the earliest of them: that output is
     made to require grad, so with frozen parameters the graph holds only the layers above it. The base model
     runs (no ``lm_head``)."""
-    spec = spec or architectures.resolve(hf)
+    spec = spec or verification.resolve(hf)
     modules = architectures.get_path(hf, spec["layers"])
     captured: dict[int, Tensor] = {}
     root = min(layers)

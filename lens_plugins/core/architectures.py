@@ -2,9 +2,15 @@
 
 The logit lens needs, per model: the decoder layers (their inputs are the lens rows), the final norm and
 the unembedding (the decoder), and, for the quirks, what each family does between them. Rather than an
-``isinstance`` ladder, ``ARCHITECTURES`` is a table keyed by ``config.model_type``: a new family is one
-entry, and a family the table does not know is one call with the paths by hand
-(``logit_lens(model, paths={"layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head"})``).
+``isinstance`` ladder, ``ARCHITECTURES`` is a table keyed by ``config.model_type``. A family the table does not know
+is found from its module tree and config (``core.discovery``) and, like every family, checked against the
+model's own forward on first use (``core.verification``); paths given by hand
+(``logit_lens(model, paths={"layers": "model.layers", "final_norm": "model.norm", "lm_head": "lm_head"})``)
+override what was found. The table keeps its 16 families because ``models.checkpoint`` reads a decoder from
+safetensors files without building the model (no module tree to discover), and because two of them hold
+what discovery cannot: OPT's ``project_out`` (a projection after the final norm, folded into ``W_U``) and
+BLOOM's ``adds_residual`` (discovery only finds that the sublayer writes do not add up). For the other 14,
+discovery finds the same modules (``tests/test_verification.py`` checks Gemma 2's sandwich norms).
 
 Quirks are data, not code paths:
 
@@ -37,11 +43,12 @@ in-trace lens (``lens_plugins.core.trace``) calls it on the NDIF server, where i
 
 import torch
 
+from lens_plugins.core import discovery
 from lens_plugins.core.errors import (
     LensAttributeError,
     LensTypeError,
     LensValueError,
-    UnknownArchitectureError,
+    UnknownArchitectureError,  # noqa: F401  (callers catch it from here)
     UnknownNormError,
 )
 from lens_plugins.core.readout import DecoderTensors
@@ -138,14 +145,9 @@ def resolve(model, paths=None):
         return check_paths(model, dict(ARCHITECTURES[kind], **by_hand), by_hand)
     if all(k in by_hand for k in PATH_ROLES):
         return check_paths(model, by_hand, by_hand)
-    missing = [k for k in PATH_ROLES if k not in by_hand]
-    raise UnknownArchitectureError(
-        f"lens_plugins does not know the architecture {kind!r} ({type(model).__name__}); known: "
-        f"{sorted(ARCHITECTURES)}. Pass the module paths by hand (missing: {missing}), e.g. "
-        "lp.nnsight.logit_lens(model, paths={'layers': 'model.layers', 'final_norm': 'model.norm', "
-        "'lm_head': 'lm_head'}) (final_norm '' if the model has none), or add an entry to "
-        "lens_plugins.core.architectures.ARCHITECTURES."
-    )
+    # Not in the table: found from the module tree (``discovery``), then checked against the model's own
+    # numbers by ``verification.resolve`` before any lens uses it.
+    return check_paths(model, dict(discovery.discover(model), **by_hand), by_hand)
 
 
 def check_paths(model, spec, by_hand):
@@ -219,17 +221,24 @@ def component(model, spec, role, layer=None):
 ONE_PLUS_WEIGHT_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")  # Gemma 3n multiplies by w itself
 
 
-def norm_params(norm, one_plus=None):
+def norm_params(norm, one_plus=None, kind=None, eps=None):
     """``(kind, weight, bias, eps)`` of a norm module as plain tensors, ``weight`` already ``1 + w`` for
     Gemma-style norms (``one_plus``; ``None``: decided by the class name); ``norm=None`` (no final norm) is
     ``("none", None, None, 0.0)``. The one norm reader: the in-trace lens, the nnsight decoder and the
-    TransformerLens bridge all read norms here. Not detached (inside a trace these are the server's)."""
+    TransformerLens bridge all read norms here. Not detached (inside a trace these are the server's). ``kind``
+    and ``eps``, when given (fitted by ``verification`` for a discovered family), override the class name."""
     if norm is None:
         return "none", None, None, 0.0
     norm = getattr(norm, "_module", norm)  # an nnsight envoy wraps the module
     name = type(norm).__name__
     weight = getattr(norm, "weight", None)
     bias = getattr(norm, "bias", None)
+    if kind is not None:
+        weight = weight if isinstance(weight, torch.Tensor) else None
+        if weight is not None and one_plus:
+            weight = 1.0 + weight.float()
+        bias = bias if kind == "layernorm" and isinstance(bias, torch.Tensor) else None
+        return kind, weight, bias, float(eps)
     if isinstance(norm, torch.nn.LayerNorm) or name.endswith("LayerNorm") and name != "T5LayerNorm":
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5))
         return "layernorm", weight, bias, float(eps)
@@ -271,8 +280,16 @@ def decoder_tensors(model, spec):
         b_U = extra if b_U is None else b_U + extra
     # A named final norm must exist: dropping it silently would decode every row wrongly ("" means none).
     norm = get_path(model, spec["final_norm"]) if spec["final_norm"] else None
-    kind, weight, bias, eps = norm_params(norm, spec.get("norm_one_plus"))  # not in the spec: by class name
-    softcap = getattr(getattr(model, "config", None), spec["softcap_attr"], None) if spec.get("softcap_attr") else None
+    kind, weight, bias, eps = norm_params(norm, spec.get("norm_one_plus"),  # not in the spec: by class name
+                                          spec.get("norm_kind"), spec.get("norm_eps"))
+    text_config = discovery.text_config(config)
+    if spec.get("logit_multiplier"):  # a discovered family's forward scales the logits (Cohere, Granite)
+        field, how = spec["logit_multiplier"]
+        value = float(getattr(text_config, field))
+        scale = value if how == "mul" else 1.0 / value
+        W_U = W_U * scale
+        b_U = None if b_U is None else b_U * scale
+    softcap = getattr(text_config, spec["softcap_attr"], None) if spec.get("softcap_attr") else None
     return DecoderTensors(norm_kind=kind, W_U=W_U, norm_weight=weight, norm_bias=bias, norm_eps=eps, b_U=b_U,
                           softcap=float(softcap) if softcap else None)
 
@@ -297,8 +314,9 @@ def is_parallel(model, spec):
 
 
 def layer_output(output):
-    """A decoder layer's residual output: a tensor in transformers 5, the first element of a tuple in 4."""
-    return output[0] if isinstance(output, tuple) else output
+    """A decoder layer's residual output: a tensor in transformers 5, the first element of a tuple in 4 (of a
+    list in OpenAI GPT)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def layer_input(inputs):

@@ -16,6 +16,7 @@ import numbers
 
 import torch
 
+from lens_plugins.core import discovery
 from lens_plugins.core.errors import (
     LensAttributeError,
     LensIndexError,
@@ -287,7 +288,7 @@ def effect_labels(n_layers, n_heads, pos_embed, n_neurons):
 
 def head_count(model):
     """Attention heads per layer, from the config under any of its usual names."""
-    config = getattr(model, "config", None)
+    config = discovery.text_config(getattr(model, "config", None))
     for name in ("num_attention_heads", "n_head", "num_heads"):
         value = getattr(config, name, None)
         if isinstance(value, int):
@@ -349,6 +350,9 @@ def check_sublayer_writes(spec):
             "this family's attention and MLP add the residual inside the module (BLOOM), so their own writes "
             "are not a module output; sublayer rows and direct logit attribution do not support it yet"
         )
+    if spec.get("sublayers_refused"):  # set by core.verification from the model's own numbers
+        raise LensNotImplementedError(f"sublayer rows and direct logit attribution are refused for this model: "
+                                      f"{spec['sublayers_refused']}")
 
 
 def check_neurons(spec, top_neurons, effects):
@@ -374,6 +378,9 @@ def check_neurons(spec, top_neurons, effects):
 def check_supported(spec):
     """Refuse a family DLA cannot take apart: see ``check_sublayer_writes``, and heads need ``o_proj``."""
     check_sublayer_writes(spec)
+    if spec.get("heads_refused"):  # set by core.verification from the model's own numbers
+        raise LensNotImplementedError(f"direct logit attribution by head is refused for this model: "
+                                      f"{spec['heads_refused']}")
     if "o_proj" not in spec:
         raise LensKeyError("the architecture entry has no 'o_proj' (attention output projection) path; add one to "
                        "lens_plugins.core.architectures.ARCHITECTURES to attribute to heads")

@@ -30,6 +30,7 @@ from torch import Tensor
 from lens_plugins.backends import hf as hf_reader
 from lens_plugins.backends._common import unwrap
 from lens_plugins.core import architectures, future, vocab_loss
+from lens_plugins.core import verification
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.errors import LensIndexError, LensKeyError, LensValueError
 from lens_plugins.core.lenses import apply_affine, check_fits, check_output
@@ -125,7 +126,7 @@ class FutureLens(torch.nn.Module):
 def hf_decoder(model) -> Decoder:
     """The decoder (final norm, unembedding) of a Hugging Face causal LM, frozen, float32."""
     hf = unwrap(model)
-    return Decoder.of(architectures.decoder_tensors(hf, architectures.resolve(hf)))
+    return Decoder.of(architectures.decoder_tensors(hf, verification.resolve(hf)))
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lens_plugins.backends.hf import hf_model
 from lens_plugins.core import architectures
+from lens_plugins.core import verification
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.rows import Row
 from lens_plugins.typecheck import typechecked
@@ -30,7 +31,7 @@ class LastBlocksLens:
 
     def __init__(self, model, k: int = 1):
         self.hf = hf_model(model)
-        self.spec = architectures.resolve(self.hf)
+        self.spec = verification.resolve(self.hf)
         self.layers = architectures.get_path(self.hf, self.spec["layers"])
         self.n_layers = len(self.layers)
         if not 1 <= k <= self.n_layers:

@@ -29,6 +29,7 @@ from lens_plugins.backends._common import (
 )
 from lens_plugins.backends.nnsight._run import remote_error
 from lens_plugins.core import architectures
+from lens_plugins.core import verification
 from lens_plugins.core import rows as row_plan
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.core.trace.patchscope import patch_and_next_token, patch_and_read, read_source
@@ -107,7 +108,7 @@ def run_patchscope(
     check_context(source.shape[1], context_length(model), what="the source prompt")
     check_context(target_ids.shape[0], context_length(model), max_new_tokens, what="the target prompt")
     hf = unwrap(model)
-    spec = architectures.resolve(hf, paths)
+    spec = verification.resolve(hf, paths)
     n_layers = len(architectures.get_path(hf, spec["layers"]))
     every = row_plan.plan(n_layers, parallel=architectures.is_parallel(hf, spec))
     request = plan(

@@ -9,6 +9,7 @@ import torch
 
 from lens_plugins.backends._common import unwrap
 from lens_plugins.core import architectures
+from lens_plugins.core import verification
 from lens_plugins.core import lenses as core_lenses
 from lens_plugins.core import rows as row_plan
 from lens_plugins.core.defaults import SHIP_LIMIT_BYTES
@@ -73,7 +74,7 @@ def decoder_for(model, paths: Optional[dict] = None) -> Decoder:
     """The lens decoder of an HF model or nnsight model, outside any trace (the same tensors the in-trace
     lens reads), e.g. to decode a saved activation with ``Decoder.logits``."""
     hf = unwrap(model)
-    spec = architectures.resolve(hf, paths)
+    spec = verification.resolve(hf, paths)
     return Decoder.of(architectures.decoder_tensors(hf, spec))
 
 
@@ -97,7 +98,7 @@ def lens_tensors(
             f"{type(lens).__name__} has no affine(rows, d_model), so it cannot run in a remote trace (the server "
             "has none of its code): run it locally (remote=False), or give it an affine form")
     hf = unwrap(model)
-    spec = architectures.resolve(hf, paths)
+    spec = verification.resolve(hf, paths)
     n_layers = len(architectures.get_path(hf, spec["layers"]))
     every = row_plan.plan(n_layers, resid_mid, sublayers, architectures.is_parallel(hf, spec))
     chosen = row_plan.select(every, layers)

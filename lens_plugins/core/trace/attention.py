@@ -17,6 +17,7 @@ import numbers
 import torch
 
 from lens_plugins.core import architectures
+from lens_plugins.core import verification
 from lens_plugins.core.errors import AttentionUnavailableError, LensIndexError, LensTypeError, LensValueError
 from lens_plugins.core.trace.reader import inputs
 
@@ -58,7 +59,7 @@ def attention(model, layers=None):
     import nnsight
     from nnsight.intervention.interleaver import OutOfOrderError
 
-    spec = architectures.resolve(model)
+    spec = verification.resolve(model)
     chosen = choose_layers(layers, len(architectures.get_path(model, spec["layers"])))
     config = model.config  # the real config object every attention module reads (on a server: the server's)
     previous = getattr(config, "_attn_implementation", None)

@@ -11,9 +11,9 @@ from lens_plugins.core.architectures import (
     layer_input,
     layer_output,
     norm_params,
-    resolve,
 )
 from lens_plugins.core.defaults import TOP_NEURONS
+from lens_plugins.core.verification import resolve
 from lens_plugins.core.pipeline import check_decoder
 from lens_plugins.core.trace.reader import model_input, out_of_order
 

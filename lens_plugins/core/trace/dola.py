@@ -13,7 +13,8 @@ Torch and core only (nnsight inside the function), no decorators, plain containe
 import torch
 
 from lens_plugins.core import dola as dola_core
-from lens_plugins.core.architectures import decoder_tensors, get_path, resolve
+from lens_plugins.core.architectures import decoder_tensors, get_path
+from lens_plugins.core.verification import resolve
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.trace.reader import reader
 

@@ -19,7 +19,8 @@ Torch and core only (nnsight inside the function), no decorators, plain containe
 import torch
 
 from lens_plugins.core import pipeline, request
-from lens_plugins.core.architectures import decoder_tensors, resolve
+from lens_plugins.core.architectures import decoder_tensors
+from lens_plugins.core.verification import resolve
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.reductions import DEFAULT_LENS

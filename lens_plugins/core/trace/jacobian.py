@@ -7,9 +7,10 @@ request carries them with the body.
 
 import torch
 
-from lens_plugins.core.architectures import decoder_tensors, get_path, layer_output, resolve
+from lens_plugins.core.architectures import decoder_tensors, get_path, layer_output
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.jacobian import edit
+from lens_plugins.core.verification import resolve
 
 
 def jacobian_edit(model, specs, paths=None):

@@ -7,7 +7,8 @@ the far side). Type checks and labelling stay on the caller's machine (``lens_pl
 """
 
 from lens_plugins.core import pipeline, request
-from lens_plugins.core.architectures import decoder_tensors, resolve
+from lens_plugins.core.architectures import decoder_tensors
+from lens_plugins.core.verification import resolve
 from lens_plugins.core.defaults import TOP_K
 from lens_plugins.core.reductions import DEFAULT_LENS
 from lens_plugins.core.trace.reader import model_input, out_of_order, plan, reader

@@ -7,7 +7,8 @@ The bodies read rows with ``reader`` (the logit lens's rows, ``core.rows``), use
 
 import torch
 
-from lens_plugins.core.architectures import decoder_tensors, get_path, layer_input, layer_output, resolve
+from lens_plugins.core.architectures import decoder_tensors, get_path, layer_input, layer_output
+from lens_plugins.core.verification import resolve
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.patching import patch_row, readout_stack, sites_of, write_rows
 from lens_plugins.core.pipeline import check_decoder

@@ -156,3 +156,27 @@ def test_console_script_error_has_no_traceback(tmp_path):
     proc = subprocess.run([str(script), PROMPT, "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("lens-plugins: error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_lens_from_a_file(run, tmp_path, smollm2_bridge):
+    """``--lens PATH``: a Jacobian lens file decodes the rows it has matrices for (the others are left out and
+    said so); an identity lens prints the logit lens's numbers for those rows."""
+    import torch
+
+    import lens_plugins as lp
+
+    eye = lp.JacobianLens({27: torch.eye(576), 28: torch.eye(576)}, n_prompts=1, d_model=576,
+                          metadata={"target_layer": 29})
+    path = eye.save(tmp_path / "jlens.pt")
+    status, out, err, _ = run(PROMPT, "--plain", "--no-html", "--lens", str(path))
+    assert status == 0 and "decoding rows 28_pre .. 29_post" in err
+    rows = [line.split()[0] for line in out.splitlines() if line[:2].isdigit() or line.startswith("embed")]
+    assert set(rows) == {"28_pre", "29_pre", "29_post"}
+    _, plain, _, _ = run(PROMPT, "--plain", "--no-html")
+    for label in ("28_pre", "29_pre", "29_post"):
+        assert next(line for line in out.splitlines() if line.startswith(label)).split() == \
+            next(line for line in plain.splitlines() if line.startswith(label)).split()
+    bad = lp.JacobianLens({0: torch.eye(64)}, n_prompts=1, d_model=64).save(tmp_path / "other.pt")
+    status, _, err, _ = run(PROMPT, "--plain", "--no-html", "--lens", str(bad))
+    assert status != 0 and "d_model" in err

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     html.add_argument("--no-html", dest="html", action="store_const", const="", help="write no HTML report")
     parser.add_argument("--force", action="store_true", help="replace an existing HTML file (default: refuse)")
     parser.add_argument("--resid-mid", action="store_true", help="also decode each block's hook_resid_mid")
+    parser.add_argument("--lens", metavar="PATH",
+                        help="decode through a lens: a Jacobian lens file (.pt, lp.JacobianLens.save) or a tuned-lens "
+                             "directory (config.json + params.pt); rows it has no map for are left out")
     parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table (automatic when not a terminal)")
     _plotly_arg(parser)
     return parser
@@ -264,16 +267,34 @@ def run(args: argparse.Namespace, out) -> None:
 
     import lens_plugins as lp
 
+    lens, layers = (None, None) if args.lens is None else load_lens(args.lens, model, args.resid_mid)
     with status("running the logit lens"):
         result = lp.transformer_lens.run_logit_lens(
             model, args.prompt, top_k=args.top_k, positions=positions, targets=args.targets, resid_mid=args.resid_mid,
-            prepend_bos=args.prepend_bos,
+            prepend_bos=args.prepend_bos, lens=lens, layers=layers,
         )
     (print_plain if args.plain or not out.isatty() else print_rich)(result, out)
     if args.html:
         with status(f"writing {args.html}"), atomic_write(args.html) as staging:
             html_report(result, staging, metrics=args.metric, title=f"Logit lens: {args.prompt}", plotly=args.plotly)
         print(f"heatmaps written to {args.html}", file=sys.stderr)
+
+
+def load_lens(path: str, model, resid_mid: bool):
+    """``(lens, layers)`` for ``--lens PATH``: a Jacobian lens file or a tuned-lens directory, checked against
+    ``model``, and the rows it maps (a Jacobian lens has no matrix for the embeddings or inside a block: those rows
+    are left out, and said so, rather than refused)."""
+    import lens_plugins as lp
+    from lens_plugins.core.rows import plan
+
+    if os.path.isdir(path):
+        return lp.TunedLens.load(path, model), None
+    lens = lp.JacobianLens.load(path, model)
+    n_layers = model.cfg.n_layers
+    rows = [row.label for row in plan(n_layers, resid_mid) if lens.covers(row, n_layers)]
+    print(f"--lens: a Jacobian lens for blocks {lens.source_layers}: decoding rows {rows[0]} .. {rows[-1]}",
+          file=sys.stderr)
+    return lens, rows
 
 
 def build_report_parser() -> argparse.ArgumentParser:

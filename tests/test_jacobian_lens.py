@@ -377,3 +377,25 @@ def test_a_lens_too_big_to_ship_is_routed_to_client_decoding(nn_model, lens_nn, 
                          nn_model.tokenizer)
     assert torch.equal(client.top_ids, shipped.top_ids)
     torch.testing.assert_close(client.top_logprobs, shipped.top_logprobs, rtol=0, atol=1e-6)
+
+
+def test_decompose_equals_transformer_lens(bridge, tl_lens, lens_tl, texts):
+    """Nonnegative OMP over the lens vectors: the same support, coordinates and J-space split as TransformerLens
+    4.3's ``decompose`` on block outputs of a real prompt; the reconstruction is the nonnegative combination."""
+    _, cache = bridge.run_with_cache(bridge.to_tokens(texts[0]), names_filter=lambda n: n.endswith("hook_out"))
+    for layer, position in [(0, -1), (1, 5), (1, -2)]:
+        activation = cache[f"blocks.{layer}.hook_out"][0, position].detach()
+        theirs = tl_lens.decompose(bridge, activation, layer, k=8)
+        ours = lens_tl.decompose(bridge, activation, layer, k=8)
+        assert torch.equal(ours.selected, theirs.selected_support) and torch.equal(ours.support, theirs.support)
+        torch.testing.assert_close(ours.coordinates, theirs.coordinates.cpu(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.j_space, theirs.j_space_component, rtol=0, atol=1e-4)
+        vectors = lens_tl.lens_vectors(bridge, ours.support.tolist(), layer)
+        torch.testing.assert_close(ours.reconstruction, ours.coordinates @ vectors, rtol=0, atol=1e-4)
+        assert bool((ours.coordinates > 0).all()) and len(ours.tokens) == len(ours.support)
+        assert 0 < ours.explained() <= 1
+        residual = activation - ours.j_space  # orthogonal to every selected lens vector
+        selected = lens_tl.lens_vectors(bridge, ours.selected.tolist(), layer)
+        assert float((selected @ residual).abs().max()) < 1e-3 * float(selected.norm(dim=-1).max() * activation.norm())
+    with pytest.raises(LensValueError, match="one residual vector"):
+        lens_tl.decompose(bridge, torch.zeros(3, 64), 0)

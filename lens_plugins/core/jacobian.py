@@ -18,9 +18,16 @@ The edits are what the lens's interventions do to a residual ``h [..., d]`` at a
 both backends (a TransformerLens hook and an nnsight trace call the same functions; on an NDIF server too).
 """
 
+import math
+
 import torch
 
-from lens_plugins.core.errors import LensValueError
+from lens_plugins.core.errors import LensFloatingPointError, LensValueError
+
+# Tolerances of the sparse decomposition, as the reference implementation's: the NNLS solve and rank in
+# float64 (sqrt(eps64)); an atom is selected only while materially positively correlated (sqrt(eps32) |x|).
+NNLS_TOLERANCE = math.sqrt(torch.finfo(torch.float64).eps)
+CORRELATION_TOLERANCE = math.sqrt(torch.finfo(torch.float32).eps)
 
 
 def valid_positions(seq_len, skip_first):
@@ -131,5 +138,81 @@ def edit(h, spec):
     out[:, positions, :] = changed
     return out
 
-__all__ = ["valid_positions", "prompt_jacobians", "unit_rows", "orthonormal_basis", "steer", "ablate", "swap",
+def nonnegative_least_squares(atoms, target):
+    """``c >= 0`` minimising ``|atoms @ c - target|`` (``atoms [d, n]``), by Lawson and Hanson's active-set method
+    in float64: an atom enters the free set when it is the most positively correlated with the residual, and
+    leaves (by a step back to feasibility) when its free solution turns negative."""
+    A, b = atoms.double(), target.double()
+    n = A.shape[1]
+    c = b.new_zeros(n)
+    free = torch.zeros(n, dtype=torch.bool, device=A.device)
+    scale = float(b.norm()) + 1e-300
+    for _ in range(3 * n + 10):
+        dual = A.T @ (b - A @ c)
+        dual = dual.masked_fill(free, float("-inf"))
+        tolerance = NNLS_TOLERANCE * A.norm(dim=0) * (scale + float((A.abs() @ c.abs()).norm()))
+        if free.all() or bool((dual <= tolerance).all()):
+            break
+        free[int(dual.argmax())] = True
+        for _ in range(3 * n + 10):
+            columns = free.nonzero(as_tuple=True)[0]
+            trial = b.new_zeros(n)
+            trial[columns] = torch.linalg.pinv(A[:, columns], rtol=NNLS_TOLERANCE) @ b
+            negative = free & (trial <= 0)
+            if not bool(negative.any()):
+                c = trial
+                break
+            ratio = torch.where(negative, c / (c - trial).clamp_min(1e-300), torch.full_like(c, float("inf")))
+            c = c + float(ratio.min().clamp(0.0, 1.0)) * (trial - c)
+            free = free & (c > NNLS_TOLERANCE * scale / A.norm(dim=0).clamp_min(1e-300))
+            c = torch.where(free, c, torch.zeros_like(c))
+    return c.clamp_min(0.0).to(target.dtype)
+
+
+def decompose(x, J, W_U, k, vocab_chunk=8192):
+    """A ``k``-sparse nonnegative combination of lens vectors (atoms ``v_t = J^T W_U[:, t]``) that explains
+    ``x [d]``: nonnegative orthogonal matching pursuit, as the reference implementation's. Each step selects the
+    unselected atom most correlated with the residual per unit norm (stopping once none is materially positively
+    correlated), then re-solves every selected coefficient by nonnegative least squares. The dictionary
+    ``[vocab, d]`` is never held whole: correlations are taken ``vocab_chunk`` tokens at a time.
+
+    Returns a dict: ``support`` (token ids of the atoms with a material coefficient) and ``coordinates``,
+    ``selected`` (every atom selected), ``reconstruction`` (the nonnegative combination), ``j_space`` (the
+    projection of ``x`` on the span of the selected atoms) and ``non_j_space`` (``x`` minus it)."""
+    target = x.float()
+    J, W_U = J.float().to(target.device), W_U.to(target.device)
+    if not bool(torch.isfinite(target).all()):
+        raise LensFloatingPointError("the activation to decompose holds NaN or inf")
+    vocab = W_U.shape[1]
+    if not 1 <= k <= vocab:
+        raise LensValueError(f"k={k}: give between 1 and {vocab} atoms")
+    norms = torch.cat([(J.T @ W_U[:, i:i + vocab_chunk].float()).norm(dim=0) for i in range(0, vocab, vocab_chunk)])
+    x_norm = float(target.norm())
+    selected, coordinates, residual = [], target.new_zeros(0), target.clone()
+    for _ in range(k):
+        correlation = torch.cat([(J.T @ W_U[:, i:i + vocab_chunk].float()).T @ residual
+                                 for i in range(0, vocab, vocab_chunk)]) / norms
+        if selected:
+            correlation[selected] = float("-inf")
+        candidate = int(correlation.argmax())
+        if float(correlation[candidate]) <= CORRELATION_TOLERANCE * x_norm:
+            break
+        selected.append(candidate)
+        atoms = J.T @ W_U[:, selected].float()  # [d, selected]
+        coordinates = nonnegative_least_squares(atoms, target)
+        residual = target - atoms @ coordinates
+    atoms = J.T @ W_U[:, selected].float() if selected else target.new_zeros(target.shape[0], 0)
+    active = coordinates * atoms.norm(dim=0) > NNLS_TOLERANCE * x_norm
+    if selected:
+        unit = atoms.double() / atoms.double().norm(dim=0).clamp_min(1e-300)
+        left, singular, _ = torch.linalg.svd(unit, full_matrices=False)
+        basis = left[:, singular > NNLS_TOLERANCE * singular.max()]
+        j_space = (basis @ (basis.T @ target.double())).float()
+    else:
+        j_space = torch.zeros_like(target)
+    return {"support": torch.tensor(selected, dtype=torch.long)[active.cpu()], "coordinates": coordinates[active],
+            "selected": torch.tensor(selected, dtype=torch.long), "reconstruction": atoms[:, active] @ coordinates[active],
+            "j_space": j_space, "non_j_space": target - j_space}
+
+__all__ = ["NNLS_TOLERANCE", "CORRELATION_TOLERANCE", "nonnegative_least_squares", "decompose", "valid_positions", "prompt_jacobians", "unit_rows", "orthonormal_basis", "steer", "ablate", "swap",
            "edit"]

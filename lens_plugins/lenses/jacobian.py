@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_plugins.core import jacobian as core_jacobian
@@ -85,6 +85,29 @@ class Edit:
     def describe(self) -> str:
         where = "every position" if self.positions is None else f"positions {self.positions}"
         return f"{self.kind} tokens {self.tokens} at block outputs {self.layers}, {where}"
+
+
+@dataclass
+class Decomposition:
+    """A residual vector as a sparse nonnegative combination of lens vectors (``JacobianLens.decompose``).
+
+    ``support`` are the token ids whose lens vectors carry a material coefficient (``coordinates``, aligned);
+    ``selected`` every token the pursuit selected; ``reconstruction`` the combination; ``j_space`` the projection
+    of the vector on the selected lens vectors' span and ``non_j_space`` what is left (orthogonal to it)."""
+
+    layer: int
+    support: Int[Tensor, " active"]
+    coordinates: Float[Tensor, " active"]
+    selected: Int[Tensor, " selected"]
+    reconstruction: Float[Tensor, " d_model"]
+    j_space: Float[Tensor, " d_model"]
+    non_j_space: Float[Tensor, " d_model"]
+    tokens: list[str]
+
+    def explained(self) -> float:
+        """The share of the vector's squared norm in the span of the selected lens vectors."""
+        total = float(self.j_space.double().norm() ** 2 + self.non_j_space.double().norm() ** 2)
+        return float(self.j_space.double().norm() ** 2) / total if total else 0.0
 
 
 class JacobianLens:
@@ -371,6 +394,25 @@ class JacobianLens:
             raise LensKeyError(f"this Jacobian lens has no matrix for block {layer}; it has {self.source_layers}")
         return (matrix.to(columns.device).T @ columns).T
 
+    def decompose(self, model, activation: Float[Tensor, " d_model"], layer: int, *, k: int = 25) -> Decomposition:
+        """``activation`` (block ``layer``'s output at one position, ``[d_model]``) as a ``k``-sparse nonnegative
+        combination of lens vectors, by nonnegative orthogonal matching pursuit (``core.jacobian.decompose``; the
+        reference implementation's algorithm and tolerances). Memory: the ``[vocab, d]`` dictionary is read in
+        chunks, never held."""
+        if not isinstance(activation, Tensor) or activation.ndim != 1 or activation.shape[0] != self.d_model:
+            raise LensValueError(f"decompose takes one residual vector [d_model={self.d_model}], got "
+                                 f"{tuple(activation.shape) if isinstance(activation, Tensor) else type(activation).__name__}")
+        self.check_model(model)
+        if layer not in self.jacobians:
+            raise LensKeyError(f"this Jacobian lens has no matrix for block {layer}; it has {self.source_layers}")
+        W_U = decoder_of(model).W_U
+        found = core_jacobian.decompose(activation.detach().to(W_U.device), self.jacobians[layer], W_U.detach(), k)
+        tokenizer = getattr(model, "tokenizer", None)
+        tokens = tokenizer.convert_ids_to_tokens(found["support"].tolist()) if tokenizer is not None else []
+        return Decomposition(layer=layer, support=found["support"], coordinates=found["coordinates"],
+                             selected=found["selected"], reconstruction=found["reconstruction"],
+                             j_space=found["j_space"], non_j_space=found["non_j_space"], tokens=tokens)
+
     def steering(self, model, token, layers: Sequence[int], *, alpha: float = 4.0,
                  positions: Optional[Sequence[int]] = None) -> Edit:
         """Add ``token``'s unit lens vector at each layer, scaled by ``alpha`` times the median residual norm of
@@ -460,5 +502,5 @@ def _positions(positions) -> Optional[list[int]]:
         raise LensValueError("positions= is empty: give at least one position, or None for every position")
     return positions
 
-__all__ = ["ESTIMATOR", "DEFAULT_SKIP_FIRST", "HUB_REPO", "REGISTRY", "SHIP_LIMIT_BYTES", "check_metadata", "Edit",
+__all__ = ["ESTIMATOR", "DEFAULT_SKIP_FIRST", "HUB_REPO", "REGISTRY", "SHIP_LIMIT_BYTES", "check_metadata", "Edit", "Decomposition",
            "JacobianLens", "decoder_of", "token_ids"]

@@ -399,3 +399,13 @@ def test_decompose_equals_transformer_lens(bridge, tl_lens, lens_tl, texts):
         assert float((selected @ residual).abs().max()) < 1e-3 * float(selected.norm(dim=-1).max() * activation.norm())
     with pytest.raises(LensValueError, match="one residual vector"):
         lens_tl.decompose(bridge, torch.zeros(3, 64), 0)
+
+
+def test_fit_where_the_model_runs_equals_the_local_fit(nn_model, texts, lens_nn):
+    """``remote="local"``: the request NDIF would get (the body serialised, the backward passes taken inside the
+    trace, only the matrices sent back) gives the local fit's matrices."""
+    far = JacobianLens.fit(nn_model, texts, skip_first=SKIP, prepend_bos=True, progress=False, chunk=5,
+                           remote="local")
+    assert far.n_prompts == 3
+    for layer in far.source_layers:
+        torch.testing.assert_close(far.jacobians[layer], lens_nn.jacobians[layer], rtol=0, atol=1e-6)

@@ -183,3 +183,17 @@ def test_jacobian_lens_and_edit(model):
     there = lp.nnsight.run_jacobian_edit(model, PROMPT, edit, remote=True)
     assert torch.equal(there.edited_probs, here.edited_probs) and torch.equal(there.kl, here.kl)
     assert float(here.edited_probs[0, 0]) > float(here.clean_probs[0, 0])  # steering toward " London" raised it
+
+
+def test_jacobian_lens_fit_on_the_server(model):
+    """The fit where the model runs: each prompt's backward passes are taken inside the trace on the server and
+    only its matrices come back; they equal the local fit's."""
+    texts = ["The capital of France is Paris, and the capital of Italy is Rome. Spain's capital is Madrid.",
+             "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # five"]
+    options = dict(source_layers=[27, 28], skip_first=8, max_seq_len=20, chunk=96, progress=False)
+    here = lp.JacobianLens.fit(model, texts, **options)
+    there = lp.JacobianLens.fit(model, texts, remote=True, **options)
+    assert there.n_prompts == here.n_prompts == 2
+    for layer in (27, 28):
+        scale = float(here.jacobians[layer].abs().max())
+        assert float((there.jacobians[layer] - here.jacobians[layer]).abs().max()) <= 1e-5 * scale

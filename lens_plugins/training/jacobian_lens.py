@@ -11,6 +11,7 @@ prompts, accumulated as float32 running sums (the reference checkpoint layout: `
 numbers in the same order as an uninterrupted one and ends bit-identical.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -88,6 +89,23 @@ def _prompts(texts, tokenizer, max_seq_len: int, prepend_bos: Optional[bool]) ->
     return [prompt_ids(tokenizer, text, prepend_bos)[:max_seq_len] for text in texts]
 
 
+def _fit_far(model, ids, layers, positions, chunk, remote, backend):
+    """One prompt's matrices fitted where the nnsight model runs: a trace whose body takes the backward passes
+    there and saves only ``[layers, d, d]``."""
+    from lens_plugins.backends.nnsight._run import remote_error
+    from lens_plugins.core.trace.jacobian import fit_prompt
+
+    tokens = torch.tensor([ids])
+    inputs = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    kwargs = {"remote": remote} if backend is None else {"backend": backend}
+    try:
+        with model.trace(inputs, **kwargs):
+            saved = fit_prompt(model, layers, positions, chunk)
+    except Exception as error:  # noqa: BLE001 - named as a remote failure when it is one
+        raise remote_error(error, remote, backend) from error
+    return saved.float()
+
+
 def fit_jacobian_lens(
     model,
     texts=None,
@@ -104,6 +122,8 @@ def fit_jacobian_lens(
     checkpoint_every: int = CHECKPOINT_EVERY,
     progress: bool = True,
     metadata: Optional[dict] = None,
+    remote: Union[bool, str] = False,
+    backend=None,
 ) -> JacobianLens:
     """Fit a Jacobian lens on ``model`` (a raw ``TransformerBridge``, an nnsight model or a Hugging Face causal LM).
 
@@ -124,6 +144,9 @@ def fit_jacobian_lens(
             ``checkpoint_every`` prompts, at the end and on Ctrl-C or SIGTERM; a fit finding one resumes it.
         progress: a progress bar over prompts.
         metadata: extra provenance (plain values) recorded with the lens.
+        remote: nnsight models only: ``True`` fits where the model runs (NDIF), one trace per prompt whose body
+            takes the backward passes on the server (``core.trace.jacobian.fit_prompt``) and sends back only that
+            prompt's matrices; ``"local"`` runs the same serialised request here. ``backend`` as for a trace.
 
     Returns:
         The fitted ``JacobianLens`` (float32 matrices, ``n_prompts`` the prompts that counted).
@@ -132,6 +155,10 @@ def fit_jacobian_lens(
         LensValueError: a bad option, no prompt long enough, or a checkpoint made with another recipe.
     """
     read, module, tokenizer_of_model, model_name = _reader(model)
+    far = remote is not False or backend is not None
+    if far and kind(model) != "nnsight":
+        raise LensValueError("remote= fits an nnsight model where it runs (NDIF); a TransformerBridge or a plain "
+                             "Hugging Face model fits here (remote=False)")
     tokenizer = tokenizer or tokenizer_of_model
     hf = hf_model(model)
     n_layers = hf.config.num_hidden_layers
@@ -199,7 +226,7 @@ def fit_jacobian_lens(
     interrupts = _Interrupts()
     skipped = 0
     try:
-        with interrupts, eval_mode(module), _Frozen(module):
+        with interrupts, eval_mode(module), (contextlib.nullcontext() if far else _Frozen(module)):
             while next_idx < len(prompts) and n_done < wanted:
                 ids = prompts[next_idx]
                 positions = core_jacobian.valid_positions(len(ids), skip_first)
@@ -207,9 +234,12 @@ def fit_jacobian_lens(
                     skipped += 1
                     next_idx += 1
                     continue
-                outputs = read(torch.tensor([ids]), layers + [target_layer])
-                per_prompt = core_jacobian.prompt_jacobians(outputs[-1], outputs[:-1], positions, chunk)
-                del outputs
+                if far:
+                    per_prompt = list(_fit_far(model, ids, layers, positions, chunk, remote, backend))
+                else:
+                    outputs = read(torch.tensor([ids]), layers + [target_layer])
+                    per_prompt = core_jacobian.prompt_jacobians(outputs[-1], outputs[:-1], positions, chunk)
+                    del outputs
                 with interrupts.update():
                     for layer, matrix in zip(layers, per_prompt):
                         sums[layer] += matrix

@@ -42,4 +42,29 @@ def edited_logits(model, specs, paths=None):
         logits = softcap * torch.tanh(logits / softcap)
     return nnsight.save(logits.cpu())
 
-__all__ = ["jacobian_edit", "edited_logits"]
+
+
+def fit_prompt(model, layers, positions, chunk, paths=None):
+    """In a trace of one prompt (locally or on an NDIF server): the prompt's Jacobian-lens matrices for the
+    block outputs ``layers`` (``core.jacobian.prompt_jacobians`` on the live graph, where the model runs),
+    saved as ``[len(layers), d, d]`` float32. The forward must carry gradients (no ``torch.no_grad`` around the
+    trace); only the matrices travel back."""
+    import nnsight
+    import torch
+
+    from lens_plugins.core.jacobian import prompt_jacobians
+
+    spec = resolve(model, paths)
+    blocks = get_path(model, spec["layers"])
+    wanted = sorted(set(layers)) + [len(blocks) - 1]
+    outputs = []
+    for layer in wanted:
+        outputs.append(layer_output(blocks[layer].output))
+    if not outputs[-1].requires_grad:
+        raise LensValueError("the forward pass carries no gradients (run under torch.no_grad, or the model's "
+                             "parameters are frozen where it runs): the Jacobian lens needs its graph")
+    with torch.enable_grad():
+        matrices = prompt_jacobians(outputs[-1], outputs[:-1], positions, chunk)
+    return nnsight.save(torch.stack(matrices))
+
+__all__ = ["jacobian_edit", "edited_logits", "fit_prompt"]

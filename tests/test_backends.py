@@ -271,11 +271,13 @@ def test_affine_lens_ships_to_a_remote_trace(both):
 
 SHARED_VERBS = ("logit_lens", "logit_diff", "attribution", "run_logit_lens", "run_logit_diff", "run_attribution",
                 "decoder_for", "run_patchscope", "run_decoder_lens", "run_dola", "run_generation_lens",
-                "run_attention")
+                "run_attention", "run_jacobian_edit")
 # What only one backend has: where its input comes from (a cache's tokens and mask; a trace's remote/backend and
 # module paths), and ``by`` (an in-trace verb saves values; nnsight's ``attribution_result(saved, model, by=...)``
-# takes it). ``padding_side`` is shared: both one-call forms take it.
-BACKEND_SPECIFIC = {"tokens", "attention_mask", "remote", "backend", "paths", "kwargs", "by", "lens_kwargs", "generate_kwargs"}
+# takes it; the in-trace verb's ``neurons`` says whether to save the neuron split ``by="neuron"`` labels);
+# ``blocking`` is a remote job's. ``padding_side`` is shared: both one-call forms take it.
+BACKEND_SPECIFIC = {"tokens", "attention_mask", "remote", "backend", "paths", "kwargs", "by", "lens_kwargs",
+                    "generate_kwargs", "neurons", "blocking"}
 
 
 def test_both_backend_modules_export_the_same_verbs_with_the_same_parameters():

@@ -132,8 +132,8 @@ def test_cli_report_on_the_default_model(browser, tmp_path, monkeypatch, capsys)
     assert capsys.readouterr().err.endswith(f"report written to {path}\n")
     html = path.read_text(encoding="utf-8")
     assert "plotly.js v" in html and not re.search(r"<script[^>]+src=", html)  # inlined: works offline
-    shown = render(browser, path, 7)
-    check_rendered(shown, 7)
+    shown = render(browser, path, 8)  # lens, trajectory, tokens worth tracking, attribution x 3, attention x 2
+    check_rendered(shown, 8)
     texts = shown["texts"]
     for label in ["<|im_start|> [0]", "·capital [2]", "·is [5]", "29_post", "embed", "23_attn", "L29", "H8"]:
         assert label in texts, label

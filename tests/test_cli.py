@@ -155,7 +155,8 @@ def test_console_script_error_has_no_traceback(tmp_path):
     script = Path(sys.executable).with_name("lens-plugins")
     proc = subprocess.run([str(script), PROMPT, "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("lens-plugins: error: ") and "Traceback" not in proc.stderr
+    assert messages(proc.stderr) == [proc.stderr.splitlines()[-1]]  # the phase's status line, then the error alone
+    assert proc.stderr.splitlines()[-1].startswith("lens-plugins: error: ") and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -45,4 +45,4 @@ def test_every_gallery_figure_renders(tmp_path):
         assert colours is None or len(colours) > 50, (path.name, len(colours))  # a blank image has a few
         grey = image.convert("L").histogram()
         white = grey[255] / sum(grey)
-        assert white < 0.95, (path.name, white)  # something was drawn
+        assert white < 0.99, (path.name, white)  # something was drawn (a blank page is ~1.0; a line chart ~0.96)

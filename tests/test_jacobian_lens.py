@@ -9,9 +9,12 @@ backward's sums may run in another order (other batch shapes), so the bound ther
 entry of J is a sum of products through ``k`` blocks of float32 matmuls with inner sizes ``m`` up to
 ``d_ff``; reordering one such sum changes it by at most ``~m * eps * sum|terms|``; over ``k`` blocks and
 ``|terms| <= max|J|``, ``|dJ| <= k * m * eps * max|J|``. For three SmolLM2 blocks (``k = 3``, ``m = 1536``,
-``eps = 6e-8``) that is 2.8e-4 * max|J|, which the SmolLM2 test asserts.
+``eps = 6e-8``) that is 2.8e-4 * max|J|, which the SmolLM2 test asserts. Readouts: on the tiny model the
+log-probs agree within 1e-5; on SmolLM2 both this package's and TransformerLens's float32 readouts are ~1.2e-5 from
+a float64 one, so they are compared within twice the float32 bound ``sqrt(d_model) * eps * |log Z|``.
 """
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -348,12 +351,17 @@ def test_smollm2_fit_and_readout_equal_transformer_lens(smollm2_bridge, smollm2_
     rows = ["27_pre", "28_pre", "29_pre", "29_post"]
     for run in (lp.transformer_lens.run_logit_lens, lp.nnsight.run_logit_lens):
         model_ = smollm2_bridge if run is lp.transformer_lens.run_logit_lens else nn_model
-        result = run(model_, texts[0], lens=theirs, layers=rows, top_k=5, prepend_bos=True)
+        same = JacobianLens(theirs.jacobians, n_prompts=theirs.n_prompts, d_model=576, metadata=theirs.metadata)
+        result = run(model_, texts[0], lens=same, layers=rows, top_k=5, prepend_bos=True)
         assert result.labels == rows
         for r, layer in enumerate(layers + [29]):
-            top = torch.log_softmax(readout.lens_logits[layer].float(), -1).topk(5, dim=-1)
+            logits = readout.lens_logits[layer].float()
+            top = torch.log_softmax(logits, -1).topk(5, dim=-1)
             assert torch.equal(result.top_ids[r, 0], top.indices)
-            torch.testing.assert_close(result.top_logprobs[r, 0], top.values, rtol=0, atol=1e-5)
+            # Both readouts are float32: each log-prob carries ~sqrt(d_model) * eps * |log Z| of rounding (about
+            # 1.2e-5 here for either, measured against float64), so they agree within twice that, not within 1e-5.
+            bound = 2 * math.sqrt(576) * torch.finfo(torch.float32).eps * float(torch.logsumexp(logits, -1).abs().max())
+            torch.testing.assert_close(result.top_logprobs[r, 0], top.values, rtol=0, atol=bound)
 
 
 def test_a_lens_too_big_to_ship_is_routed_to_client_decoding(nn_model, lens_nn, texts):

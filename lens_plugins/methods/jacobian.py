@@ -41,8 +41,8 @@ class EditResult:
 
 def edit_result(edit: Edit, clean_logits: Tensor, edited_logits: Tensor, tokenizer) -> EditResult:
     """The ``EditResult`` of last-position logits ``[batch, vocab]`` without and with ``edit``."""
-    clean = torch.log_softmax(clean_logits.float(), dim=-1)
-    edited = torch.log_softmax(edited_logits.float(), dim=-1)
+    clean = torch.log_softmax(clean_logits.detach().float(), dim=-1)
+    edited = torch.log_softmax(edited_logits.detach().float(), dim=-1)
     kl = (clean.exp() * (clean - edited)).sum(-1)
     ids = torch.tensor(edit.tokens)
     clean_top = clean.topk(TOP_K, dim=-1).indices.cpu()

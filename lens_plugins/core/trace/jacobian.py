@@ -40,7 +40,7 @@ def edited_logits(model, specs, paths=None):
     softcap = decoder_tensors(model, spec).softcap
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return nnsight.save(logits.cpu())
+    return nnsight.save(logits.detach().cpu())
 
 
 

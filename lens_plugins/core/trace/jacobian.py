@@ -9,7 +9,7 @@ import torch
 
 from lens_plugins.core.architectures import decoder_tensors, get_path, layer_output
 from lens_plugins.core.errors import LensValueError
-from lens_plugins.core.jacobian import edit
+from lens_plugins.core.jacobian import edit, prompt_jacobians
 from lens_plugins.core.verification import resolve
 
 
@@ -50,9 +50,6 @@ def fit_prompt(model, layers, positions, chunk, paths=None):
     saved as ``[len(layers), d, d]`` float32. The forward must carry gradients (no ``torch.no_grad`` around the
     trace); only the matrices travel back."""
     import nnsight
-    import torch
-
-    from lens_plugins.core.jacobian import prompt_jacobians
 
     spec = resolve(model, paths)
     blocks = get_path(model, spec["layers"])

@@ -412,8 +412,15 @@ def test_decompose_equals_transformer_lens(bridge, tl_lens, lens_tl, texts):
 def test_fit_where_the_model_runs_equals_the_local_fit(nn_model, texts, lens_nn):
     """``remote="local"``: the request NDIF would get (the body serialised, the backward passes taken inside the
     trace, only the matrices sent back) gives the local fit's matrices."""
-    far = JacobianLens.fit(nn_model, texts, skip_first=SKIP, prepend_bos=True, progress=False, chunk=5,
-                           remote="local")
+    params = list(nn_model._module.parameters())
+    for p in params:
+        p.requires_grad_(False)  # as an NDIF server loads every model
+    try:
+        far = JacobianLens.fit(nn_model, texts, skip_first=SKIP, prepend_bos=True, progress=False, chunk=5,
+                               remote="local")
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     assert far.n_prompts == 3
     for layer in far.source_layers:
         torch.testing.assert_close(far.jacobians[layer], lens_nn.jacobians[layer], rtol=0, atol=1e-6)

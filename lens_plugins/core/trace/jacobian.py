@@ -47,8 +47,8 @@ def edited_logits(model, specs, paths=None):
 def fit_prompt(model, layers, positions, chunk, paths=None):
     """In a trace of one prompt (locally or on an NDIF server): the prompt's Jacobian-lens matrices for the
     block outputs ``layers`` (``core.jacobian.prompt_jacobians`` on the live graph, where the model runs),
-    saved as ``[len(layers), d, d]`` float32. The forward must carry gradients (no ``torch.no_grad`` around the
-    trace); only the matrices travel back."""
+    saved as ``[len(layers), d, d]`` float32. The earliest source output is made to require grad, so frozen
+    parameters are fine; the forward must not run under ``torch.no_grad``. Only the matrices travel back."""
     import nnsight
 
     spec = resolve(model, paths)
@@ -56,7 +56,12 @@ def fit_prompt(model, layers, positions, chunk, paths=None):
     wanted = sorted(set(layers)) + [len(blocks) - 1]
     outputs = []
     for layer in wanted:
-        outputs.append(layer_output(blocks[layer].output))
+        hidden = layer_output(blocks[layer].output)
+        if not outputs and not hidden.requires_grad:
+            # Frozen parameters (an NDIF server freezes every model it loads) build no graph: rooting it at the
+            # earliest source output, before the later blocks read it, records exactly the blocks the fit needs.
+            hidden.requires_grad_(True)
+        outputs.append(hidden)
     if not outputs[-1].requires_grad:
         raise LensValueError("the forward pass carries no gradients (run under torch.no_grad, or the model's "
                              "parameters are frozen where it runs): the Jacobian lens needs its graph")

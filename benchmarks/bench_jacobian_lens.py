@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--skip", type=int, default=16)
-    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--source-layers", type=int, nargs="+", default=None,
                         help="blocks to fit (default all but the last); the top few keep a CPU run short")

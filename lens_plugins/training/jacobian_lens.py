@@ -138,7 +138,7 @@ def fit_jacobian_lens(
         skip_first: leading positions left out of the source average (attention sinks); 16 as the reference.
         chunk: output dimensions per backward pass (batched by ``is_grads_batched``): memory grows as ``chunk``
             copies of the backward's activations, never ``[d, tokens, d]`` unless ``chunk >= d_model``; on a CPU 16
-            and 64 measured the same speed (``benchmarks/bench_jacobian_lens.py``), 16 at a third of the memory.
+            and 64 measured the same speed (``benchmarks/bench_jacobian_lens.py``), 16 at about a third of the memory.
         prepend_bos: the tokenization rule of every one-call form (``None``: the tokenizer's own).
         corpus: a name for the prompts, recorded in the metadata (default: ``"builtin"`` or ``"user"``).
         checkpoint: a file for the running sums (the reference checkpoint layout), written every

@@ -7,6 +7,7 @@ itself is not used: depending on the family and the transformers release its las
 the final norm. Only the base model runs (no ``lm_head``), so no ``[tokens, vocab]`` logits are made.
 """
 
+import inspect
 from typing import Optional
 
 import torch
@@ -71,11 +72,16 @@ def residual_stack(hf, input_ids: Tensor, attention_mask: Optional[Tensor] = Non
             handle.remove()
     return torch.stack([captured[i] for i in range(len(layers) + 1)])
 
-def block_outputs(hf, input_ids: Tensor, layers: list[int], spec: Optional[dict] = None) -> list[Tensor]:
-    """The outputs ``[batch, seq, d_model]`` of decoder layers ``layers`` (sorted, the last being the model's
-    last layer for a Jacobian-lens fit), on one autograd graph rooted at the earliest of them: that output is
-    made to require grad, so with frozen parameters the graph holds only the layers above it. The base model
-    runs (no ``lm_head``)."""
+def block_outputs(hf, input_ids: Tensor, layers: list[int], spec: Optional[dict] = None,
+                  prefix: int = 0) -> list[Tensor]:
+    """The outputs ``[batch, seq - prefix, d_model]`` of decoder layers ``layers`` (sorted, the last being the
+    model's last layer for a Jacobian-lens fit) at positions ``prefix ..``, on one autograd graph rooted at the
+    earliest of them: that output is made to require grad, so with frozen parameters the graph holds only the
+    layers above it. The base model runs (no ``lm_head``).
+
+    With ``prefix > 0`` the first ``prefix`` positions run once without grad and reach the rest only through
+    their keys and values (the model's own cache): under causal attention nothing at those positions depends on
+    a later one, so no gradient the fit asks for passes through them, and the backward passes skip them."""
     spec = spec or verification.resolve(hf)
     modules = architectures.get_path(hf, spec["layers"])
     captured: dict[int, Tensor] = {}
@@ -89,11 +95,18 @@ def block_outputs(hf, input_ids: Tensor, layers: list[int], spec: Optional[dict]
             captured[index] = h
         return hook
 
-    handles = [modules[index].register_forward_hook(keep(index)) for index in sorted(set(layers))]
     base = getattr(hf, "base_model", hf)
+    cache = {}
+    if prefix:
+        # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40)
+        name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            out = base(input_ids=input_ids[:, :prefix], use_cache=True)
+        cache = {name: out.get("cache") if out.get("cache") is not None else out.get("past_key_values")}
+    handles = [modules[index].register_forward_hook(keep(index)) for index in sorted(set(layers))]
     try:
         with torch.enable_grad():
-            base(input_ids=input_ids, use_cache=False)
+            base(input_ids=input_ids[:, prefix:], use_cache=bool(prefix), **cache)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,9 +1,12 @@
 """Fitting a Jacobian lens: the exact estimator over prompts, resumable, on either backend.
 
-The driver is written once: a backend only supplies ``block_outputs(ids, layers)``, the outputs of the
+The driver is written once: a backend only supplies ``block_outputs(ids, layers, prefix)``, the outputs of the
 requested blocks on one autograd graph rooted at the earliest of them (TransformerLens: ``blocks.{l}.hook_out``
 hooks of a raw ``TransformerBridge``; nnsight or Hugging Face: forward hooks on the decoder layers, the same
 points the nnsight lens reads). ``core.jacobian.prompt_jacobians`` turns one prompt's graph into its matrices.
+The graph covers only the positions the estimator uses: the skipped prefix is read through the model's
+key/value cache (checked against a full forward on the first prompt; not on a TransformerBridge, whose cache
+stays empty under transformers 5) and the last token is dropped.
 
 Prompts contribute equally: each prompt's matrix is its source-position mean, and the lens is the mean over
 prompts, accumulated as float32 running sums (the reference checkpoint layout: ``jacobian_sum``, ``n_done``,
@@ -58,8 +61,9 @@ class _Frozen:
             p.requires_grad_(flag)
 
 
-def _reader(model) -> tuple[Callable, torch.nn.Module, object, str]:
-    """``(block_outputs(ids, layers), module to freeze, tokenizer, model name)`` for ``model``."""
+def _reader(model) -> tuple[Callable, bool, torch.nn.Module, object, str]:
+    """``(block_outputs(ids, layers, prefix), whether it can read a prefix through the cache, module to freeze,
+    tokenizer, model name)`` for ``model``."""
     try:
         backend = kind(model)
     except LensTypeError:
@@ -68,13 +72,46 @@ def _reader(model) -> tuple[Callable, torch.nn.Module, object, str]:
         from lens_plugins.backends.transformer_lens.jacobian import block_outputs, check_raw
 
         check_raw(model)
-        return (lambda ids, layers: block_outputs(model, ids, layers)), model, model.tokenizer, \
+        # TransformerLens 4.3's bridge fills no key/value cache under transformers 5 (a prefix passed through it
+        # leaves the cache empty), so a bridge fit reads the whole prompt
+        return (lambda ids, layers, prefix: block_outputs(model, ids, layers)), False, model, model.tokenizer, \
             str(getattr(model.cfg, "model_name", "") or "")
     hf = hf_model(model)
     name = str(getattr(hf.config, "name_or_path", "") or "")
     if os.path.isdir(name):
         name = Path(name).name  # a local copy: its directory's name, as TransformerLens names a booted model
-    return (lambda ids, layers: hf_block_outputs(hf, ids, layers)), hf, getattr(model, "tokenizer", None), name
+    return (lambda ids, layers, prefix: hf_block_outputs(hf, ids, layers, prefix=prefix)), True, hf, \
+        getattr(model, "tokenizer", None), name
+
+
+def _prompt_matrices(read, ids, layers, target_layer, skip_first, chunk, cached):
+    """One prompt's ``[d, d]`` matrices. Only positions ``skip_first .. seq - 2`` are sources or targets, so the
+    graph is built over those alone: the last token is dropped (nothing before it depends on it) and, when
+    ``cached``, the skipped prefix runs once without grad and is read through the model's key/value cache.
+    The backward passes, which are the fit's cost, then run over ``seq - 1 - skip_first`` positions, not
+    ``seq``; the matrices are the same up to float32 rounding."""
+    tokens = torch.tensor([ids[:-1]])
+    prefix = skip_first if cached else 0
+    outputs = read(tokens, layers + [target_layer], prefix)
+    positions = range(skip_first - prefix, len(ids) - 1 - prefix)
+    return core_jacobian.prompt_jacobians(outputs[-1], outputs[:-1], list(positions), chunk)
+
+
+def _cache_agrees(read, ids, target_layer, skip_first) -> bool:
+    """Whether the last block's output read through the cached prefix equals a full forward's at the source
+    positions (to float32 rounding, far below any structural error such as shifted positions). Checked once per
+    fit, on its first prompt; a family whose cache does not reproduce its forward is fitted without it."""
+    if not skip_first:
+        return False
+    tokens = torch.tensor([ids[:-1]])
+    try:
+        with torch.no_grad():
+            cached = read(tokens, [target_layer], skip_first)[0].detach()
+            full = read(tokens, [target_layer], 0)[0][:, skip_first:].detach()
+    except Exception:  # noqa: BLE001 - a family whose forward takes no cache is fitted without one
+        return False
+    scale = float(full.abs().max())
+    return cached.shape == full.shape and float((cached - full).abs().max()) <= 1e-4 * scale + 1e-6
 
 
 def _prompts(texts, tokenizer, max_seq_len: int, prepend_bos: Optional[bool]) -> list[list[int]]:
@@ -155,7 +192,7 @@ def fit_jacobian_lens(
     Raises:
         LensValueError: a bad option, no prompt long enough, or a checkpoint made with another recipe.
     """
-    read, module, tokenizer_of_model, model_name = _reader(model)
+    read, caches, module, tokenizer_of_model, model_name = _reader(model)
     far = remote is not False or backend is not None
     if far and kind(model) != "nnsight":
         raise LensValueError("remote= fits an nnsight model where it runs (NDIF); a TransformerBridge or a plain "
@@ -226,6 +263,7 @@ def fit_jacobian_lens(
         bar = tqdm(total=min(wanted, len(prompts)), initial=n_done, desc="fitting the Jacobian lens", unit="prompt")
     interrupts = _Interrupts()
     skipped = 0
+    cached = None  # whether the prefix cache reproduces the forward: settled on the first prompt
     try:
         with interrupts, eval_mode(module), (contextlib.nullcontext() if far else _Frozen(module)):
             while next_idx < len(prompts) and n_done < wanted:
@@ -238,9 +276,9 @@ def fit_jacobian_lens(
                 if far:
                     per_prompt = list(_fit_far(model, ids, layers, positions, chunk, remote, backend))
                 else:
-                    outputs = read(torch.tensor([ids]), layers + [target_layer])
-                    per_prompt = core_jacobian.prompt_jacobians(outputs[-1], outputs[:-1], positions, chunk)
-                    del outputs
+                    if cached is None:
+                        cached = caches and _cache_agrees(read, ids, target_layer, skip_first)
+                    per_prompt = _prompt_matrices(read, ids, layers, target_layer, skip_first, chunk, cached)
                 with interrupts.update():
                     for layer, matrix in zip(layers, per_prompt):
                         sums[layer] += matrix

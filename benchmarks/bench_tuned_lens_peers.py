@@ -1,0 +1,193 @@
+"""Tuned-lens training: this package's ``TunedLens.train`` against the ``tuned-lens`` package's own trainer
+(``python -m tuned_lens train``), same model, same text, same steps, same tokens per step.
+
+Both train SmolLM2-135M-Instruct (float32, the local files; tuned-lens 0.2.0 needs transformers 4.x, which reads
+a copy of the model whose ``config.json`` names ``rope_theta`` and the tokenizer class the 4.x way) on the first
+``--train-texts`` texts of the built-in corpus cut into 128-token blocks, ``--steps`` optimiser steps of
+``--batch`` blocks each (tuned-lens: ``--tokens_per_step batch*128 --per_gpu_batch_size batch``, so one forward
+pass per step; here ``batch_size=batch``), KL loss, SGD with Nesterov momentum 0.9, lr 1.0, weight decay 1e-3
+and ``warmup_steps`` as tuned-lens chooses (``min(0.2 * steps, 1000)``). Each run is a fresh process; the
+approaches alternate within a round; figures are medians. Time is the training loop alone (tuned-lens: from the
+end of its ``setup``, which loads the model and tokenizes the data, to the end; here the ``train`` call after the
+model is loaded), tokens/s = steps * batch * 128 / that time; memory is the process's peak resident set.
+Both lenses are then scored by the same code (``lp.evaluate_lenses``) on the corpus texts neither trained on:
+held-out KL(final || row) averaged over rows.
+
+The reference runs in a throwaway venv (``/tmp/lens-plugins-tunedlens``, built on first use with pinned
+versions: tuned-lens 0.2.0, transformers 4.49, datasets < 3.3, torchdata 0.7.1 without its torch pin, this
+machine's CPU torch 2.13); never the project's.
+
+    python benchmarks/bench_tuned_lens_peers.py [--steps 10] [--batch 8] [--rounds 1]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+VENV = Path("/tmp/lens-plugins-tunedlens")
+SEQ = 128
+APPROACHES = ("tuned_lens_package", "lens_plugins")
+
+# Runs tuned-lens's own CLI in this process, timing from the end of its setup; prints the figures as JSON.
+REFERENCE = r'''
+import json, runpy, sys, time
+import tuned_lens.scripts.train_loop as loop
+marks = {}
+setup = loop.Train.setup
+def timed_setup(self):
+    out = setup(self)
+    marks["start"] = time.perf_counter()
+    return out
+loop.Train.setup = timed_setup
+sys.argv = ["tuned_lens"] + json.loads(sys.argv[1])
+try:
+    runpy.run_module("tuned_lens", run_name="__main__")
+except SystemExit:
+    pass
+seconds = time.perf_counter() - marks["start"]
+import torch
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "threads": torch.get_num_threads()}))
+'''
+
+
+def reference_python() -> str:
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        constraints = VENV / "constraints.txt"
+        constraints.write_text("torch==2.13.0\n")
+        wheels = ["--find-links", "/opt/wheels"] if Path("/opt/wheels").is_dir() else []
+        pip = [str(python), "-m", "pip", "install", "-q", *wheels, "-c", str(constraints)]
+        subprocess.run(pip + ["torch==2.13.0", "tuned-lens==0.2.0", "transformers==4.49.0", "datasets<3.3"], check=True)
+        subprocess.run(pip + ["--no-deps", "torchdata==0.7.1"], check=True)  # tuned-lens needs its dataloader2
+    return str(python)
+
+
+def t4_model_dir(tmp: str) -> str:
+    """A copy of the default model that transformers 4.49 reads as the same model."""
+    from lens_plugins.models import default_model_dir
+
+    target = Path(tmp) / "smollm2-t4"
+    target.mkdir()
+    for path in default_model_dir().iterdir():
+        shutil.copy(path, target / path.name)
+    config = json.loads((target / "config.json").read_text())
+    if "rope_parameters" in config:
+        config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    (target / "config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((target / "tokenizer_config.json").read_text())
+    tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (target / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return str(target)
+
+
+def ours(texts_file: str, steps: int, batch: int, out: str) -> dict:
+    import torch
+
+    import lens_plugins as lp
+    from lens_plugins.models import default_model_dir, load_hf_model
+
+    model, tokenizer = load_hf_model(default_model_dir())
+    texts = [json.loads(line)["text"] for line in open(texts_file)]
+    start = time.perf_counter()
+    wrapped = lp.nnsight.wrap_model(model, tokenizer)  # carries the tokenizer; training runs the HF model
+    lens = lp.TunedLens.train(wrapped, texts, steps=steps, seq_len=SEQ, batch_size=batch,
+                              warmup_steps=min(int(0.2 * steps), 1000), heldout=0.01, progress=False)
+    seconds = time.perf_counter() - start
+    lens.save(out)
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return {"seconds": seconds, "peak_mb": peak / 1024, "threads": torch.get_num_threads()}
+
+
+def heldout_kl(lens_dirs: dict, texts: list) -> dict:
+    import lens_plugins as lp
+    from lens_plugins.models import default_model_dir, load_hf_model
+
+    model, tokenizer = load_hf_model(default_model_dir())
+    lenses = [lp.TunedLens.load(path) for path in lens_dirs.values()]
+    result = lp.evaluate_lenses(model, texts, [lp.LogitLens(), *lenses], names=["logit lens", *lens_dirs],
+                                seq_len=SEQ)
+    frame = result.to_dataframe()
+    return {name: float(frame[(frame["lens"] == name) & (frame["row"] != frame["row"].iloc[-1])]["kl"].mean())
+            for name in ["logit lens", *lens_dirs]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--train-texts", type=int, default=64)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--texts", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(ours(args.texts, args.steps, args.batch, args.out)))
+        return
+
+    from cpu import cpu_description
+
+    from lens_plugins.training.loop import builtin_corpus
+
+    corpus = builtin_corpus()
+    train, held = corpus[:args.train_texts], corpus[args.train_texts:]
+    print(f"# Tuned-lens training, SmolLM2-135M-Instruct float32, {args.steps} steps x {args.batch} blocks x {SEQ} "
+          f"tokens, KL loss; {len(train)} training texts, {len(held)} held-out; {cpu_description()}", flush=True)
+    results = {a: [] for a in APPROACHES}
+    with tempfile.TemporaryDirectory() as tmp:
+        texts_file = os.path.join(tmp, "train.jsonl")
+        with open(texts_file, "w") as f:
+            for text in train:
+                f.write(json.dumps({"text": text}) + "\n")
+        model_dir = t4_model_dir(tmp)
+        python = reference_python()
+        for round_ in range(args.rounds):
+            order = APPROACHES if round_ % 2 == 0 else APPROACHES[::-1]
+            for approach in order:
+                out = os.path.join(tmp, f"{approach}-{round_}")
+                if approach == "tuned_lens_package":
+                    cli = ["train", "--model.name", model_dir, "--data.name", texts_file, "--max_length", str(SEQ),
+                           "--num_steps", str(args.steps), "--tokens_per_step", str(args.batch * SEQ),
+                           "--per_gpu_batch_size", str(args.batch), "--precision", "float32", "--loss", "kl",
+                           "-o", out]
+                    command = [python, "-c", REFERENCE, json.dumps(cli)]
+                else:
+                    command = [sys.executable, __file__, "--child", approach, "--texts", texts_file, "--out", out,
+                               "--steps", str(args.steps), "--batch", str(args.batch)]
+                load = os.getloadavg()[0]
+                env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+                done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+                record = json.loads(done.stdout.strip().splitlines()[-1]) | {"load": load, "lens": out}
+                record["tokens_per_s"] = args.steps * args.batch * SEQ / record["seconds"]
+                results[approach].append(record)
+                print(f"round {round_ + 1} {approach}: {json.dumps(record)}", flush=True)
+        kl = heldout_kl({a: results[a][-1]["lens"] for a in APPROACHES}, held)
+    base = results["tuned_lens_package"]
+    base_rate = statistics.median(r["tokens_per_s"] for r in base)
+    base_peak = statistics.median(r["peak_mb"] for r in base)
+    print("\n| approach | tokens/s (median) | x tuned-lens | peak memory (MB) | / tuned-lens | held-out KL, mean over "
+          "rows (nats) |")
+    print("|---|---|---|---|---|---|")
+    for approach in APPROACHES:
+        rate = statistics.median(r["tokens_per_s"] for r in results[approach])
+        peak = statistics.median(r["peak_mb"] for r in results[approach])
+        print(f"| {approach} | {rate:.1f} | {rate / base_rate:.2f}x | {peak:.0f} | {peak / base_peak:.2f} | "
+              f"{kl[approach]:.3f} |")
+    print(f"| logit lens (no training) | - | - | - | - | {kl['logit lens']:.3f} |")
+    print(f"\nload average during the runs: {[round(r['load'], 1) for rs in results.values() for r in rs]}; "
+          f"threads: {base[0]['threads']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -35,8 +35,10 @@ def report_sections(lens, attribution=None, attention=None, batch: int = 0) -> l
     if attribution is not None:
         from lens_plugins.plot.attribution import attribution_bars, attribution_figure
 
-        sections.append(("direct logit attribution: top components", attribution_bars(attribution.view("component"), batch=batch)))
-        sections.append(("direct logit attribution: every head", attribution_figure(attribution.view("head"), batch)))
+        tokens = lens.str_tokens(batch)  # the attribution ran on the lens's prompt: its title names the token
+        sections.append(("direct logit attribution: top components",
+                         attribution_bars(attribution.view("component"), batch=batch, tokens=tokens)))
+        sections.append(("direct logit attribution: every head", attribution_figure(attribution.view("head"), batch, tokens)))
     if attention is not None:
         from lens_plugins.plot.attention import model_view, sink_figure
 

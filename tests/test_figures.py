@@ -92,7 +92,7 @@ def test_top_axis_marks_where_the_final_top1_is_the_next_token(result):
 def test_hover_names_the_top_k(result):
     hover = [t for t in lens_heatmap(result, "entropy").data if t.type == "heatmap"][0].customdata[-1][-1]
     for token, prob in result.top_tokens(-1)[result.labels[-1]]:
-        assert f"{html.escape(repr(token), quote=False)}  {prob:.3f}" in hover
+        assert f"{display_token(token)}  {prob:.3f}" in hover
     assert f"entropy: {result.entropy[-1, 0, -1].item():.3g}" in hover
 
 

@@ -95,8 +95,8 @@ def model_view(result: AttentionResult, batch: int = 0, title: Optional[str] = N
                         zeroline=False, scaleanchor="x", title_text="layer")
     block = max(24, min(72, 900 // result.n_heads))  # pixels per layer-head block
     figure.update_layout(width=200 + block * result.n_heads, height=200 + block * len(result.layers))
-    style.finish(figure, title or "every layer and head: in each block, queries down and keys across",
-                 "layer 0 at the bottom; hover for tokens", extra_top=20)
+    style.finish(figure, title or "every layer and head",
+                 "in each block, queries down and keys across;<br>layer 0 at the bottom; hover for tokens", extra_top=20)
     style.layer_axis(figure)
     return figure
 
@@ -114,7 +114,7 @@ def sink_figure(result: AttentionResult, batch: int = 0) -> go.Figure:
     figure.update_layout(height=200 + 18 * len(result.layers), width=300 + 40 * result.n_heads)
     position = int(result.first_positions()[batch])
     style.finish(figure, "attention sink: mean share of attention on the first token",
-                 style.position_label(result.str_tokens(batch), position))
+                 "the first token: " + style.position_label(result.str_tokens(batch), position))
     style.layer_axis(figure)
     return figure
 

@@ -16,12 +16,13 @@ import plotly.graph_objects as go
 
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.plot import style
+from lens_plugins.tokens import display_token
 
 
 def _title(attribution, tokens: Optional[Sequence[str]] = None) -> str:
-    target = " / ".join(attribution.target_names)
-    distractor = " / ".join(attribution.distractor_names)
-    what = html.escape(f"logit[{target!r}]" + (f" - logit[{distractor!r}]" if distractor else ""), quote=False)
+    target = " / ".join(map(display_token, attribution.target_names))
+    distractor = " / ".join(map(display_token, attribution.distractor_names))
+    what = f"logit[{target}]" + (f" - logit[{distractor}]" if distractor else "")
     return f"Direct logit attribution of {what} at {style.position_label(tokens, attribution.position)}"
 
 
@@ -96,8 +97,8 @@ def logit_diff_figure(diff, batch: int = 0, tokens: Optional[Sequence[str]] = No
         hovertemplate="%{y} at %{x}: %{z:.4g}<extra></extra>",
     ))
     figure.update_layout(xaxis_title="input token [position]", yaxis_title="row")
-    style.finish(figure, html.escape(f"logit[{' / '.join(diff.target_names)!r}] - "
-                                     f"logit[{' / '.join(diff.distractor_names)!r}] through the lens", quote=False))
+    style.finish(figure, f"logit[{' / '.join(map(display_token, diff.target_names))}] - "
+                         f"logit[{' / '.join(map(display_token, diff.distractor_names))}] through the lens")
     style.layer_axis(figure)
     return figure
 

@@ -38,6 +38,7 @@ MAX_TEXT_POSITIONS = 64
 _CELL_CHARS = 7  # a cell shows at most this many characters of its token
 _CELL_PX = 52  # width of one position when cells carry text
 _ROW_PX = 22
+_CHAR_PX = 6.5  # about one character of a tick label at 12 px: wider labels than a cell are tilted
 
 # Colour direction and axis title per metric, from the reductions table; the map is ``style.SEQUENTIAL``. Dark
 # means "confident" for prob and rank, and "far from the model's own answer" for entropy and divergences.
@@ -191,9 +192,9 @@ def _hover(result: LensResult, metric: str, values: Tensor, batch: int, rows: Se
         for p in pos_idx:
             position = result.positions[p]
             top = "<br>".join(
-                f"  {html.escape(repr(result.token(i)), quote=False)}  {q:.3f}" for i, q in zip(ids[r][p], probs[r][p])
+                f"  {display_token(result.token(i))}  {q:.3f}" for i, q in zip(ids[r][p], probs[r][p])
             )
-            after = html.escape(repr(result.token(nxt[p])), quote=False) if nxt[p] is not None else "(end of prompt)"
+            after = display_token(result.token(nxt[p])) if nxt[p] is not None else "(end of prompt)"
             line.append(
                 f"<b>{result.labels[r]}</b> at {display_token(tokens[position])} [{position}]<br>"
                 f"{metric}: {_format(metric, float(values[r, p]))}<br>"
@@ -240,8 +241,8 @@ def _colour_range(metric: str, values: Tensor, labels: Sequence[str], rank: bool
         top = float(values[torch.isfinite(values)].max()) if torch.isfinite(values).any() else None
         if clip is not None and top is not None and clip < top:
             zmax = clip
-            note = (f"<br>colour clipped at {clip:.3g}:<br>the {style.ROBUST_PERCENTILE:g}th percentile<br>"
-                    f"of non-embedding rows<br>(max {top:.3g}; zmax= sets it)")
+            note = (f"<br>clipped at {clip:.3g}: the {style.ROBUST_PERCENTILE:g}th percentile<br>"
+                    f"of non-embedding rows (max {top:.3g})")
     if rank or log:
         floor = 1.0 if rank else LOG_FLOOR
         zmin = None if zmin is None else math.log10(max(zmin, floor))
@@ -300,10 +301,12 @@ def lens_heatmap(
     shown = _colour_values(raw, rank, log, LOG_FLOOR)
     cmin, cmax, note = _colour_range(metric, raw, [result.labels[r] for r in rows], rank, log, zmin, zmax)
     colorbar: dict = {"title": {"text": title + (" (log scale)" if log else "") + note, "side": "right"}}
+    finite = shown[torch.isfinite(shown)]
+    low = float(finite.min()) if finite.numel() else 0.0
+    high = float(finite.max()) if finite.numel() else 1.0
+    if (cmin is None) != (cmax is None):  # plotly honours a colour bound only when both are set
+        cmin, cmax = (min(low, cmax) if cmin is None else cmin), (max(high, cmin) if cmax is None else cmax)
     if log:
-        finite = shown[torch.isfinite(shown)]
-        low = float(finite.min()) if finite.numel() else 0.0
-        high = float(finite.max()) if finite.numel() else 1.0
         ticks = list(range(math.floor(low if cmin is None else cmin), math.ceil(high if cmax is None else cmax) + 1))
         colorbar.update(tickvals=ticks, ticktext=[f"{10.0 ** t:,.0f}" if t >= 0 else f"{10.0 ** t:g}" for t in ticks])
 
@@ -314,7 +317,8 @@ def lens_heatmap(
     tops = {b: top_axis_labels(result, b, pos_idx) for b in batches}
     # Tilted tick labels need room above and below each facet; the spacing is set in pixels, then
     # converted to make_subplots' fraction of the plot area.
-    tilted = n_pos > 8 or any(len(label) > 12 for labels in bottoms.values() for label in labels)
+    widest = max(len(html.unescape(label)) for labels in bottoms.values() for label in labels)
+    tilted = n_pos > 8 or widest * _CHAR_PX > _CELL_PX
     angle = -45 if tilted else 0
     top_px, bottom_px, caption_px = (95, 120, 24) if tilted else (30, 50, 24)
     plot_px = _ROW_PX * n_rows
@@ -370,10 +374,10 @@ def lens_heatmap(
         coloraxis={"colorscale": style.SEQUENTIAL, "reversescale": direction == "sequential_r", "colorbar": colorbar,
                    "cmin": cmin, "cmax": cmax},
         width=max(640, 260 + (_CELL_PX if with_text else max(8, min(_CELL_PX, 2400 // n_pos))) * n_pos),
-        height=area_px + style.top_margin(2) + top_px + (caption_px if facets > 1 else 0) + bottom_px + 30,
         margin={"l": 80, "r": 40, "t": 0, "b": bottom_px + 30}, showlegend=False,
     )
     style.finish(figure, what, legend, extra_top=top_px + (caption_px if facets > 1 else 0))
+    figure.update_layout(height=area_px + figure.layout.margin.t + bottom_px + 30)
     style.layer_axis(figure)
     return figure
 
@@ -452,8 +456,8 @@ def _batches(result_batch: int, batch: Union[None, int, Sequence[int]]) -> list[
 
 def _at(result: LensResult, position: int, chosen: Sequence[int]) -> str:
     """``token [i]`` of a position in a title: the token when every chosen prompt has the same one there."""
-    tokens = {result.str_tokens(b)[position] for b in chosen}
-    return style.position_label([tokens.pop()] * (position + 1), position) if len(tokens) == 1 else f"token [{position}]"
+    same = len({result.str_tokens(b)[position] for b in chosen}) == 1
+    return style.position_label(result.str_tokens(chosen[0]) if same else None, position)
 
 
 def _trajectory_layout(figure: go.Figure, title: str, kind: str) -> None:
@@ -567,8 +571,8 @@ def logit_diff_trajectory(diff, pos: int = -1, batch: Union[None, int, Sequence[
     chosen = _batches(diff.values.shape[1], batch)
     values = diff.values[:, chosen, positions.index(seq_pos)]
     figure = go.Figure()
-    name = f"logit[{' / '.join(diff.target_names)!r}] - logit[{' / '.join(diff.distractor_names)!r}]"
-    _lines(figure, list(diff.labels), values, style.escape(name), _COLOURS[0], chosen, band=band)
+    name = f"logit[{' / '.join(map(display_token, diff.target_names))}] - logit[{' / '.join(map(display_token, diff.distractor_names))}]"
+    _lines(figure, list(diff.labels), values, name, _COLOURS[0], chosen, band=band)
     figure.add_hline(y=0, line={"color": "#888888", "dash": "dot"})
     style.finish(figure, f"logit difference across rows at {style.position_label(None, seq_pos)}")
     figure.update_layout(xaxis_title="residual stream row", yaxis_title="logit difference", hovermode="x unified")
@@ -660,7 +664,7 @@ def html_report(
     # <bdi>: a prompt in or with right-to-left script renders in its own order, not mixed into the page's.
     intro = (f"<p>Prompt: <bdi><code>{html.escape(prompt)}</code></bdi></p>\n<p>Rows {html.escape(result.labels[0])} (bottom) .. "
              f"{html.escape(result.labels[-1])} (top); at the last decoded position the model predicts "
-             f"<code>{html.escape(repr(final[0]))}</code> with p = {final[1]:.3f}.</p>")
+             f"<code>{display_token(final[0])}</code> with p = {final[1]:.3f}.</p>")
     with atomic_write(path) as staging:
         write_page(staging, title, intro, list(zip(metrics, figures)), plotly=plotly)
     return Path(path)

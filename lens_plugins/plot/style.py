@@ -17,7 +17,6 @@
 - **Log-rank axes** label the decades only (1, 10, 100, ...), with no 2s and 5s in between (``log_rank_axis``).
 """
 
-import html
 from collections.abc import Sequence
 from typing import Optional
 
@@ -33,13 +32,8 @@ RIGHT = "#1a7f37"  # a next token the model predicts correctly
 GRID = "#eeeeee"
 FONT = {"family": "Open Sans, verdana, arial, sans-serif", "size": 12}
 MODEBAR_PX = 36  # the band at the top that plotly's modebar occupies (about 30 px), kept free of text
-TITLE_LINE_PX = 22
+TITLE_LINE_PX, SUBTITLE_LINE_PX = 24, 17
 ROBUST_PERCENTILE = 99.0  # where a divergence heatmap's colour is clipped (of the non-embedding rows)
-
-
-def colorscale(diverging: bool = False) -> str:
-    """The name of the one sequential or the one diverging map."""
-    return DIVERGING if diverging else SEQUENTIAL
 
 
 def position_label(tokens: Optional[Sequence[str]], position: int) -> str:
@@ -49,11 +43,6 @@ def position_label(tokens: Optional[Sequence[str]], position: int) -> str:
         return f"token [{position}]"
     index = position if position >= 0 else len(tokens) + position
     return f"{display_token(tokens[index])} [{index}]"
-
-
-def escape(text: str) -> str:
-    """Plain text for a title or legend: plotly reads them as pseudo-HTML."""
-    return html.escape(text, quote=False)
 
 
 def layer_axis(figure: go.Figure) -> None:
@@ -81,17 +70,10 @@ def log_rank_axis(figure: go.Figure, axis: str = "y", **where) -> None:
     update(type="log", dtick=1, minor={"showgrid": False}, **where)
 
 
-def decade_ticks(top: float) -> dict:
-    """Colour-bar ticks of a log10-coloured heatmap: one per decade up to ``10 ** top``, labelled 1, 10, 100, ..."""
-    import math
-
-    ticks = list(range(int(math.ceil(max(top, 1.0))) + 1))
-    return {"tickvals": ticks, "ticktext": [f"{10 ** t:,}" for t in ticks]}
-
-
 def top_margin(title_lines: int) -> int:
-    """The top margin of a figure whose title has ``title_lines`` lines: the modebar's band, then the title."""
-    return MODEBAR_PX + TITLE_LINE_PX * title_lines + 12
+    """The top margin of a figure whose title has ``title_lines`` lines (the first at the title's size, the
+    others subtitle lines): the modebar's band, then the title."""
+    return MODEBAR_PX + TITLE_LINE_PX + SUBTITLE_LINE_PX * (title_lines - 1) + 10
 
 
 def finish(figure: go.Figure, title: str, subtitle: str = "", *, extra_top: int = 0) -> go.Figure:
@@ -120,5 +102,5 @@ def custom_hovers(figure: go.Figure) -> list[str]:
 
 
 __all__ = ["SEQUENTIAL", "DIVERGING", "COLOURS", "POSITIVE", "NEGATIVE", "NEUTRAL", "RIGHT", "GRID", "FONT",
-           "MODEBAR_PX", "ROBUST_PERCENTILE", "colorscale", "position_label", "escape", "layer_axis", "upwards",
-           "log_rank_axis", "decade_ticks", "top_margin", "finish", "custom_hovers"]
+           "MODEBAR_PX", "TITLE_LINE_PX", "SUBTITLE_LINE_PX", "ROBUST_PERCENTILE", "position_label", "layer_axis", "upwards",
+           "log_rank_axis", "top_margin", "finish", "custom_hovers"]

@@ -165,6 +165,7 @@ def test_rank_axes_are_log_with_decade_labels_only():
     for axis in (trajectory_figure(res, kind="rank").layout.yaxis,
                  metric_trajectory(res, ["entropy", "final_top1_rank"]).layout.yaxis2):
         assert axis.type == "log" and axis.dtick == 1  # every power of 10, no 2s and 5s between
+        assert axis.range[0] < 0 < axis.range[1]  # rank 1 (10 ** 0) is on the axis, with its label
     assert metric_trajectory(res, ["entropy"]).layout.yaxis.type != "log"
 
 

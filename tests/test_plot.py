@@ -95,7 +95,7 @@ def test_html_report_is_standalone(result, tmp_path):
     for metric in ["prob", "entropy", "kl_final_row", "final_top1_rank", "next_token_rank", "rank[ Paris]"]:
         assert f"<h2>{metric}</h2>" in text
     assert '"ticktext":["embed","1_pre"' in text  # the figure data itself
-    assert "&#x27; Paris&#x27;" in text  # the model's prediction, in the summary line
+    assert "predicts <code>·Paris</code>" in text  # the model's prediction, in the summary line, as glyphs
 
 
 def test_html_report_checks_every_metric_before_writing(result, tmp_path):

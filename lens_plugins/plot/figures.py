@@ -460,13 +460,19 @@ def _at(result: LensResult, position: int, chosen: Sequence[int]) -> str:
     return style.position_label(result.str_tokens(chosen[0]) if same else None, position)
 
 
+def _highest(figure: go.Figure) -> float:
+    """The largest finite y of a figure's traces (a rank axis's top)."""
+    values = [y for t in figure.data if t.y is not None for y in t.y if y is not None and math.isfinite(y)]
+    return max(values, default=1.0)
+
+
 def _trajectory_layout(figure: go.Figure, title: str, kind: str) -> None:
     style.finish(figure, title)
     figure.update_layout(xaxis_title="residual stream row", yaxis_title=kind, hovermode="x unified")
     figure.update_xaxes(type="category", showgrid=True, gridcolor=style.GRID)
     figure.update_yaxes(showgrid=True, gridcolor=style.GRID, range=[0, 1.02] if kind == "prob" else None)
     if kind == "rank":
-        style.log_rank_axis(figure)
+        style.log_rank_axis(figure, _highest(figure))
 
 
 def trajectory_figure(
@@ -550,7 +556,7 @@ def metric_trajectory(result: LensResult, metrics: Sequence[str] = ("entropy", "
         _lines(figure, list(result.labels), values, metric, _COLOURS[i % len(_COLOURS)], chosen, band=band,
                row=i + 1, subplots=True, unified=False)
         if is_rank_metric(metric):
-            style.log_rank_axis(figure, row=i + 1, col=1)
+            style.log_rank_axis(figure, float(torch.nan_to_num(values, nan=1.0).max()), row=i + 1, col=1)
     style.finish(figure, f"across rows at {_at(result, result.positions[p], chosen)}")
     figure.update_layout(height=220 + 220 * len(metrics))
     figure.update_xaxes(type="category", showgrid=True, gridcolor=style.GRID)

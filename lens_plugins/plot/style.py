@@ -64,10 +64,13 @@ def upwards(axis) -> bool:
     return axis.range is None or axis.range[0] is None or axis.range[0] < axis.range[1]
 
 
-def log_rank_axis(figure: go.Figure, axis: str = "y", **where) -> None:
-    """A log axis of ranks labelled at the decades only (``dtick=1`` on a log axis: every power of 10)."""
-    update = figure.update_yaxes if axis == "y" else figure.update_xaxes
-    update(type="log", dtick=1, minor={"showgrid": False}, **where)
+def log_rank_axis(figure: go.Figure, top: float, **where) -> None:
+    """A log y axis of ranks from 1 to ``top``, labelled at the decades only (``dtick=1`` on a log axis: every
+    power of 10), so that rank 1 always has its label."""
+    import math
+
+    high = math.log10(max(top, 10.0))
+    figure.update_yaxes(type="log", dtick=1, minor={"showgrid": False}, range=[-0.05 * high, 1.05 * high], **where)
 
 
 def top_margin(title_lines: int) -> int:

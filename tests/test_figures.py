@@ -92,7 +92,7 @@ def test_top_axis_marks_where_the_final_top1_is_the_next_token(result):
 def test_hover_names_the_top_k(result):
     hover = [t for t in lens_heatmap(result, "entropy").data if t.type == "heatmap"][0].customdata[-1][-1]
     for token, prob in result.top_tokens(-1)[result.labels[-1]]:
-        assert f"{html.escape(repr(token), quote=False)}  {prob:.3f}" in hover
+        assert f"{display_token(token)}  {prob:.3f}" in hover
     assert f"entropy: {result.entropy[-1, 0, -1].item():.3g}" in hover
 
 
@@ -104,7 +104,7 @@ def test_trajectory_points_are_rank_of_and_set_prob(result, kind):
     for name in result.target_names:
         expected = {"prob": result.logprob_of(name).exp(), "rank": result.rank_of(name).float(),
                     "logprob": result.logprob_of(name)}[kind][:, 0, p].numpy()
-        np.testing.assert_array_equal(by_name[visible_text(name)], expected)
+        np.testing.assert_array_equal(by_name[display_token(name)], expected)
     for name in result.set_names:
         expected = {"prob": result.set_prob(name), "rank": result.set_rank(name).float(),
                     "logprob": result.set_logprobs[..., result.set_names.index(name)]}[kind][:, 0, p].numpy()
@@ -112,8 +112,17 @@ def test_trajectory_points_are_rank_of_and_set_prob(result, kind):
     assert list(fig.data[0].x) == result.labels
 
 
-def test_several_prompts_make_a_band_of_mean_min_and_max(result):
+def test_several_prompts_draw_a_line_each_by_default(result):
     fig = trajectory_figure(result, targets=[" Paris"], sets=[], kind="prob")
+    values = result.logprob_of(" Paris").exp()[:, :, -1]
+    assert [t.name for t in fig.data] == ["·Paris · prompt 0", "·Paris · prompt 1"]
+    for b, trace in enumerate(fig.data):
+        np.testing.assert_array_equal(np.array(trace.y, dtype=np.float32), values[:, b].numpy())
+    assert fig.data[0].line.dash != fig.data[1].line.dash and "mean" not in fig.layout.title.text
+
+
+def test_several_prompts_make_a_band_of_mean_min_and_max_on_request(result):
+    fig = trajectory_figure(result, targets=[" Paris"], sets=[], kind="prob", band=True)
     high, low, mean = fig.data
     values = result.logprob_of(" Paris").exp()[:, :, -1]
     np.testing.assert_allclose(mean.y, values.mean(1).numpy(), rtol=1e-6)

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from lens_plugins.plot import MAX_TEXT_POSITIONS, html_report, lens_heatmap
+from lens_plugins.plot import MAX_TEXT_POSITIONS, display_token, html_report, lens_heatmap
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
@@ -61,7 +61,7 @@ def test_hover_lists_top_k_with_probabilities(result):
     hover = lens_heatmap(result, "entropy").data[0].customdata[-1][-1]
     top = result.top_tokens(-1)["29_post"]
     for token, prob in top:
-        assert f"{token!r}  {prob:.3f}" in hover
+        assert f"{display_token(token)}  {prob:.3f}" in hover  # the one glyph convention, not a repr
     assert f"entropy: {result.entropy[-1, 0, -1].item():.3g}" in hover
     assert "(end of prompt)" in hover
 
@@ -95,7 +95,7 @@ def test_html_report_is_standalone(result, tmp_path):
     for metric in ["prob", "entropy", "kl_final_row", "final_top1_rank", "next_token_rank", "rank[ Paris]"]:
         assert f"<h2>{metric}</h2>" in text
     assert '"ticktext":["embed","1_pre"' in text  # the figure data itself
-    assert "&#x27; Paris&#x27;" in text  # the model's prediction, in the summary line
+    assert "predicts <code>·Paris</code>" in text  # the model's prediction, in the summary line, as glyphs
 
 
 def test_html_report_checks_every_metric_before_writing(result, tmp_path):

@@ -194,10 +194,13 @@ class Attribution:
             )
         return "\n".join(lines)
 
-    def top(self, n: int = 10, batch: int = 0, largest: bool = True) -> list[tuple[str, float]]:
-        """The ``n`` most positive (``largest=False``: most negative) attributions of one prompt."""
+    def top(self, n: int = 10, batch: int = 0, largest: Optional[bool] = True) -> list[tuple[str, float]]:
+        """The ``n`` most positive attributions of one prompt, signed (``largest=False``: the most negative;
+        ``largest=None``: the largest by magnitude, either sign, which is what the waterfall
+        ``plot.attribution_bars`` shows). Ties keep the labels' order."""
         values = self.values[batch]
-        order = values.argsort(descending=largest)[:n]
+        keys = values.abs() if largest is None else values
+        order = keys.argsort(descending=largest is not False, stable=True)[:n]
         labels = self.labels
         return [(labels[i], float(values[i])) for i in order.tolist()]
 

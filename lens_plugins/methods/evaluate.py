@@ -19,6 +19,7 @@ from lens_plugins.core import vocab_loss
 from lens_plugins.core.lenses import check_fits, check_output, made_for
 from lens_plugins.core.pipeline import check_decoder
 from lens_plugins.core.errors import LensValueError
+from lens_plugins.progress import bar as progress_bar
 from lens_plugins.training import loop as train
 from lens_plugins.training.tuned_lens import token_blocks_of
 
@@ -82,6 +83,7 @@ def evaluate_lenses(
     max_blocks: Optional[int] = None,
     vocab_chunk: Optional[int] = 4096,
     token_chunk: Optional[int] = 1024,
+    progress: bool = False,
 ) -> LensEvaluation:
     """Score ``lenses`` (objects with ``transform(resid, rows)``, e.g. ``LogitLens()``, a ``TunedLens``, a
     ``LastBlocksLens``, a ``JacobianLens``) on ``texts``: a text source as in training, or token blocks
@@ -99,6 +101,7 @@ def evaluate_lenses(
         max_blocks: at most this many blocks.
         vocab_chunk: vocabulary columns per tile.
         token_chunk: vectors per tile.
+        progress: a progress bar over blocks (``lens_plugins.progress``).
 
     Returns:
         A ``LensEvaluation``: per lens and row, KL to the final layer, cross-entropy and perplexity
@@ -134,7 +137,7 @@ def evaluate_lenses(
     was_training = hf.training
     hf.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), progress_bar(progress, len(blocks), "evaluating lenses", "block") as shown:
             for block in blocks:
                 stack = residual_stack(hf, block[None])[:, 0]  # [rows, seq, d]
                 reference = vocab_loss.reference_summary(decoder.normalize(stack[-1]), decoder, vocab_chunk,
@@ -151,6 +154,7 @@ def evaluate_lenses(
                                                                  vocab_chunk, token_chunk)
                         kl_sum[i, r] += kl.double().sum()
                         ce_sum[i, r] += ce[:-1].double().sum()
+                shown.update(1)
     finally:
         hf.train(was_training)
     for i, scored in enumerate(covered):

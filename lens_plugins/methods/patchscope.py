@@ -36,6 +36,7 @@ from lens_plugins.core.pipeline import check_finite
 from lens_plugins.core.rows import Row
 from lens_plugins.methods.lens import LensRequest, TokenSets, assemble
 from lens_plugins.methods.result import LensResult
+from lens_plugins.progress import bar as progress_bar
 from lens_plugins.typecheck import typechecked
 
 # The token-identity target prompt of the paper (Section 4.1): a few "x->x" demonstrations ending in a
@@ -218,11 +219,13 @@ def run(
     target_prompt: str,
     tokenizer,
     mapping: Mapping = None,
+    progress: bool = False,
 ) -> PatchscopeResult:
     """Run the Patchscope of source ``hidden`` (the request's rows at its positions) through ``runner``, one
     target forward per batch of pairs, and label the result. The last row is the final residual (the row
     selection always keeps it): the reference each pair's read-out is compared with. Non-finite source states
-    are refused before any target runs, and mapped ones (``check_mapped``) before they are written."""
+    are refused before any target runs, and mapped ones (``check_mapped``) before they are written. ``progress``:
+    a bar over the (row, position) pairs (``lens_plugins.progress``)."""
     n_rows, n_pos, _ = hidden.shape
     reference = hidden[-1]
     # [positions, C]: next token, input token, targets, set members (one source prompt)
@@ -231,15 +234,17 @@ def run(
     chunks, generated = [], []
     want_tokens = request.max_new_tokens > 0
     check_finite(hidden[:, None], request.labels, request.lens.positions)
-    for rows, positions in patching.pair_batches(n_rows, n_pos, request.batch_size):
-        values = map_hidden(hidden[rows, positions], mapping)
-        check_mapped(values, mapping, [request.labels[r] for r in rows.tolist()],
-                     [request.lens.positions[p] for p in positions.tolist()])
-        labels = [request.target_labels[r] for r in rows.tolist()]
-        stats, first = runner.read(values, labels, reference[positions], columns[positions], want_tokens)
-        chunks.append((rows, positions, patching.patched_statistics(stats)))
-        if want_tokens:
-            generated.append(_generate(runner, target_ids, values, labels, first, request.max_new_tokens))
+    with progress_bar(progress, n_rows * n_pos, "patchscope", "pair") as shown:
+        for rows, positions in patching.pair_batches(n_rows, n_pos, request.batch_size):
+            values = map_hidden(hidden[rows, positions], mapping)
+            check_mapped(values, mapping, [request.labels[r] for r in rows.tolist()],
+                         [request.lens.positions[p] for p in positions.tolist()])
+            labels = [request.target_labels[r] for r in rows.tolist()]
+            stats, first = runner.read(values, labels, reference[positions], columns[positions], want_tokens)
+            chunks.append((rows, positions, patching.patched_statistics(stats)))
+            if want_tokens:
+                generated.append(_generate(runner, target_ids, values, labels, first, request.max_new_tokens))
+            shown.update(len(rows))
     stats = patching.scatter_pairs(chunks, n_rows, n_pos)
     lens = assemble(stats, request.lens, request.labels, source_ids.cpu(), tokenizer)
     generated_ids = None
@@ -271,7 +276,7 @@ def patchscope(model, source, **kwargs) -> PatchscopeResult:
     TransformerLens model or an nnsight model: ``lp.transformer_lens.patchscope`` or ``lp.nnsight.patchscope``,
     which take the same options (``layers``, ``positions``, ``target_prompt``, ``target_layer``,
     ``target_position``, ``mapping``, ``top_k``, ``targets``, ``token_sets``, ``reductions``, ``batch_size``,
-    ``max_new_tokens``; nnsight adds ``remote``, ``backend`` and ``paths``)."""
+    ``max_new_tokens``, ``progress``; nnsight adds ``remote``, ``backend`` and ``paths``)."""
     from lens_plugins import backends  # the backends build on this module: imported when a call dispatches
 
     return backends.of(model).run_patchscope(model, source, **kwargs)

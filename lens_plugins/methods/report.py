@@ -35,8 +35,10 @@ def report_sections(lens, attribution=None, attention=None, batch: int = 0) -> l
     if attribution is not None:
         from lens_plugins.plot.attribution import attribution_bars, attribution_figure
 
-        sections.append(("direct logit attribution: top components", attribution_bars(attribution.view("component"), batch=batch)))
-        sections.append(("direct logit attribution: every head", attribution_figure(attribution.view("head"), batch)))
+        tokens = lens.str_tokens(batch)  # the attribution ran on the lens's prompt: its title names the token
+        sections.append(("direct logit attribution: top components",
+                         attribution_bars(attribution.view("component"), batch=batch, tokens=tokens)))
+        sections.append(("direct logit attribution: every head", attribution_figure(attribution.view("head"), batch, tokens)))
     if attention is not None:
         from lens_plugins.plot.attention import model_view, sink_figure
 
@@ -55,11 +57,11 @@ def write_report(path: Union[str, Path], lens, attribution=None, attention=None,
     sections = report_sections(lens, attribution, attention, batch)
     prompt = "".join(lens.str_tokens(batch))
     final = lens.top_tokens(lens.positions[-1], batch)[lens.labels[-1]]
-    runner = f", then <code>{html.escape(repr(final[1][0]))}</code> ({final[1][1]:.3f})" if len(final) > 1 else ""
+    runner = f", then <code>{display_token(final[1][0])}</code> ({final[1][1]:.3f})" if len(final) > 1 else ""
     # <bdi>: right-to-left text in the prompt renders in its own order (the token list isolates each token).
     intro = (f"<p>Prompt: <bdi><code>{html.escape(prompt)}</code></bdi> ({lens.token_ids.shape[1]} tokens: "
              f"{' '.join(display_token(t) for t in lens.str_tokens(batch))})</p>\n"
-             f"<p>At the last position the model predicts <code>{html.escape(repr(final[0][0]))}</code> "
+             f"<p>At the last position the model predicts <code>{display_token(final[0][0])}</code> "
              f"(p = {final[0][1]:.3f}){runner}. Rows run from the embeddings ({html.escape(lens.labels[0])}) to the "
              f"model's output ({html.escape(lens.labels[-1])}).</p>")
     with atomic_write(path) as staging:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.methods.result import LensResult
+from lens_plugins.tokens import visible_text
 from lens_plugins.typecheck import typechecked
 
 # Outcome codes, in the order a summary lists them. ``unscored``: padding, or the last position when the
@@ -186,7 +187,7 @@ def _per_prompt_targets(result: LensResult, targets) -> tuple[Tensor, Tensor, Te
     logprobs = result.target_logprobs.gather(-1, gather).squeeze(-1)
     ids = result.target_ids[index].view(batch, 1).expand(batch, n_pos).clone()
     names = [result.target_names[i] for i in index.tolist()]
-    return ranks, logprobs, ids, repr(names[0]) if len(set(names)) == 1 else "one per prompt"
+    return ranks, logprobs, ids, visible_text(names[0]) if len(set(names)) == 1 else "one per prompt"
 
 
 @typechecked

@@ -29,6 +29,7 @@ from lens_plugins.core.errors import LensIndexError, LensValueError
 from lens_plugins.core.reductions import METRIC_STYLES
 from lens_plugins.files import atomic_write, check_file
 from lens_plugins.methods.result import METRICS, LensResult
+from lens_plugins.plot import style
 from lens_plugins.tokens import display_token, visible_text
 
 # Above this many positions a cell is too narrow for its token, so the cells carry colour only
@@ -37,13 +38,17 @@ MAX_TEXT_POSITIONS = 64
 _CELL_CHARS = 7  # a cell shows at most this many characters of its token
 _CELL_PX = 52  # width of one position when cells carry text
 _ROW_PX = 22
+_CHAR_PX = 6.5  # about one character of a tick label at 12 px: wider labels than a cell are tilted
 
-# Colour scale and axis title per metric, from the reductions table. Dark means "confident" for prob and
-# rank, and "far from the model's own answer" for entropy and divergences.
+# Colour direction and axis title per metric, from the reductions table; the map is ``style.SEQUENTIAL``. Dark
+# means "confident" for prob and rank, and "far from the model's own answer" for entropy and divergences.
 _STYLE = METRIC_STYLES
 _TARGET_METRIC = re.compile(r"(rank|logprob)\[(.+)\]", re.DOTALL)
 _OUTLINE = "top-1 = final top-1"
-_RIGHT = "#1a7f37"  # the top axis colours a next token the model predicts correctly
+_RIGHT = style.RIGHT  # the top axis colours a next token the model predicts correctly
+# Divergences: the embedding row's (~110 nats on SmolLM2) would saturate the scale, so their colour is clipped at
+# a robust percentile of the other rows unless zmax is given.
+CLIPPED_METRICS = ("kl_final_row", "kl_row_final", "kl_input_row", "kl_next_row", "js_final")
 
 DEFAULT_REPORT_METRICS = ("prob", "entropy", "kl_final_row", "final_top1_rank", "next_token_rank")
 
@@ -77,9 +82,9 @@ def is_rank_metric(metric: str) -> bool:
 
 
 def position_labels(result: LensResult, batch: int = 0, positions: Optional[Sequence[int]] = None) -> list[str]:
-    """x-axis labels: the input token at each decoded position, with its index in the prompt."""
+    """x-axis labels: the input token at each decoded position, with its index in the prompt (``token [i]``)."""
     tokens = result.str_tokens(batch)
-    return [f"{display_token(tokens[p])} [{p}]" for p in (result.positions if positions is None else positions)]
+    return [style.position_label(tokens, p) for p in (result.positions if positions is None else positions)]
 
 
 def _check_batch(result: LensResult, batch: int) -> None:
@@ -187,9 +192,9 @@ def _hover(result: LensResult, metric: str, values: Tensor, batch: int, rows: Se
         for p in pos_idx:
             position = result.positions[p]
             top = "<br>".join(
-                f"  {html.escape(repr(result.token(i)), quote=False)}  {q:.3f}" for i, q in zip(ids[r][p], probs[r][p])
+                f"  {display_token(result.token(i))}  {q:.3f}" for i, q in zip(ids[r][p], probs[r][p])
             )
-            after = html.escape(repr(result.token(nxt[p])), quote=False) if nxt[p] is not None else "(end of prompt)"
+            after = display_token(result.token(nxt[p])) if nxt[p] is not None else "(end of prompt)"
             line.append(
                 f"<b>{result.labels[r]}</b> at {display_token(tokens[position])} [{position}]<br>"
                 f"{metric}: {_format(metric, float(values[r, p]))}<br>"
@@ -200,11 +205,49 @@ def _hover(result: LensResult, metric: str, values: Tensor, batch: int, rows: Se
     return hover
 
 
-def _colour_values(values: Tensor, rank: bool) -> Tensor:
-    """What a cell's colour encodes: the value itself, or log10(rank) (NaN where no rank exists)."""
-    if not rank:
-        return values
-    return torch.where(values >= 1, values.clamp(min=1).log10(), torch.full_like(values, math.nan))
+LOG_FLOOR = 1e-3  # log colour of a non-rank metric: values below this (a divergence of 0) share the lowest colour
+
+
+def _colour_values(values: Tensor, rank: bool, log: bool, floor: float) -> Tensor:
+    """What a cell's colour encodes: the value itself, log10(rank) (NaN where no rank exists), or with ``log``
+    log10 of the value floored at ``floor``."""
+    if rank:
+        return torch.where(values >= 1, values.clamp(min=1).log10(), torch.full_like(values, math.nan))
+    if log:
+        return values.clamp(min=floor).log10()
+    return values
+
+
+def robust_max(values: Tensor, labels: Sequence[str], percentile: float = style.ROBUST_PERCENTILE) -> Optional[float]:
+    """The ``percentile``-th percentile of the finite values of every row but the embedding row (``values`` is
+    ``[row, ...]``, ``labels`` its row labels): where a divergence heatmap's colour is clipped, so that the
+    embedding row (~110 nats) does not make every other row look alike. ``None`` when nothing is left."""
+    rest = values[[i for i, label in enumerate(labels) if label != "embed"]]
+    rest = rest[torch.isfinite(rest)]
+    if rest.numel() == 0:
+        return None
+    return float(torch.quantile(rest.double(), percentile / 100.0))
+
+
+def _colour_range(metric: str, values: Tensor, labels: Sequence[str], rank: bool, log: bool,
+                  zmin: Optional[float], zmax: Optional[float]) -> tuple[Optional[float], Optional[float], str]:
+    """``(cmin, cmax, note)`` of the colour axis, in the units of ``_colour_values``; the note says on the colour
+    bar when the colour is clipped at a robust percentile."""
+    note = ""
+    if metric == "prob" and not log:
+        zmin, zmax = (0.0 if zmin is None else zmin), (1.0 if zmax is None else zmax)
+    if zmax is None and metric in CLIPPED_METRICS and not rank:
+        clip = robust_max(values, labels)
+        top = float(values[torch.isfinite(values)].max()) if torch.isfinite(values).any() else None
+        if clip is not None and top is not None and clip < top:
+            zmax = clip
+            note = (f"<br>clipped at {clip:.3g}: the {style.ROBUST_PERCENTILE:g}th percentile<br>"
+                    f"of non-embedding rows (max {top:.3g})")
+    if rank or log:
+        floor = 1.0 if rank else LOG_FLOOR
+        zmin = None if zmin is None else math.log10(max(zmin, floor))
+        zmax = None if zmax is None else math.log10(max(zmax, floor))
+    return zmin, zmax, note
 
 
 def lens_heatmap(
@@ -215,6 +258,9 @@ def lens_heatmap(
     layer_stride: int = 1,
     positions: Union[None, slice, Sequence[int]] = None,
     outline: bool = True,
+    zmin: Optional[float] = None,
+    zmax: Optional[float] = None,
+    log: Optional[bool] = None,
 ) -> go.Figure:
     """Rows x positions heatmap of ``metric``, each cell labelled with its top-1; one facet per prompt.
 
@@ -225,6 +271,13 @@ def lens_heatmap(
     '●' where the model's final top-1 is it; with ``outline``, cells whose top-1 already equals the final
     top-1 are outlined. Rank metrics are coloured on a log10 scale (ranks span 1 to the vocabulary size);
     their ``z`` is ``log10(rank)``, NaN where no rank exists. Hover shows the row's top-k.
+
+    Colour: ``style.SEQUENTIAL`` (reversed for ranks, so that rank 1 is dark). ``zmin`` / ``zmax`` fix its
+    range, in the metric's units. Divergences (``CLIPPED_METRICS``) are clipped by default at the 99th
+    percentile of the non-embedding rows (``robust_max``), which the colour bar says: the embedding row's
+    KL (~110 nats on SmolLM2) would otherwise make every other row look alike; the hover keeps exact values.
+    ``log=True`` colours ``log10(value)`` (floored at ``LOG_FLOOR``; ``z`` is then that log), the default
+    for ranks only; log-probabilities, being negative, cannot be.
     """
     batches = [batch] if isinstance(batch, int) else list(batch)
     if not batches:
@@ -235,13 +288,27 @@ def lens_heatmap(
     rows = row_selection(len(result.labels), layer_stride)
     pos_idx = position_selection(result, positions)
     rank = is_rank_metric(metric)
-    scale, title = _STYLE.get(metric, ("Blues_r", metric) if rank else ("Blues", metric))
-    shown = _colour_values(values[rows][:, batches][:, :, pos_idx], rank)
-    colorbar: dict = {"title": {"text": title + (" (log scale)" if rank else ""), "side": "right"}}
-    if rank:
-        top = max(1.0, float(torch.nan_to_num(shown, nan=0.0).max()))
-        ticks = list(range(int(math.ceil(top)) + 1))
-        colorbar.update(tickvals=ticks, ticktext=[f"{10 ** t:,}" for t in ticks])
+    if log is None:
+        log = rank
+    if rank and not log:
+        raise LensValueError(f"{metric} is a rank, coloured on a log scale only (ranks span 1 to the vocabulary size)")
+    if log and not rank and "logprob" in metric:
+        raise LensValueError(f"log=True on {metric}: log-probabilities are negative; colour them as they are")
+    if zmin is not None and zmax is not None and zmin >= zmax:
+        raise LensValueError(f"zmin={zmin} must be below zmax={zmax}")
+    direction, title = _STYLE.get(metric, ("sequential_r", metric) if rank else ("sequential", metric))
+    raw = values[rows][:, batches][:, :, pos_idx]
+    shown = _colour_values(raw, rank, log, LOG_FLOOR)
+    cmin, cmax, note = _colour_range(metric, raw, [result.labels[r] for r in rows], rank, log, zmin, zmax)
+    colorbar: dict = {"title": {"text": title + (" (log scale)" if log else "") + note, "side": "right"}}
+    finite = shown[torch.isfinite(shown)]
+    low = float(finite.min()) if finite.numel() else 0.0
+    high = float(finite.max()) if finite.numel() else 1.0
+    if (cmin is None) != (cmax is None):  # plotly honours a colour bound only when both are set
+        cmin, cmax = (min(low, cmax) if cmin is None else cmin), (max(high, cmin) if cmax is None else cmax)
+    if log:
+        ticks = list(range(math.floor(low if cmin is None else cmin), math.ceil(high if cmax is None else cmax) + 1))
+        colorbar.update(tickvals=ticks, ticktext=[f"{10.0 ** t:,.0f}" if t >= 0 else f"{10.0 ** t:g}" for t in ticks])
 
     n_pos, n_rows = len(pos_idx), len(rows)
     with_text = n_pos <= MAX_TEXT_POSITIONS
@@ -250,7 +317,8 @@ def lens_heatmap(
     tops = {b: top_axis_labels(result, b, pos_idx) for b in batches}
     # Tilted tick labels need room above and below each facet; the spacing is set in pixels, then
     # converted to make_subplots' fraction of the plot area.
-    tilted = n_pos > 8 or any(len(label) > 12 for labels in bottoms.values() for label in labels)
+    widest = max(len(html.unescape(label)) for labels in bottoms.values() for label in labels)
+    tilted = n_pos > 8 or widest * _CHAR_PX > _CELL_PX
     angle = -45 if tilted else 0
     top_px, bottom_px, caption_px = (95, 120, 24) if tilted else (30, 50, 24)
     plot_px = _ROW_PX * n_rows
@@ -303,14 +371,14 @@ def lens_heatmap(
     legend = (f"top axis: the actual next token, <span style=\"color:{_RIGHT}\">● green</span> where the model's "
               "top-1 is it" + ("<br>outlined: cells whose top-1 already is the final top-1" if outline else ""))
     figure.update_layout(
-        coloraxis={"colorscale": scale, "colorbar": colorbar,
-                   "cmin": 0.0 if metric == "prob" else None, "cmax": 1.0 if metric == "prob" else None},
-        title={"text": f"{what}<br><sup>{legend}</sup>", "y": 1.0, "yref": "container", "yanchor": "top", "pad": {"t": 12}},
+        coloraxis={"colorscale": style.SEQUENTIAL, "reversescale": direction == "sequential_r", "colorbar": colorbar,
+                   "cmin": cmin, "cmax": cmax},
         width=max(640, 260 + (_CELL_PX if with_text else max(8, min(_CELL_PX, 2400 // n_pos))) * n_pos),
-        height=area_px + 84 + top_px + (caption_px if facets > 1 else 0) + bottom_px + 30,
-        margin={"l": 80, "r": 40, "t": 84 + top_px + (caption_px if facets > 1 else 0), "b": bottom_px + 30},
-        plot_bgcolor="white", showlegend=False,
+        margin={"l": 80, "r": 40, "t": 0, "b": bottom_px + 30}, showlegend=False,
     )
+    style.finish(figure, what, legend, extra_top=top_px + (caption_px if facets > 1 else 0))
+    figure.update_layout(height=area_px + figure.layout.margin.t + bottom_px + 30)
+    style.layer_axis(figure)
     return figure
 
 
@@ -335,31 +403,47 @@ def _series(result: LensResult, name: str, kind: str, is_set: bool) -> Tensor:
     return (result.rank_of(name) if kind == "rank" else result.logprob_of(name)).float()
 
 
-def _band(figure: go.Figure, x: list[str], values: Tensor, name: str, colour: str, row: int = 1, col: int = 1,
-          subplots: bool = False) -> None:
-    """A line per series: the value for one prompt; the mean with a min-max band for several."""
-    where = {"row": row, "col": col} if subplots else {}
-    if values.shape[1] == 1:
-        figure.add_trace(go.Scatter(x=x, y=values[:, 0].tolist(), mode="lines+markers", name=name,
-                                    line={"color": colour}), **where)
-        return
-    low, high = values.nan_to_num(nan=math.inf).min(1).values, values.nan_to_num(nan=-math.inf).max(1).values
-    figure.add_trace(go.Scatter(x=x, y=high.tolist(), mode="lines", line={"width": 0}, showlegend=False,
-                                hoverinfo="skip", legendgroup=name, name=f"{name} max"), **where)
-    figure.add_trace(go.Scatter(x=x, y=low.tolist(), mode="lines", line={"width": 0}, fill="tonexty",
-                                fillcolor=_translucent(colour), showlegend=False, hoverinfo="skip",
-                                legendgroup=name, name=f"{name} min"), **where)
-    figure.add_trace(go.Scatter(x=x, y=values.nanmean(1).tolist(), mode="lines+markers", legendgroup=name,
-                                name=f"{name} (mean of {values.shape[1]}, band: min to max)",
-                                line={"color": colour}), **where)
-
-
-_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+_COLOURS = style.COLOURS
+_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 
 def _translucent(colour: str) -> str:
     r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},0.2)"
+
+
+def _hover_name(name: str) -> str:
+    return name.replace("%", "&#37;")  # '%{' would start a hovertemplate field
+
+
+def _lines(figure: go.Figure, x: list[str], values: Tensor, name: str, colour: str, prompts: Sequence[int], *,
+           band: bool = False, is_set: bool = False, row: int = 1, col: int = 1, subplots: bool = False,
+           unified: bool = True) -> None:
+    """The traces of one series (``values [row, prompt]``): a line per prompt (dashed differently, named
+    ``name · prompt b``), or with ``band`` and several prompts the mean with a min-max band. A token set is a
+    wide translucent line drawn under its members' thin ones, so that it never hides a target's line."""
+    where = {"row": row, "col": col} if subplots else {}
+    x_part = "" if unified else "%{x}: "
+    if band and values.shape[1] > 1:
+        low, high = values.nan_to_num(nan=math.inf).min(1).values, values.nan_to_num(nan=-math.inf).max(1).values
+        figure.add_trace(go.Scatter(x=x, y=high.tolist(), mode="lines", line={"width": 0}, showlegend=False,
+                                    hoverinfo="skip", legendgroup=name, name=f"{name} max"), **where)
+        figure.add_trace(go.Scatter(x=x, y=low.tolist(), mode="lines", line={"width": 0}, fill="tonexty",
+                                    fillcolor=_translucent(colour), showlegend=False, hoverinfo="skip",
+                                    legendgroup=name, name=f"{name} min"), **where)
+        label = f"{name} (mean of {values.shape[1]}, band: min to max)"
+        figure.add_trace(go.Scatter(
+            x=x, y=values.nanmean(1).tolist(), mode="lines" if is_set else "lines+markers", legendgroup=name,
+            name=label, line={"color": colour, "width": 7 if is_set else 2}, opacity=0.4 if is_set else 1.0,
+            hovertemplate=f"{_hover_name(name)} (mean): {x_part}%{{y:.3g}}<extra></extra>"), **where)
+        return
+    for j, b in enumerate(prompts):
+        label = name if len(prompts) == 1 else f"{name} · prompt {b}"
+        figure.add_trace(go.Scatter(
+            x=x, y=values[:, j].tolist(), mode="lines" if is_set else "lines+markers", name=label, legendgroup=name,
+            line={"color": colour, "dash": _DASHES[j % len(_DASHES)], "width": 7 if is_set else 2},
+            opacity=0.4 if is_set else 1.0, hovertemplate=f"{_hover_name(label)}: {x_part}%{{y:.3g}}<extra></extra>",
+        ), **where)
 
 
 def _batches(result_batch: int, batch: Union[None, int, Sequence[int]]) -> list[int]:
@@ -370,6 +454,27 @@ def _batches(result_batch: int, batch: Union[None, int, Sequence[int]]) -> list[
     return chosen
 
 
+def _at(result: LensResult, position: int, chosen: Sequence[int]) -> str:
+    """``token [i]`` of a position in a title: the token when every chosen prompt has the same one there."""
+    same = len({result.str_tokens(b)[position] for b in chosen}) == 1
+    return style.position_label(result.str_tokens(chosen[0]) if same else None, position)
+
+
+def _highest(figure: go.Figure) -> float:
+    """The largest finite y of a figure's traces (a rank axis's top)."""
+    values = [y for t in figure.data if t.y is not None for y in t.y if y is not None and math.isfinite(y)]
+    return max(values, default=1.0)
+
+
+def _trajectory_layout(figure: go.Figure, title: str, kind: str) -> None:
+    style.finish(figure, title)
+    figure.update_layout(xaxis_title="residual stream row", yaxis_title=kind, hovermode="x unified")
+    figure.update_xaxes(type="category", showgrid=True, gridcolor=style.GRID)
+    figure.update_yaxes(showgrid=True, gridcolor=style.GRID, range=[0, 1.02] if kind == "prob" else None)
+    if kind == "rank":
+        style.log_rank_axis(figure, _highest(figure))
+
+
 def trajectory_figure(
     result: LensResult,
     targets: Optional[Sequence[str]] = None,
@@ -377,12 +482,16 @@ def trajectory_figure(
     kind: str = "prob",
     pos: int = -1,
     batch: Union[None, int, Sequence[int]] = None,
+    *,
+    band: bool = False,
 ) -> go.Figure:
     """Probability, rank or log-prob of targets and token sets across rows, at prompt position ``pos``.
 
-    Defaults: every target and set of the result, every prompt of the batch (several prompts: the mean,
-    with a band from the minimum to the maximum); a result with neither but with ``auto_tokens=N`` draws the
-    tracked tokens of prompt ``batch`` (``tracked_figure``). Ranks are drawn on a log axis. The points are exactly
+    Defaults: every target and set of the result, every prompt of the batch, one line per prompt (prompts
+    with different answers are not averaged; ``band=True`` draws the mean with a band from the minimum to
+    the maximum); a result with neither targets nor sets but with ``auto_tokens=N`` draws the tracked tokens
+    of prompt ``batch`` (``tracked_figure``). Ranks are drawn on a log axis labelled at the decades. A token
+    set is a wide translucent line under the targets' thin ones. The points are exactly
     ``rank_of``/``logprob_of`` (exp'd for ``prob``) or ``set_prob``/``set_rank``.
     """
     targets = list(result.target_names if targets is None else targets)
@@ -396,20 +505,16 @@ def trajectory_figure(
     p = result.pos_index(pos)
     chosen = _batches(result.token_ids.shape[0], batch)
     figure = go.Figure()
-    series = [(name, False) for name in targets] + [(name, True) for name in sets]
-    for i, (name, is_set) in enumerate(series):
+    # Sets first, so that the targets' lines are drawn over them; each series keeps its colour either way.
+    series = [(i, name, False) for i, name in enumerate(targets)] + [(len(targets) + i, name, True) for i, name in enumerate(sets)]
+    for i, name, is_set in sorted(series, key=lambda item: not item[2]):
         values = _series(result, name, kind, is_set)[:, chosen, p]
         if kind == "rank":
             values = values.masked_fill(values < 1, math.nan)
-        _band(figure, list(result.labels), values, ("set " if is_set else "") + visible_text(name), _COLOURS[i % len(_COLOURS)])
-    position = result.positions[p]
-    figure.update_layout(
-        title=f"{kind} across rows at position {position}" + (f" (mean of {len(chosen)} prompts)" if len(chosen) > 1 else ""),
-        xaxis_title="residual stream row", yaxis_title=kind, plot_bgcolor="white", hovermode="x unified",
-    )
-    figure.update_xaxes(type="category", showgrid=True, gridcolor="#eeeeee")
-    figure.update_yaxes(type="log" if kind == "rank" else "linear", showgrid=True, gridcolor="#eeeeee",
-                        range=[0, 1.02] if kind == "prob" else None)
+        _lines(figure, list(result.labels), values, ("set " if is_set else "") + display_token(name),
+               _COLOURS[i % len(_COLOURS)], chosen, band=band, is_set=is_set)
+    summary = f" (mean of {len(chosen)} prompts)" if band and len(chosen) > 1 else ""
+    _trajectory_layout(figure, f"{kind} across rows at {_at(result, result.positions[p], chosen)}{summary}", kind)
     return figure
 
 
@@ -425,20 +530,20 @@ def tracked_figure(result: LensResult, kind: str = "prob", pos: int = -1, batch:
         values = torch.tensor(chosen["probs"])
         values = values if kind == "prob" else values.log()
         peak = f", peak at {chosen['peak_row']}" if chosen["reason"] != track.REASONS[track.FINAL_TOP1] else ""
-        figure.add_trace(go.Scatter(x=list(result.labels), y=values.tolist(), mode="lines+markers",
-                                    name=f"{visible_text(chosen['token'])} ({chosen['reason']}{peak})",
-                                    line={"color": _COLOURS[i % len(_COLOURS)]}))
-    figure.update_layout(title=f"tracked tokens: {kind} across rows at position {result.positions[result.pos_index(pos)]}",
-                         xaxis_title="residual stream row", yaxis_title=kind, plot_bgcolor="white",
-                         hovermode="x unified", legend={"orientation": "h", "y": -0.3})
-    figure.update_xaxes(type="category", showgrid=True, gridcolor="#eeeeee")
-    figure.update_yaxes(showgrid=True, gridcolor="#eeeeee", range=[0, 1.02] if kind == "prob" else None)
+        name = f"{display_token(chosen['token'])} ({chosen['reason']}{peak})"
+        figure.add_trace(go.Scatter(x=list(result.labels), y=values.tolist(), mode="lines+markers", name=name,
+                                    line={"color": _COLOURS[i % len(_COLOURS)]},
+                                    hovertemplate=f"{_hover_name(display_token(chosen['token']))}: %{{y:.3g}}<extra></extra>"))
+    position = result.positions[result.pos_index(pos)]
+    _trajectory_layout(figure, f"tracked tokens: {kind} across rows at {_at(result, position, [batch])}", kind)
+    figure.update_layout(legend={"orientation": "h", "y": -0.3})
     return figure
 
 
 def metric_trajectory(result: LensResult, metrics: Sequence[str] = ("entropy", "kl_final_row"), pos: int = -1,
-                      batch: Union[None, int, Sequence[int]] = 0) -> go.Figure:
-    """Any ``[row, batch, pos]`` metrics across rows for one position, one subplot each (their units differ)."""
+                      batch: Union[None, int, Sequence[int]] = 0, *, band: bool = False) -> go.Figure:
+    """Any ``[row, batch, pos]`` metrics across rows for one position, one subplot each (their units differ);
+    several prompts: a line each, or with ``band=True`` the mean and a min-max band."""
     if isinstance(metrics, str):
         metrics = [metrics]
     p = result.pos_index(pos)
@@ -446,18 +551,23 @@ def metric_trajectory(result: LensResult, metrics: Sequence[str] = ("entropy", "
     figure = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True, subplot_titles=list(metrics))
     for i, metric in enumerate(metrics):
         values = metric_values(result, metric)[:, chosen, p]
-        _band(figure, list(result.labels), values, metric, _COLOURS[i % len(_COLOURS)], row=i + 1, subplots=True)
         if is_rank_metric(metric):
-            figure.update_yaxes(type="log", row=i + 1, col=1)
-    figure.update_layout(title=f"across rows at position {result.positions[p]}", height=220 + 220 * len(metrics),
-                         plot_bgcolor="white")
-    figure.update_xaxes(type="category", showgrid=True, gridcolor="#eeeeee")
+            values = values.masked_fill(values < 1, math.nan)
+        _lines(figure, list(result.labels), values, metric, _COLOURS[i % len(_COLOURS)], chosen, band=band,
+               row=i + 1, subplots=True, unified=False)
+        if is_rank_metric(metric):
+            style.log_rank_axis(figure, float(torch.nan_to_num(values, nan=1.0).max()), row=i + 1, col=1)
+    style.finish(figure, f"across rows at {_at(result, result.positions[p], chosen)}")
+    figure.update_layout(height=220 + 220 * len(metrics))
+    figure.update_xaxes(type="category", showgrid=True, gridcolor=style.GRID)
+    figure.update_yaxes(showgrid=True, gridcolor=style.GRID)
     return figure
 
 
-def logit_diff_trajectory(diff, pos: int = -1, batch: Union[None, int, Sequence[int]] = None) -> go.Figure:
+def logit_diff_trajectory(diff, pos: int = -1, batch: Union[None, int, Sequence[int]] = None, *,
+                          band: bool = False) -> go.Figure:
     """A ``LogitDiff`` across rows at prompt position ``pos`` (negative: counted from the last decoded
-    position); several prompts: the mean with a min-max band."""
+    position); several prompts: a line each, or with ``band=True`` the mean with a min-max band."""
     positions = list(diff.positions)
     if pos >= 0 and pos not in positions:
         raise LensIndexError(f"position {pos} was not decoded; decoded positions are {positions}")
@@ -467,12 +577,13 @@ def logit_diff_trajectory(diff, pos: int = -1, batch: Union[None, int, Sequence[
     chosen = _batches(diff.values.shape[1], batch)
     values = diff.values[:, chosen, positions.index(seq_pos)]
     figure = go.Figure()
-    name = f"logit[{' / '.join(diff.target_names)!r}] - logit[{' / '.join(diff.distractor_names)!r}]"
-    _band(figure, list(diff.labels), values, html.escape(name, quote=False), _COLOURS[0])
+    name = f"logit[{' / '.join(map(display_token, diff.target_names))}] - logit[{' / '.join(map(display_token, diff.distractor_names))}]"
+    _lines(figure, list(diff.labels), values, name, _COLOURS[0], chosen, band=band)
     figure.add_hline(y=0, line={"color": "#888888", "dash": "dot"})
-    figure.update_layout(title=f"logit difference across rows at position {seq_pos}", xaxis_title="residual stream row",
-                         yaxis_title="logit difference", plot_bgcolor="white")
-    figure.update_xaxes(type="category", showgrid=True, gridcolor="#eeeeee")
+    style.finish(figure, f"logit difference across rows at {style.position_label(None, seq_pos)}")
+    figure.update_layout(xaxis_title="residual stream row", yaxis_title="logit difference", hovermode="x unified")
+    figure.update_xaxes(type="category", showgrid=True, gridcolor=style.GRID)
+    figure.update_yaxes(showgrid=True, gridcolor=style.GRID)
     return figure
 
 
@@ -496,13 +607,17 @@ def lens_comparison_figure(frame, metrics: Sequence[str] = ("kl", "cross_entropy
     for i, lens in enumerate(dict.fromkeys(frame["lens"].tolist())):
         part = frame[frame["lens"] == lens].set_index("row").reindex(order)
         for j, metric in enumerate(metrics):
+            name = html.escape(str(lens), quote=False)
             figure.add_trace(go.Scatter(
-                x=order, y=part[metric].tolist(), mode="lines+markers", name=html.escape(str(lens), quote=False),
+                x=order, y=part[metric].tolist(), mode="lines+markers", name=name,
                 legendgroup=str(lens), showlegend=j == 0, line={"color": _COLOURS[i % len(_COLOURS)]},
+                hovertemplate=f"{_hover_name(name)}<br>%{{x}}: {titles.get(metric, metric)} %{{y:.4g}}<extra></extra>",
             ), row=1, col=j + 1)
             figure.update_yaxes(type="log" if metric == "perplexity" else "linear", row=1, col=j + 1)
-    figure.update_xaxes(type="category", title_text="residual stream row")
-    figure.update_layout(title="lenses compared, per row", width=520 * len(metrics) + 160, height=460, plot_bgcolor="white")
+    figure.update_xaxes(type="category", title_text="residual stream row", showgrid=True, gridcolor=style.GRID)
+    figure.update_yaxes(showgrid=True, gridcolor=style.GRID)
+    style.finish(figure, "lenses compared, per row")
+    figure.update_layout(width=520 * len(metrics) + 160, height=460)
     return figure
 
 
@@ -555,7 +670,7 @@ def html_report(
     # <bdi>: a prompt in or with right-to-left script renders in its own order, not mixed into the page's.
     intro = (f"<p>Prompt: <bdi><code>{html.escape(prompt)}</code></bdi></p>\n<p>Rows {html.escape(result.labels[0])} (bottom) .. "
              f"{html.escape(result.labels[-1])} (top); at the last decoded position the model predicts "
-             f"<code>{html.escape(repr(final[0]))}</code> with p = {final[1]:.3f}.</p>")
+             f"<code>{display_token(final[0])}</code> with p = {final[1]:.3f}.</p>")
     with atomic_write(path) as staging:
         write_page(staging, title, intro, list(zip(metrics, figures)), plotly=plotly)
     return Path(path)
@@ -605,4 +720,4 @@ __all__ = ["MAX_TEXT_POSITIONS", "DEFAULT_REPORT_METRICS", "available_metrics", 
     "top_axis_labels", "agreement_cells", "outlined_cells", "lens_heatmap", "heatmap_values", "trajectory_figure",
     "tracked_figure",
     "metric_trajectory", "logit_diff_trajectory", "COMPARISON_COLUMNS", "lens_comparison_figure", "html_report",
-    "write_page", "display_token", "visible_text"]
+    "write_page", "display_token", "visible_text", "CLIPPED_METRICS", "LOG_FLOOR", "robust_max"]

@@ -10,10 +10,11 @@ import html
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from lens_plugins.plot import style
 from lens_plugins.tokens import display_token
 
-_COLOURS = {"first_top1": "#1a7f37", "first_top_k": "#9ecae1", "overridden": "#b2182b"}
-_OUTCOME_COLOURS = {"never": "#888888", "top_k": "#9ecae1", "overridden": "#b2182b", "kept": "#1a7f37"}
+_COLOURS = {"first_top1": style.RIGHT, "first_top_k": "#9ecae1", "overridden": style.POSITIVE}
+_OUTCOME_COLOURS = {"never": "#888888", "top_k": "#9ecae1", "overridden": style.POSITIVE, "kept": style.RIGHT}
 _TOP_OVERRIDERS = 5
 
 
@@ -27,20 +28,20 @@ def surfaced_figure(surfaced) -> go.Figure:
              "overridden": "overridden (lost) here"}
     for column, name in names.items():
         figure.add_trace(go.Bar(x=list(counts.index), y=counts[column].tolist(), name=name,
-                                marker_color=_COLOURS[column]), row=1, col=1)
+                                marker_color=_COLOURS[column],
+                                hovertemplate=f"{name} at %{{x}}: %{{y}}<extra></extra>"), row=1, col=1)
     figure.add_trace(go.Bar(x=list(summary.index), y=summary["count"].tolist(), showlegend=False,
                             marker_color=[_OUTCOME_COLOURS[o] for o in summary.index],
-                            text=[f"{share:.0%}" for share in summary["share"]], textposition="outside"),
+                            text=[f"{share:.0%}" for share in summary["share"]], textposition="outside",
+                            hovertemplate="%{x}: %{y} (%{text})<extra></extra>"),
                      row=1, col=2)
     overriders = ", ".join(f"{display_token(token)} ({count})" for token, count in surfaced.overriders(_TOP_OVERRIDERS))
     target = html.escape(surfaced.target, quote=False)
     scored = int(summary["count"].sum())
-    figure.update_layout(
-        title=f"Surfaced, then overridden: target {target}, {scored} scored position(s)"
-              + (f"<br><sup>most frequent overriders: {overriders}</sup>" if overriders else ""),
-        barmode="group", plot_bgcolor="white", height=420, width=max(700, 28 * len(counts) + 300),
-        legend={"orientation": "h", "y": -0.25},
-    )
+    figure.update_layout(barmode="group", height=420, width=max(700, 28 * len(counts) + 300),
+                         legend={"orientation": "h", "y": -0.25})
+    style.finish(figure, f"Surfaced, then overridden: target {target}, {scored} scored position(s)",
+                 f"most frequent overriders: {overriders}" if overriders else "")
     figure.update_xaxes(title_text="row", row=1, col=1)
     figure.update_yaxes(title_text="count", row=1, col=1)
     return figure

@@ -88,12 +88,14 @@ def run_patchscope(
     vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
     prepend_bos: Optional[bool] = None,
+    progress: bool = False,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, or its token ids ``[1, seq]``) on an nnsight ``model``; the
     options are those of ``lp.transformer_lens.patchscope``. ``remote`` / ``backend`` go to every
     ``model.trace`` (the source trace and one per batch of pairs); ``paths`` holds module paths
     (``{"layers": ..., "final_norm": ..., "lm_head": ...}``) for a family ``core.architectures`` does not know.
-    Source and target text are tokenized with ``prepend_bos`` as in ``run_logit_lens``."""
+    Source and target text are tokenized with ``prepend_bos`` as in ``run_logit_lens``; ``progress`` draws a bar
+    over the (row, position) pairs (one target trace per batch of them, also remote)."""
 
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     tokenizer = model.tokenizer
@@ -126,7 +128,7 @@ def run_patchscope(
             return run(runner, request, saved["hidden"].float(), saved["token_ids"].to(torch.long),
                        target_ids.to(torch.long),
                        target_prompt if isinstance(target_prompt, str) else tokenizer.decode(target_ids.tolist()),
-                       tokenizer, mapping)
+                       tokenizer, mapping, progress=progress)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened if it is a remote failure
         raise remote_error(error, remote, backend) from error
 

@@ -92,6 +92,7 @@ def run_patchscope(
     vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK,
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
     prepend_bos: Optional[bool] = None,
+    progress: bool = False,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, its token ids ``[1, seq]``, or an ``ActivationCache`` of one
     prompt cached with ``hook_filter()``; ``tokens`` overrides the ids recovered from a cache) on a
@@ -126,6 +127,7 @@ def run_patchscope(
         vocab_chunk: vocabulary columns per tile.
         token_chunk: vectors per tile.
         prepend_bos: as ``run_logit_lens``, for source and target.
+        progress: a progress bar over the (row, position) pairs (``lens_plugins.progress``; off by default).
 
     Returns:
         A ``PatchscopeResult``: a ``LensResult`` whose rows are source rows and columns source positions.
@@ -168,6 +170,6 @@ def run_patchscope(
         runner = _Runner(model, request, target_ids.reshape(1, -1), vocab_chunk, token_chunk)
         return run(runner, request, hidden.float(), source_ids.to(torch.long).cpu(), target_ids.cpu(),
                    target_prompt if isinstance(target_prompt, str) else model.tokenizer.decode(target_ids.tolist()),
-                   model.tokenizer, mapping)
+                   model.tokenizer, mapping, progress=progress)
 
 __all__ = ["run_patchscope"]

@@ -4,6 +4,7 @@ no hub), raises nothing and shows its figures; each notebook matches its ``.py``
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -103,9 +104,35 @@ def test_notebook_runs(script, tmp_path, kernel_env):
     if script.stem == "02_nnsight":
         assert "running the lens on " in text   # it says where the remote trace ran
     if script.stem == "07_exercises":  # the blanks run, and every check says so instead of failing
-        assert text.count(": not done yet") == 5 and "FAILED" not in text
+        assert text.count(": not done yet") == 9 and "FAILED" not in text
+        assert text.count(": not answered") == 10 and "quiz: 0/0 answered correctly" in text
     if script.stem == "07_solutions":  # every solution passed its check (asserted in the notebook), the quiz ran
-        assert text.count("FAILED") == 9 and all(f"Q{q:>2}: " in text for q in range(1, 11))
+        assert text.count("FAILED") == 11 and "quiz: 10/10 answered correctly" in text
+        assert "quiz: 0/3 answered correctly" in text and text.count("WRONG") == 3
+        for block in expected_outputs():  # what the exercises show as expected is what the solutions print
+            assert block in text, f"07_exercises' expected output is not what 07_solutions prints:\n{block}"
+
+
+def expected_outputs() -> list[str]:
+    """The ```text blocks under "**Expected output**" in the exercises' markdown."""
+    cells = notebooks.script_cells(TUTORIALS / "07_exercises.py")
+    return [match.group(1) for kind, source in cells if kind == "markdown"
+            for match in re.finditer(r"\*\*Expected output\*\*\s*```text\n(.*?)```", source, flags=re.S)]
+
+
+def test_exercises_have_scaffolding():
+    """Every exercise states a time budget, has two hints (collapsed) and typed stubs (jaxtyping) that raise
+    NotImplementedError; every expected output is filled in (the slow test compares it with the solutions')."""
+    cells = notebooks.script_cells(TUTORIALS / "07_exercises.py")
+    exercises = [i for i, (kind, source) in enumerate(cells) if kind == "markdown" and source.startswith("## Exercise")]
+    assert len(exercises) == 8
+    for i in exercises:
+        intro, stub = cells[i][1], cells[i + 1][1]
+        assert re.search(r"\(⏱ \d+ min\)", intro.splitlines()[0]), intro.splitlines()[0]
+        assert intro.count("<details><summary>Hint 1</summary>") == 1 and "<details><summary>Hint 2</summary>" in intro
+        assert cells[i + 1][0] == "code" and "raise NotImplementedError" in stub and "[Tensor, " in stub
+    blocks = expected_outputs()
+    assert len(blocks) == 5 and all(b.strip() and "EXPECTED_" not in b for b in blocks)
 
 
 # --- the course checks: a correct answer passes, each plausible wrong answer fails, naming its slip ----------
@@ -366,3 +393,24 @@ def test_course_checks_of_a_model_on_a_tiny_llama():
     for slip, says in SCOPE_SLIPS:
         verdict = checks.run(checks.check_patchscope, lambda *a, slip=slip: scope_ok(*a, **slip), model, _char_tokenizer)
         assert verdict.startswith("FAILED") and says in verdict, (slip, verdict)
+
+
+@pytest.mark.slow
+def test_quiz_question_3_agrees_with_tutorial_01(smollm2_hf, smollm2_bridge, capsys):
+    """Question 3's answer, as check_quiz computes it (plain torch on the HF model, `tokenizer(prompt)`), is the
+    row tutorial 01 finds (TransformerLens, `prepend_bos=None`); the with-BOS row is another one, and check_quiz
+    marks it wrong naming the BOS."""
+    import lens_plugins as lp
+
+    model, tokenizer = smollm2_hf
+
+    def first_paris(prepend_bos):
+        run = lp.transformer_lens.run_logit_lens(smollm2_bridge, checks.QUIZ_PROMPT, targets=[" Paris"],
+                                                 prepend_bos=prepend_bos)
+        return run.labels[int((run.rank_of(" Paris")[:, 0, -1] == 1).nonzero()[0])]
+
+    default, with_bos = first_paris(None), first_paris(True)
+    assert default != with_bos
+    assert checks.check_quiz({3: default}, model, tokenizer)[3] is True
+    assert checks.check_quiz({3: with_bos}, model, tokenizer)[3] is False
+    assert "with a BOS prepended" in capsys.readouterr().out

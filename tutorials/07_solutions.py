@@ -264,6 +264,7 @@ for first in (0, 15):   # every row, then only from 15_pre on (rows may be thinn
         print(f"rows from {labels[first]}, threshold {threshold}: retention {retention:.2f}, "
               f"layers saved {saved:.1%} on {held_ids.shape[1]} tokens")
 
+# %%
 import lens_plugins as lp
 
 wrapped = lp.nnsight.wrap_model(model, tokenizer)
@@ -382,6 +383,10 @@ answers[10] = f"{says.index(True)}_pre" if True in says else None
 scope = lp.patchscope(wrapped, prompt, positions=[-1], targets=[" Paris"])
 assert answers[10] == scope.labels[int((scope.rank_of(" Paris")[:, 0, -1] == 1).nonzero()[0])]
 
+# %% [markdown]
+# `check_quiz` computes every answer again, its own way (plain torch), and marks these:
+
+# %%
 marks = cc.check_quiz(answers, model, tokenizer)
 assert all(marks.values())
 

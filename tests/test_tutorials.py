@@ -117,7 +117,7 @@ def expected_outputs() -> list[str]:
     """The ```text blocks under "**Expected output**" in the exercises' markdown."""
     cells = notebooks.script_cells(TUTORIALS / "07_exercises.py")
     return [match.group(1) for kind, source in cells if kind == "markdown"
-            for match in re.finditer(r"\*\*Expected output\*\*\s*```text\n(.*?)```", source, flags=re.S)]
+            for match in re.finditer(r"\*\*Expected output\*\*\s*```text\n(.*?)```", source, flags=re.DOTALL)]
 
 
 def test_exercises_have_scaffolding():
@@ -163,7 +163,7 @@ def surfaced_ok(row_logits, target, k, *, rank_shift=1, strict=False, by_logit=F
     rank = rank_shift + (row_logits > row_logits[:, target, None]).sum(-1)
     in_k = rank < k if strict else rank <= k
     top1 = in_k if top1_is_top_k else rank == 1
-    first = lambda mask: int(mask.nonzero()[0]) if mask.any() else -1  # noqa: E731
+    first = lambda mask: int(mask.nonzero()[0]) if mask.any() else -1
     last_top1 = int(top1.nonzero()[-1]) if top1.any() else -1
     kept = bool(top1[-1])
     overridden = bool(top1.any()) and not kept

@@ -20,12 +20,15 @@ from lens_plugins.typecheck import typechecked
 Sublayers = Union[bool, str]
 
 
-def wrap_model(model: torch.nn.Module, tokenizer, **kwargs):
-    """An nnsight ``TransformersModel`` (task ``text-generation``) around an already-loaded HF causal LM.
+def wrap_model(model: torch.nn.Module, tokenizer, processor=None, **kwargs):
+    """An nnsight ``TransformersModel`` around an already-loaded HF causal LM (task ``text-generation``), or,
+    with a ``processor``, around a vision-language model (task ``image-text-to-text``: a trace then also takes
+    ``model.trace(text, images=[image])``, the processor making the inputs).
 
     Args:
         model: a Hugging Face ``PreTrainedModel``, already loaded.
         tokenizer: its tokenizer.
+        processor: a vision-language model's processor (``AutoProcessor``), if it is one.
         **kwargs: passed to nnsight's ``LanguageModel``.
 
     Returns:
@@ -33,6 +36,8 @@ def wrap_model(model: torch.nn.Module, tokenizer, **kwargs):
     """
     from nnsight.modeling.transformers import TransformersModel
 
+    if processor is not None:
+        return TransformersModel(model, tokenizer=tokenizer, processor=processor, task="image-text-to-text", **kwargs)
     return TransformersModel(model, tokenizer=tokenizer, task="text-generation", **kwargs)
 
 

@@ -11,13 +11,13 @@ import math
 
 import pytest
 import torch
+from tiny_vlms import BRIDGE_FAMILIES, FAMILIES, inputs_for, picture, tiny_vlm
 
 import lens_plugins as lp
 from lens_plugins.core import architectures, verification
 from lens_plugins.core.rows import Row, plan
 from lens_plugins.core.trace.reader import reader
 from lens_plugins.methods import vision
-from tiny_vlms import BRIDGE_FAMILIES, FAMILIES, inputs_for, picture, tiny_vlm
 
 TOL = 1e-4
 # Three families run in the quick suite (a square grid, Gemma 3's pooled tokens with sandwich norms, Qwen2-VL's
@@ -58,7 +58,7 @@ def wrapped(model, processor):
 
 
 def test_rows_and_logits_equal_the_models_own_with_the_image(family):
-    name, model, processor, inputs, nn_model = family
+    name, model, _, inputs, nn_model = family
     spec = verification.resolve(model)  # verified at first use (a text forward), not refused
     assert spec["layers"].endswith("layers") and "vision" not in spec["layers"]
     out = forward(model, inputs)
@@ -77,7 +77,7 @@ def test_rows_and_logits_equal_the_models_own_with_the_image(family):
 
 def test_the_image_reaches_the_language_model(family):
     """Another picture changes the rows at the image's positions (and not the text before it)."""
-    name, model, processor, inputs, nn_model = family
+    name, model, processor, inputs, _ = family
     other = inputs_for(name, processor, picture().rotate(90, expand=False).transpose(0))
     assert torch.equal(other["input_ids"], inputs["input_ids"])
     a, b = forward(model, inputs).hidden_states[1], forward(model, other).hidden_states[1]
@@ -88,7 +88,7 @@ def test_the_image_reaches_the_language_model(family):
 
 
 def test_one_call_lens_decodes_the_models_logits_and_labels_the_patches(family):
-    name, model, processor, inputs, nn_model = family
+    name, model, _, inputs, nn_model = family
     out = forward(model, inputs)
     result = lp.nnsight.run_logit_lens(nn_model, inputs, top_k=5)
     logprobs = out.logits[0].float().log_softmax(-1)
@@ -123,8 +123,24 @@ def test_a_trace_given_text_and_images_runs_the_processor():
     assert torch.equal(traced.top_ids, expected.top_ids)
 
 
+def test_a_saved_model_lensed_through_nnsights_remote_serialisation(tmp_path):
+    """The NDIF route rehearsed here (``remote="local"``: the request serialised as for a server, then run):
+    a VLM saved with its processor, opened with ``remote_model(path, task="image-text-to-text")`` (no weights
+    loaded), gives the in-memory model's lens. ``tests_ndif/test_remote_vision.py`` runs it on the server."""
+    model, processor = tiny_vlm("llava")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    remote = lp.nnsight.remote_model(str(tmp_path), task="image-text-to-text")
+    assert {p.device.type for p in remote._module.parameters()} == {"meta"}
+    inputs = inputs_for("llava", processor)
+    serialised = lp.nnsight.run_logit_lens(remote, inputs, remote="local", top_k=3)
+    expected = lp.nnsight.run_logit_lens(wrapped(model, processor), inputs, top_k=3)
+    assert torch.equal(serialised.top_ids, expected.top_ids)
+    assert (serialised.top_logprobs - expected.top_logprobs).abs().max() <= 1e-5
+
+
 def test_in_trace_lens_equals_the_one_call_form(family):
-    name, model, processor, inputs, nn_model = family
+    _, _, _, inputs, nn_model = family
     with nn_model.trace(dict(inputs)):
         saved = lp.nnsight.logit_lens(nn_model, top_k=3)
     traced = lp.nnsight.logit_lens_result(saved, nn_model)
@@ -213,3 +229,30 @@ def test_bad_image_inputs_are_refused_by_name():
 
     with pytest.raises(lp.LensError, match="no image token id"):
         vision.image_grids(tiny_model("llama"), inputs)
+
+
+def test_smolvlm_passes_the_check_and_mllama_is_refused_by_name():
+    """The table's other two rows: SmolVLM (Idefics3's layout) verifies; Mllama's cross-attention blocks do not
+    run in a text forward, so the check refuses it naming them (no patch positions to label either way)."""
+    import transformers as T
+
+    from lens_plugins.core import discovery
+
+    text = T.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    smolvlm = T.SmolVLMForConditionalGeneration(T.SmolVLMConfig(
+        text_config=text, vision_config=T.SmolVLMVisionConfig(**vision), image_token_id=999, scale_factor=2)).eval()
+    verdict = verification.verify(smolvlm, discovery.discover(smolvlm))
+    assert verdict["refused"] is None and verdict["spec"]["layers"] == "model.text_model.layers"
+    mllama = T.MllamaForConditionalGeneration(T.MllamaConfig(
+        text_config=T.MllamaTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1]),
+        vision_config=T.MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_global_layers=1, attention_heads=2, image_size=32, patch_size=8,
+                                           max_num_tiles=4, vision_output_dim=64, intermediate_layers_indices=[0]),
+        image_token_index=999)).eval()
+    refused = verification.verify(mllama, discovery.discover(mllama))["refused"]
+    assert refused is not None and "blocks [1] of the layer list did not run" in refused

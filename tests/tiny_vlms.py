@@ -68,7 +68,7 @@ class QwenProcessor:
 
 
 def processor_and_config(family):
-    ids = lambda tok, *names: [tok.convert_tokens_to_ids(n) for n in names]  # noqa: E731
+    ids = lambda tok, *names: [tok.convert_tokens_to_ids(n) for n in names]
     if family in ("llava", "llava_next"):
         tok = tokenizer_with(["<image>"])
         text = T.LlamaConfig(vocab_size=len(tok), **TEXT)
@@ -147,9 +147,7 @@ def tiny_vlm(family, seed=0):
     generator = torch.Generator().manual_seed(seed + 10_000)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-            elif not param.any():  # a projection initialised to zero (Gemma 3's) would hide the image
+            if "norm" in name or name.endswith("bias") or not param.any():
                 param.add_(torch.randn(param.shape, generator=generator) * 0.2)
     return model.eval(), processor
 

@@ -21,7 +21,6 @@ its sequence is a patch (its language model is still lensed as a text model).
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -41,8 +40,8 @@ class ImageGrid:
     batch: int
     image: int
     positions: list[int]
-    rows: Optional[int] = None
-    cols: Optional[int] = None
+    rows: int | None = None
+    cols: int | None = None
     part: str = ""  # "base" / "detail" for LLaVA-Next's two grids of one image
     newline: bool = False  # the last column is the row-end token (LLaVA-Next's detail grid)
 
@@ -82,7 +81,7 @@ def config_of(model):
     return getattr(getattr(hf, "original_model", hf), "config", None)
 
 
-def any_resolution(config, positions: list[int], batch: int, image: int, size) -> Optional[list[ImageGrid]]:
+def any_resolution(config, positions: list[int], batch: int, image: int, size) -> list[ImageGrid] | None:
     """LLaVA-Next's run (``image_grid_pinpoints`` in the config): the base grid, then the detail rows of
     ``cols`` patches and a newline token each, the shape found as the model finds it from the picture's
     ``size`` = ``(height, width)`` (``image_sizes``); ``None`` if the run does not split so."""
@@ -94,7 +93,10 @@ def any_resolution(config, positions: list[int], batch: int, image: int, size) -
     if rest <= 0:
         return None
     # the model's own arithmetic: tiles of the best pinpoint, then the padding cut back to the picture's aspect
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        unpad_image,
+    )
 
     tiles_h, tiles_w = get_anyres_image_grid_shape(tuple(size), config.image_grid_pinpoints, int(vision.image_size))
     rows, cols = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), torch.tensor(size)).shape[1:]
@@ -190,5 +192,16 @@ def patch_values(values: Tensor, result_positions: list[int], grid: ImageGrid) -
     return out.reshape(*values.shape[:-1], rows, cols)
 
 
-__all__ = ["IMAGE_TOKEN_FIELDS", "ImageGrid", "image_token_id", "merge_size", "config_of", "any_resolution", "runs", "image_grids", "token_labels",
-           "label_image_tokens", "patch_values"]
+__all__ = [
+    "IMAGE_TOKEN_FIELDS",
+    "ImageGrid",
+    "any_resolution",
+    "config_of",
+    "image_grids",
+    "image_token_id",
+    "label_image_tokens",
+    "merge_size",
+    "patch_values",
+    "runs",
+    "token_labels",
+]

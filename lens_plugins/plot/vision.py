@@ -10,7 +10,6 @@ patch can be found on it. Like every figure it takes a result, never a model.
 """
 
 from collections.abc import Sequence
-from typing import Optional
 
 import plotly.graph_objects as go
 import torch
@@ -123,7 +122,7 @@ def image_lens_figure(
     return figure
 
 
-def grid_values(figure: go.Figure, image: int = 0) -> list[list[Optional[float]]]:
+def grid_values(figure: go.Figure, image: int = 0) -> list[list[float | None]]:
     """The ``z`` of the ``image``-th patch grid as drawn (for tests and callers that read a figure back)."""
     heatmaps = [t for t in figure.data if isinstance(t, go.Heatmap) and t.name != "text"]
     return [list(line) for line in heatmaps[image].z]
@@ -138,4 +137,4 @@ def _as_array(image):
     return array
 
 
-__all__ = ["image_lens_figure", "grid_values"]
+__all__ = ["grid_values", "image_lens_figure"]

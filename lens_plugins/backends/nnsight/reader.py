@@ -53,7 +53,8 @@ def remote_model(path_or_repo_id: str, tokenizer=None, **kwargs):
     Args:
         path_or_repo_id: a Hugging Face repo id the server knows, or a local directory (its own id).
         tokenizer: a tokenizer; default loaded from ``path_or_repo_id``.
-        **kwargs: passed to nnsight's ``LanguageModel``.
+        **kwargs: passed to nnsight's ``LanguageModel`` (``task="image-text-to-text"`` for a vision-language
+            model: its processor is loaded from the same directory or repo).
 
     Returns:
         An nnsight model whose weights stay on the meta device until a local trace needs them.
@@ -69,7 +70,12 @@ def remote_model(path_or_repo_id: str, tokenizer=None, **kwargs):
         tokenizer = AutoTokenizer.from_pretrained(name)
     if Path(name).is_dir():
         _ID_CACHE.setdefault(name, name)
-    model = TransformersModel(name, tokenizer=tokenizer, task="text-generation", **kwargs)
+    kwargs.setdefault("task", "text-generation")  # task="image-text-to-text" for a vision-language model
+    if kwargs["task"] == "image-text-to-text" and kwargs.get("processor") is None:
+        from transformers import AutoProcessor  # nnsight cannot guess it either
+
+        kwargs["processor"] = AutoProcessor.from_pretrained(name)
+    model = TransformersModel(name, tokenizer=tokenizer, **kwargs)
     model._module.eval()  # as from_pretrained leaves it (the server's copy, and this one once loaded)
     return model
 

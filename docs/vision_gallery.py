@@ -1,8 +1,11 @@
-"""Render the image-patch figure of ``docs/vision_language.md`` (``docs/images/vision_patches.png``): the lens of a
+"""Render the image-patch figure of ``docs/vision_language.md`` (``docs/vision_figures/vision_patches.png``): the lens of a
 tiny random LLaVA-style model (``tests/tiny_vlms.py``: 2 layers, SmolLM2's tokenizer, random weights, built offline)
 over a picture drawn with PIL, by the system's Chromium as ``docs/gallery.py`` renders the README's gallery.
 
-    python docs/vision_gallery.py [OUT_DIR]        # default docs/images
+    python docs/vision_gallery.py [OUT_DIR]        # default docs/vision_figures
+
+Not in ``docs/images``: that folder holds exactly the README's gallery (``tests/test_docs_gallery.py``), and the docs
+site's build test copies the pages without it.
 
 The weights are random, so the tokens in the cells mean nothing: the figure shows the layout (the picture, its
 patch grid at one lens row with a slider over the rows, the text positions beside it), not a finding.
@@ -52,4 +55,4 @@ def render(out: Path, executable: str = "") -> Path:
 
 
 if __name__ == "__main__":
-    print(render(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "images"))
+    print(render(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "vision_figures"))

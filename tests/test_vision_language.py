@@ -239,7 +239,7 @@ def test_smolvlm_passes_the_check_and_mllama_is_refused_by_name():
     from lens_plugins.core import discovery
 
     text = T.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=8)
     torch.manual_seed(0)
@@ -249,7 +249,8 @@ def test_smolvlm_passes_the_check_and_mllama_is_refused_by_name():
     assert verdict["refused"] is None and verdict["spec"]["layers"] == "model.text_model.layers"
     mllama = T.MllamaForConditionalGeneration(T.MllamaConfig(
         text_config=T.MllamaTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1]),
+                                       num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                                       pad_token_id=0),
         vision_config=T.MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_global_layers=1, attention_heads=2, image_size=32, patch_size=8,
                                            max_num_tiles=4, vision_output_dim=64, intermediate_layers_indices=[0]),

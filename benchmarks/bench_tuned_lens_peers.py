@@ -5,11 +5,13 @@ Both train SmolLM2-135M-Instruct (float32, the local files; tuned-lens 0.2.0 nee
 a copy of the model whose ``config.json`` names ``rope_theta`` and the tokenizer class the 4.x way) on the first
 ``--train-texts`` texts of the built-in corpus cut into 128-token blocks, ``--steps`` optimiser steps of
 ``--batch`` blocks each (tuned-lens: ``--tokens_per_step batch*128 --per_gpu_batch_size batch``, so one forward
-pass per step; here ``batch_size=batch``), KL loss, SGD with Nesterov momentum 0.9, lr 1.0, weight decay 1e-3
+pass per step; here ``batch_size=batch``), KL loss (tuned-lens computes it under bfloat16 autocast, so this
+package runs both its bfloat16 matmuls, the like-for-like figure, and its float32 default), SGD with Nesterov momentum 0.9, lr 1.0, weight decay 1e-3
 and ``warmup_steps`` as tuned-lens chooses (``min(0.2 * steps, 1000)``). Each run is a fresh process; the
 approaches alternate within a round; figures are medians. Time is the training loop alone (tuned-lens: from the
 end of its ``setup``, which loads the model and tokenizes the data, to the end; here the ``train`` call after the
-model is loaded), tokens/s = steps * batch * 128 / that time; memory is the process's peak resident set.
+model is loaded), tokens/s = steps * batch * 128 / that time; memory is the rise of the process's peak resident
+set over the training loop above its resident set before it (model, tokenizer and data loaded).
 Both lenses are then scored by the same code (``lp.evaluate_lenses``) on the corpus texts neither trained on:
 held-out KL(final || row) averaged over rows.
 
@@ -35,7 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 VENV = Path("/tmp/lens-plugins-tunedlens")
 SEQ = 128
-APPROACHES = ("tuned_lens_package", "lens_plugins")
+# tuned-lens's trainer runs the lens and its loss under bfloat16 autocast (its logit matmuls in bfloat16):
+# lens_plugins_bf16 is the like-for-like run (matmul_dtype=torch.bfloat16), lens_plugins the float32 default.
+APPROACHES = ("tuned_lens_package", "lens_plugins_bf16", "lens_plugins")
 
 # Runs tuned-lens's own CLI in this process, timing from the end of its setup; prints the figures as JSON.
 REFERENCE = r'''
@@ -43,8 +47,12 @@ import json, runpy, sys, time
 import tuned_lens.scripts.train_loop as loop
 marks = {}
 setup = loop.Train.setup
+def rss(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
 def timed_setup(self):
     out = setup(self)
+    marks["base"] = rss("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # the peak from here on: the training loop's own
     marks["start"] = time.perf_counter()
     return out
 loop.Train.setup = timed_setup
@@ -55,8 +63,8 @@ except SystemExit:
     pass
 seconds = time.perf_counter() - marks["start"]
 import torch
-peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "threads": torch.get_num_threads()}))
+print(json.dumps({"seconds": seconds, "peak_mb": (rss("VmHWM") - marks["base"]) / 1024,
+                  "threads": torch.get_num_threads()}))
 '''
 
 
@@ -78,6 +86,7 @@ def t4_model_dir(tmp: str) -> str:
     from lens_plugins.models import default_model_dir
 
     target = Path(tmp) / "smollm2-t4"
+    shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
     for path in default_model_dir().iterdir():
         shutil.copy(path, target / path.name)
@@ -91,7 +100,11 @@ def t4_model_dir(tmp: str) -> str:
     return str(target)
 
 
-def ours(texts_file: str, steps: int, batch: int, out: str) -> dict:
+def rss(field: str) -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+def ours(approach: str, texts_file: str, steps: int, batch: int, out: str) -> dict:
     import torch
 
     import lens_plugins as lp
@@ -115,7 +128,7 @@ def heldout_kl(lens_dirs: dict, texts: list) -> dict:
 
     model, tokenizer = load_hf_model(default_model_dir())
     lenses = [lp.TunedLens.load(path) for path in lens_dirs.values()]
-    result = lp.evaluate_lenses(model, texts, [lp.LogitLens(), *lenses], names=["logit lens", *lens_dirs],
+    result = lp.evaluate_lenses(lp.nnsight.wrap_model(model, tokenizer), texts, [lp.LogitLens(), *lenses], names=["logit lens", *lens_dirs],
                                 seq_len=SEQ)
     frame = result.to_dataframe()
     return {name: float(frame[(frame["lens"] == name) & (frame["row"] != frame["row"].iloc[-1])]["kl"].mean())
@@ -128,12 +141,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--train-texts", type=int, default=64)
+    parser.add_argument("--keep", help="a folder to keep the trained lenses in (default: a temporary one)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--texts", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(ours(args.texts, args.steps, args.batch, args.out)))
+        print(json.dumps(ours(args.child, args.texts, args.steps, args.batch, args.out)))
         return
 
     from cpu import cpu_description
@@ -146,6 +160,7 @@ def main() -> None:
           f"tokens, KL loss; {len(train)} training texts, {len(held)} held-out; {cpu_description()}", flush=True)
     results = {a: [] for a in APPROACHES}
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.keep or tmp
         texts_file = os.path.join(tmp, "train.jsonl")
         with open(texts_file, "w") as f:
             for text in train:
@@ -159,7 +174,7 @@ def main() -> None:
                 if approach == "tuned_lens_package":
                     cli = ["train", "--model.name", model_dir, "--data.name", texts_file, "--max_length", str(SEQ),
                            "--num_steps", str(args.steps), "--tokens_per_step", str(args.batch * SEQ),
-                           "--per_gpu_batch_size", str(args.batch), "--precision", "float32", "--loss", "kl",
+                           "--per_gpu_batch_size", str(args.batch), "--precision", "float32", "--loss", "KL",
                            "-o", out]
                     command = [python, "-c", REFERENCE, json.dumps(cli)]
                 else:
@@ -167,7 +182,9 @@ def main() -> None:
                                "--steps", str(args.steps), "--batch", str(args.batch)]
                 load = os.getloadavg()[0]
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-                done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+                done = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
+                if done.returncode:
+                    raise SystemExit(f"{approach} failed:\n{done.stderr[-3000:]}")
                 record = json.loads(done.stdout.strip().splitlines()[-1]) | {"load": load, "lens": out}
                 record["tokens_per_s"] = args.steps * args.batch * SEQ / record["seconds"]
                 results[approach].append(record)
@@ -176,7 +193,7 @@ def main() -> None:
     base = results["tuned_lens_package"]
     base_rate = statistics.median(r["tokens_per_s"] for r in base)
     base_peak = statistics.median(r["peak_mb"] for r in base)
-    print("\n| approach | tokens/s (median) | x tuned-lens | peak memory (MB) | / tuned-lens | held-out KL, mean over "
+    print("\n| approach | tokens/s (median) | x tuned-lens | peak memory of the loop (MB) | / tuned-lens | held-out KL, mean over "
           "rows (nats) |")
     print("|---|---|---|---|---|---|")
     for approach in APPROACHES:

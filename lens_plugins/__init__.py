@@ -65,6 +65,8 @@ _LAZY = {
     "fit_shortcuts": ("lens_plugins.methods.early_exit", "fit_shortcuts"),
     "shortcut_scores": ("lens_plugins.methods.early_exit", "shortcut_scores"),
     "early_exit": ("lens_plugins.methods.early_exit", "early_exit"),
+    "vision": ("lens_plugins.methods.vision", None),
+    "image_lens_figure": ("lens_plugins.plot.vision", "image_lens_figure"),
 }
 
 __all__ = list(_LAZY)

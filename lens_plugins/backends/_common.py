@@ -8,7 +8,7 @@ import functools
 import threading
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
 import torch
@@ -16,6 +16,11 @@ from torch import Tensor
 
 from lens_plugins.core.decoder_lens import one_example
 from lens_plugins.core.errors import LensTypeError, LensValueError
+
+
+# What a one-call verb runs: text, a batch of texts, or model inputs (a processor's output, with an image's
+# ``pixel_values``: ``processor_inputs``).
+Prompt = Union[str, list[str], Mapping]
 
 
 def unwrap(model):
@@ -204,6 +209,27 @@ def prompt_ids(tokenizer, text: str, prepend_bos: Optional[bool]) -> list[int]:
     return ids[1:] if ids[1:len(plain) + 1] == list(plain) else ids  # added by the tokenizer, not spelled
 
 
+def processor_inputs(model, prompt) -> Optional[dict]:
+    """A prompt given as model inputs (the mapping a Hugging Face processor returns: ``input_ids``, an
+    ``attention_mask`` and, for a vision-language model, ``pixel_values`` and the like) as a plain dict, checked
+    the way text is (ids in the vocabulary, the context length); ``None`` for a prompt given as text. This is how
+    an image reaches every one-call verb: the processor's output is the prompt, run as it is (no BOS rule)."""
+    if isinstance(prompt, (str, list, tuple)) or not hasattr(prompt, "keys"):
+        return None
+    inputs = {key: prompt[key] for key in prompt.keys()}
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
+        raise LensValueError(
+            f"a prompt given as model inputs needs input_ids of shape [batch, seq] (a tensor), got "
+            f"{type(ids).__name__ if not isinstance(ids, Tensor) else tuple(ids.shape)} (keys {sorted(inputs)}): "
+            "pass what the model's processor returns, e.g. processor(text=..., images=..., return_tensors='pt')")
+    check_token_ids(model, ids, "input_ids")
+    check_context(ids.shape[1], context_length(model))
+    if inputs.get("attention_mask") is None:
+        inputs["attention_mask"] = torch.ones_like(ids)
+    return inputs
+
+
 def check_max_new_tokens(max_new_tokens: int) -> None:
     """Refuse a generation of no tokens before any forward pass."""
     if max_new_tokens < 1:
@@ -249,6 +275,6 @@ def one_at_a_time(run):
     return locked
 
 
-__all__ = ["unwrap", "context_length", "check_context", "model_lock", "one_at_a_time", "pad_batch", "pad_prompts",
-           "eval_mode", "check_prompts", "prompt_ids", "example_ids", "vocab_size", "check_token_ids", "check_one_prompt_ids", "check_model",
+__all__ = ["Prompt", "unwrap", "context_length", "check_context", "model_lock", "one_at_a_time", "pad_batch", "pad_prompts",
+           "eval_mode", "check_prompts", "prompt_ids", "example_ids", "vocab_size", "check_token_ids", "check_one_prompt_ids", "check_model", "processor_inputs",
            "check_max_new_tokens"]

@@ -44,6 +44,7 @@ class AttentionResult:
     token_ids: Int[Tensor, "batch seq"]
     attention_mask: Int[Tensor, "batch seq"]
     vocab_strings: dict[int, str]
+    token_labels: Optional[list[list[str]]] = None  # per prompt and position, as ``LensResult.token_labels``
 
     def __post_init__(self) -> None:
         if len(self.layers) != self.patterns.shape[0]:
@@ -60,6 +61,8 @@ class AttentionResult:
         return self.vocab_strings.get(int(token_id), f"<{int(token_id)}>")
 
     def str_tokens(self, batch: int = 0) -> list[str]:
+        if self.token_labels is not None:
+            return list(self.token_labels[batch])
         return [self.token(i) for i in self.token_ids[batch].tolist()]
 
     def layer_index(self, layer: int) -> int:

@@ -78,6 +78,9 @@ class LensResult:
     auto_reasons: Optional[Int[Tensor, "batch pos n"]] = None
     auto_peak_rows: Optional[Int[Tensor, "batch pos n"]] = None
     auto_scores: Optional[Float[Tensor, "batch pos n"]] = None
+    # Per prompt, a label for every position (``lp.vision.label_image_tokens``: "<image 3,7>" for a patch);
+    # ``None``: the tokens' own strings.
+    token_labels: Optional[list[list[str]]] = None
 
     def __post_init__(self) -> None:
         if len(self.labels) != self.log_partition.shape[0]:
@@ -105,7 +108,9 @@ class LensResult:
         return self.vocab_strings.get(int(token_id), f"<{int(token_id)}>")
 
     def str_tokens(self, batch: int = 0) -> list[str]:
-        """The prompt's tokens (all positions, not only the decoded ones)."""
+        """The prompt's tokens (all positions, not only the decoded ones), as labelled (``token_labels``)."""
+        if self.token_labels is not None:
+            return list(self.token_labels[batch])
         return [self.token(i) for i in self.token_ids[batch].tolist()]
 
     def row_index(self, row: Union[int, str]) -> int:

@@ -21,6 +21,7 @@ from lens_plugins.backends._common import (
     context_length,
     eval_mode,
     pad_prompts,
+    processor_inputs,
     prompt_ids,
     unwrap,
 )
@@ -126,15 +127,21 @@ def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=N
     failure. The prompts are the ids of ``prompt_ids`` (the rule TransformerLens's one-call forms use): the
     text itself goes to the trace when that is the tokenizer's own tokenization (``prepend_bos=None``, or a
     setting the tokenizer already does), its padded ids and mask when ``prepend_bos`` changes it. With
-    ``blocking=False`` the job is only submitted and the trace's remote backend (holding its job id) returned."""
+    ``blocking=False`` the job is only submitted and the trace's remote backend (holding its job id) returned.
+    A prompt given as model inputs (a processor's output, with an image's ``pixel_values``) goes to the trace as
+    it is (``_common.processor_inputs``)."""
     if padding_side not in (None, "left", "right"):
         raise LensValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     check_remote(model, remote, backend)
-    prompts = check_prompts(prompt)
     tokenizer = model.tokenizer
-    own = [prompt_ids(tokenizer, text, None) for text in prompts]
-    ids = own if prepend_bos is None else [prompt_ids(tokenizer, text, prepend_bos) for text in prompts]
-    check_context(max(len(one) for one in ids), context_length(model))
+    inputs = processor_inputs(model, prompt)  # model inputs (an image's pixel_values among them) run as given
+    if inputs is None:
+        prompts = check_prompts(prompt)
+        own = [prompt_ids(tokenizer, text, None) for text in prompts]
+        ids = own if prepend_bos is None else [prompt_ids(tokenizer, text, prepend_bos) for text in prompts]
+        check_context(max(len(one) for one in ids), context_length(model))
+    else:
+        prompt, ids, own = inputs, None, None
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     if not blocking:
         trace_kwargs["blocking"] = False

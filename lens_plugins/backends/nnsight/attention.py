@@ -5,7 +5,7 @@ for the forward it reads, whatever implementation it was loaded with (here or on
 
 from typing import Optional, Union
 
-from lens_plugins.backends._common import one_at_a_time
+from lens_plugins.backends._common import Prompt, one_at_a_time
 from lens_plugins.backends.nnsight._run import RemoteJob, run
 from lens_plugins.core.errors import LensTypeError
 from lens_plugins.core.trace import attention as trace_attention
@@ -27,7 +27,7 @@ def attention_result(saved: dict, model) -> AttentionResult:
 @typechecked
 def run_attention(
     model,
-    prompt: Union[str, list[str]],
+    prompt: Prompt,
     layers: Optional[list[int]] = None,
     *,
     remote: Union[bool, str] = False,

@@ -5,7 +5,7 @@
 from collections.abc import Sequence
 from typing import Optional, Union
 
-from lens_plugins.backends._common import one_at_a_time
+from lens_plugins.backends._common import Prompt, one_at_a_time
 from lens_plugins.backends.nnsight._run import RemoteJob, run, shippable
 from lens_plugins.backends.nnsight.reader import Sublayers
 from lens_plugins.core.defaults import TOP_NEURONS
@@ -40,7 +40,7 @@ def attribution_result(saved: dict, model, by: str = "component") -> Attribution
 @typechecked
 def run_logit_diff(
     model,
-    prompt: Union[str, list[str]],
+    prompt: Prompt,
     target: TokenSet,
     distractor: TokenSet,
     *,
@@ -69,7 +69,7 @@ def run_logit_diff(
 @typechecked
 def run_attribution(
     model,
-    prompt: Union[str, list[str]],
+    prompt: Prompt,
     target: TokenSet,
     distractor: Optional[TokenSet] = None,
     *,
@@ -90,7 +90,7 @@ def run_attribution(
 
     Args:
         model: an nnsight model.
-        prompt: a text or a list of texts.
+        prompt: a text or a list of texts, or model inputs (a processor's output: ``input_ids``, ``pixel_values`` ...).
         target: the token whose logit is explained (string, id, or a list of them).
         distractor: the token subtracted; ``None`` explains the target's logit alone.
         by: ``"component"``, ``"layer"`` or ``"head"``.

@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from lens_plugins.backends._common import one_at_a_time
+from lens_plugins.backends._common import Prompt, one_at_a_time
 from lens_plugins.backends.nnsight._run import RemoteJob, run, shippable
 from lens_plugins.backends.nnsight.reader import Sublayers
 from lens_plugins.core.errors import LensTypeError
@@ -67,7 +67,7 @@ def logit_lens_result(lens: dict, model) -> LensResult:
 @typechecked
 def run_logit_lens(
     model,
-    prompt: Union[str, list[str]],
+    prompt: Prompt,
     *,
     remote: Union[bool, str] = False,
     backend=None,
@@ -107,7 +107,7 @@ def run_logit_lens(
 
     Args:
         model: an nnsight ``LanguageModel`` / ``TransformersModel`` (``lp.nnsight.wrap_model``, ``remote_model``).
-        prompt: a text or a list of texts.
+        prompt: a text or a list of texts, or model inputs (a processor's output: ``input_ids``, ``pixel_values`` ...).
         remote: ``False`` (local), ``True`` (NDIF) or ``"local"`` (nnsight's serialisation, run locally).
         backend: an nnsight backend passed to the trace.
         resid_mid: also decode after each block's attention.

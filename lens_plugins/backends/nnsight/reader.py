@@ -20,12 +20,15 @@ from lens_plugins.typecheck import typechecked
 Sublayers = Union[bool, str]
 
 
-def wrap_model(model: torch.nn.Module, tokenizer, **kwargs):
-    """An nnsight ``TransformersModel`` (task ``text-generation``) around an already-loaded HF causal LM.
+def wrap_model(model: torch.nn.Module, tokenizer, processor=None, **kwargs):
+    """An nnsight ``TransformersModel`` around an already-loaded HF causal LM (task ``text-generation``), or,
+    with a ``processor``, around a vision-language model (task ``image-text-to-text``: a trace then also takes
+    ``model.trace(text, images=[image])``, the processor making the inputs).
 
     Args:
         model: a Hugging Face ``PreTrainedModel``, already loaded.
         tokenizer: its tokenizer.
+        processor: a vision-language model's processor (``AutoProcessor``), if it is one.
         **kwargs: passed to nnsight's ``LanguageModel``.
 
     Returns:
@@ -33,6 +36,8 @@ def wrap_model(model: torch.nn.Module, tokenizer, **kwargs):
     """
     from nnsight.modeling.transformers import TransformersModel
 
+    if processor is not None:
+        return TransformersModel(model, tokenizer=tokenizer, processor=processor, task="image-text-to-text", **kwargs)
     return TransformersModel(model, tokenizer=tokenizer, task="text-generation", **kwargs)
 
 
@@ -48,7 +53,8 @@ def remote_model(path_or_repo_id: str, tokenizer=None, **kwargs):
     Args:
         path_or_repo_id: a Hugging Face repo id the server knows, or a local directory (its own id).
         tokenizer: a tokenizer; default loaded from ``path_or_repo_id``.
-        **kwargs: passed to nnsight's ``LanguageModel``.
+        **kwargs: passed to nnsight's ``LanguageModel`` (``task="image-text-to-text"`` for a vision-language
+            model: its processor is loaded from the same directory or repo).
 
     Returns:
         An nnsight model whose weights stay on the meta device until a local trace needs them.
@@ -64,7 +70,12 @@ def remote_model(path_or_repo_id: str, tokenizer=None, **kwargs):
         tokenizer = AutoTokenizer.from_pretrained(name)
     if Path(name).is_dir():
         _ID_CACHE.setdefault(name, name)
-    model = TransformersModel(name, tokenizer=tokenizer, task="text-generation", **kwargs)
+    kwargs.setdefault("task", "text-generation")  # task="image-text-to-text" for a vision-language model
+    if kwargs["task"] == "image-text-to-text" and kwargs.get("processor") is None:
+        from transformers import AutoProcessor  # nnsight cannot guess it either
+
+        kwargs["processor"] = AutoProcessor.from_pretrained(name)
+    model = TransformersModel(name, tokenizer=tokenizer, **kwargs)
     model._module.eval()  # as from_pretrained leaves it (the server's copy, and this one once loaded)
     return model
 

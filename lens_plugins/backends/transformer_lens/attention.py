@@ -8,8 +8,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from lens_plugins.backends._common import one_at_a_time
-from lens_plugins.backends.transformer_lens.reader import tokenize
+from lens_plugins.backends._common import Prompt, one_at_a_time
+from lens_plugins.backends.transformer_lens.reader import prompt_inputs
 from lens_plugins.core.errors import LensKeyError, LensValueError
 from lens_plugins.core.trace.attention import choose_layers
 from lens_plugins.methods.attention import AttentionResult, attention_result
@@ -56,7 +56,7 @@ def attention(
 
 @one_at_a_time
 @typechecked
-def run_attention(model, prompt: Union[str, list[str]], layers: Optional[list[int]] = None, *,
+def run_attention(model, prompt: Prompt, layers: Optional[list[int]] = None, *,
                   padding_side: Optional[str] = None, prepend_bos: Optional[bool] = None) -> AttentionResult:
     """Run a TransformerLens model on ``prompt`` caching only the patterns: the one-call form, tokenized and
     padded as ``run_logit_lens`` does (``padding_side``, ``prepend_bos``), so that it shows the attention of
@@ -64,7 +64,7 @@ def run_attention(model, prompt: Union[str, list[str]], layers: Optional[list[in
 
     Args:
         model: a ``TransformerBridge`` or ``HookedTransformer``.
-        prompt: a text or a list of texts.
+        prompt: a text or a list of texts, or model inputs (a processor's output: ``input_ids``, ``pixel_values`` ...).
         layers: the layers to read; default all.
         padding_side: ``"left"`` or ``"right"`` for a batch.
         prepend_bos: as ``run_logit_lens``.
@@ -75,9 +75,9 @@ def run_attention(model, prompt: Union[str, list[str]], layers: Optional[list[in
     Raises:
         AttentionUnavailableError: the model does not form attention weights (not eager attention).
     """
-    tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
+    tokens, mask, extra = prompt_inputs(model, prompt, padding_side, prepend_bos)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=attention_hook_filter(model, layers))
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, **extra, names_filter=attention_hook_filter(model, layers))
     return attention(cache, tokens, layers=layers, attention_mask=mask)
 
 __all__ = ["pattern_hook", "attention_hook_filter", "attention", "run_attention"]

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from lens_plugins.backends._common import eval_mode, one_at_a_time
+from lens_plugins.backends._common import Prompt, eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens.reader import (
     Sublayers,
     at,
@@ -22,7 +22,7 @@ from lens_plugins.backends.transformer_lens.reader import (
     is_parallel,
     lens_rows,
     require,
-    tokenize,
+    prompt_inputs,
 )
 from lens_plugins.core import dla, pipeline
 from lens_plugins.core.architectures import norm_params
@@ -217,7 +217,7 @@ def logit_diff(
 @typechecked
 def run_attribution(
     model,
-    prompt: Union[str, list[str]],
+    prompt: Prompt,
     target: TokenSet,
     distractor: Optional[TokenSet] = None,
     *,
@@ -234,7 +234,7 @@ def run_attribution(
 
     Args:
         model: a ``TransformerBridge`` or ``HookedTransformer``.
-        prompt: a text or a list of texts.
+        prompt: a text or a list of texts, or model inputs (a processor's output: ``input_ids``, ``pixel_values`` ...).
         target: the token whose logit is explained (string, id, or a list of them).
         distractor: the token subtracted; ``None`` explains the target's logit alone.
         by: ``"component"``, ``"layer"`` or ``"head"``.
@@ -248,9 +248,9 @@ def run_attribution(
     Raises:
         LensValueError: as ``attribution``, and for an empty or too long prompt.
     """
-    tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
+    tokens, mask, extra = prompt_inputs(model, prompt, padding_side, prepend_bos)
     with eval_mode(model), torch.no_grad():
-        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=hook_filter(model, attribution=True))
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, **extra, names_filter=hook_filter(model, attribution=True))
         return attribution(cache, target, distractor, by=by, position=position, attention_mask=mask,
                            top_neurons=top_neurons, effects=effects)
 
@@ -259,7 +259,7 @@ def run_attribution(
 @typechecked
 def run_logit_diff(
     model,
-    prompt: Union[str, list[str]],
+    prompt: Prompt,
     target: TokenSet,
     distractor: TokenSet,
     *,
@@ -271,9 +271,9 @@ def run_logit_diff(
 ) -> LogitDiff:
     """Run ``model`` on ``prompt`` caching only the lens hooks, then ``logit_diff``: the one-call form
     (``padding_side`` and ``prepend_bos`` as in ``run_logit_lens``)."""
-    tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
+    tokens, mask, extra = prompt_inputs(model, prompt, padding_side, prepend_bos)
     with eval_mode(model), torch.no_grad():
-        _, cache = model.run_with_cache(tokens, attention_mask=mask,
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, **extra,
                                         names_filter=hook_filter(model, resid_mid, sublayers))
         return logit_diff(cache, target, distractor, resid_mid=resid_mid, sublayers=sublayers,
                           attention_mask=mask, **kwargs)

@@ -10,7 +10,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from lens_plugins import tokens as token_utils
-from lens_plugins.backends._common import check_context, context_length, eval_mode, one_at_a_time
+from lens_plugins.backends._common import Prompt, check_context, context_length, eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens.reader import (
     Sublayers,
     check_tokens_match_embed,
@@ -18,7 +18,7 @@ from lens_plugins.backends.transformer_lens.reader import (
     hook_filter,
     lens_rows,
     recover_tokens,
-    tokenize,
+    prompt_inputs,
 )
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
@@ -112,7 +112,7 @@ def logit_lens(
 @typechecked
 def run_logit_lens(
     model,
-    prompt: Union[str, list[str]],
+    prompt: Prompt,
     *,
     resid_mid: bool = False,
     sublayers: Sublayers = False,
@@ -132,7 +132,7 @@ def run_logit_lens(
 
     Args:
         model: a ``TransformerBridge`` (TransformerLens 4.x) or ``HookedTransformer`` (3.9).
-        prompt: a text or a list of texts (a padded batch).
+        prompt: a text or a list of texts (a padded batch), or model inputs (a processor's output: ``input_ids``, ``pixel_values`` ...).
         resid_mid: also decode each block's ``hook_resid_mid``.
         sublayers: decode after every attention and MLP sublayer (``True``) or their outputs (``"outputs"``).
         padding_side: ``"left"`` or ``"right"`` for a batch; default the tokenizer's.
@@ -147,9 +147,9 @@ def run_logit_lens(
         LensValueError: an empty prompt, a prompt longer than the model's context, or a bad option of
             ``logit_lens``.
     """
-    tokens, mask = tokenize(model, prompt, padding_side, prepend_bos)
+    tokens, mask, extra = prompt_inputs(model, prompt, padding_side, prepend_bos)
     with eval_mode(model), torch.no_grad():
-        _, cache = model.run_with_cache(tokens, attention_mask=mask,
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, **extra,
                                         names_filter=hook_filter(model, resid_mid, sublayers))
         return logit_lens(cache, tokens=tokens, attention_mask=mask, resid_mid=resid_mid, sublayers=sublayers,
                           **kwargs)

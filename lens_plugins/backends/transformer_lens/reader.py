@@ -25,6 +25,7 @@ from lens_plugins.backends._common import (
     check_prompts,
     context_length,
     pad_prompts,
+    processor_inputs,
     prompt_ids,
 )
 from lens_plugins.core.architectures import norm_params
@@ -338,6 +339,19 @@ def tokenize(model, prompt: Union[str, list[str]], padding_side: Optional[str],
     return tokens.to(device), mask.to(device)
 
 
+def prompt_inputs(model, prompt, padding_side: Optional[str],
+                  prepend_bos: Optional[bool] = None) -> tuple[Tensor, Tensor, dict]:
+    """``(tokens, attention_mask, other inputs)`` of a one-call form: text as ``tokenize`` does it (no other
+    inputs); model inputs (a processor's output: ``input_ids``, ``attention_mask``, an image's ``pixel_values``
+    ...) as given, checked by ``_common.processor_inputs``, the rest passed to ``run_with_cache`` by name."""
+    inputs = processor_inputs(model, prompt)
+    if inputs is None:
+        return (*tokenize(model, prompt, padding_side, prepend_bos), {})
+    device = model.cfg.device
+    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    return inputs.pop("input_ids"), inputs.pop("attention_mask"), inputs
+
+
 def prompt_tokens(model, text: Union[str, torch.Tensor], max_new_tokens: int,
                   prepend_bos: Optional[bool] = None) -> torch.Tensor:
     """One prompt, as text (tokenized by ``prompt_ids``) or as ``[1, seq]`` token ids (run as given), that
@@ -354,4 +368,4 @@ def prompt_tokens(model, text: Union[str, torch.Tensor], max_new_tokens: int,
 
 __all__ = ["Sublayers", "ATTRIBUTION_SUFFIXES", "hook_filter", "is_parallel", "hook_name", "attribution_hooks",
     "has_pos_embed", "decoder_for", "detached", "row_plan", "reader", "fix_hint", "residual_stack", "require",
-    "recover_tokens", "check_tokens_match_embed", "lens_rows", "cache_model", "at", "hf_tokenizer", "tokenize", "prompt_tokens"]
+    "recover_tokens", "check_tokens_match_embed", "lens_rows", "cache_model", "at", "hf_tokenizer", "tokenize", "prompt_inputs", "prompt_tokens"]

@@ -65,6 +65,10 @@ _LAZY = {
     "fit_shortcuts": ("lens_plugins.methods.early_exit", "fit_shortcuts"),
     "shortcut_scores": ("lens_plugins.methods.early_exit", "shortcut_scores"),
     "early_exit": ("lens_plugins.methods.early_exit", "early_exit"),
+    "fit_mapping": ("lens_plugins.methods.cross_model", "fit_mapping"),
+    "CrossModelMap": ("lens_plugins.methods.cross_model", "CrossModelMap"),
+    "cross_model_scores": ("lens_plugins.methods.cross_model", "cross_model_scores"),
+    "CrossModelScores": ("lens_plugins.methods.cross_model", "CrossModelScores"),
 }
 
 __all__ = list(_LAZY)

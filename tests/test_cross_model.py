@@ -123,6 +123,13 @@ def test_a_planted_map_is_recovered(fitted, q):
     assert (fitted.r2[0, 1:] < 0.99).all()  # the embeddings do not predict later rows: R^2 tells pairs apart
 
 
+def test_the_fit_is_the_same_on_both_backends(pair, fitted):
+    other = cm.fit_mapping(*pair["transformer_lens"], random_tokens(10, 24, seed=5), heldout=0.2)
+    assert other.source_labels == fitted.source_labels and other.pairs_kept == fitted.pairs_kept
+    torch.testing.assert_close(other.weight, fitted.weight, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(other.r2, fitted.r2, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
 def test_the_copy_reads_the_original_as_the_original_reads_itself(pair, fitted, backend):
     source, target = pair[backend]

@@ -58,24 +58,26 @@ def lens_logprobs(lens, decoder, label: str):
 
 def _fit_states(model, label: str, texts, max_tokens: int, seq_len: int) -> Tensor:
     """``[n, d]`` states at row ``label`` over ``texts`` (positions 1 onwards of each block)."""
-    from lens_plugins.backends.hf import hf_model, residual_stack, stack_rows
-    from lens_plugins.core import architectures, verification
+    from lens_plugins.methods.cross_model import read_rows, residual_rows
     from lens_plugins.training.tuned_lens import token_blocks_of
 
-    hf = hf_model(model)
-    labels = [row.label for row in stack_rows(len(architectures.get_path(hf, verification.resolve(hf)["layers"])))]
+    labels = [row.label for row in residual_rows(model)]
     if label not in labels:
         raise LensValueError(f"row {label!r} is not a residual row of this model: one of {labels[0]!r} .. {labels[-1]!r}")
-    blocks = token_blocks_of(model, texts, seq_len)
     states, n = [], 0
-    device = next(hf.parameters()).device
-    for block in blocks:
+    for block in token_blocks_of(model, texts, seq_len):
         if n >= max_tokens:
             break
-        stack = residual_stack(hf, block[None].to(device))
-        states.append(stack[labels.index(label), 0, 1:].float().cpu())
+        states.append(read_rows(model, block.tolist(), [label])[0, 1:])
         n += states[-1].shape[0]
     return torch.cat(states)[:max_tokens]
+
+
+def decoder_of(model):
+    """The model's decoder (``DecoderTensors``), from its backend (a bridge's own module tree included)."""
+    from lens_plugins import backends
+
+    return backends.of(model).decoder_for(model)
 
 
 def causal_basis(model, lens, row: str, texts=None, *, k: int = 4, max_tokens: int = 256, seq_len: int = 64,
@@ -83,10 +85,8 @@ def causal_basis(model, lens, row: str, texts=None, *, k: int = 4, max_tokens: i
     """The ``k``-direction causal basis of ``lens`` (``lp.LogitLens()``, a ``TunedLens``, a ``JacobianLens``,
     any lens) at residual row ``row`` ("12_pre"), over ``max_tokens`` states of ``texts`` (``None``: the
     built-in corpus; token blocks ``[blocks, seq]`` too), ``steps`` Adam steps of rate ``lr`` per direction."""
-    from lens_plugins.backends.hf import decoder_tensors, hf_model
-
     hidden = _fit_states(model, row, texts, max_tokens, seq_len)
-    decoder = decoder_tensors(hf_model(model))
+    decoder = decoder_of(model)
     generator = torch.Generator().manual_seed(seed)
     basis, gains = arithmetic.extract(hidden, lens_logprobs(lens, decoder, row), k, steps, lr, generator)
     return CausalBasis(label=row, basis=basis, gains=gains, mean=hidden.mean(0), tokens=int(hidden.shape[0]))
@@ -138,7 +138,6 @@ def subspace_ablation(model, bases: Mapping[str, tuple], prompts: Sequence[str],
     ``remote``, ``backend``, ``paths``)."""
     from lens_plugins import backends
     from lens_plugins.backends._common import prompt_ids
-    from lens_plugins.backends.hf import decoder_tensors, hf_model
     from lens_plugins.methods.cross_model import tokenizer_of
 
     if not bases:
@@ -149,7 +148,7 @@ def subspace_ablation(model, bases: Mapping[str, tuple], prompts: Sequence[str],
         raise LensValueError(f"every basis must be of one row and one k, got rows {sorted(labels)} and k {sorted(ks)}")
     label, k = labels.pop(), ks.pop()
     backend = backends.of(model)
-    decoder = decoder_tensors(hf_model(model))
+    decoder = decoder_of(model)
     tokenizer = tokenizer_of(model)
     token_ids = [torch.tensor([prompt_ids(tokenizer, prompt, prepend_bos)]) for prompt in prompts]
     if any(ids.shape[1] < 2 for ids in token_ids):
@@ -174,4 +173,4 @@ def subspace_ablation(model, bases: Mapping[str, tuple], prompts: Sequence[str],
     return SubspaceAblation(lens_names=list(bases), label=label, k=k, model_effect=model_effect,
                             lens_effect=lens_effect)
 
-__all__ = ["CONTROLS", "CausalBasis", "lens_logprobs", "causal_basis", "SubspaceAblation", "subspace_ablation"]
+__all__ = ["CONTROLS", "CausalBasis", "lens_logprobs", "decoder_of", "causal_basis", "SubspaceAblation", "subspace_ablation"]

@@ -16,6 +16,7 @@ models are loaded; the Patchscope runs on either backend, and on nnsight each mo
 """
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -26,6 +27,7 @@ from torch import Tensor
 from lens_plugins.core import cross_model as arithmetic
 from lens_plugins.core import rows as row_plan
 from lens_plugins.core.errors import LensTypeError, LensValueError
+from lens_plugins.core.rows import Row
 from lens_plugins.methods.patchscope import IDENTITY_PROMPT, RowSpec
 from lens_plugins.typecheck import typechecked
 
@@ -191,26 +193,45 @@ def _windows(texts: list[str], chars: int) -> list[str]:
     return out
 
 
-def _rows(model, layers) -> tuple[list[str], list[int]]:
-    """The fitted rows of ``model`` (``core.rows.select`` of its residual rows, the last always kept): labels
-    and their indices in ``backends.hf.residual_stack``."""
+def residual_rows(model) -> list:
+    """``model``'s residual rows ("embed", "1_pre", ..., "<L-1>_post"), on either backend."""
+    from lens_plugins import backends
     from lens_plugins.backends.hf import hf_model, stack_rows
     from lens_plugins.core import architectures, verification
 
+    if backends.kind(model) == "transformer_lens":
+        return stack_rows(model.cfg.n_layers)
     hf = hf_model(model)
-    every = stack_rows(len(architectures.get_path(hf, verification.resolve(hf)["layers"])))
-    chosen = row_plan.select(every, layers)
-    return [row.label for row in chosen], [every.index(row) for row in chosen]
+    return stack_rows(len(architectures.get_path(hf, verification.resolve(hf)["layers"])))
 
 
-def _states(model, ids: list[int], index: list[int], positions: Tensor) -> Tensor:
-    """``[rows, positions, d]`` float32: ``model``'s residual rows ``index`` on ``ids`` at ``positions``."""
-    from lens_plugins.backends.hf import hf_model, residual_stack
+def read_rows(model, ids: list[int], labels: list[str]) -> Tensor:
+    """``[rows, seq, d]`` float32 CPU: ``model``'s residual rows ``labels`` on one sequence ``ids``, read with
+    TransformerLens hooks (a bridge's module tree is its own) or forward hooks on the Hugging Face model
+    inside an nnsight model (``backends.hf.residual_stack``). No logits are kept."""
+    from lens_plugins import backends
+    from lens_plugins.backends.hf import hf_model, residual_stack, stack_rows
 
+    if backends.kind(model) == "transformer_lens":
+        from lens_plugins.backends.transformer_lens.reader import hook_name
+
+        names = [hook_name(Row.parse(label)) for label in labels]
+        _, cache = model.run_with_cache(torch.tensor([ids], device=model.cfg.device), names_filter=names)
+        return torch.stack([cache[name][0] for name in names]).float().cpu()
     hf = hf_model(model)
-    device = next(hf.parameters()).device
-    stack = residual_stack(hf, torch.tensor([ids], device=device))
-    return stack[index][:, 0, positions.to(device)].float().cpu()
+    stack = residual_stack(hf, torch.tensor([ids], device=next(hf.parameters()).device))
+    every = [row.label for row in stack_rows(stack.shape[0] - 1)]
+    return stack[[every.index(label) for label in labels], 0].float().cpu()
+
+
+def _rows(model, layers) -> list[str]:
+    """The fitted rows of ``model``: ``core.rows.select`` of its residual rows (the last always kept)."""
+    return [row.label for row in row_plan.select(residual_rows(model), layers)]
+
+
+def _states(model, ids: list[int], labels: list[str], positions: Tensor) -> Tensor:
+    """``[rows, positions, d]`` float32: ``model``'s residual rows ``labels`` on ``ids`` at ``positions``."""
+    return read_rows(model, ids, labels)[:, positions]
 
 
 @typechecked
@@ -237,7 +258,7 @@ def fit_mapping(
     pairs. The last ``heldout`` share of windows is held out for the R^2. ``source_layers`` /
     ``target_layers`` pick rows by index or label (default all; the last is always kept): the map holds
     ``rows_s * rows_t`` matrices of ``d_target x d_source``, so pick a few on a large model."""
-    from lens_plugins.backends.hf import hf_model
+    from lens_plugins.backends._common import eval_mode
     from lens_plugins.training.loop import load_texts
 
     target_model = source_model if target_model is None else target_model
@@ -246,8 +267,8 @@ def fit_mapping(
         raise LensValueError(f"heldout must be a share strictly between 0 and 1, got {heldout}")
     if max_pairs < 2:
         raise LensValueError(f"max_pairs must be at least 2, got {max_pairs}")
-    source_labels, source_index = _rows(source_model, source_layers)
-    target_labels, target_index = _rows(target_model, target_layers)
+    source_labels = _rows(source_model, source_layers)
+    target_labels = _rows(target_model, target_layers)
     same = target_model is source_model
     source_tokenizer = tokenizer_of(source_model)
     target_tokenizer = source_tokenizer if same else tokenizer_of(target_model)
@@ -261,30 +282,24 @@ def fit_mapping(
         windows = (text_pairs(source_tokenizer, target_tokenizer, window, prepend_bos)
                    for window in _windows(load_texts(texts), window_chars))
     xs, ys, tokens, kept = [], [], 0, 0
-    models = [hf_model(source_model), hf_model(target_model)]
-    modes = [model.training for model in models]
-    try:
-        for model in models:
-            model.eval()
-        with torch.no_grad():
-            for pairs in windows:
-                tokens += len(pairs.source_ids)
-                if len(pairs.source_index) == 0:
-                    continue
-                if same:
-                    both = _states(source_model, pairs.source_ids, source_index + target_index, pairs.source_index)
-                    x, y = both[:len(source_index)], both[len(source_index):]
-                else:
-                    x = _states(source_model, pairs.source_ids, source_index, pairs.source_index)
-                    y = _states(target_model, pairs.target_ids, target_index, pairs.target_index)
-                xs.append(x)
-                ys.append(y)
-                kept += x.shape[1]
-                if kept >= max_pairs:
-                    break
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
+    with ExitStack() as stack, torch.no_grad():
+        for model in {id(source_model): source_model, id(target_model): target_model}.values():
+            stack.enter_context(eval_mode(model))
+        for pairs in windows:
+            tokens += len(pairs.source_ids)
+            if len(pairs.source_index) == 0:
+                continue
+            if same:
+                both = _states(source_model, pairs.source_ids, source_labels + target_labels, pairs.source_index)
+                x, y = both[:len(source_labels)], both[len(source_labels):]
+            else:
+                x = _states(source_model, pairs.source_ids, source_labels, pairs.source_index)
+                y = _states(target_model, pairs.target_ids, target_labels, pairs.target_index)
+            xs.append(x)
+            ys.append(y)
+            kept += x.shape[1]
+            if kept >= max_pairs:
+                break
     n_held = max(1, round(heldout * len(xs)))
     if len(xs) - n_held < 1:
         raise LensValueError(f"{len(xs)} text window(s) gave paired positions: the fit and the held-out R^2 need at "
@@ -378,5 +393,5 @@ def cross_model_scores(
                             precision_at_1=hits / max(positions, 1), r2=fitted.r2.clone(), positions=positions,
                             pairs_kept=fitted.pairs_kept, tokens=fitted.tokens)
 
-__all__ = ["FORMAT", "WINDOW_CHARS", "tokenizer_of", "token_ends", "TextPairs", "text_pairs", "check_same_backend",
+__all__ = ["FORMAT", "WINDOW_CHARS", "tokenizer_of", "residual_rows", "read_rows", "token_ends", "TextPairs", "text_pairs", "check_same_backend",
            "CrossModelMap", "fit_mapping", "CrossModelScores", "heldout_prompts", "cross_model_scores"]

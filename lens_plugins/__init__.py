@@ -69,6 +69,10 @@ _LAZY = {
     "CrossModelMap": ("lens_plugins.methods.cross_model", "CrossModelMap"),
     "cross_model_scores": ("lens_plugins.methods.cross_model", "cross_model_scores"),
     "CrossModelScores": ("lens_plugins.methods.cross_model", "CrossModelScores"),
+    "causal_basis": ("lens_plugins.methods.causal_checks", "causal_basis"),
+    "CausalBasis": ("lens_plugins.methods.causal_checks", "CausalBasis"),
+    "subspace_ablation": ("lens_plugins.methods.causal_checks", "subspace_ablation"),
+    "SubspaceAblation": ("lens_plugins.methods.causal_checks", "SubspaceAblation"),
 }
 
 __all__ = list(_LAZY)

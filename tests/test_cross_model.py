@@ -114,7 +114,7 @@ def test_a_planted_map_is_recovered(fitted, q):
     """Row to same row, the fit finds ``2 q`` (not its transpose: q is no symmetric matrix) and no bias, and
     explains the held-out rows entirely; the per-pair counts are the blocks'."""
     assert fitted.source_labels == fitted.target_labels == ["embed", "1_pre", "2_pre", "2_post"]
-    assert (fitted.pairs_kept, fitted.tokens, fitted.heldout_pairs) == (240, 240, 48)
+    assert (fitted.pairs_kept, fitted.tokens, fitted.heldout_pairs) == (230, 240, 46)  # the first of each block left out
     for label in fitted.source_labels:
         weight, bias = fitted.mapping(label, label)
         torch.testing.assert_close(weight, SCALE * q, atol=2e-3, rtol=0)
@@ -212,14 +212,17 @@ def test_core_pairing_keeps_the_last_token_of_a_split_character():
 
 def test_fit_across_tokenizers_counts_the_pairs(smollm2_tokenizer):
     """A character-level tiny model read by one with SmolLM2's tokenizer: the fit keeps one pair per SmolLM2
-    token (each ends at a character), of all the characters read."""
+    token (each ends at a character), of all the characters read; with ``skip_first=False`` the first too."""
     texts = ["in the of to and is at", "a b c d e f the in", "at is and to of the", "a b c in at"]
     source = lpn.wrap_model(tiny_model("llama", seed=1), char_tokenizer())
     target = lpn.wrap_model(tiny_model("qwen2", seed=2), smollm2_tokenizer)
     fitted = cm.fit_mapping(source, target, texts, ridge=1.0, heldout=0.25)
     assert fitted.tokens == sum(len(t) for t in texts)
-    assert fitted.pairs_kept == sum(len(smollm2_tokenizer(t)["input_ids"]) for t in texts) == 7 + 8 + 6 + 5
-    assert fitted.heldout_pairs == 5  # the last window: "a b c in at"
+    # every SmolLM2 token but each window's first (skip_first: the attention sink)
+    assert fitted.pairs_kept == sum(len(smollm2_tokenizer(t)["input_ids"]) - 1 for t in texts) == 6 + 7 + 5 + 4
+    assert fitted.heldout_pairs == 4  # the last window: "a b c in at"
+    every = cm.fit_mapping(source, target, texts, ridge=1.0, heldout=0.25, skip_first=False)
+    assert every.pairs_kept == 7 + 8 + 6 + 5 and every.heldout_pairs == 5
     read = lp.patchscope(source, "in the of to", target_model=target, target_layer=2,
                          mapping=fitted.mappings(2), top_k=2, target_prompt=TARGET)
     assert read.token_ids[0].tolist() == smollm2_tokenizer("in the of to")["input_ids"]
@@ -227,12 +230,12 @@ def test_fit_across_tokenizers_counts_the_pairs(smollm2_tokenizer):
 
 
 def test_bad_input_is_refused_alike(pair):
-    for backend, (source, target) in pair.items():
+    for source, target in pair.values():
         with pytest.raises(lp.LensError, match="pass the source prompt as text"):
             lp.patchscope(source, torch.tensor([[5, 6, 7]]), target_model=target, target_prompt=TARGET)
         with pytest.raises(lp.LensError, match="mapping has no entry for source rows"):
             lp.patchscope(source, TEXT, target_model=target, target_prompt=TARGET, target_layer=1, mapping={"embed": None})
-        with pytest.raises(lp.LensError, match="must return"):
+        with pytest.raises(lp.LensError, match="must keep the shape"):
             lp.patchscope(source, TEXT, target_model=target, target_prompt=TARGET, target_layer=1, layers=[1],
                           mapping=(torch.zeros(32, 64), None))
         with pytest.raises(lp.LensError, match="out of range|no row"):

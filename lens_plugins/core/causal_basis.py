@@ -48,7 +48,7 @@ def extract(hidden, logprobs, k, steps=30, lr=0.1, generator=None):
     """The causal basis ``(basis [k, d], gains [k])`` of a lens whose log-probabilities are
     ``logprobs(hidden [n, d]) -> [n, vocab]`` (differentiable), over the states ``hidden [n, d]``; ``gains[i]``
     is the mean KL of ablating direction ``i`` alone, once found. Greedy and orthonormal (see the module)."""
-    n, d = hidden.shape
+    d = hidden.shape[1]
     if not 1 <= k <= d:
         raise LensValueError(f"k must be between 1 and d_model ({d}), got {k}")
     if steps < 1:

@@ -179,8 +179,9 @@ def map_hidden(hidden: Tensor, mapping: Mapping, width: Optional[int] = None) ->
     expected = (hidden.shape[0], width)
     if not isinstance(mapped, Tensor) or tuple(mapped.shape) != expected:
         got = tuple(mapped.shape) if isinstance(mapped, Tensor) else type(mapped).__name__
-        raise LensValueError(f"the mapping turned hidden states of shape {tuple(hidden.shape)} into {got}: the target "
-                         f"is written at its own width, so the mapping must return {expected}")
+        need = ("the target is written at the same width, so the mapping must keep the shape"
+                if width == hidden.shape[-1] else f"the target model is {width} wide, so the mapping must return {expected}")
+        raise LensValueError(f"the mapping turned hidden states of shape {tuple(hidden.shape)} into {got}: {need}")
     return mapped
 
 

@@ -67,6 +67,14 @@ _LAZY = {
     "early_exit": ("lens_plugins.methods.early_exit", "early_exit"),
     "vision": ("lens_plugins.methods.vision", None),
     "image_lens_figure": ("lens_plugins.plot.vision", "image_lens_figure"),
+    "fit_mapping": ("lens_plugins.methods.cross_model", "fit_mapping"),
+    "CrossModelMap": ("lens_plugins.methods.cross_model", "CrossModelMap"),
+    "cross_model_scores": ("lens_plugins.methods.cross_model", "cross_model_scores"),
+    "CrossModelScores": ("lens_plugins.methods.cross_model", "CrossModelScores"),
+    "causal_basis": ("lens_plugins.methods.causal_checks", "causal_basis"),
+    "CausalBasis": ("lens_plugins.methods.causal_checks", "CausalBasis"),
+    "subspace_ablation": ("lens_plugins.methods.causal_checks", "subspace_ablation"),
+    "SubspaceAblation": ("lens_plugins.methods.causal_checks", "SubspaceAblation"),
 }
 
 __all__ = list(_LAZY)

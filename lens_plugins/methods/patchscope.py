@@ -47,7 +47,9 @@ IDENTITY_PROMPT = "cat->cat; 1135->1135; hello->hello; ?"
 # forward passes, so these have no meaning here.
 UNSUPPORTED_REDUCTIONS = ("kl_input_row", "kl_next_row")
 
-Mapping = Union[None, Callable[[Tensor], Tensor], tuple]
+# One mapping for every source row, or ``{source row label: mapping}`` (a fitted cross-model map has one per
+# (source row, target row), ``CrossModelMap.mappings``).
+Mapping = Union[None, Callable[[Tensor], Tensor], tuple, dict]
 RowSpec = Union[int, str]
 
 
@@ -118,10 +120,13 @@ def plan(
     top_k: int,
     batch_size: int,
     max_new_tokens: int,
+    target_every: Optional[list[Row]] = None,
 ) -> PatchRequest:
     """Validate a Patchscope call against the model's row plan ``every`` (``core.rows.plan``) and the prompts'
     lengths, before any forward: the same checks, in the same order, on both backends (which check the
-    prompts against the context first, with ``backends._common.check_context``)."""
+    prompts against the context first, with ``backends._common.check_context``). ``target_every`` is the
+    target model's row plan when another model reads the source (``target_model=``): ``target_layer`` is one
+    of its rows, and without it each source row is written at the target row of the same label."""
     bad = [r for r in reductions if r in UNSUPPORTED_REDUCTIONS]
     if bad:
         raise LensValueError(f"reductions {bad} compare a lens row with another row; a Patchscope's rows are separate "
@@ -133,10 +138,15 @@ def plan(
     if not -target_len <= target_position < target_len:
         raise LensIndexError(f"target_position {target_position} is out of range for a target prompt of {target_len} tokens")
     rows = row_plan.select(every, layers)
+    target_rows = every if target_every is None else target_every
     if target_layer is None:
         target_labels = [row.label for row in rows]
+        missing = [label for label in target_labels if label not in {row.label for row in target_rows}]
+        if missing:
+            raise LensValueError(f"the target model has no rows {missing} (its last is {target_rows[-1].label!r}): "
+                                 "pass target_layer= (an index or label of the target's rows)")
     else:  # the one row target_layer names (select keeps the last row too, after it)
-        target_labels = [row_plan.select(every, [target_layer])[0].label] * len(rows)
+        target_labels = [row_plan.select(target_rows, [target_layer])[0].label] * len(rows)
     for label in target_labels:
         patching.patch_row(label)
     request = LensRequest.from_dict(lens_request.build(tokenizer, d_vocab, seq_len, top_k, positions, targets,
@@ -148,10 +158,14 @@ def plan(
     )
 
 
-def map_hidden(hidden: Tensor, mapping: Mapping) -> Tensor:
+def map_hidden(hidden: Tensor, mapping: Mapping, width: Optional[int] = None) -> Tensor:
     """Apply the user's mapping to the source hidden states ``[pairs, d]``: ``None`` (identity), a callable
     (``torch.nn.Linear``, a lambda, ...) or an affine map ``(weight, bias)`` (``h @ weight.T + bias``, see
-    ``core.patching.apply_mapping``). The result must keep the shape."""
+    ``core.patching.apply_mapping``). The result is ``[pairs, width]``: the target's width, by default the
+    source's (the same model)."""
+    width = hidden.shape[-1] if width is None else width
+    if isinstance(mapping, dict):
+        raise LensValueError("a mapping per source row ({label: mapping}) is applied by map_pairs, with the pairs' rows")
     if mapping is None:
         mapped = hidden.float()
     elif isinstance(mapping, tuple):
@@ -163,17 +177,37 @@ def map_hidden(hidden: Tensor, mapping: Mapping) -> Tensor:
             mapped = mapping(hidden.float())
     else:
         raise LensTypeError(f"mapping must be None, a callable or a (weight, bias) pair, not {type(mapping).__name__}")
-    if not isinstance(mapped, Tensor) or mapped.shape != hidden.shape:
+    expected = (hidden.shape[0], width)
+    if not isinstance(mapped, Tensor) or tuple(mapped.shape) != expected:
         got = tuple(mapped.shape) if isinstance(mapped, Tensor) else type(mapped).__name__
-        raise LensValueError(f"the mapping turned hidden states of shape {tuple(hidden.shape)} into {got}: the target "
-                         "is written at the same width, so the mapping must keep the shape")
+        need = ("the target is written at the same width, so the mapping must keep the shape"
+                if width == hidden.shape[-1] else f"the target model is {width} wide, so the mapping must return {expected}")
+        raise LensValueError(f"the mapping turned hidden states of shape {tuple(hidden.shape)} into {got}: {need}")
     return mapped
+
+
+def map_pairs(hidden: Tensor, labels: list[str], mapping: Mapping, width: Optional[int] = None) -> Tensor:
+    """``map_hidden`` for pairs ``[k, d]`` whose source rows are ``labels``: a dict mapping applies each row's
+    own entry (every row of the call needs one), any other mapping applies to all."""
+    if not isinstance(mapping, dict):
+        return map_hidden(hidden, mapping, width)
+    missing = sorted(set(labels) - set(mapping), key=labels.index)
+    if missing:
+        raise LensValueError(f"mapping has no entry for source rows {missing}: a dict mapping needs one per source row "
+                             f"of the call ({sorted(mapping)} given)")
+    out = torch.empty(hidden.shape[0], hidden.shape[-1] if width is None else width)
+    for label in dict.fromkeys(labels):
+        index = torch.tensor([i for i, own in enumerate(labels) if own == label])
+        out[index] = map_hidden(hidden[index], mapping[label], width).to(out.device)
+    return out
 
 
 def mapping_name(mapping: Mapping) -> str:
     """How an error names ``mapping``: the affine pair, a function's name, or a module's class."""
     if mapping is None:
         return "the identity"
+    if isinstance(mapping, dict):
+        return "the per-row dict"
     if isinstance(mapping, tuple):
         return "the affine (weight, bias) pair"
     return getattr(mapping, "__name__", None) or type(mapping).__name__
@@ -220,14 +254,18 @@ def run(
     tokenizer,
     mapping: Mapping = None,
     progress: bool = False,
+    reference: Optional[Float[Tensor, "pos d_target"]] = None,
+    width: Optional[int] = None,
 ) -> PatchscopeResult:
     """Run the Patchscope of source ``hidden`` (the request's rows at its positions) through ``runner``, one
     target forward per batch of pairs, and label the result. The last row is the final residual (the row
     selection always keeps it): the reference each pair's read-out is compared with. Non-finite source states
     are refused before any target runs, and mapped ones (``check_mapped``) before they are written. ``progress``:
-    a bar over the (row, position) pairs (``lens_plugins.progress``)."""
+    a bar over the (row, position) pairs (``lens_plugins.progress``). When another model reads the source
+    (``target_model=``), ``reference`` is that model's own final residual at the positions (the prediction
+    precision@1 is measured against) and ``width`` its ``d_model``."""
     n_rows, n_pos, _ = hidden.shape
-    reference = hidden[-1]
+    reference = hidden[-1] if reference is None else reference
     # [positions, C]: next token, input token, targets, set members (one source prompt)
     columns = lens_request.target_columns(source_ids, torch.ones_like(source_ids), request.lens.positions,
                                           request.lens.reductions, request.lens.user_ids)
@@ -236,7 +274,8 @@ def run(
     check_finite(hidden[:, None], request.labels, request.lens.positions)
     with progress_bar(progress, n_rows * n_pos, "patchscope", "pair") as shown:
         for rows, positions in patching.pair_batches(n_rows, n_pos, request.batch_size):
-            values = map_hidden(hidden[rows, positions], mapping)
+            values = map_pairs(hidden[rows, positions], [request.labels[r] for r in rows.tolist()], mapping,
+                               width)
             check_mapped(values, mapping, [request.labels[r] for r in rows.tolist()],
                          [request.lens.positions[p] for p in positions.tolist()])
             labels = [request.target_labels[r] for r in rows.tolist()]
@@ -276,10 +315,12 @@ def patchscope(model, source, **kwargs) -> PatchscopeResult:
     TransformerLens model or an nnsight model: ``lp.transformer_lens.patchscope`` or ``lp.nnsight.patchscope``,
     which take the same options (``layers``, ``positions``, ``target_prompt``, ``target_layer``,
     ``target_position``, ``mapping``, ``top_k``, ``targets``, ``token_sets``, ``reductions``, ``batch_size``,
-    ``max_new_tokens``, ``progress``; nnsight adds ``remote``, ``backend`` and ``paths``)."""
+    ``max_new_tokens``, ``progress``, ``target_model``; nnsight adds ``remote``, ``backend`` and ``paths``).
+    ``target_model=`` lets another model of the same backend read the source's hidden states
+    (``methods.cross_model``)."""
     from lens_plugins import backends  # the backends build on this module: imported when a call dispatches
 
     return backends.of(model).run_patchscope(model, source, **kwargs)
 
 __all__ = ["IDENTITY_PROMPT", "UNSUPPORTED_REDUCTIONS", "Mapping", "RowSpec", "PatchscopeResult", "PatchRequest",
-    "plan", "map_hidden", "mapping_name", "check_mapped", "TargetRunner", "run", "patchscope"]
+    "plan", "map_hidden", "map_pairs", "mapping_name", "check_mapped", "TargetRunner", "run", "patchscope"]

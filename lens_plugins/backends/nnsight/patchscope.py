@@ -30,6 +30,7 @@ from lens_plugins.backends._common import (
 from lens_plugins.backends.nnsight._run import remote_error
 from lens_plugins.core import architectures
 from lens_plugins.core import verification
+from lens_plugins.core.errors import LensValueError
 from lens_plugins.core import rows as row_plan
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.core.trace.patchscope import patch_and_next_token, patch_and_read, read_source
@@ -89,15 +90,24 @@ def run_patchscope(
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
     prepend_bos: Optional[bool] = None,
     progress: bool = False,
+    target_model=None,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, or its token ids ``[1, seq]``) on an nnsight ``model``; the
     options are those of ``lp.transformer_lens.patchscope``. ``remote`` / ``backend`` go to every
     ``model.trace`` (the source trace and one per batch of pairs); ``paths`` holds module paths
     (``{"layers": ..., "final_norm": ..., "lm_head": ...}``) for a family ``core.architectures`` does not know.
     Source and target text are tokenized with ``prepend_bos`` as in ``run_logit_lens``; ``progress`` draws a bar
-    over the (row, position) pairs (one target trace per batch of them, also remote)."""
+    over the (row, position) pairs (one target trace per batch of them, also remote). ``target_model``:
+    another nnsight model that reads the source's hidden states, as on TransformerLens (its traces take the
+    same ``remote`` / ``backend``, so either model may run remotely)."""
 
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
+    if target_model is not None:
+        return _cross_model(model, target_model, source, trace_kwargs, dict(
+            layers=layers, positions=positions, target_layer=target_layer, target_position=target_position,
+            targets=targets, token_sets=token_sets, reductions=reductions, top_k=top_k, batch_size=batch_size,
+            max_new_tokens=max_new_tokens), target_prompt=target_prompt, mapping=mapping, paths=paths,
+            chunks=(vocab_chunk, token_chunk), prepend_bos=prepend_bos, remote=remote, backend=backend)
     tokenizer = model.tokenizer
     if isinstance(source, str):
         check_prompts(source)
@@ -129,6 +139,57 @@ def run_patchscope(
                        target_ids.to(torch.long),
                        target_prompt if isinstance(target_prompt, str) else tokenizer.decode(target_ids.tolist()),
                        tokenizer, mapping, progress=progress)
+    except Exception as error:  # noqa: BLE001 - re-raised with what happened if it is a remote failure
+        raise remote_error(error, remote, backend) from error
+
+def _rows_of(model, paths):
+    """An nnsight model's row plan and decoder vocabulary size, read locally (its module tree)."""
+    hf = unwrap(model)
+    spec = verification.resolve(hf, paths)
+    n_layers = len(architectures.get_path(hf, spec["layers"]))
+    return row_plan.plan(n_layers, parallel=architectures.is_parallel(hf, spec)), architectures.decoder_tensors(hf, spec)
+
+
+def _cross_model(model, target_model, source, trace_kwargs, options, *, target_prompt, mapping, paths, chunks,
+                 prepend_bos, remote, backend):
+    """``run_patchscope`` with ``target_model`` reading ``model``'s hidden states, as on TransformerLens: one
+    trace of the source text on each model (the source rows at the paired positions; the target's final
+    row, its own prediction), then the target runs as for one model."""
+    from lens_plugins.methods.cross_model import check_same_backend, text_pairs
+
+    check_same_backend(model, target_model)
+    if not isinstance(source, str):
+        raise LensValueError("with target_model=, pass the source prompt as text: the two models' positions are paired "
+                             "by character offsets")
+    check_prompts(source)
+    target_tokenizer = target_model.tokenizer
+    pairs = text_pairs(model.tokenizer, target_tokenizer, source, prepend_bos)
+    if isinstance(target_prompt, str):
+        check_prompts(target_prompt)
+        target_ids = torch.tensor(prompt_ids(target_tokenizer, target_prompt, prepend_bos))
+    else:
+        target_ids = target_prompt
+    check_context(len(pairs.source_ids), context_length(model), what="the source prompt")
+    check_context(len(pairs.target_ids), context_length(target_model), what="the source prompt (on the target model)")
+    check_context(target_ids.shape[0], context_length(target_model), options["max_new_tokens"], what="the target prompt")
+    every, _ = _rows_of(model, paths)
+    target_every, decoder = _rows_of(target_model, paths)
+    if options["positions"] is None:
+        options = {**options, "positions": pairs.target_index.tolist()}
+    request = plan(every, len(pairs.target_ids), target_ids.shape[0], target_tokenizer, decoder.d_vocab,
+                   target_every=target_every, **options)
+    chosen = list(request.lens.positions)
+    text_ids = torch.tensor([pairs.target_ids])
+    try:
+        with eval_mode(unwrap(model)), eval_mode(unwrap(target_model)):
+            with model.trace(torch.tensor([pairs.source_ids]), **trace_kwargs):
+                saved = read_source(model, request.labels, pairs.source_positions(chosen), paths)
+            with target_model.trace(text_ids, **trace_kwargs):
+                own = read_source(target_model, [target_every[-1].label], chosen, paths)
+            runner = _Runner(target_model, request, target_ids, trace_kwargs, paths, *chunks)
+            return run(runner, request, saved["hidden"].float(), text_ids, target_ids.to(torch.long),
+                       target_prompt if isinstance(target_prompt, str) else target_tokenizer.decode(target_ids.tolist()),
+                       target_tokenizer, mapping, reference=own["hidden"][0].float(), width=decoder.d_model)
     except Exception as error:  # noqa: BLE001 - re-raised with what happened if it is a remote failure
         raise remote_error(error, remote, backend) from error
 

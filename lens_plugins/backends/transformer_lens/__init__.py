@@ -22,6 +22,7 @@ from lens_plugins.backends.transformer_lens.generation import run_generation_len
 from lens_plugins.backends.transformer_lens.jacobian import jacobian_hooks, run_jacobian_edit
 from lens_plugins.backends.transformer_lens.lens import logit_lens, run_logit_lens
 from lens_plugins.backends.transformer_lens.patchscope import run_patchscope
+from lens_plugins.backends.transformer_lens.causal_checks import run_ablation
 from lens_plugins.backends.transformer_lens.reader import (
     decoder_for,
     hook_filter,
@@ -37,7 +38,7 @@ __all__ = [
     "cache_parts", "run_generation_lens", "run_dola", "run_decoder_lens", "run_patchscope", "attention",
     "attention_hook_filter", "run_attention", "decoder_for", "hook_filter", "hook_name", "reader",
     "recover_tokens", "residual_stack", "row_plan", "CacheLens", "register_accessor", "jacobian_hooks",
-    "run_jacobian_edit",
+    "run_jacobian_edit", "run_ablation",
 ]
 
 __getattr__ = deprecated_names(__name__, {

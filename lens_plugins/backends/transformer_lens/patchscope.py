@@ -93,6 +93,7 @@ def run_patchscope(
     token_chunk: Optional[int] = DEFAULT_TOKEN_CHUNK,
     prepend_bos: Optional[bool] = None,
     progress: bool = False,
+    target_model=None,
 ) -> PatchscopeResult:
     """The Patchscope of ``source`` (a prompt, its token ids ``[1, seq]``, or an ``ActivationCache`` of one
     prompt cached with ``hook_filter()``; ``tokens`` overrides the ids recovered from a cache) on a
@@ -128,6 +129,10 @@ def run_patchscope(
         token_chunk: vectors per tile.
         prepend_bos: as ``run_logit_lens``, for source and target.
         progress: a progress bar over the (row, position) pairs (``lens_plugins.progress``; off by default).
+        target_model: another TransformerLens model that reads the source's hidden states (``None``: the
+            source model). The source must be text: the result's positions and tokens are the target's
+            tokenization of it, each paired with the source position that ends at the same character
+            (``methods.cross_model``); its reference is the target's own prediction there.
 
     Returns:
         A ``PatchscopeResult``: a ``LensResult`` whose rows are source rows and columns source positions.
@@ -135,6 +140,12 @@ def run_patchscope(
     Raises:
         LensValueError: a prompt that does not fit the context, a bad row, position or mapping.
     """
+    if target_model is not None:
+        return _cross_model(model, target_model, source, layers=layers, positions=positions,
+                            target_prompt=target_prompt, target_layer=target_layer, target_position=target_position,
+                            mapping=mapping, top_k=top_k, targets=targets, token_sets=token_sets,
+                            reductions=reductions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            chunks=(vocab_chunk, token_chunk), prepend_bos=prepend_bos)
     if isinstance(source, (str, Tensor)):
         if isinstance(source, str):
             check_prompts(source)
@@ -171,5 +182,49 @@ def run_patchscope(
         return run(runner, request, hidden.float(), source_ids.to(torch.long).cpu(), target_ids.cpu(),
                    target_prompt if isinstance(target_prompt, str) else model.tokenizer.decode(target_ids.tolist()),
                    model.tokenizer, mapping, progress=progress)
+
+def _cross_model(model, target_model, source, *, layers, positions, target_prompt, target_layer, target_position,
+                 mapping, top_k, targets, token_sets, reductions, batch_size, max_new_tokens, chunks, prepend_bos):
+    """``run_patchscope`` with ``target_model`` reading ``model``'s hidden states: the source rows come from
+    ``model`` at the source positions paired with the target's (``methods.cross_model.text_pairs``), the
+    reference from ``target_model`` run on the same text."""
+    from lens_plugins.methods.cross_model import check_same_backend, text_pairs
+
+    check_same_backend(model, target_model)
+    if not isinstance(source, str):
+        raise LensValueError("with target_model=, pass the source prompt as text: the two models' positions are paired "
+                             "by character offsets")
+    check_prompts(source)
+    target_tokenizer = tla.hf_tokenizer(target_model)
+    pairs = text_pairs(tla.hf_tokenizer(model), target_tokenizer, source, prepend_bos)
+    if isinstance(target_prompt, str):
+        check_prompts(target_prompt)
+        target_ids = torch.tensor(prompt_ids(target_tokenizer, target_prompt, prepend_bos), device=target_model.cfg.device)
+    else:
+        target_ids = target_prompt.to(target_model.cfg.device)
+    check_context(len(pairs.source_ids), context_length(model), what="the source prompt")
+    check_context(len(pairs.target_ids), context_length(target_model), what="the source prompt (on the target model)")
+    check_context(target_ids.shape[0], context_length(target_model), max_new_tokens, what="the target prompt")
+    text_ids = torch.tensor([pairs.target_ids], device=target_model.cfg.device)
+    with eval_mode(model), eval_mode(target_model), torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([pairs.source_ids], device=model.cfg.device),
+                                        names_filter=tla.hook_filter(model))
+        _, every, read, _ = tla.lens_rows(cache, False, False)
+        _, target_cache = target_model.run_with_cache(text_ids, names_filter=tla.hook_filter(target_model))
+        _, target_every, read_target, _ = tla.lens_rows(target_cache, False, False)
+        request = plan(
+            every, len(pairs.target_ids), target_ids.shape[0], target_model.tokenizer, target_model.W_U.shape[1],
+            layers=layers, positions=pairs.target_index.tolist() if positions is None else positions,
+            target_layer=target_layer, target_position=target_position, targets=targets, token_sets=token_sets,
+            reductions=reductions, top_k=top_k, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            target_every=target_every,
+        )
+        chosen = list(request.lens.positions)
+        hidden = read(request.rows, pairs.source_positions(chosen))[:, 0]
+        reference = read_target([target_every[-1]], chosen)[0, 0]
+        runner = _Runner(target_model, request, target_ids.reshape(1, -1), *chunks)
+        return run(runner, request, hidden.float(), text_ids.cpu(), target_ids.cpu(),
+                   target_prompt if isinstance(target_prompt, str) else target_model.tokenizer.decode(target_ids.tolist()),
+                   target_model.tokenizer, mapping, reference=reference.float(), width=target_model.cfg.d_model)
 
 __all__ = ["run_patchscope"]

@@ -65,6 +65,8 @@ _LAZY = {
     "fit_shortcuts": ("lens_plugins.methods.early_exit", "fit_shortcuts"),
     "shortcut_scores": ("lens_plugins.methods.early_exit", "shortcut_scores"),
     "early_exit": ("lens_plugins.methods.early_exit", "early_exit"),
+    "patching": ("lens_plugins.methods.activation_patching", "patching"),
+    "PatchingResult": ("lens_plugins.methods.activation_patching", "PatchingResult"),
 }
 
 __all__ = list(_LAZY)

@@ -9,7 +9,7 @@ recurse forever).
 
 import types
 
-from lens_plugins.core.trace import attention, attribution, decoder_lens, dola, generation, jacobian, lens, patchscope
+from lens_plugins.core.trace import activation_patching, attention, attribution, decoder_lens, dola, generation, jacobian, lens, patchscope
 
 
 def server_namespace():
@@ -19,6 +19,7 @@ def server_namespace():
         generation_lens=generation.generation_lens, dola=dola.dola, decoder_lens=decoder_lens.decoder_lens,
         attention=attention.attention, read_source=patchscope.read_source,
         patch_and_read=patchscope.patch_and_read, patch_and_next_token=patchscope.patch_and_next_token,
-        jacobian_edit=jacobian.jacobian_edit, edited_logits=jacobian.edited_logits))
+        jacobian_edit=jacobian.jacobian_edit, edited_logits=jacobian.edited_logits,
+        patch_and_measure=activation_patching.patch_and_measure))
 
 __all__ = ["server_namespace"]

@@ -20,12 +20,15 @@ ROWS = ["embed", "5_pre", "10_pre", "15_pre", "20_pre", "25_pre", "29_post"]
 
 
 def prompts(model):
-    """(sources, targets, answers, foils): the pairs whose prompts tokenize to 14 tokens each."""
+    """(sources, targets, answers, foils): the pairs whose prompts tokenize to 14 tokens each (as the verbs do)."""
+    from lens_plugins.backends._common import prompt_ids
+    from lens_plugins.backends.transformer_lens.reader import hf_tokenizer
+
     sources, targets, answers, foils = [], [], [], []
     for s, io, place, thing in NAMES:
         target = f"When {s} and {io} went to the {place}, {io} gave a {thing} to"
         source = f"When {s} and {io} went to the {place}, {s} gave a {thing} to"
-        lengths = {len(model.tokenizer.encode(text)) for text in (source, target)}
+        lengths = {len(prompt_ids(hf_tokenizer(model), text, None)) for text in (source, target)}
         if lengths == {14}:
             sources.append(source), targets.append(target), answers.append(f" {io}"), foils.append(f" {s}")
     return sources, targets, answers, foils

@@ -108,7 +108,8 @@ function render({ model, el }) {
     topHeading.textContent = `top-${d.top[r][p].length} at ${d.labels[r]}, position ${d.positions[p]} (click a token to pin it)`;
     topList.replaceChildren();
     d.top[r][p].forEach(([id, prob]) => {
-      const li = node("li", { class: pinned.has(id) ? "pinned" : "", "data-id": id }, `${d.shown[id]}  ${prob.toFixed(3)}`);
+      const li = node("li", { class: pinned.has(id) ? "pinned" : "", "data-id": id });
+      li.append(node("span", { class: "tok" }, d.shown[id]), " ", node("span", { class: "prob" }, prob.toFixed(3)));
       li.addEventListener("click", () => {
         const own = model.get("pinned");
         model.set("pinned", own.includes(id) ? own.filter((x) => x !== id) : [...own, id]);

@@ -17,6 +17,7 @@ NAMES = [("John", "Mary", "store", "drink"), ("Tom", "Anna", "park", "ball"), ("
          ("David", "Emma", "beach", "hat"), ("Paul", "Lisa", "market", "gift"), ("Mark", "Kate", "house", "cake"),
          ("Peter", "Alice", "school", "pen"), ("George", "Laura", "office", "letter")]
 ROWS = ["embed", "5_pre", "10_pre", "15_pre", "20_pre", "25_pre", "29_post"]
+POSITIONS = [2, 9, 12, 13]  # " and" (the same in both prompts), the second name, " a" ... " to", the last token
 
 
 def prompts(model):
@@ -38,18 +39,18 @@ def main(figure: bool):
     model = lp.load_default_model(backend="transformer_lens")
     sources, targets, answers, foils = prompts(model)
     start = time.perf_counter()
-    res = lp.patching(model, sources, targets, answer=answers, foil=foils, layers=ROWS)
+    res = lp.patching(model, sources, targets, answer=answers, foil=foils, layers=ROWS, positions=POSITIONS)
     elapsed = time.perf_counter() - start
     interval = res.interval(normalized=True, seed=0)
     tokens = res.target_tokens(0)
     print(f"{res.n_prompts} pairs, {len(res.labels)} rows x {len(res.positions)} positions, {elapsed:.1f} s")
     print("target logit diff (mean):", round(float(res.target_values.mean()), 2),
           " source:", round(float(res.source_values.mean()), 2))
-    print("| row | " + " | ".join(f"{p}: `{tokens[p].strip() or tokens[p]}`" for p in (2, 9, 12, 13)) + " |")
+    print("| row | " + " | ".join(f"{p}: `{tokens[p].strip() or tokens[p]}`" for p in POSITIONS) + " |")
     print("|---|" + "---|" * 4)
     for r, label in enumerate(res.labels):
-        cells = [f"{interval.mean[r, p]:.2f} [{interval.low[r, p]:.2f}, {interval.high[r, p]:.2f}]"
-                 for p in (2, 9, 12, 13)]
+        cells = [f"{interval.mean[r, i]:.2f} [{interval.low[r, i]:.2f}, {interval.high[r, i]:.2f}]"
+                 for i in range(len(POSITIONS))]
         print(f"| {label} | " + " | ".join(cells) + " |")
     if figure:
         render(lp.patching(model, sources[0], targets[0], answer=answers[0], foil=foils[0], layers=["10_pre"],

@@ -75,6 +75,8 @@ _LAZY = {
     "CausalBasis": ("lens_plugins.methods.causal_checks", "CausalBasis"),
     "subspace_ablation": ("lens_plugins.methods.causal_checks", "subspace_ablation"),
     "SubspaceAblation": ("lens_plugins.methods.causal_checks", "SubspaceAblation"),
+    "patching": ("lens_plugins.methods.activation_patching", "patching"),
+    "PatchingResult": ("lens_plugins.methods.activation_patching", "PatchingResult"),
 }
 
 __all__ = list(_LAZY)

@@ -21,6 +21,7 @@ exactly these with ``nnsight.register``, and ``tests/test_shipping.py`` holds ea
 - ``dola``: DoLa's premature-layer choice and contrastive scores
 - ``decoder_lens``: the DecoderLens arithmetic (encoder rows decoded by the decoder)
 - ``patching``: Patchscopes' write arithmetic (mappings, batching of (row, position) pairs)
+- ``activation_patching``: activation patching (cells per batch item, the copy from the source, the metric)
 - ``vocab_loss``: memory-bounded KL / cross-entropy over the vocabulary with its gradient (training)
 - ``future``: Future Lens arithmetic (pairing ``t`` with ``t + N - 1``, the bigram baseline)
 - ``trace/``: the in-trace half of every nnsight method (``trace/__init__.py`` lists them)

@@ -48,10 +48,12 @@ def report_sections(lens, attribution=None, attention=None, batch: int = 0) -> l
 
 
 def write_report(path: Union[str, Path], lens, attribution=None, attention=None, batch: int = 0,
-                 title: str = "Logit lens report", *, overwrite: bool = False, plotly: str = "inline") -> Path:
+                 title: str = "Logit lens report", *, overwrite: bool = False, plotly: str = "inline",
+                 explore: bool = True) -> Path:
     """One HTML file of the given results (plotly.js inlined, so it works offline; ``plotly="cdn"`` links it
     instead). An existing file is replaced only with ``overwrite=True``, in one rename (an interrupted write
-    leaves the old file whole)."""
+    leaves the old file whole). ``explore`` adds the explorable view of ``plot.widget`` (plain JS, offline):
+    click a cell for its top-k, pin tokens to draw their trajectories."""
     check_file(path, overwrite=overwrite)
     check_plotly(plotly)
     sections = report_sections(lens, attribution, attention, batch)
@@ -64,6 +66,11 @@ def write_report(path: Union[str, Path], lens, attribution=None, attention=None,
              f"<p>At the last position the model predicts <code>{display_token(final[0][0])}</code> "
              f"(p = {final[0][1]:.3f}){runner}. Rows run from the embeddings ({html.escape(lens.labels[0])}) to the "
              f"model's output ({html.escape(lens.labels[-1])}).</p>")
+    if explore and lens.top_ids is not None:
+        from lens_plugins.plot.widget import widget_html
+
+        intro += ('<section id="explore"><h2>explore: click a cell for its top-k, click a token to pin its '
+                  f"trajectory</h2>\n{widget_html(lens, batch)}</section>\n")
     with atomic_write(path) as staging:
         write_page(staging, title, intro, sections, plotly=plotly)
     return Path(path)

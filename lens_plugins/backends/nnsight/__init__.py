@@ -10,6 +10,7 @@ registers ``lens_plugins.core`` with ``nnsight.register`` (``_run``).
 
 from lens_plugins._aliases import deprecated_names
 from lens_plugins.backends.nnsight._run import SHIPPED_MODULES
+from lens_plugins.backends.nnsight.activation_patching import run_patching
 from lens_plugins.backends.nnsight.attention import attention, attention_result, run_attention
 from lens_plugins.backends.nnsight.attribution import (
     attribution,
@@ -35,7 +36,7 @@ __all__ = [
     "run_generation_lens", "dola", "dola_result", "run_dola", "decoder_lens", "decoder_lens_result",
     "run_decoder_lens", "run_patchscope", "attention", "attention_result", "run_attention", "decoder_for",
     "lens_tensors", "remote_model", "wrap_model", "RemoteLensError", "SHIPPED_MODULES", "jacobian_edit",
-    "run_jacobian_edit", "run_ablation",
+    "run_jacobian_edit", "run_ablation", "run_patching",
 ]
 
 __getattr__ = deprecated_names(__name__, {

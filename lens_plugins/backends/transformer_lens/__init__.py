@@ -8,6 +8,7 @@ verbs, parameters and defaults are in ``lp.nnsight``. One module per method, the
 
 from lens_plugins._aliases import deprecated_names
 from lens_plugins.backends.transformer_lens.accessor import CacheLens, register_accessor
+from lens_plugins.backends.transformer_lens.activation_patching import run_patching
 from lens_plugins.backends.transformer_lens.attention import attention, attention_hook_filter, run_attention
 from lens_plugins.backends.transformer_lens.attribution import (
     attribution,
@@ -38,7 +39,7 @@ __all__ = [
     "cache_parts", "run_generation_lens", "run_dola", "run_decoder_lens", "run_patchscope", "attention",
     "attention_hook_filter", "run_attention", "decoder_for", "hook_filter", "hook_name", "reader",
     "recover_tokens", "residual_stack", "row_plan", "CacheLens", "register_accessor", "jacobian_hooks",
-    "run_jacobian_edit", "run_ablation",
+    "run_jacobian_edit", "run_ablation", "run_patching",
 ]
 
 __getattr__ = deprecated_names(__name__, {

@@ -95,7 +95,8 @@ def test_result_fields_follow_the_table():
     from lens_plugins.plot import figures
     from lens_plugins.core import reductions
 
-    optional = {f.name for f in dataclasses.fields(result.LensResult) if f.default is None}
+    # token_labels: display names for positions (image patches), set by lp.vision, not a reduction's output
+    optional = {f.name for f in dataclasses.fields(result.LensResult) if f.default is None} - {"token_labels"}
     outputs = {field for entry in reductions.TABLE.values() if entry["by"] != "internal" for field in entry["outputs"]}
     assert optional == outputs
     assert result.METRICS == tuple(reductions.METRIC_STYLES)

@@ -2,7 +2,7 @@
 ``logit(IO) - logit(S)`` each residual cell restores when patched from a source prompt that names the other
 person second (normalised: 0 = the target's own, 1 = the source's), with seeded 95% bootstrap intervals over the
 pairs; and the affected cone of the name's position read through the logit lens, rendered as
-``docs/images/patching_cone.png`` with the system's Chromium (as ``docs/gallery.py``).
+``docs/method_images/patching_cone.png`` with the system's Chromium (as ``docs/gallery.py``).
 
     PYTHONPATH=. python benchmarks/bench_patching.py [--figure]    # about a minute on 2 shared CPU cores
 """
@@ -57,7 +57,7 @@ def main(figure: bool):
                            positions=[9], cone=True).plot_cone("10_pre", 9))
 
 
-def render(plot, out=Path(__file__).parents[1] / "docs" / "images" / "patching_cone.png"):
+def render(plot, out=Path(__file__).parents[1] / "docs" / "method_images" / "patching_cone.png"):
     import shutil
 
     from playwright.sync_api import sync_playwright

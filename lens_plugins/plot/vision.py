@@ -19,7 +19,8 @@ from lens_plugins.core.errors import LensIndexError, LensValueError
 from lens_plugins.core.reductions import METRIC_STYLES
 from lens_plugins.methods.result import LensResult
 from lens_plugins.methods.vision import ImageGrid, patch_values
-from lens_plugins.plot.figures import _colour_values, is_rank_metric, metric_values
+from lens_plugins.plot import style
+from lens_plugins.plot.figures import LOG_FLOOR, _colour_values, is_rank_metric, metric_values
 from lens_plugins.tokens import display_token
 
 _CELL_CHARS = 6
@@ -53,9 +54,9 @@ def image_lens_figure(
     if start is None:
         raise LensIndexError(f"row {row} is out of range for {n_rows} rows")
     rank = is_rank_metric(metric)
-    values = _colour_values(metric_values(result, metric)[:, batch].cpu().float(), rank)  # [row, pos]
+    values = _colour_values(metric_values(result, metric)[:, batch].cpu().float(), rank, False, LOG_FLOOR)  # [row, pos]
     top1 = result.top_ids[:, batch, :, 0] if result.top_ids is not None else None
-    scale, title = METRIC_STYLES.get(metric, ("Blues_r", metric) if rank else ("Blues", metric))
+    direction, title = METRIC_STYLES.get(metric, ("sequential_r", metric) if rank else ("sequential", metric))
     patches = {p for g in mine for p in g.positions}
     text_idx = [i for i, p in enumerate(result.positions) if p not in patches]
 
@@ -113,7 +114,7 @@ def image_lens_figure(
     figure.update_layout(
         sliders=[dict(active=start, steps=steps, currentvalue={"prefix": "lens row (patch grids): "},
                       pad={"t": 60})],
-        coloraxis={"colorscale": scale, "colorbar": {"title": {"text": title + (" (log10)" if rank else "")}},
+        coloraxis={"colorscale": style.SEQUENTIAL, "reversescale": direction == "sequential_r", "colorbar": {"title": {"text": title + (" (log10)" if rank else "")}},
                    "cmin": 0.0 if metric == "prob" else None, "cmax": 1.0 if metric == "prob" else None},
         title={"text": f"logit lens over the image patches: {title} and top-1 token at one row (slider) "
                        "beside the text positions"},

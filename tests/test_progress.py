@@ -93,3 +93,14 @@ def test_tuned_lens_fit_counts_steps(capsys):
     assert capsys.readouterr().err == ""
     train_tuned_lens(hf, blocks, steps=3, batch_size=4, vocab_chunk=256, progress=True)
     assert "3/3" in _bar(capsys.readouterr().err, "tuned lens")
+
+
+def test_jacobian_lens_fit_counts_prompts(tiny, capsys):
+    from lens_plugins.lenses.jacobian import JacobianLens
+
+    prompts = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
+    quiet = JacobianLens.fit(tiny[1], prompts, skip_first=1, source_layers=[0])
+    assert capsys.readouterr().err == ""
+    loud = JacobianLens.fit(tiny[1], prompts, skip_first=1, source_layers=[0], progress=True)
+    assert "3/3" in _bar(capsys.readouterr().err, "fitting the Jacobian lens")
+    assert torch.equal(quiet.jacobians[0], loud.jacobians[0])

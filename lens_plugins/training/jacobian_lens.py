@@ -157,7 +157,7 @@ def fit_jacobian_lens(
     corpus: Optional[str] = None,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     checkpoint_every: int = CHECKPOINT_EVERY,
-    progress: bool = True,
+    progress: bool = False,
     metadata: Optional[dict] = None,
     remote: Union[bool, str] = False,
     backend=None,
@@ -180,7 +180,7 @@ def fit_jacobian_lens(
         corpus: a name for the prompts, recorded in the metadata (default: ``"builtin"`` or ``"user"``).
         checkpoint: a file for the running sums (the reference checkpoint layout), written every
             ``checkpoint_every`` prompts, at the end and on Ctrl-C or SIGTERM; a fit finding one resumes it.
-        progress: a progress bar over prompts.
+        progress: a progress bar over prompts (off by default, as everywhere in the package).
         metadata: extra provenance (plain values) recorded with the lens.
         remote: nnsight models only: ``True`` fits where the model runs (NDIF), one trace per prompt whose body
             takes the backward passes on the server (``core.trace.jacobian.fit_prompt``) and sends back only that

@@ -461,6 +461,34 @@ def test_training_mode_is_switched_off_for_the_call_with_a_warning(backend, smol
     assert torch.equal(bits(trained.entropy), bits(evaluated.entropy))
 
 
+ONE_CALL_VERBS = {
+    "logit_lens": lambda m: lpn.run_logit_lens(m, "in it is the"),
+    "logit_diff": lambda m: lpn.run_logit_diff(m, "in it is the", " the", " it"),
+    "attribution": lambda m: lpn.run_attribution(m, "in it is the", " the", " it"),
+    "attention": lambda m: lpn.run_attention(m, "in it is the"),
+    "patchscope": lambda m: lpn.run_patchscope(m, "in it is the", layers=[1, 2], positions=[-1],
+                                               target_prompt=torch.tensor([11, 12, 13])),
+    "patching": lambda m: lpn.run_patching(m, "in it is the", "in it is a", answer=" the", foil=" a"),
+    "generation_lens": lambda m: lpn.run_generation_lens(m, "in it is the", max_new_tokens=2),
+    "dola": lambda m: lpn.run_dola(m, "in it is the", max_new_tokens=2),
+}
+
+
+@pytest.mark.parametrize("verb", list(ONE_CALL_VERBS))
+def test_nnsight_one_call_forms_build_no_autograd_graph(verb, nn_llama):
+    """A one-call form only reads the model: run with grad on, its forward would keep every block's activations
+    for a backward pass that never comes (a Patchscope batch of 64 pairs on SmolLM2 held ~700 MB more)."""
+    seen = []
+    block = nn_llama._module.model.layers[0]
+    handle = block.register_forward_hook(lambda module, args, output: seen.append(
+        (torch.is_grad_enabled(), (output[0] if isinstance(output, tuple) else output).requires_grad)))
+    try:
+        ONE_CALL_VERBS[verb](nn_llama)
+    finally:
+        handle.remove()
+    assert seen and not any(enabled or needs for enabled, needs in seen), seen
+
+
 def test_cache_from_a_different_model_is_refused_even_with_tokens(smollm2_tokenizer):
     gpt2, llama = tiny_bridge("gpt2", smollm2_tokenizer), tiny_bridge("llama", smollm2_tokenizer)
     tokens = random_tokens()

@@ -151,7 +151,7 @@ def trace(model, prompt, remote, backend, body, padding_side=None, prepend_bos=N
         tokens, mask = pad_prompts(tokenizer, ids, tokenizer.padding_side)
         prompt = {"input_ids": tokens, "attention_mask": mask}
     try:
-        with eval_mode(unwrap(model)), model.trace(prompt, **trace_kwargs) as tracer:
+        with eval_mode(unwrap(model)), torch.no_grad(), model.trace(prompt, **trace_kwargs) as tracer:
             saved = body()
     except Exception as error:  # noqa: BLE001 - re-raised below with what happened, unless it is ours
         raise remote_error(error, remote, backend) from error

@@ -12,6 +12,8 @@ directly: it ships by source with core.
 from collections.abc import Sequence
 from typing import Optional, Union
 
+import torch
+
 from lens_plugins.backends._common import (
     check_context,
     check_prompts,
@@ -49,7 +51,7 @@ class _Runner(Runner):
         model, request, lens, paths, chunks = self.model, self.request, self.lens, self.paths, self.chunks
         labels, positions, read_labels = list(cell_labels), list(cell_positions), list(request.read_labels)
         metric, metric_position = request.metric, request.metric_position
-        with model.trace(tokens, **self.trace_kwargs):
+        with torch.no_grad(), model.trace(tokens, **self.trace_kwargs):
             saved = patch_and_measure(model, labels, positions, metric_position, metric, answer_id, foil_id, lens,
                                       read_labels, paths, **chunks)
         return saved

@@ -54,7 +54,7 @@ def run_decoder_lens(
                                 ((input_ids, "input_ids"), (decoder_input_ids, "decoder_input_ids")))
     trace_kwargs = {"remote": remote} if backend is None else {"backend": backend}
     try:
-        with eval_mode(unwrap(model)), model.trace(
+        with eval_mode(unwrap(model)), torch.no_grad(), model.trace(
             encoder_ids.repeat(n + 1, 1), decoder_input_ids=decoder_ids.repeat(n + 1, 1), **trace_kwargs
         ):
             lens = decoder_lens(model, top_k=top_k, targets=list(targets), token_sets=token_sets,

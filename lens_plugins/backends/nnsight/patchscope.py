@@ -53,14 +53,14 @@ class _Runner(TargetRunner):
         model, paths, chunks = self.model, self.paths, self.chunks
         position, top_k, reductions = self.request.target_position, self.request.lens.top_k, self.request.readout
         labels = list(target_labels)
-        with model.trace(self.tokens.expand(values.shape[0], -1), **self.trace_kwargs):
+        with torch.no_grad(), model.trace(self.tokens.expand(values.shape[0], -1), **self.trace_kwargs):
             saved = patch_and_read(model, values, labels, position, reference, target_ids, top_k, reductions,
                                    read_next_token, paths, **chunks)
         return saved["stats"], saved.get("next_token")
 
     def next_tokens(self, tokens, values, target_labels):
         model, paths, position, labels = self.model, self.paths, self.request.target_position, list(target_labels)
-        with model.trace(tokens, **self.trace_kwargs):
+        with torch.no_grad(), model.trace(tokens, **self.trace_kwargs):
             ids = patch_and_next_token(model, values, labels, position, paths)
         return ids
 
@@ -132,7 +132,7 @@ def run_patchscope(
     labels, chosen_positions = request.labels, request.lens.positions
     try:
         with eval_mode(hf):
-            with model.trace(source, **trace_kwargs):
+            with torch.no_grad(), model.trace(source, **trace_kwargs):
                 saved = read_source(model, labels, chosen_positions, paths)
             runner = _Runner(model, request, target_ids, trace_kwargs, paths, vocab_chunk, token_chunk)
             return run(runner, request, saved["hidden"].float(), saved["token_ids"].to(torch.long),
@@ -182,9 +182,9 @@ def _cross_model(model, target_model, source, trace_kwargs, options, *, target_p
     text_ids = torch.tensor([pairs.target_ids])
     try:
         with eval_mode(unwrap(model)), eval_mode(unwrap(target_model)):
-            with model.trace(torch.tensor([pairs.source_ids]), **trace_kwargs):
+            with torch.no_grad(), model.trace(torch.tensor([pairs.source_ids]), **trace_kwargs):
                 saved = read_source(model, request.labels, pairs.source_positions(chosen), paths)
-            with target_model.trace(text_ids, **trace_kwargs):
+            with torch.no_grad(), target_model.trace(text_ids, **trace_kwargs):
                 own = read_source(target_model, [target_every[-1].label], chosen, paths)
             runner = _Runner(target_model, request, target_ids, trace_kwargs, paths, *chunks)
             return run(runner, request, saved["hidden"].float(), text_ids, target_ids.to(torch.long),

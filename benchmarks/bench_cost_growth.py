@@ -9,14 +9,14 @@ high-water mark is reset first through ``/proc/self/clear_refs``).
   repeated along the token axis to reach 64 ... 2,048 (8,192 with ``--tokens``): the values, and so the
   readout's data-dependent branches (top-k merges, rank counts), are a real model's.
 - vocabulary: the same rows through a random ``[576, vocab]`` unembedding of 49,152 (SmolLM2) and 262,144
-  (Gemma-3) columns, at ``--vocab-tokens`` tokens. Gemma-3's weights are not available offline here; the
+  (Gemma-3) columns, at each of ``--vocab-tokens`` token counts. Gemma-3's weights are not available offline here; the
   readout's cost depends on the shapes only, not on which model made ``W_U``.
 
 The materialised alternative (``[rows, tokens, vocab]`` float32 log-probs, what a naive lens or
 TransformerLens's ``logit_lens`` tool holds) is printed beside each memory figure.
 
-    python benchmarks/bench_cost_growth.py [--tokens 64 128 256 512 1024 2048] [--rounds 1] [--markdown]
-        [--plot docs/img/cost_growth.png]
+    python benchmarks/bench_cost_growth.py [--tokens 64 128 256 512 1024 2048] [--vocab-tokens 64 256 1024]
+        [--rounds 1] [--markdown] [--plot docs/method_images/cost_growth.png] [--from-log LOG]
 """
 
 import argparse
@@ -121,36 +121,71 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: str) -> str:
-    """Time and peak memory against tokens (SmolLM2) on one PNG; the vocabulary points as a second series."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot (the table above holds the same figures)"
-    tok = sorted((r for r in results if r["kind"] == "tokens"), key=lambda r: r["tokens"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.loglog([r["tokens"] for r in tok], [r["seconds"] for r in tok], "o-", label="SmolLM2 (49,152 vocab)")
-    right.semilogx([r["tokens"] for r in tok], [r["peak_mb"] for r in tok], "o-", label="streamed readout")
-    right.loglog([r["tokens"] for r in tok], [r["materialised_mb"] for r in tok], "--", label="[rows, tokens, vocab] float32")
-    for r in (r for r in results if r["kind"] == "vocab"):
-        left.loglog([r["tokens"]], [r["seconds"]], "s", label=f"random W_U, {r['vocab']:,} vocab")
-        right.semilogx([r["tokens"]], [r["peak_mb"]], "s", label=f"random W_U, {r['vocab']:,} vocab")
-    left.set(xlabel="tokens", ylabel="readout time (s)", title="time, 31 rows")
-    right.set(xlabel="tokens", ylabel="MB", title="peak memory rise")
-    left.legend(fontsize=8)
-    right.legend(fontsize=8)
-    fig.tight_layout()
+    """Time and peak memory against tokens, one line per vocabulary size, on one PNG: a plotly figure drawn by
+    the package's own route (Debian's Chromium through Playwright, as ``docs/gallery.py``), so no plotting
+    library beyond the package's dependencies is needed."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not executable:
+        return "no chromium on PATH (make browser): no plot (the table above holds the same figures)"
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("readout time, 31 rows (s)", "peak memory rise (MB)"))
+    colours = ["#1f77b4", "#d62728", "#2ca02c"]
+    for index, vocab in enumerate(sorted({r["vocab"] for r in results})):
+        colour = colours[index % len(colours)]
+        points: dict = {}
+        for r in results:
+            if r["vocab"] == vocab:
+                points.setdefault(r["tokens"], []).append(r)
+        xs = sorted(points)
+        name = f"vocab {vocab:,}" + (" (SmolLM2)" if vocab == 49152 else " (random W_U, Gemma-3's size)")
+        fig.add_trace(go.Scatter(x=xs, y=[statistics.median(r["seconds"] for r in points[x]) for x in xs],
+                                 mode="lines+markers", name=name, legendgroup=name, line={"color": colour}),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=xs, y=[statistics.median(r["peak_mb"] for r in points[x]) for x in xs],
+                                 mode="lines+markers", name=name, legendgroup=name, showlegend=False,
+                                 line={"color": colour}), row=1, col=2)
+        fig.add_trace(go.Scatter(x=xs, y=[points[x][0]["materialised_mb"] for x in xs], mode="lines",
+                                 line={"dash": "dot", "color": colour},
+                                 name=f"materialised [rows, tokens, vocab] float32 log-probs, vocab {vocab:,}"),
+                      row=1, col=2)
+    fig.update_xaxes(type="log", title_text="tokens", dtick=1)  # decades only: no cluttered minor labels
+    fig.update_yaxes(type="log", dtick=1)
+    fig.update_layout(width=1100, height=450, template="plotly_white", legend={"orientation": "h", "y": -0.25},
+                      margin={"t": 40, "b": 120})
+    from playwright.sync_api import sync_playwright
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        html = Path(tmp) / "plot.html"
+        fig.write_html(html, include_plotlyjs=True, config={"displayModeBar": False})
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1150, "height": 500}, device_scale_factor=1)
+        page.goto(html.resolve().as_uri())
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 1", timeout=60_000)
+        page.locator(".js-plotly-plot").first.screenshot(path=path)
+        browser.close()
     return f"plot written to {path}"
+
+
+def from_log(path: str) -> list[dict]:
+    """The measurements a earlier run printed (one JSON object per line), to redraw the table and the plot."""
+    with open(path) as log:
+        return [json.loads(line) for line in log if line.startswith("{")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 262144])
-    parser.add_argument("--vocab-tokens", type=int, default=128)
+    parser.add_argument("--vocab-tokens", type=int, nargs="+", default=[64, 256, 1024],
+                        help="token counts at which each --vocab other than SmolLM2's own is measured")
+    parser.add_argument("--from-log", metavar="LOG", help="redraw the table and plot from an earlier run's log")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--plot", metavar="PNG")
@@ -160,10 +195,17 @@ def main() -> None:
         kind, tokens, vocab = args.child
         print(json.dumps(child(kind, int(tokens), int(vocab))))
         return
+    if args.from_log:
+        results = from_log(args.from_log)
+        print(table(results))
+        if args.plot:
+            print(plot(results, args.plot))
+        return
     from cpu import cpu_description
 
     print(f"CPU: {cpu_description()}; load average at start {os.getloadavg()}", file=sys.stderr)
-    points = [("tokens", t, 49152) for t in args.tokens] + [("vocab", args.vocab_tokens, v) for v in args.vocab]
+    points = [("tokens", t, 49152) for t in args.tokens]
+    points += [("vocab", t, v) for v in args.vocab if v != 49152 for t in args.vocab_tokens]
     results = []
     for round_ in range(args.rounds):  # the order alternates between rounds
         for point in points if round_ % 2 == 0 else points[::-1]:

@@ -10,10 +10,12 @@ package runs both its bfloat16 matmuls, the like-for-like figure, and its float3
 and ``warmup_steps`` as tuned-lens chooses (``min(0.2 * steps, 1000)``). Each run is a fresh process; the
 approaches alternate within a round; figures are medians. Time is the training loop alone (tuned-lens: from the
 end of its ``setup``, which loads the model and tokenizes the data, to the end; here the ``train`` call after the
-model is loaded), tokens/s = steps * batch * 128 / that time; memory is the rise of the process's peak resident
+model is loaded and the text cut into token blocks), tokens/s = steps * batch * 128 / that time; memory is the rise of the process's peak resident
 set over the training loop above its resident set before it (model, tokenizer and data loaded).
-Both lenses are then scored by the same code (``lp.evaluate_lenses``) on the corpus texts neither trained on:
-held-out KL(final || row) averaged over rows.
+Both lenses are then scored by the same code (``lp.evaluate_lenses``) on the first ``--heldout-blocks``
+128-token blocks of the corpus texts neither trained on: held-out KL(final || row) averaged over rows. Before
+the measured part, both run the model once on 5 tokens (which pages its weights in and warms the kernels), so
+that neither's memory figure counts the weights.
 
 The reference runs in a throwaway venv (``/tmp/lens-plugins-tunedlens``, built on first use with pinned
 versions: tuned-lens 0.2.0, transformers 4.49, datasets < 3.3, torchdata 0.7.1 without its torch pin, this
@@ -51,6 +53,9 @@ def rss(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
 def timed_setup(self):
     out = setup(self)
+    import torch
+    with torch.no_grad():  # one forward first: pages the weights in and warms the kernels, as for ours
+        out[1](torch.tensor([[1, 2, 3, 4, 5]]))
     marks["base"] = rss("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # the peak from here on: the training loop's own
     marks["start"] = time.perf_counter()
@@ -105,31 +110,43 @@ def rss(field: str) -> int:
 
 
 def ours(approach: str, texts_file: str, steps: int, batch: int, out: str) -> dict:
+    """This package's trainer, timed and measured like the reference: the model is loaded and the text tokenized
+    into blocks first (tuned-lens's ``setup``), then the peak resident set is reset and the training loop runs."""
     import torch
 
     import lens_plugins as lp
     from lens_plugins.models import default_model_dir, load_hf_model
+    from lens_plugins.training.tuned_lens import token_blocks_of
 
     model, tokenizer = load_hf_model(default_model_dir())
     texts = [json.loads(line)["text"] for line in open(texts_file)]
-    start = time.perf_counter()
     wrapped = lp.nnsight.wrap_model(model, tokenizer)  # carries the tokenizer; training runs the HF model
-    lens = lp.TunedLens.train(wrapped, texts, steps=steps, seq_len=SEQ, batch_size=batch,
-                              warmup_steps=min(int(0.2 * steps), 1000), heldout=0.01, progress=False)
+    blocks = token_blocks_of(wrapped, texts, SEQ)
+    with torch.no_grad():  # one forward first: pages the weights in and warms the kernels, as for the reference
+        model(torch.tensor([[1, 2, 3, 4, 5]]))
+    matmul_dtype = torch.bfloat16 if approach == "lens_plugins_bf16" else torch.float32
+    base = rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: the training loop's own
+    start = time.perf_counter()
+    lens = lp.TunedLens.train(wrapped, blocks, steps=steps, seq_len=SEQ, batch_size=batch,
+                              warmup_steps=min(int(0.2 * steps), 1000), heldout=0.01, progress=False,
+                              matmul_dtype=matmul_dtype)
     seconds = time.perf_counter() - start
+    peak = rss("VmHWM")
     lens.save(out)
-    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return {"seconds": seconds, "peak_mb": peak / 1024, "threads": torch.get_num_threads()}
+    return {"seconds": seconds, "peak_mb": (peak - base) / 1024, "threads": torch.get_num_threads()}
 
 
-def heldout_kl(lens_dirs: dict, texts: list) -> dict:
+def heldout_kl(lens_dirs: dict, texts: list, n_blocks: int) -> dict:
     import lens_plugins as lp
     from lens_plugins.models import default_model_dir, load_hf_model
+    from lens_plugins.training.tuned_lens import token_blocks_of
 
     model, tokenizer = load_hf_model(default_model_dir())
+    wrapped = lp.nnsight.wrap_model(model, tokenizer)
+    blocks = token_blocks_of(wrapped, texts, SEQ)[:n_blocks]  # the first n_blocks of text neither trained on
     lenses = [lp.TunedLens.load(path) for path in lens_dirs.values()]
-    result = lp.evaluate_lenses(lp.nnsight.wrap_model(model, tokenizer), texts, [lp.LogitLens(), *lenses], names=["logit lens", *lens_dirs],
-                                seq_len=SEQ)
+    result = lp.evaluate_lenses(wrapped, blocks, [lp.LogitLens(), *lenses], names=["logit lens", *lens_dirs])
     frame = result.to_dataframe()
     return {name: float(frame[(frame["lens"] == name) & (frame["row"] != frame["row"].iloc[-1])]["kl"].mean())
             for name in ["logit lens", *lens_dirs]}
@@ -141,6 +158,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--train-texts", type=int, default=64)
+    parser.add_argument("--heldout-blocks", type=int, default=16,
+                        help="128-token blocks of the held-out texts the KL is measured on")
     parser.add_argument("--keep", help="a folder to keep the trained lenses in (default: a temporary one)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--texts", help=argparse.SUPPRESS)
@@ -189,7 +208,7 @@ def main() -> None:
                 record["tokens_per_s"] = args.steps * args.batch * SEQ / record["seconds"]
                 results[approach].append(record)
                 print(f"round {round_ + 1} {approach}: {json.dumps(record)}", flush=True)
-        kl = heldout_kl({a: results[a][-1]["lens"] for a in APPROACHES}, held)
+        kl = heldout_kl({a: results[a][-1]["lens"] for a in APPROACHES}, held, args.heldout_blocks)
     base = results["tuned_lens_package"]
     base_rate = statistics.median(r["tokens_per_s"] for r in base)
     base_peak = statistics.median(r["peak_mb"] for r in base)

@@ -255,6 +255,10 @@ def test_trained_mid_lens_lowers_heldout_kl_on_every_mid_row():
     table = scores.table("kl")
     for label in ("0_mid", "1_mid", "2_mid"):
         assert table.loc[label, "tuned"] < 0.8 * table.loc[label, "logit"], table
+    picked = evaluate_lenses(hf, lens.heldout_blocks, [lp.LogitLens(), lens], names=["logit", "tuned"],
+                             resid_mid=True, layers=["1_mid", "2_pre"])
+    assert picked.row_labels == ["1_mid", "2_pre", "2_post"]  # layers= selects rows; the last is always kept
+    torch.testing.assert_close(picked.kl, scores.kl[:, [3, 4, 6]], atol=1e-6, rtol=0)
     # a lens trained without mid translators still trains and scores NaN on the mid rows (not another lens's)
     plain = TunedLens.train(hf, blocks, steps=2, seed=0, heldout=0.25)
     scores = evaluate_lenses(hf, plain.heldout_blocks, [plain], resid_mid=True)

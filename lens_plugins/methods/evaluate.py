@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_rows
-from lens_plugins.core.rows import plan
+from lens_plugins.core.rows import plan, select
 from lens_plugins.core import vocab_loss
 from lens_plugins.core.lenses import check_fits, check_output, made_for
 from lens_plugins.core.pipeline import check_decoder
@@ -92,6 +92,7 @@ def evaluate_lenses(
     token_chunk: Optional[int] = 1024,
     progress: bool = False,
     resid_mid: bool = False,
+    layers: Optional[Sequence[Union[int, str]]] = None,
 ) -> LensEvaluation:
     """Score ``lenses`` (objects with ``transform(resid, rows)``, e.g. ``LogitLens()``, a ``TunedLens``, a
     ``LastBlocksLens``, a ``JacobianLens``) on ``texts``: a text source as in training, or token blocks
@@ -112,6 +113,8 @@ def evaluate_lenses(
         progress: a progress bar over blocks (``lens_plugins.progress``).
         resid_mid: also score each block's ``{l}_mid`` row (between attention and MLP), in stream order; a lens
             with no map there (a tuned lens without mid translators) scores NaN on those rows.
+        layers: score only these rows (indices or labels, as ``layers=`` of every lens call; the last row is
+            always kept); default every row.
 
     Returns:
         A ``LensEvaluation``: per lens and row, KL to the final layer, cross-entropy and perplexity
@@ -137,7 +140,7 @@ def evaluate_lenses(
     for lens in lenses:
         check_fits(made_for(lens), hf.config.hidden_size, hf.config.num_hidden_layers, decoder)
     n_layers = hf.config.num_hidden_layers
-    rows = plan(n_layers, resid_mid=resid_mid)
+    rows = select(plan(n_layers, resid_mid=resid_mid), layers)
     n_rows = len(rows)
     # A lens that has no map for some rows (a Jacobian lens has none for the embeddings) says so with
     # ``covers(row, n_layers)``; those rows score NaN ("not defined"), not another lens's numbers.

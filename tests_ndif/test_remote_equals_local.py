@@ -197,3 +197,27 @@ def test_jacobian_lens_fit_on_the_server(model):
     for layer in (27, 28):
         scale = float(here.jacobians[layer].abs().max())
         assert float((there.jacobians[layer] - here.jacobians[layer]).abs().max()) <= 1e-5 * scale
+
+
+def test_mid_block_lenses_remote_equal_local(model):
+    """Tuned-lens mid translators and Jacobian-lens mid matrices (issue 29, item 3) ship as the request's affine
+    tensors: the mid rows decode on the server bit for bit as here, and differ from the logit lens's."""
+    generator = torch.Generator().manual_seed(1)
+    tuned = lp.TunedLens.for_model(model, resid_mid=True)
+    with torch.no_grad():
+        for translator in list(tuned.layer_translators) + list(tuned.mid_translators):
+            translator.weight.copy_(0.005 * torch.randn(576, 576, generator=generator))
+    jlens = lp.JacobianLens({layer: torch.eye(576) + 0.005 * torch.randn(576, 576, generator=generator)
+                             for layer in range(29)}, n_prompts=1, d_model=576, metadata={"target_layer": 29},
+                            mid_jacobians={layer: torch.eye(576) + 0.005 * torch.randn(576, 576, generator=generator)
+                                           for layer in range(30)})
+    rows = ["5_mid", "6_pre", "6_mid", "28_mid", "29_mid", "29_post"]
+    plain = lp.nnsight.run_logit_lens(model, PROMPT, resid_mid=True, layers=rows, targets=[" Paris"])
+    for lens in (tuned, jlens):
+        local = lp.nnsight.run_logit_lens(model, PROMPT, lens=lens, resid_mid=True, layers=rows, targets=[" Paris"])
+        remote = lp.nnsight.run_logit_lens(model, PROMPT, lens=lens, resid_mid=True, layers=rows, targets=[" Paris"],
+                                           remote=True)
+        assert remote.labels == rows
+        assert torch.equal(remote.top_ids, local.top_ids)
+        assert torch.equal(remote.top_logprobs, local.top_logprobs)
+        assert not torch.equal(local.top_logprobs[0], plain.top_logprobs[0])

@@ -16,6 +16,13 @@ use, so they move both ways: a ``torch.save`` dict with ``J`` (``{layer: [d, d]}
 holds ``jacobian_sum`` (running sums over prompts) and ``n_done`` instead. Files are read with
 ``weights_only=True`` (no code runs). Lenses fitted on disjoint prompts ``merge`` into their prompt-weighted mean.
 
+Mid-block matrices (an extension; the reference fits block outputs only): ``J_mid[l]`` is the same estimator
+with block ``l``'s ``mid`` residual (between its attention and MLP) as the source, ``d h_final / d h_mid,l``,
+and maps row ``{l}_mid``; every block has one, the last included (its MLP still lies between). A file saves
+them under the extra top-level keys ``J_mid`` (``{layer: [d, d]}``) and ``mid_layers``; a fit checkpoint under
+``jacobian_sum_mid``. TransformerLens 4.3's ``JacobianLens.load`` reads only the keys it knows, so it still
+loads the ordinary layers of such a file.
+
 Lens vectors (row ``t`` of ``W_U J_l``, i.e. ``J_l^T W_U[:, t]`` in layer-``l`` coordinates) give the
 interventions ``steering``, ``ablation`` and ``swap``: an ``Edit`` that runs as TransformerLens hooks or inside
 an nnsight trace (remote too), with the arithmetic in ``core.jacobian``.
@@ -118,19 +125,23 @@ class JacobianLens:
     """
 
     def __init__(self, jacobians: dict[int, Tensor], *, n_prompts: int, d_model: int,
-                 metadata: Optional[dict] = None):
+                 metadata: Optional[dict] = None, mid_jacobians: Optional[dict[int, Tensor]] = None):
         if not jacobians:
             raise LensValueError("a Jacobian lens needs at least one layer's matrix")
-        for layer, matrix in jacobians.items():
-            if not isinstance(matrix, Tensor):
-                raise LensTypeError(f"J[{layer}] is a {type(matrix).__name__}, not a tensor")
-            if tuple(matrix.shape) != (d_model, d_model):
-                raise LensValueError(f"J[{layer}] has shape {tuple(matrix.shape)}, but d_model={d_model} needs "
-                                     f"({d_model}, {d_model})")
-            if int(layer) < 0:
-                raise LensValueError(f"J has a matrix for layer {layer}: layers are block indices from 0")
+        for name, matrices in (("J", jacobians), ("J_mid", mid_jacobians or {})):
+            for layer, matrix in matrices.items():
+                if not isinstance(matrix, Tensor):
+                    raise LensTypeError(f"{name}[{layer}] is a {type(matrix).__name__}, not a tensor")
+                if tuple(matrix.shape) != (d_model, d_model):
+                    raise LensValueError(f"{name}[{layer}] has shape {tuple(matrix.shape)}, but d_model={d_model} "
+                                         f"needs ({d_model}, {d_model})")
+                if int(layer) < 0:
+                    raise LensValueError(f"{name} has a matrix for layer {layer}: layers are block indices from 0")
         check_metadata(metadata)
         self.jacobians = {int(layer): matrix.detach().float().cpu() for layer, matrix in jacobians.items()}
+        # block l's mid residual (between attention and MLP) -> the last block's output; empty for most lenses
+        self.mid_jacobians = {int(layer): matrix.detach().float().cpu()
+                              for layer, matrix in (mid_jacobians or {}).items()}
         self.n_prompts = int(n_prompts)
         self.d_model = int(d_model)
         self.metadata = dict(metadata or {})
@@ -146,6 +157,11 @@ class JacobianLens:
         return sorted(self.jacobians)
 
     @property
+    def mid_layers(self) -> list[int]:
+        """The blocks whose ``mid`` row has a matrix (``J_mid``); empty for a lens of block outputs only."""
+        return sorted(self.mid_jacobians)
+
+    @property
     def n_layers(self) -> Optional[int]:
         """The depth of the model it was fitted on, when recorded (``metadata["target_layer"] + 1``)."""
         target = self.metadata.get("target_layer")
@@ -159,13 +175,15 @@ class JacobianLens:
                 "fingerprint": self.metadata.get("model_fingerprint")}
 
     def __repr__(self) -> str:
-        layers = self.source_layers
-        return (f"JacobianLens(layers={layers[0]}..{layers[-1]} ({len(layers)}), d_model={self.d_model}, "
+        layers, mids = self.source_layers, self.mid_layers
+        mid = f", mid_layers={mids[0]}..{mids[-1]} ({len(mids)})" if mids else ""
+        return (f"JacobianLens(layers={layers[0]}..{layers[-1]} ({len(layers)}){mid}, d_model={self.d_model}, "
                 f"n_prompts={self.n_prompts})")
 
     def nbytes(self, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the matrices in ``dtype``: what a remote request ships (float32) or a file holds."""
-        return len(self.jacobians) * self.d_model ** 2 * torch.empty((), dtype=dtype).element_size()
+        count = len(self.jacobians) + len(self.mid_jacobians)
+        return count * self.d_model ** 2 * torch.empty((), dtype=dtype).element_size()
 
     def check_model(self, model) -> "JacobianLens":
         """Refuse a model this lens was not fitted for: width, depth, source layers beyond its last block, and
@@ -184,18 +202,30 @@ class JacobianLens:
             raise LensValueError(f"this Jacobian lens has matrices for block outputs {beyond}, but the model's "
                                  f"{n_layers} blocks leave only 0..{n_layers - 2} (the last block's output is "
                                  "decoded as it is): the lens was fitted on a deeper model")
+        beyond = [layer for layer in self.mid_layers if layer >= n_layers]
+        if beyond:
+            raise LensValueError(f"this Jacobian lens has mid-block matrices for blocks {beyond}, but the model has "
+                                 f"{n_layers} blocks: the lens was fitted on a deeper model")
 
     # -- the lens seam ---------------------------------------------------------------------------------------
 
     def matrix_layer(self, row: Row, n_layers: int) -> Optional[int]:
-        """The block whose matrix maps ``row`` (``None``: the last block's output, decoded as it is)."""
+        """The block whose matrix maps ``row`` (``None``: the last block's output, decoded as it is); for a
+        ``{l}_mid`` row of a lens with mid-block matrices, ``l`` (its matrix is ``J_mid[l]``, see ``matrix``)."""
+        if row.site == "mid" and self.mid_jacobians:
+            if row.layer not in self.mid_jacobians:
+                raise LensKeyError(f"row {row.label!r} is block {row.layer}'s mid point, which this Jacobian lens has "
+                                   f"no matrix for (it has mid matrices for {self.mid_layers}): choose rows with "
+                                   "layers=")
+            return row.layer
         index = row.hidden_index
         if index is None or index == 0:
             what = "the embeddings" if index == 0 else "a point inside a block or a sublayer's own write"
+            mid = (" (a lens fitted with mid_layers= has matrices for the mid rows)" if row.site == "mid" else "")
             raise LensValueError(
-                f"the Jacobian lens has a matrix per block output, and row {row.label!r} is {what}: decode it with "
-                f"the logit lens, or leave it out (layers=range(1, {n_layers + 1}) keeps every block output of the "
-                "default rows; drop resid_mid / sublayers)")
+                f"the Jacobian lens has a matrix per block output, and row {row.label!r} is {what}{mid}: decode it "
+                f"with the logit lens, or leave it out (layers=range(1, {n_layers + 1}) keeps every block output of "
+                "the default rows; drop resid_mid / sublayers)")
         if index == n_layers:
             return None
         layer = index - 1
@@ -203,6 +233,13 @@ class JacobianLens:
             raise LensKeyError(f"row {row.label!r} is block {layer}'s output, which this Jacobian lens has no matrix "
                                f"for (it has {self.source_layers}): choose rows with layers=")
         return layer
+
+    def matrix(self, row: Row, n_layers: int) -> Optional[Tensor]:
+        """The ``[d, d]`` matrix that maps ``row`` (``None``: the final row, decoded as it is)."""
+        layer = self.matrix_layer(row, n_layers)
+        if layer is None:
+            return None
+        return self.mid_jacobians[layer] if row.site == "mid" else self.jacobians[layer]
 
     def covers(self, row: Row, n_layers: int) -> bool:
         """Whether ``row`` has a matrix here (or is the final row); ``evaluate_lenses`` scores only those."""
@@ -221,9 +258,9 @@ class JacobianLens:
         weight = torch.zeros(len(rows), d_model, d_model)
         eye = torch.eye(d_model)
         for r, row in enumerate(rows):
-            layer = self.matrix_layer(row, n_layers)
-            if layer is not None:
-                weight[r] = self.jacobians[layer] - eye
+            matrix = self.matrix(row, n_layers)
+            if matrix is not None:
+                weight[r] = matrix - eye
         return weight, None
 
     def transform(self, resid: Float[Tensor, "rows tokens d_model"], rows: Sequence[Row]) -> Float[Tensor, "rows tokens d_model"]:
@@ -246,11 +283,15 @@ class JacobianLens:
     def save(self, path: Union[str, os.PathLike], *, dtype: torch.dtype = torch.float16,
              overwrite: bool = False) -> Path:
         """Write the reference format (``J``, ``n_prompts``, ``source_layers``, ``d_model``, ``metadata``) to the
-        file ``path``, in ``dtype`` (float16 by default, as the reference: entries are of order one). An existing
-        file is replaced only with ``overwrite=True``; the file is staged and renamed into place."""
+        file ``path``, in ``dtype`` (float16 by default, as the reference: entries are of order one), with
+        ``J_mid`` and ``mid_layers`` for a lens with mid-block matrices. An existing file is replaced only with
+        ``overwrite=True``; the file is staged and renamed into place."""
         path = check_file(path, overwrite=overwrite)
         payload = {"J": {layer: matrix.to(dtype) for layer, matrix in self.jacobians.items()},
                    "n_prompts": self.n_prompts, "source_layers": self.source_layers, "d_model": self.d_model}
+        if self.mid_jacobians:
+            payload["J_mid"] = {layer: matrix.to(dtype) for layer, matrix in self.mid_jacobians.items()}
+            payload["mid_layers"] = self.mid_layers
         if self.metadata:
             payload["metadata"] = self.metadata
         with atomic_write(path) as staging:
@@ -279,11 +320,13 @@ class JacobianLens:
         metadata = payload.get("metadata") or {}
         if "J" in payload:
             matrices, n_prompts = payload["J"], payload.get("n_prompts", 0)
+            mids = payload.get("J_mid") or {}
         elif "jacobian_sum" in payload:
             n_prompts = payload.get("n_done", 0)
             if not isinstance(n_prompts, int) or n_prompts <= 0:
                 raise LensValueError(f"{where} is a fit checkpoint with n_done={n_prompts!r}: no prompt was fitted")
             matrices = {layer: total.float() / n_prompts for layer, total in payload["jacobian_sum"].items()}
+            mids = {layer: total.float() / n_prompts for layer, total in (payload.get("jacobian_sum_mid") or {}).items()}
             metadata = {**metadata, "converted_from": "jacobian_lens_checkpoint"}
             if isinstance(payload.get("target_layer"), int):
                 metadata.setdefault("target_layer", payload["target_layer"])
@@ -292,15 +335,19 @@ class JacobianLens:
                                  f"(a fit checkpoint), found {sorted(map(str, payload))[:6]}")
         if not isinstance(matrices, dict) or not matrices:
             raise LensValueError(f"{where}: the matrices are not a non-empty {{layer: tensor}} dict")
-        for layer, matrix in matrices.items():
-            if not isinstance(matrix, Tensor):
-                raise LensValueError(f"{where}: J[{layer}] is a {type(matrix).__name__}, not a tensor")
-            if not bool(torch.isfinite(matrix).all()):
-                raise LensValueError(f"{where}: J[{layer}] holds NaN or inf (a damaged file, or a float16 overflow "
-                                     "when it was saved); refit, or load an earlier copy")
+        if not isinstance(mids, dict):
+            raise LensValueError(f"{where}: J_mid is not a {{layer: tensor}} dict")
+        for name, found in (("J", matrices), ("J_mid", mids)):
+            for layer, matrix in found.items():
+                if not isinstance(matrix, Tensor):
+                    raise LensValueError(f"{where}: {name}[{layer}] is a {type(matrix).__name__}, not a tensor")
+                if not bool(torch.isfinite(matrix).all()):
+                    raise LensValueError(f"{where}: {name}[{layer}] holds NaN or inf (a damaged file, or a float16 "
+                                         "overflow when it was saved); refit, or load an earlier copy")
         d_model = payload.get("d_model", next(iter(matrices.values())).shape[0])
         return cls({int(layer): matrix for layer, matrix in matrices.items()}, n_prompts=int(n_prompts),
-                   d_model=int(d_model), metadata=metadata)
+                   d_model=int(d_model), metadata=metadata,
+                   mid_jacobians={int(layer): matrix for layer, matrix in mids.items()})
 
     @staticmethod
     def hub_file(name: str) -> Optional[tuple[str, str, str]]:
@@ -355,9 +402,11 @@ class JacobianLens:
         first = lenses[0]
         provenance = {key: value for key, value in first.metadata.items() if key != "n_prompts"}
         for other in lenses[1:]:
-            if other.source_layers != first.source_layers or other.d_model != first.d_model:
-                raise LensValueError("lenses merged must have the same source layers and d_model; got "
-                                     f"{first.source_layers} / {first.d_model} and {other.source_layers} / {other.d_model}")
+            if other.source_layers != first.source_layers or other.d_model != first.d_model \
+                    or other.mid_layers != first.mid_layers:
+                raise LensValueError("lenses merged must have the same source layers, mid layers and d_model; got "
+                                     f"{first.source_layers} / {first.mid_layers} / {first.d_model} and "
+                                     f"{other.source_layers} / {other.mid_layers} / {other.d_model}")
             theirs = {key: value for key, value in other.metadata.items() if key != "n_prompts"}
             if theirs != provenance:
                 differ = sorted(k for k in set(theirs) | set(provenance) if theirs.get(k) != provenance.get(k))
@@ -366,11 +415,13 @@ class JacobianLens:
         total = sum(lens.n_prompts for lens in lenses)
         merged = {layer: torch.stack([lens.jacobians[layer].double() * lens.n_prompts for lens in lenses]).sum(0)
                   / total for layer in first.source_layers}
+        mids = {layer: torch.stack([lens.mid_jacobians[layer].double() * lens.n_prompts for lens in lenses]).sum(0)
+                / total for layer in first.mid_layers}
         metadata = dict(first.metadata)
         if metadata:
             metadata["n_prompts"] = total
         return cls({layer: m.float() for layer, m in merged.items()}, n_prompts=total, d_model=first.d_model,
-                   metadata=metadata)
+                   metadata=metadata, mid_jacobians={layer: m.float() for layer, m in mids.items()})
 
     @classmethod
     def fit(cls, model, texts=None, **options) -> "JacobianLens":

@@ -14,7 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_stack, stack_rows
+from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_rows
+from lens_plugins.core.rows import plan, select
 from lens_plugins.core import vocab_loss
 from lens_plugins.core.lenses import check_fits, check_output, made_for
 from lens_plugins.core.pipeline import check_decoder
@@ -69,6 +70,12 @@ class LensEvaluation:
         return lens_comparison_figure(self.to_dataframe(), (metrics,) if isinstance(metrics, str) else metrics)
 
 
+def covers(lens, row, n_layers: int) -> bool:
+    """Whether ``lens`` maps ``row``: its own ``covers(row, n_layers)`` when it has one, else every row."""
+    own = getattr(lens, "covers", None)
+    return True if own is None else bool(own(row, n_layers))
+
+
 def lens_name(lens) -> str:
     return getattr(lens, "name", None) or type(lens).__name__
 
@@ -84,6 +91,8 @@ def evaluate_lenses(
     vocab_chunk: Optional[int] = 4096,
     token_chunk: Optional[int] = 1024,
     progress: bool = False,
+    resid_mid: bool = False,
+    layers: Optional[Sequence[Union[int, str]]] = None,
 ) -> LensEvaluation:
     """Score ``lenses`` (objects with ``transform(resid, rows)``, e.g. ``LogitLens()``, a ``TunedLens``, a
     ``LastBlocksLens``, a ``JacobianLens``) on ``texts``: a text source as in training, or token blocks
@@ -102,6 +111,10 @@ def evaluate_lenses(
         vocab_chunk: vocabulary columns per tile.
         token_chunk: vectors per tile.
         progress: a progress bar over blocks (``lens_plugins.progress``).
+        resid_mid: also score each block's ``{l}_mid`` row (between attention and MLP), in stream order; a lens
+            with no map there (a tuned lens without mid translators) scores NaN on those rows.
+        layers: score only these rows (indices or labels, as ``layers=`` of every lens call; the last row is
+            always kept); default every row.
 
     Returns:
         A ``LensEvaluation``: per lens and row, KL to the final layer, cross-entropy and perplexity
@@ -126,12 +139,12 @@ def evaluate_lenses(
     check_decoder(decoder)
     for lens in lenses:
         check_fits(made_for(lens), hf.config.hidden_size, hf.config.num_hidden_layers, decoder)
-    n_rows = hf.config.num_hidden_layers + 1
-    rows = stack_rows(n_rows - 1)
+    n_layers = hf.config.num_hidden_layers
+    rows = select(plan(n_layers, resid_mid=resid_mid), layers)
+    n_rows = len(rows)
     # A lens that has no map for some rows (a Jacobian lens has none for the embeddings) says so with
     # ``covers(row, n_layers)``; those rows score NaN ("not defined"), not another lens's numbers.
-    covered = [[r for r, row in enumerate(rows) if getattr(lens, "covers", lambda row, n: True)(row, n_rows - 1)]
-               for lens in lenses]
+    covered = [[r for r, row in enumerate(rows) if covers(lens, row, n_layers)] for lens in lenses]
     kl_sum = torch.zeros(len(lenses), n_rows, dtype=torch.float64)
     ce_sum = torch.zeros(len(lenses), n_rows, dtype=torch.float64)
     was_training = hf.training
@@ -139,7 +152,7 @@ def evaluate_lenses(
     try:
         with torch.no_grad(), progress_bar(progress, len(blocks), "evaluating lenses", "block") as shown:
             for block in blocks:
-                stack = residual_stack(hf, block[None])[:, 0]  # [rows, seq, d]
+                stack = residual_rows(hf, block[None], rows)[:, 0]  # [rows, seq, d]
                 reference = vocab_loss.reference_summary(decoder.normalize(stack[-1]), decoder, vocab_chunk,
                                                          token_chunk)
                 next_ids = torch.cat([block[1:], torch.tensor([-1])])
@@ -166,4 +179,4 @@ def evaluate_lenses(
                           kl=(kl_sum / n_tokens).float(), cross_entropy=(ce_sum / n_predicted).float(),
                           tokens=n_tokens, predicted_tokens=n_predicted)
 
-__all__ = ["METRICS", "LensEvaluation", "lens_name", "evaluate_lenses"]
+__all__ = ["METRICS", "LensEvaluation", "covers", "lens_name", "evaluate_lenses"]

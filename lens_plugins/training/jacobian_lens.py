@@ -12,6 +12,10 @@ Prompts contribute equally: each prompt's matrix is its source-position mean, an
 prompts, accumulated as float32 running sums (the reference checkpoint layout: ``jacobian_sum``, ``n_done``,
 ``next_idx``, ``source_layers``, ``target_layer``, ``skip_first``, ``metadata``), so a resumed fit adds the same
 numbers in the same order as an uninterrupted one and ends bit-identical.
+
+``mid_layers=`` also fits ``J_mid[l] = d h_final / d h_mid,l`` for the residual between block ``l``'s attention
+and MLP, by the same estimator on the same graph (a backend's ``block_outputs`` returns those points after
+the block outputs; the checkpoint holds their sums under ``jacobian_sum_mid``).
 """
 
 import contextlib
@@ -62,8 +66,8 @@ class _Frozen:
 
 
 def _reader(model) -> tuple[Callable, bool, torch.nn.Module, object, str]:
-    """``(block_outputs(ids, layers, prefix), whether it can read a prefix through the cache, module to freeze,
-    tokenizer, model name)`` for ``model``."""
+    """``(block_outputs(ids, layers, prefix, mid_layers), whether it can read a prefix through the cache, module
+    to freeze, tokenizer, model name)`` for ``model``."""
     try:
         backend = kind(model)
     except LensTypeError:
@@ -74,27 +78,32 @@ def _reader(model) -> tuple[Callable, bool, torch.nn.Module, object, str]:
         check_raw(model)
         # TransformerLens 4.3's bridge fills no key/value cache under transformers 5 (a prefix passed through it
         # leaves the cache empty), so a bridge fit reads the whole prompt
-        return (lambda ids, layers, prefix: block_outputs(model, ids, layers)), False, model, model.tokenizer, \
+        return (lambda ids, layers, prefix, mids=(): block_outputs(model, ids, layers, mids)), False, model, \
+            model.tokenizer, \
             str(getattr(model.cfg, "model_name", "") or "")
     hf = hf_model(model)
     name = str(getattr(hf.config, "name_or_path", "") or "")
     if os.path.isdir(name):
         name = Path(name).name  # a local copy: its directory's name, as TransformerLens names a booted model
-    return (lambda ids, layers, prefix: hf_block_outputs(hf, ids, layers, prefix=prefix)), True, hf, \
+    return (lambda ids, layers, prefix, mids=(): hf_block_outputs(hf, ids, layers, prefix=prefix, mid_layers=mids)), \
+        True, hf, \
         getattr(model, "tokenizer", None), name
 
 
-def _prompt_matrices(read, ids, layers, target_layer, skip_first, chunk, cached):
+def _prompt_matrices(read, ids, layers, target_layer, skip_first, chunk, cached, mid_layers=()):
     """One prompt's ``[d, d]`` matrices. Only positions ``skip_first .. seq - 2`` are sources or targets, so the
     graph is built over those alone: the last token is dropped (nothing before it depends on it) and, when
     ``cached``, the skipped prefix runs once without grad and is read through the model's key/value cache.
     The backward passes, which are the fit's cost, then run over ``seq - 1 - skip_first`` positions, not
-    ``seq``; the matrices are the same up to float32 rounding."""
+    ``seq``; the matrices are the same up to float32 rounding. The matrices of ``mid_layers`` follow those of
+    ``layers``."""
     tokens = torch.tensor([ids[:-1]])
     prefix = skip_first if cached else 0
-    outputs = read(tokens, layers + [target_layer], prefix)
+    outputs = read(tokens, layers + [target_layer], prefix, list(mid_layers))
     positions = range(skip_first - prefix, len(ids) - 1 - prefix)
-    return core_jacobian.prompt_jacobians(outputs[-1], outputs[:-1], list(positions), chunk)
+    target = outputs[len(layers)]
+    sources = outputs[:len(layers)] + outputs[len(layers) + 1:]
+    return core_jacobian.prompt_jacobians(target, sources, list(positions), chunk)
 
 
 def _cache_agrees(read, ids, target_layer, skip_first) -> bool:
@@ -149,6 +158,7 @@ def fit_jacobian_lens(
     *,
     tokenizer=None,
     source_layers: Optional[Sequence[int]] = None,
+    mid_layers: Optional[Sequence[int]] = None,
     max_prompts: Optional[int] = 64,
     max_seq_len: int = 128,
     skip_first: int = DEFAULT_SKIP_FIRST,
@@ -169,6 +179,8 @@ def fit_jacobian_lens(
             ``None``: the built-in corpus (Python's own documentation).
         tokenizer: for a plain Hugging Face model (the other two carry theirs).
         source_layers: blocks to fit (default: every block but the last, whose output is decoded as it is).
+        mid_layers: blocks whose ``mid`` residual (between attention and MLP) gets a matrix too, ``J_mid``
+            (``range(n_layers)`` for all, the last block included; default none). Not with ``remote=``.
         max_prompts: the first this many prompts long enough to count (``None``: all); the reference notes that
             ~100 prompts of 128 tokens already give a usable lens.
         max_seq_len: prompts are cut to this many tokens.
@@ -209,6 +221,15 @@ def fit_jacobian_lens(
         if not layers or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < target_layer for x in layers):
             raise LensValueError(f"source_layers={list(source_layers)}: give block indices in 0..{target_layer - 1} "
                                  "(the last block's output is decoded as it is)")
+    if mid_layers is None:
+        mids = []
+    else:
+        mids = sorted({layer + n_layers if isinstance(layer, int) and layer < 0 else layer for layer in mid_layers})
+        if any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n_layers for x in mids):
+            raise LensValueError(f"mid_layers={list(mid_layers)}: give block indices in 0..{n_layers - 1}")
+        if mids and far:
+            raise LensValueError("mid_layers= fits here only (the remote fit reads block outputs alone): fit with "
+                                 "remote=False, or drop mid_layers")
     for name, value, low in (("chunk", chunk, 1), ("max_seq_len", max_seq_len, 2), ("skip_first", skip_first, 0),
                              ("checkpoint_every", checkpoint_every, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -235,6 +256,7 @@ def fit_jacobian_lens(
 
     state_path = check_file(checkpoint, overwrite=True) if checkpoint is not None else None
     sums = {layer: torch.zeros(d_model, d_model) for layer in layers}
+    mid_sums = {layer: torch.zeros(d_model, d_model) for layer in mids}
     n_done, next_idx = 0, 0
     if state_path is not None and state_path.exists():
         state = load_tensors(state_path, f"delete {state_path} to fit from the start")
@@ -242,16 +264,22 @@ def fit_jacobian_lens(
         changed = [k for k in RECIPE if recorded.get(k) != provenance.get(k)]
         if sorted(state.get("source_layers", [])) != layers:
             changed.append("source_layers")
+        if sorted(state.get("mid_layers", [])) != mids:
+            changed.append("mid_layers")
         if changed:
             raise LensValueError(f"the checkpoint {state_path} was made with other settings ({changed} differ): "
                                  "resume with the same ones, or give another checkpoint file")
         sums = {int(layer): total.float() for layer, total in state["jacobian_sum"].items()}
+        mid_sums = {int(layer): total.float() for layer, total in (state.get("jacobian_sum_mid") or {}).items()}
         n_done, next_idx = int(state["n_done"]), int(state["next_idx"])
         print(f"Jacobian lens: resuming from {state_path} ({n_done} prompts done)", file=sys.stderr)
 
     def save_state():
         payload = {"jacobian_sum": sums, "n_done": n_done, "next_idx": next_idx, "source_layers": layers,
                    "target_layer": target_layer, "skip_first": skip_first, "metadata": {**provenance, "n_prompts": n_done}}
+        if mids:
+            payload["jacobian_sum_mid"] = mid_sums
+            payload["mid_layers"] = mids
         with atomic_write(state_path) as staging:
             torch.save(payload, staging)
 
@@ -278,10 +306,12 @@ def fit_jacobian_lens(
                 else:
                     if cached is None:
                         cached = caches and _cache_agrees(read, ids, target_layer, skip_first)
-                    per_prompt = _prompt_matrices(read, ids, layers, target_layer, skip_first, chunk, cached)
+                    per_prompt = _prompt_matrices(read, ids, layers, target_layer, skip_first, chunk, cached, mids)
                 with interrupts.update():
                     for layer, matrix in zip(layers, per_prompt):
                         sums[layer] += matrix
+                    for layer, matrix in zip(mids, per_prompt[len(layers):]):
+                        mid_sums[layer] += matrix
                     n_done += 1
                     next_idx += 1
                 if bar is not None:
@@ -309,6 +339,6 @@ def fit_jacobian_lens(
                              "(give longer prompts, or lower skip_first)")
     provenance["n_prompts"] = n_done
     return JacobianLens({layer: sums[layer] / n_done for layer in layers}, n_prompts=n_done, d_model=d_model,
-                        metadata=provenance)
+                        metadata=provenance, mid_jacobians={layer: mid_sums[layer] / n_done for layer in mids})
 
 __all__ = ["CHECKPOINT_EVERY", "RECIPE", "fit_jacobian_lens"]

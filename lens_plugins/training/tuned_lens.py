@@ -5,6 +5,10 @@ layer, translates hidden state ``i``, applies the final norm and takes the loss 
 ``core.vocab_loss`` (tile by tile, never ``[tokens, vocab]``): KL(final || lens) at the same position by
 default, as in the paper, or cross-entropy to the next token (``loss="ce"``). Each layer's loss is
 back-propagated before the next is built, so memory holds one layer's ``[tokens, d_model]`` graph.
+
+A lens with mid-block translators (``resid_mid=True``) is trained on its ``{l}_mid`` rows too, with the same
+loss, read in the same forward pass (``backends.hf.residual_rows``): the rows are those of
+``core.rows.plan(n_layers, resid_mid=True)``, each translated row's loss back-propagated in stream order.
 """
 
 from dataclasses import replace
@@ -13,10 +17,11 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_stack, stack_rows
+from lens_plugins.backends.hf import decoder_tensors, hf_model, residual_rows
 from lens_plugins.core import vocab_loss
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.readout import DecoderTensors
+from lens_plugins.core.rows import plan
 from lens_plugins.files import check_dir
 from lens_plugins.lenses.tuned import TunedLens
 from lens_plugins.training import loop as train
@@ -26,28 +31,28 @@ DEFAULT_SEQ_LEN = 256
 
 def tuned_lens_losses(lens: TunedLens, hf, decoder: DecoderTensors, input_ids: torch.Tensor, loss: str = "kl",
                       vocab_chunk: int = 4096, token_chunk: int = 1024, matmul_dtype: torch.dtype = torch.float32):
-    """Yield ``(row label, mean loss)`` for every translated hidden state ``0 .. n_layers - 1`` of a batch of
-    token blocks ``[batch, seq]``: the per-layer losses ``train.fit`` back-propagates one by one."""
-    stack = residual_stack(hf, input_ids)
+    """Yield ``(row label, mean loss)`` for every translated row of a batch of token blocks ``[batch, seq]``
+    (hidden states ``0 .. n_layers - 1``, and each block's ``{l}_mid`` row for a lens with mid translators), in
+    stream order: the per-row losses ``train.fit`` back-propagates one by one."""
+    rows = plan(hf.config.num_hidden_layers, resid_mid=lens.resid_mid)
+    stack = residual_rows(hf, input_ids, rows)
     d_model = stack.shape[-1]
-    n_layers = stack.shape[0] - 1
-    rows = stack_rows(n_layers)
     unembedding = replace(decoder, W_U=decoder.W_U.to(matmul_dtype))  # cast once, not per row
     if loss == "kl":
         final = decoder.normalize(stack[-1].reshape(-1, d_model))
         target = vocab_loss.reference_summary(final, unembedding, vocab_chunk, token_chunk, matmul_dtype)
     else:
         target = input_ids[:, 1:].reshape(-1)
-    for index in range(n_layers):
+    for index, row in enumerate(rows[:-1]):
         h = stack[index]
         if loss == "ce":
             h = h[:, :-1]  # the last position has no next token in the block
-        normed = decoder.normalize(lens.transform_hidden(h.reshape(-1, d_model), index))
+        normed = decoder.normalize(lens.transform_row(h.reshape(-1, d_model), row))
         if loss == "kl":
             value = vocab_loss.kl_divergence(normed, target, unembedding, vocab_chunk, token_chunk)
         else:
             value = vocab_loss.cross_entropy(normed, target, unembedding, vocab_chunk, token_chunk, matmul_dtype)
-        yield rows[index].label, value.mean()
+        yield row.label, value.mean()
 
 
 def token_blocks_of(model, texts, seq_len: int) -> torch.Tensor:
@@ -72,23 +77,26 @@ def shortcut_init(lens: TunedLens, hf, blocks: torch.Tensor, batch_size: int = 1
 
     The final norm makes the decoder blind to scale, so the target is the final hidden state at the input's
     RMS, ``h_L * rms(h_i) / rms(h_L)``; ``ridge`` (relative to the mean input energy) keeps the solve stable.
+    A lens's mid-block translators, if it has them, are fitted the same way from their rows.
     """
-    n_layers = lens.num_hidden_layers
+    rows = plan(lens.num_hidden_layers, resid_mid=lens.resid_mid)
+    fitted = len(rows) - 1
     d = lens.d_model
-    gram = torch.zeros(n_layers, d + 1, d + 1, dtype=torch.float64)
-    cross = torch.zeros(n_layers, d + 1, d, dtype=torch.float64)
+    gram = torch.zeros(fitted, d + 1, d + 1, dtype=torch.float64)
+    cross = torch.zeros(fitted, d + 1, d, dtype=torch.float64)
     for start in range(0, len(blocks), batch_size):
-        stack = residual_stack(hf, blocks[start:start + batch_size]).float().reshape(n_layers + 1, -1, d)
+        stack = residual_rows(hf, blocks[start:start + batch_size], rows).float().reshape(len(rows), -1, d)
         rms = stack.pow(2).mean(-1, keepdim=True).sqrt()
         unit_final = stack[-1] / rms[-1]
         ones = torch.ones(stack.shape[1], 1)
-        for i in range(n_layers):
+        for i in range(fitted):
             x = torch.cat([stack[i], ones], -1)
             gram[i] += (x.T @ x).double()
             cross[i] += (x.T @ (unit_final * rms[i])).double()
     eye = torch.eye(d + 1, dtype=torch.float64)
     with torch.no_grad():
-        for i, translator in enumerate(lens.layer_translators):
+        for i, row in enumerate(rows[:-1]):
+            translator = lens.translator(row)
             scale = ridge * gram[i].diagonal()[:d].mean()
             solution = torch.linalg.solve(gram[i] + scale * eye, cross[i])  # [d + 1, d]: x @ solution ~ target
             translator.weight.copy_((solution[:d].T - torch.eye(d, dtype=torch.float64)).float())
@@ -113,6 +121,7 @@ def train_tuned_lens(
     heldout: float = 0.1,
     seed: int = 0,
     lens: Optional[TunedLens] = None,
+    resid_mid: bool = False,
     init: Literal["zero", "shortcut"] = "zero",
     shortcut_blocks: int = 32,
     checkpoint: Optional[str] = None,
@@ -136,7 +145,8 @@ def train_tuned_lens(
     CPU with bfloat16 units), everything else in float32. ``init="shortcut"`` starts the translators at the
     least-squares maps of ``shortcut_init`` (fitted on ``shortcut_blocks`` training blocks) instead of zero
     (the paper's start, where an untrained lens is the logit lens): a better start when the budget allows only
-    a few KL steps, e.g. on a CPU.
+    a few KL steps, e.g. on a CPU. ``resid_mid=True`` trains a translator for each block's ``{l}_mid`` row too
+    (between attention and MLP; saved in ``mid_params.pt`` beside tuned-lens's files), with the same loss.
 
     Args:
         model: a Hugging Face, nnsight or TransformerLens model (frozen).
@@ -154,6 +164,7 @@ def train_tuned_lens(
         heldout: the fraction of blocks held out.
         seed: fixes the split, the order and hence the lens.
         lens: a lens to continue training; default a zero lens.
+        resid_mid: also train mid-block translators (a new lens gets them; a given lens must have them).
         init: ``"zero"`` (the logit lens) or ``"shortcut"`` (least-squares start).
         shortcut_blocks: blocks the shortcut start is fitted on.
         checkpoint: a directory that makes the run resumable.
@@ -183,7 +194,10 @@ def train_tuned_lens(
         raise LensValueError(f"init must be 'zero' (the paper's) or 'shortcut' (least squares), got {init!r}")
     resuming = checkpoint is not None and (Path(checkpoint) / train.STATE_FILE).exists()
     if lens is None:
-        lens = TunedLens.for_model(hf)
+        lens = TunedLens.for_model(hf, resid_mid=resid_mid)
+    elif resid_mid and not lens.resid_mid:
+        raise LensValueError("resid_mid=True trains mid-block translators, but the lens given has none: make it with "
+                             "TunedLens.for_model(model, resid_mid=True), or drop resid_mid")
     lens.check_model(hf)
     if init == "shortcut" and not resuming:  # a resumed run restores its translators from the checkpoint
         shortcut_init(lens, hf, train_blocks[:shortcut_blocks], batch_size)

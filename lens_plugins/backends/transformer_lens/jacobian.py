@@ -5,6 +5,7 @@ The lens's matrices act on raw Hugging Face activations (as the published lenses
 centred writes: another residual basis), is refused rather than fitted or edited in the wrong basis.
 """
 
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
@@ -31,10 +32,13 @@ def check_raw(model) -> None:
                              "centres its weights: use a TransformerBridge, or the nnsight backend")
 
 
-def block_outputs(model, ids: Tensor, layers: list[int]) -> list[Tensor]:
+def block_outputs(model, ids: Tensor, layers: list[int], mid_layers: Sequence[int] = ()) -> list[Tensor]:
     """The outputs of blocks ``layers`` for ``ids [1, seq]`` on one autograd graph rooted at the earliest (that
-    hook's activation is made to require grad; parameters are frozen by the caller)."""
-    names = list(dict.fromkeys(hook_name(Row(layer, "post")) for layer in layers))
+    hook's activation is made to require grad; parameters are frozen by the caller), then the ``mid`` residual
+    (``hook_resid_mid``) of blocks ``mid_layers``; the root is the earliest point in stream order."""
+    points = [Row(layer, "post") for layer in layers] + [Row(layer, "mid") for layer in mid_layers]
+    ordered = sorted(set(points), key=lambda row: (row.layer, row.site == "post"))
+    names = list(dict.fromkeys(hook_name(row) for row in ordered))
     captured: dict[str, Tensor] = {}
 
     def keep(name):
@@ -47,7 +51,7 @@ def block_outputs(model, ids: Tensor, layers: list[int]) -> list[Tensor]:
 
     with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep(name)) for name in names]):
         model(ids.to(model.cfg.device), return_type=None)
-    return [captured[hook_name(Row(layer, "post"))] for layer in layers]
+    return [captured[hook_name(row)] for row in points]
 
 
 def jacobian_hooks(edit: Edit) -> list[tuple[str, object]]:

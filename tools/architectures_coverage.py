@@ -244,6 +244,11 @@ def bridge_check(model_type, class_name, model):
         return f"forward failed: the model's own forward ({type(error).__name__}: {first_line(error, 160)})"
     hidden, logits = reference.hidden_states, reference.logits
     model.config.architectures = [class_name]  # as a checkpoint's config names it: the adapter is chosen by it
+    # TransformerLens 4.3 boots a multimodal adapter by running `pip install torchvision` into this interpreter's
+    # environment when torchvision is missing (helpers._ensure_torchvision): never here. The processor it would
+    # load is best-effort and unused (the probe passes token ids).
+    helpers = importlib.import_module("transformer_lens.model_bridge.sources.transformers.helpers")
+    helpers._ensure_torchvision = lambda: False
     try:
         bridge = TransformerBridge.boot_transformers(f"tiny-{model_type}", hf_model=model,
                                                      tokenizer=tiny_tokenizer(vocab)).eval()

@@ -55,9 +55,8 @@ def test_a_logit_multiplier_is_folded_into_the_bridge_decoder(model_type, class_
 
 def test_a_bridge_that_decodes_through_a_prediction_head_is_refused():
     bridge, _ = bridge_and_reference("bert", "BertLMHeadModel")
-    _, cache = bridge.run_with_cache(TOKENS, names_filter=lp.transformer_lens.hook_filter(bridge))
     with pytest.raises(LensError, match="decodes through a prediction head"):
-        cache.lens.logit_lens(tokens=TOKENS, top_k=3)
+        decoder_for(bridge)  # every TransformerLens verb decodes through it
 
 
 def test_the_bridge_check_names_what_it_verified_and_what_it_refused():

@@ -26,3 +26,10 @@ def test_the_page_verifies_at_least_150_families_and_gives_every_refusal_a_reaso
     assert all(r[7].strip(" |") for r in rows)
     stated = re.search(r"\*\*(\d+) of (\d+) families verified\*\*", (ROOT / "docs" / "architectures.md").read_text())
     assert stated and int(stated.group(1)) == len(verified) and int(stated.group(2)) == len(rows)
+    # the TransformerLens column: every family with an adapter has a verdict or what failed, and the count is right
+    built = [r for r in rows if r[4] not in ("no adapter", "not built")]
+    assert all(r[4].startswith(("verified", "refused: ", "adapter failed: ", "forward failed: ")) for r in built)
+    stated = re.search(r"\*\*TransformerLens bridge: (\d+) of (\d+) families verified\*\*",
+                       (ROOT / "docs" / "architectures.md").read_text())
+    assert stated and int(stated.group(1)) == sum(r[4].startswith("verified") for r in built)
+    assert int(stated.group(2)) == len(built)

@@ -18,9 +18,6 @@ def vlm_dir(tmp_path_factory):
     return str(path), processor
 
 
-@pytest.mark.skip(reason="the local NDIF server's environment (ndif_local/requirements.txt) has no Pillow, so it cannot load "
-                         "a VLM's image processor (RemoteLensError: 'Missing optional dependencies: torchvision, Pillow'); "
-                         "adding it to the server venv is the next step, not yet verified")
 def test_remote_vision_language_lens_equals_local(ndif, vlm_dir):
     path, processor = vlm_dir
     model = lp.nnsight.remote_model(path, task="image-text-to-text")

@@ -4,25 +4,37 @@ For every entry of transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, build a 
 family's own config class (small widths, 2 layers, seeded, every norm parameter and bias perturbed so a lens
 that skips one would be caught), then run ``lens_plugins.core.verification.verify`` on it: the nnsight path's
 residual rows against ``output_hidden_states``, the decoded last row against the model's logits, sublayer
-writes and per-head writes against the stream. A family that cannot be built that small, or fails, is listed
-with the reason.
+writes and per-head writes against the stream. Where TransformerLens ships a bridge adapter for the model
+class, the same model is then booted as a ``TransformerBridge`` and checked the same way through this
+package's TransformerLens backend (``bridge_check``). A family that cannot be built that small, or fails, is
+listed with the reason.
+
+Nothing on the page depends on the machine's load or speed: there is no time limit per family (a family over
+one would have turned into a row that differs between a quiet and a loaded machine), every model and probe is
+seeded, and a mismatch is stated as beyond the tolerance rather than by its last digits.
 
     python tools/architectures_coverage.py            # writes docs/architectures.md
     python tools/architectures_coverage.py --check    # exits 1 if docs/architectures.md is not current
 """
 
 import argparse
+import os
 import re
-import signal
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
+# Nothing is fetched: a bridge adapter that looks for a processor on the hub finds none at once, instead of
+# retrying (the suite's conftest sets the same).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this tree's lens_plugins, not another checkout's installed one
+DOC = ROOT / "docs" / "architectures.md"
 MAX_PARAMETERS = 20_000_000
-SECONDS_PER_FAMILY = 30
 SIZES = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, vocab_size=512, max_position_embeddings=64, n_embd=64, n_layer=2, n_head=4, d_model=64,
@@ -87,13 +99,14 @@ def shrunk(config_class, make=None):
         return config
 
 
-def tiny(model_type, class_name, seed=0):
-    """A tiny random ``class_name`` model (eval mode, float32) built from ``model_type``'s config."""
+def tiny(model_type, class_name, seed=0, **settings):
+    """A tiny random ``class_name`` model (eval mode, float32) built from ``model_type``'s config (with
+    ``settings`` set on the config before the model is built)."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config = shrunk(CONFIG_MAPPING[model_type])
-    for key, value in OVERRIDES.get(model_type, {}).items():
+    for key, value in dict(OVERRIDES.get(model_type, {}), **settings).items():
         setattr(config, key, value)
     model_class = getattr(transformers, class_name)
     if getattr(model_class, "config_class", type(config)) is not type(config):
@@ -140,38 +153,40 @@ def transformer_lens_families():
     return set(SUPPORTED_ARCHITECTURES)
 
 
-def _alarm(signum, frame):
-    raise TimeoutError(f"over {SECONDS_PER_FAMILY} s")
-
-
 def check(model_type, class_name, tl_classes):
-    """One row of the table: ``dict(family, class, nnsight, tl, sublayers, heads, verdict)``."""
+    """One row of the table: ``dict(family, cls, kind, nnsight, tl, sublayers, heads, verdict)``."""
+    adapter = bool(tl_classes) and class_name in tl_classes
+    row = dict(family=model_type, cls=class_name, tl="not built" if adapter else "no adapter", kind=kind(model_type))
+    try:
+        model = tiny(model_type, class_name)
+    except Exception as error:  # the tiny config this script made is not one the family accepts
+        return dict(row, nnsight="not built", sublayers="-", heads="-", verdict=f"{type(error).__name__}: {first_line(error)}")
+    row["kind"] = kind(model_type, model)
+    row.update(nnsight_check(model_type, model))
+    if adapter:  # last: booting a bridge rewires the model's module tree
+        row["tl"] = bridge_check(model_type, class_name, model)
+    return row
+
+
+def first_line(error, limit=240):
+    return str(error).split("\n")[0][:limit]
+
+
+def nnsight_check(model_type, model):
+    """The nnsight path's columns (``nnsight``, ``sublayers``, ``heads``, ``verdict``) from
+    ``lens_plugins.core.verification.verify``."""
     from lens_plugins.core import architectures, verification
 
-    row = dict(family=model_type, cls=class_name, tl="yes" if tl_classes and class_name in tl_classes else "no",
-               kind=kind(model_type))
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(SECONDS_PER_FAMILY)
     try:
-        try:
-            model = tiny(model_type, class_name)
-        except Exception as error:  # the tiny config this script made is not one the family accepts
-            message = str(error).split("\n")[0][:240]
-            return dict(row, nnsight="not built", sublayers="-", heads="-", verdict=f"{type(error).__name__}: {message}")
-        row["kind"] = kind(model_type, model)
         spec = architectures.resolve(model)
         verdict = verification.verify(model, spec)
     except Exception as error:
-        message = str(error).split("\n")[0][:240]
-        return dict(row, nnsight="refused", sublayers="-", heads="-", verdict=f"{type(error).__name__}: {message}")
-    finally:
-        signal.alarm(0)
+        return dict(nnsight="refused", sublayers="-", heads="-", verdict=f"{type(error).__name__}: {first_line(error)}")
     if verdict["refused"] and "the verification forward failed" in verdict["refused"]:
         # the model's own forward fails on the tiny config: no verdict on the lens either way
-        return dict(row, nnsight="forward failed", sublayers="-", heads="-",
-                    verdict=verdict["refused"].split(": ", 1)[-1])
+        return dict(nnsight="forward failed", sublayers="-", heads="-", verdict=verdict["refused"].split(": ", 1)[-1])
     if verdict["refused"]:
-        return dict(row, nnsight="refused", sublayers="-", heads="-", verdict=verdict["refused"].split(": ", 1)[-1])
+        return dict(nnsight="refused", sublayers="-", heads="-", verdict=verdict["refused"].split(": ", 1)[-1])
     spec = verdict["spec"]
     refused = spec.get("sublayers_refused") or ("attention and MLP add the residual inside the module"
                                                 if spec.get("adds_residual") else None)
@@ -180,8 +195,153 @@ def check(model_type, class_name, tl_classes):
     if heads and not refused:
         notes.append(f"heads: {heads}")
     source = "table" if model_type in architectures.ARCHITECTURES else "discovered"
-    return dict(row, nnsight=f"verified ({source})", sublayers="no" if refused else "yes",
+    return dict(nnsight=f"verified ({source})", sublayers="no" if refused else "yes",
                 heads="no" if heads else "yes", verdict="; ".join(notes) or "verified")
+
+
+def tiny_tokenizer(vocab):
+    """A word-level tokenizer of ``vocab`` ids built in memory (``<pad>``, ``<s>``, ``</s>`` as the tiny
+    configs number them): a bridge boots with a tokenizer, and none is fetched."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<pad>", add_bos_token=True)
+    tokenizer.init_kwargs["name_or_path"] = "tiny"  # TransformerLens reads it (and reloads nothing: BOS is added)
+    return tokenizer
+
+
+def bridge_check(model_type, class_name, model):
+    """The TransformerLens column: ``model`` booted as a ``TransformerBridge`` (TransformerLens's adapter for
+    ``class_name``) and read through this package's TransformerLens backend, checked as the nnsight path is.
+
+    The reference is the Hugging Face model's own forward on the same tokens, taken before booting:
+    every residual row (``embed``, ``i_pre``) against ``output_hidden_states``, the last row (``<L-1>_post``)
+    against the last hidden state (before or after the final norm); the last row decoded by
+    ``decoder_for(bridge)`` against the model's logits; the sublayer rows (``i_attn``, ``i_mlp`` and
+    ``i_attn_out``, ``i_mlp_out``) adding up block by block; and the per-head writes that direct logit
+    attribution splits (``cache_parts``) summing to each attention write. Returns ``verified``, ``verified``
+    with what sublayers or heads refused, or what failed: the adapter, the bridge's forward, or the
+    mismatch."""
+    import importlib
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from lens_plugins.core import verification
+
+    tl = importlib.import_module("lens_plugins.backends.transformer_lens.reader")
+    tl_attribution = importlib.import_module("lens_plugins.backends.transformer_lens.attribution")
+    tol = verification.tolerance(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(min(3, vocab - 1), vocab, (1, verification.TOKENS), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            reference = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    except Exception as error:
+        return f"forward failed: the model's own forward ({type(error).__name__}: {first_line(error, 160)})"
+    hidden, logits = reference.hidden_states, reference.logits
+    model.config.architectures = [class_name]  # as a checkpoint's config names it: the adapter is chosen by it
+    # TransformerLens 4.3 boots a multimodal adapter by running `pip install torchvision` into this interpreter's
+    # environment when torchvision is missing (helpers._ensure_torchvision): never here. The processor it would
+    # load is best-effort and unused (the probe passes token ids).
+    helpers = importlib.import_module("transformer_lens.model_bridge.sources.transformers.helpers")
+    helpers._ensure_torchvision = lambda: False
+    try:
+        bridge = TransformerBridge.boot_transformers(f"tiny-{model_type}", hf_model=model,
+                                                     tokenizer=tiny_tokenizer(vocab)).eval()
+    except Exception as error:
+        return f"adapter failed: {type(error).__name__}: {first_line(error, 200)}"
+    keep = [tl.hook_filter(bridge), tl.hook_filter(None, sublayers=True),
+            tl.hook_filter(None, sublayers="outputs", attribution=True)]
+    try:
+        with torch.no_grad():
+            own_logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in keep[0] or any(
+                k(name) for k in keep[1:]))
+    except Exception as error:
+        return f"forward failed: the bridge's forward ({type(error).__name__}: {first_line(error, 200)})"
+    n = bridge.cfg.n_layers
+    try:
+        stack, labels = tl.residual_stack(cache)
+    except Exception as error:
+        return f"refused: {type(error).__name__}: {first_line(error, 200)}"
+    if hidden is None or len(hidden) != n + 1:
+        return f"refused: the bridge has {n} blocks and the model returns {None if hidden is None else len(hidden)} hidden states"
+    try:
+        decoder = tl.decoder_for(bridge)
+    except Exception as error:  # the backend refuses the bridge before any lens runs
+        return f"refused: {first_line(error, 200)}"
+    for i in range(n):
+        error = verification.mismatch(stack[i], hidden[i])
+        if error > tol:
+            return f"refused: row {labels[i]!r} differs from output_hidden_states[{i}] {verification.by(error, stack[i], hidden[i])}"
+    last = stack[-1]
+    with torch.no_grad():
+        normed = decoder.normalize(last)
+        error = min(verification.mismatch(last, hidden[n]), verification.mismatch(normed, hidden[n]))
+        if error > tol:
+            return (f"refused: row {labels[-1]!r} (or its final norm) differs from output_hidden_states[{n}] "
+                    f"{verification.by(error, last, hidden[n])}")
+        ours = decoder.unembed(normed)
+    error = verification.mismatch(ours, logits)
+    if error > tol:
+        own = verification.mismatch(own_logits, logits)
+        whose = ("the bridge's own logits differ too" if own > tol else "the bridge's own logits match")
+        return (f"refused: row {labels[-1]!r} decoded by decoder_for(bridge) differs from the model's logits "
+                f"{verification.by(error, ours, logits)} ({whose})")
+    notes = []
+    sublayers = bridge_sublayers(cache, n, tl.is_parallel(bridge), tol)
+    if sublayers:
+        notes.append(f"sublayers: {sublayers}")
+    else:
+        heads = bridge_heads(cache, n, tl_attribution, tol)
+        if heads:
+            notes.append(f"heads: {heads}")
+    return "; ".join(["verified"] + notes)
+
+
+def bridge_sublayers(cache, n, parallel, tol):
+    """``None`` if the bridge's sublayer hooks add up block by block (input + attention write = residual
+    between them, + MLP write = output; parallel blocks: input + both writes = output), else what did not."""
+    from lens_plugins.core import verification
+
+    for layer in range(n):
+        names = [f"blocks.{layer}.{hook}" for hook in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out",
+                                                       "hook_resid_post") + (() if parallel else ("hook_resid_mid",))]
+        missing = [name for name in names if name not in cache.cache_dict]
+        if missing:
+            return f"the bridge has no {missing[0]!r}"
+        pre, attn, mlp, post = (cache[name] for name in names[:4])
+        sums = [(pre + attn + mlp, post, "input + attention write + MLP write", "output")] if parallel else [
+            (pre + attn, cache[names[4]], "input + attention write", "hook_resid_mid"),
+            (cache[names[4]] + mlp, post, "hook_resid_mid + MLP write", "output")]
+        for ours, theirs, what, against in sums:
+            error = verification.mismatch(ours, theirs)
+            if error > tol:
+                return f"block {layer}: {what} is not its {against} (differs {verification.by(error, ours, theirs)})"
+    return None
+
+
+def bridge_heads(cache, n, tl_attribution, tol):
+    """``None`` if the per-head writes direct logit attribution reads (``cache_parts``: ``hook_z`` through
+    ``W_O``, plus the output bias, through a sandwich norm) sum to every attention write at every position,
+    else what did not."""
+    from lens_plugins.core import verification
+
+    for position in range(verification.TOKENS):
+        try:
+            parts = tl_attribution.cache_parts(cache, position)
+        except Exception as error:
+            return f"{type(error).__name__}: {first_line(error, 200)}"
+        heads = parts["heads"].sum(2) + parts["head_bias"]
+        for layer in range(n):
+            error = verification.mismatch(heads[:, layer], parts["attn"][:, layer])
+            if error > tol:
+                return (f"block {layer}: the heads (hook_z through W_O) do not add up to hook_attn_out "
+                        f"(differ {verification.by(error, heads[:, layer], parts['attn'][:, layer])})")
+    return None
 
 
 def families():
@@ -190,10 +350,30 @@ def families():
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items())
 
 
+def cell(text):
+    """A table cell. The size of a mismatch varies in its last digits across CPUs and thread counts; the page
+    states that it is beyond the tolerance, so the page is the same wherever the suite regenerates it."""
+    text = re.sub(r"by \d\.\d+e[+-]\d+(?: \(relative\)|, relative)", "beyond the tolerance", text)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def transformer_lens_version():
+    try:
+        from importlib.metadata import version
+
+        return ".".join(version("transformer-lens").split(".")[:2])
+    except Exception:
+        return "(not installed)"
+
+
 def render(rows):
     import transformers
 
     verified = [r for r in rows if r["nnsight"].startswith("verified")]
+    tl_adapter = [r for r in rows if r["tl"] != "no adapter"]
+    tl_built = [r for r in tl_adapter if r["tl"] != "not built"]
+    tl_verified = [r for r in tl_built if r["tl"].startswith("verified")]
+    tl_version = transformer_lens_version()
     special = [r for r in rows if r["kind"] != "dense"]
     by_kind = ", ".join(f"{k}: {sum(r in verified for r in special if r['kind'] == k)} of "
                         f"{sum(r['kind'] == k for r in special)}" for k in ("MoE", "hybrid", "MoE + hybrid"))
@@ -226,20 +406,25 @@ def render(rows):
         "A model is verified the same way on first use (one forward of 5 tokens, cached per model class); a "
         "family that fails is refused before any lens runs, with the mismatch named. `table` marks the 16 "
         "families with an explicit entry in `lens_plugins.core.architectures.ARCHITECTURES`; `discovered` ones "
-        "are found from the module tree and config (`lens_plugins.core.discovery`). The TransformerLens column "
-        "says whether TransformerLens 4.3 ships a bridge adapter for the model class (the bridge is not run "
-        "here).",
+        "are found from the module tree and config (`lens_plugins.core.discovery`).",
+        "",
+        f"**TransformerLens bridge: {len(tl_verified)} of {len(tl_built)} families verified** "
+        f"({len(tl_adapter)} families have a TransformerLens {tl_version} adapter, {len(tl_built)} of them built "
+        f"here; {sum(r['tl'] == 'verified' for r in rows)} with sublayer rows and direct logit attribution by "
+        "head as well). The same tiny model is booted as a `TransformerBridge` and read through this package's "
+        "TransformerLens backend: every residual row against `output_hidden_states`, the last row decoded by "
+        "`decoder_for(bridge)` against the model's logits, the sublayer hooks (`hook_resid_mid`, `hook_attn_out`, "
+        "`hook_mlp_out`) adding up block by block, and the per-head writes of direct logit attribution "
+        "(`hook_z` through `W_O`) summing to each attention write. The `TL bridge` column gives the verdict, or "
+        "what failed: the adapter (`adapter failed`), the bridge's own forward (`forward failed`), or the "
+        "mismatch (`refused`); `no adapter` where TransformerLens has none for the class.",
         "",
         "| family | class | kind | nnsight | TL bridge | sublayers | DLA by head | verdict or reason refused |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        # The size of a mismatch varies in its last digits across CPUs; the page states that it is beyond the
-        # tolerance, so the page is the same wherever the suite regenerates it.
-        verdict = re.sub(r"by \d\.\d+e[+-]\d+ \(relative\)", "beyond the tolerance", r["verdict"])
-        verdict = verdict.split(". Pass the module paths by hand")[0]  # the remedy every refusal ends with
-        verdict = verdict.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r['family']} | {r['cls']} | {r['kind']} | {r['nnsight']} | {r['tl']} | {r['sublayers']} | "
+        verdict = cell(r["verdict"]).split(". Pass the module paths by hand")[0]  # the remedy every refusal ends with
+        lines.append(f"| {r['family']} | {r['cls']} | {r['kind']} | {r['nnsight']} | {cell(r['tl'])} | {r['sublayers']} | "
                      f"{r['heads']} | {verdict} |")
     return "\n".join(lines) + "\n"
 
@@ -259,7 +444,8 @@ def main(argv=None):
         if args.only and model_type not in args.only:
             continue
         rows.append(check(model_type, class_name, tl_classes))
-        print(f"{model_type:28s} {rows[-1]['nnsight']:22s} {rows[-1]['verdict'][:150]}", file=sys.stderr, flush=True)
+        print(f"{model_type:28s} {rows[-1]['nnsight']:22s} {rows[-1]['verdict'][:100]} | TL: {rows[-1]['tl'][:150]}",
+              file=sys.stderr, flush=True)
     if args.only:
         return 0
     text = render(rows)

@@ -117,6 +117,12 @@ def decoder_for(model) -> Decoder:
     if normalization not in _NORMALIZATION_KINDS:
         raise LensValueError(f"unsupported normalization_type {normalization!r}; expected one of {list(_NORMALIZATION_KINDS)}")
     kind = _NORMALIZATION_KINDS[normalization]
+    head = (getattr(getattr(model, "adapter", None), "component_mapping", None) or {}).get("mlm_head")
+    if head is not None:  # BERT, RoBERTa: dense and activation before ln_final, which W_U alone skips
+        raise LensValueError(
+            f"this bridge's model decodes through a prediction head ({getattr(head, 'name', 'mlm_head')!r}: a dense "
+            "layer and an activation before the final norm) that the lens's decoder (final norm, W_U) does not "
+            "apply, so its rows cannot be lensed as they are (the nnsight backend refuses the family too)")
     weight = bias = None
     eps = float(getattr(cfg, "eps", 1e-5))
     ln_final = getattr(model, "ln_final", None)
@@ -129,15 +135,39 @@ def decoder_for(model) -> Decoder:
         bias = None if bias is None else bias.detach()
     softcap = getattr(cfg, "output_logits_soft_cap", None)
     b_U = getattr(model, "b_U", None)
+    W_U, b_U = model.W_U.detach(), None if b_U is None else b_U.detach()
+    scale = output_scale(model)
+    if scale != 1.0:  # the forward scales the logits after the unembedding: folded in, as on nnsight
+        W_U, b_U = W_U * scale, None if b_U is None else b_U * scale
     return Decoder(
         norm_kind=kind,
-        W_U=model.W_U.detach(),
+        W_U=W_U,
         norm_weight=weight,
         norm_bias=bias,
         norm_eps=eps,
-        b_U=None if b_U is None else b_U.detach(),
+        b_U=b_U,
         softcap=float(softcap) if softcap is not None and softcap > 0 else None,
     )
+
+
+def output_scale(model) -> float:
+    """The factor a ``TransformerBridge``'s forward multiplies its logits by after the unembedding (Cohere's
+    ``logit_scale``, Granite's ``1 / logits_scaling``, Falcon-H1's ``lm_head_multiplier``), read from the
+    adapter's own ``apply_output_logits_transform`` on small logits (where a soft-cap is the identity);
+    1.0 for a model without one. A transform that is not a scaling is refused: the decoder cannot reproduce
+    it."""
+    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+    if not callable(transform):
+        return 1.0
+    probe = torch.tensor([1e-4, -2e-4, 3e-4])
+    with torch.no_grad():
+        out = transform(probe.clone()).float()
+    scale = float(out[0] / probe[0])
+    if not torch.allclose(out, probe * scale, rtol=1e-4, atol=0.0):
+        raise LensValueError(f"this bridge's adapter ({type(model.adapter).__name__}) transforms the logits after the "
+                             "unembedding in a way that is not a scaling, which the lens cannot reproduce; build the "
+                             "decoder with lp.Decoder")
+    return 1.0 if abs(scale - 1.0) <= 1e-6 else scale
 
 
 def detached(params: tuple) -> tuple:
@@ -367,5 +397,5 @@ def prompt_tokens(model, text: Union[str, torch.Tensor], max_new_tokens: int,
     return tokens
 
 __all__ = ["Sublayers", "ATTRIBUTION_SUFFIXES", "hook_filter", "is_parallel", "hook_name", "attribution_hooks",
-    "has_pos_embed", "decoder_for", "detached", "row_plan", "reader", "fix_hint", "residual_stack", "require",
+    "has_pos_embed", "decoder_for", "output_scale", "detached", "row_plan", "reader", "fix_hint", "residual_stack", "require",
     "recover_tokens", "check_tokens_match_embed", "lens_rows", "cache_model", "at", "hf_tokenizer", "tokenize", "prompt_inputs", "prompt_tokens"]

@@ -7,6 +7,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _never_install_packages():
+    """TransformerLens 4.3 runs ``pip install torchvision`` into the running environment when it boots a
+    vision-language bridge whose processor cannot load (``helpers._ensure_torchvision``): offline that is every
+    tiny VLM here. A test suite must not change the venv it tests (an unpinned install can replace the CPU torch),
+    so the function answers "not available" and the bridge boots without a processor, as it does when the
+    install fails."""
+    try:
+        from transformer_lens.model_bridge.sources.transformers import helpers
+    except ImportError:
+        return
+    helpers._ensure_torchvision = lambda: False
+
+
+_never_install_packages()
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, float32, eval mode."""

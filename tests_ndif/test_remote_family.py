@@ -19,7 +19,9 @@ TEXTS = ["The capital of France is Paris, and the capital of Italy is Rome. Spai
 
 @pytest.fixture(scope="module")
 def target(ndif, smollm2_dir):
-    return lp.nnsight.remote_model(smollm2_dir)
+    model = lp.nnsight.remote_model(smollm2_dir)
+    model.dispatch()  # fit_mapping reads the target's weights here (on the meta device until dispatched)
+    return model
 
 
 def test_cross_model_patchscope_with_a_remote_target(model, target):

@@ -75,6 +75,10 @@ _LAZY = {
     "CausalBasis": ("lens_plugins.methods.causal_checks", "CausalBasis"),
     "subspace_ablation": ("lens_plugins.methods.causal_checks", "subspace_ablation"),
     "SubspaceAblation": ("lens_plugins.methods.causal_checks", "SubspaceAblation"),
+    "fit_sublayer_shortcuts": ("lens_plugins.methods.substitution", "fit_sublayer_shortcuts"),
+    "SublayerShortcuts": ("lens_plugins.methods.substitution", "SublayerShortcuts"),
+    "sublayer_substitution": ("lens_plugins.methods.substitution", "sublayer_substitution"),
+    "SubstitutionResult": ("lens_plugins.methods.substitution", "SubstitutionResult"),
     "patching": ("lens_plugins.methods.activation_patching", "patching"),
     "PatchingResult": ("lens_plugins.methods.activation_patching", "PatchingResult"),
 }

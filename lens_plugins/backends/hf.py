@@ -180,5 +180,52 @@ def block_outputs(hf, input_ids: Tensor, layers: list[int], spec: Optional[dict]
                                  f"{tuple(reference.shape)}: the Jacobian at its mid point cannot be read off it")
     return [captured["out", index] for index in layers] + [captured["mid", index] for index in mid_layers]
 
+
+def sublayer_io(hf, input_ids: Tensor, layers: list[int], spec: Optional[dict] = None) -> dict:
+    """``{(layer, "attn" | "mlp"): (input residual, contribution)}``, each ``[batch, seq, d_model]``, of decoder
+    layers ``layers``: the attention reads the block's input and the MLP the block's input plus the
+    attention's write (the block's input in a parallel block); a contribution is what the sublayer's module
+    (``attn_out`` / ``mlp_out`` in the spec, else ``attn`` / ``mlp``) adds to the residual. Without grad, the
+    base model only."""
+    from lens_plugins.core.dla import check_sublayer_writes
+
+    spec = spec or verification.resolve(hf)
+    check_sublayer_writes(spec)
+    blocks = architectures.get_path(hf, spec["layers"])
+    parallel = architectures.is_parallel(hf, spec)
+    captured: dict = {}
+    handles = []
+
+    def keep_input(layer):
+        def hook(module, args, kwargs):
+            captured[layer, "x"] = architectures.layer_input((args, kwargs)).detach()
+        return hook
+
+    def keep_output(layer, sublayer):
+        def hook(module, args, output):
+            captured[layer, sublayer] = architectures.layer_output(output).detach()
+        return hook
+
+    for layer in sorted(set(layers)):
+        block = blocks[layer]
+        handles.append(block.register_forward_pre_hook(keep_input(layer), with_kwargs=True))
+        for sublayer in ("attn", "mlp"):
+            module = architectures.get_path(block, spec.get(f"{sublayer}_out", spec[sublayer]))
+            handles.append(module.register_forward_hook(keep_output(layer, sublayer)))
+    base = getattr(hf, "base_model", hf)
+    try:
+        with torch.no_grad():
+            base(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for layer in sorted(set(layers)):
+        x = captured[layer, "x"]
+        attn = captured[layer, "attn"].reshape(x.shape)
+        out[layer, "attn"] = (x, attn)
+        out[layer, "mlp"] = (x if parallel else x + attn, captured[layer, "mlp"].reshape(x.shape))
+    return out
+
 __all__ = ["hf_model", "stack_rows", "decoder_tensors", "residual_stack", "residual_rows", "check_mid",
-           "attention_write", "block_outputs"]
+           "attention_write", "block_outputs", "sublayer_io"]

@@ -27,6 +27,7 @@ from lens_plugins.backends.nnsight.jacobian import jacobian_edit, run_jacobian_e
 from lens_plugins.backends.nnsight.lens import logit_lens, logit_lens_result, run_logit_lens
 from lens_plugins.backends.nnsight.patchscope import run_patchscope
 from lens_plugins.backends.nnsight.causal_checks import run_ablation
+from lens_plugins.backends.nnsight.substitution import run_substitution
 from lens_plugins.backends.nnsight.reader import decoder_for, lens_tensors, remote_model, wrap_model
 from lens_plugins.core.errors import RemoteLensError
 
@@ -36,7 +37,7 @@ __all__ = [
     "run_generation_lens", "dola", "dola_result", "run_dola", "decoder_lens", "decoder_lens_result",
     "run_decoder_lens", "run_patchscope", "attention", "attention_result", "run_attention", "decoder_for",
     "lens_tensors", "remote_model", "wrap_model", "RemoteLensError", "SHIPPED_MODULES", "jacobian_edit",
-    "run_jacobian_edit", "run_ablation", "run_patching",
+    "run_jacobian_edit", "run_ablation", "run_substitution", "run_patching",
 ]
 
 __getattr__ = deprecated_names(__name__, {

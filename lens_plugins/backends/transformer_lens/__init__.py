@@ -24,6 +24,7 @@ from lens_plugins.backends.transformer_lens.jacobian import jacobian_hooks, run_
 from lens_plugins.backends.transformer_lens.lens import logit_lens, run_logit_lens
 from lens_plugins.backends.transformer_lens.patchscope import run_patchscope
 from lens_plugins.backends.transformer_lens.causal_checks import run_ablation
+from lens_plugins.backends.transformer_lens.substitution import run_substitution
 from lens_plugins.backends.transformer_lens.reader import (
     decoder_for,
     hook_filter,
@@ -39,7 +40,7 @@ __all__ = [
     "cache_parts", "run_generation_lens", "run_dola", "run_decoder_lens", "run_patchscope", "attention",
     "attention_hook_filter", "run_attention", "decoder_for", "hook_filter", "hook_name", "reader",
     "recover_tokens", "residual_stack", "row_plan", "CacheLens", "register_accessor", "jacobian_hooks",
-    "run_jacobian_edit", "run_ablation", "run_patching",
+    "run_jacobian_edit", "run_ablation", "run_substitution", "run_patching",
 ]
 
 __getattr__ = deprecated_names(__name__, {

@@ -10,7 +10,7 @@ recurse forever).
 import types
 
 from lens_plugins.core.trace import (activation_patching, attention, attribution, causal, decoder_lens, dola, generation,
-                                       jacobian, lens, patchscope)
+                                       jacobian, lens, patchscope, substitution)
 
 
 def server_namespace():
@@ -21,7 +21,7 @@ def server_namespace():
         attention=attention.attention, read_source=patchscope.read_source,
         patch_and_read=patchscope.patch_and_read, patch_and_next_token=patchscope.patch_and_next_token,
         jacobian_edit=jacobian.jacobian_edit, edited_logits=jacobian.edited_logits,
-        ablation_effect=causal.ablation_effect,
+        ablation_effect=causal.ablation_effect, substitution_effect=substitution.substitution_effect,
         patch_and_measure=activation_patching.patch_and_measure))
 
 __all__ = ["server_namespace"]

@@ -9,8 +9,8 @@ approaches generated the same tokens and read the same top-1 at every row of eve
 Approaches, each in a fresh process (model loaded and run once untimed first), alternating, medians over
 ``--rounds``:
 - ``in_trace``: ``lp.nnsight.run_generation_lens(model, prompt, max_new_tokens=N)``;
-- ``per_step_traces``: ``N`` calls of ``lp.nnsight.run_logit_lens(model, ids, positions=[-1])``, each on the
-  sequence so far (its key/value cache is not kept between calls, as in any per-step loop of one-call traces).
+- ``per_step_traces``: ``N`` calls of ``lp.nnsight.run_logit_lens(model, {"input_ids": ids, ...},
+  positions=[-1])``, each on the token ids so far (its key/value cache is not kept between calls, as in any per-step loop of one-call traces).
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_generation_peers.py --tokens 16 --rounds 3``
 """
@@ -48,7 +48,8 @@ def child(approach: str, tokens: int, out: str) -> None:
     def per_step(n):
         ids, tops = prompt_ids, []
         for _ in range(n):
-            result = lp.nnsight.run_logit_lens(model, ids, positions=[-1])
+            result = lp.nnsight.run_logit_lens(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                               positions=[-1])
             top = result.top_ids[:, 0, -1, 0]
             tops.append(top.tolist())
             ids = torch.cat([ids, top[-1].reshape(1, 1)], dim=1)  # the last row is the model's own output

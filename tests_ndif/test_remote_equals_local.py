@@ -221,3 +221,17 @@ def test_mid_block_lenses_remote_equal_local(model):
         assert torch.equal(remote.top_ids, local.top_ids)
         assert torch.equal(remote.top_logprobs, local.top_logprobs)
         assert not torch.equal(local.top_logprobs[0], plain.top_logprobs[0])
+
+
+def test_activation_patching_remote_equals_local(model):
+    """The patching sweep on the server (one request per batch of patched cells, reductions only) equals the
+    same sweep run here, cone included."""
+    options = dict(answer=" Mary", foil=" John", layers=["6_pre", "12_mid", -1], resid_mid=True, positions=[9, 13],
+                   cone=True, batch_size=4)
+    source = "When John and Mary went to the store, John gave a drink to"
+    target = "When John and Mary went to the store, Mary gave a drink to"
+    here = lp.nnsight.run_patching(model, source, target, **options)
+    there = lp.nnsight.run_patching(model, source, target, remote=True, **options)
+    for name in ("values", "source_values", "target_values", "cone"):
+        assert torch.equal(getattr(there, name), getattr(here, name)), name
+    assert there.values.shape[-2:] == (3, 2)  # rows x positions: every requested cell came back

@@ -102,3 +102,19 @@ def test_result_fields_follow_the_table():
     assert result.METRICS == tuple(reductions.METRIC_STYLES)
     assert set(figures._STYLE) == set(result.METRICS)
     assert lens_plugins.core.readout.REDUCTIONS == reductions.READOUT
+
+
+def test_shipped_code_imports_the_package_only_at_module_level():
+    """A server rebuilds each shipped function from its source and cannot import ``lens_plugins``: an import
+    of the package inside a function body fails there, and only on the path that reaches it (a discovered
+    family's norm fit failed the remote VLM lens this way). Module-level imports of shipped modules are
+    resolved by the registration, so they are the only kind allowed."""
+    for name in _modules():
+        tree = ast.parse(_path(name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith("lens_plugins"):
+                        raise AssertionError(f"core/{name}.py: {node.name} imports {inner.module} in its body")
+                    if isinstance(inner, ast.Import) and any(a.name.startswith("lens_plugins") for a in inner.names):
+                        raise AssertionError(f"core/{name}.py: {node.name} imports lens_plugins in its body")

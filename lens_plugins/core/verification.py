@@ -29,6 +29,7 @@ import torch
 
 from lens_plugins.core import architectures, discovery, dla
 from lens_plugins.core.errors import LensError, UnknownArchitectureError
+from lens_plugins.core.readout import apply_final_norm
 
 VERDICTS = {}
 TOKENS = 5
@@ -289,8 +290,6 @@ def text_config(hf):
 def fit_norm(norm, x, y, config, tol):
     """``{"norm_kind", "norm_one_plus", "norm_eps"}`` that reproduce the norm's recorded output ``y`` from its
     input ``x`` (``None`` if no LayerNorm / RMSNorm form does)."""
-    from lens_plugins.core.readout import apply_final_norm
-
     module = getattr(norm, "_module", norm)
     eps = next((getattr(module, f) for f in EPS_FIELDS if isinstance(getattr(module, f, None), float)), None)
     candidates = [eps] if eps is not None else [

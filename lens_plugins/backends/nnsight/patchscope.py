@@ -180,12 +180,15 @@ def _cross_model(model, target_model, source, trace_kwargs, options, *, target_p
                    target_every=target_every, **options)
     chosen = list(request.lens.positions)
     text_ids = torch.tensor([pairs.target_ids])
+    # The trace bodies name only plain values (a remote request pickles what they name, and the server cannot
+    # import this package's non-shipped classes): the labels and positions are worked out here.
+    labels, source_positions, own_label = list(request.labels), list(pairs.source_positions(chosen)), target_every[-1].label
     try:
         with eval_mode(unwrap(model)), eval_mode(unwrap(target_model)):
             with torch.no_grad(), model.trace(torch.tensor([pairs.source_ids]), **trace_kwargs):
-                saved = read_source(model, request.labels, pairs.source_positions(chosen), paths)
+                saved = read_source(model, labels, source_positions, paths)
             with torch.no_grad(), target_model.trace(text_ids, **trace_kwargs):
-                own = read_source(target_model, [target_every[-1].label], chosen, paths)
+                own = read_source(target_model, [own_label], chosen, paths)
             runner = _Runner(target_model, request, target_ids, trace_kwargs, paths, *chunks)
             return run(runner, request, saved["hidden"].float(), text_ids, target_ids.to(torch.long),
                        target_prompt if isinstance(target_prompt, str) else target_tokenizer.decode(target_ids.tolist()),

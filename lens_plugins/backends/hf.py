@@ -24,7 +24,11 @@ from lens_plugins.core.rows import Row, plan
 
 def hf_model(model) -> torch.nn.Module:
     """The Hugging Face model inside an nnsight model (``_module``) or a TransformerBridge
-    (``original_model``), or ``model`` itself."""
+    (``original_model``), or ``model`` itself. An nnsight model made for remote use (``remote_model``) holds
+    its weights on the meta device until dispatched: reading it here (training, evaluation, a cross-model map)
+    needs them, so they are loaded here, once."""
+    if getattr(model, "dispatched", True) is False:
+        model.dispatch()
     for attribute in ("_module", "original_model"):
         inner = getattr(model, attribute, None)
         if isinstance(inner, torch.nn.Module):

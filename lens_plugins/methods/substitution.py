@@ -63,9 +63,7 @@ def fit_sublayer_shortcuts(model, texts=None, *, layers: Optional[Sequence[int]]
 
     if max_blocks < 1:
         raise LensValueError(f"max_blocks must be at least 1, got {max_blocks}")
-    if getattr(model, "dispatched", True) is False:  # an nnsight remote_model: its weights load here, once
-        model.dispatch()
-    hf = hf_model(model)
+    hf = hf_model(model)  # an undispatched nnsight remote_model loads its weights here, once
     spec = resolve(hf)
     n_layers = hf.config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]

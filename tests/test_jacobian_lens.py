@@ -462,3 +462,20 @@ def test_fit_where_the_model_runs_equals_the_local_fit(nn_model, texts, lens_nn)
     assert far.n_prompts == 3
     for layer in far.source_layers:
         torch.testing.assert_close(far.jacobians[layer], lens_nn.jacobians[layer], rtol=0, atol=1e-6)
+
+
+def test_transform_of_any_rows_uses_the_fitted_depth():
+    """``transform`` on a row subset that does not end at the final row (a causal check maps one row) reads the
+    model's depth from the lens, not from the last row given: the same mapping as inside the full selection."""
+    from lens_plugins.core.rows import Row
+
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    lens = JacobianLens({0: torch.randn(d, d, generator=g), 1: torch.randn(d, d, generator=g)}, n_prompts=1,
+                        d_model=d, metadata={"target_layer": 2})
+    full = [Row.parse(label) for label in ("1_pre", "2_pre", "2_post")]
+    resid = torch.randn(3, 4, d, generator=g)
+    whole = lens.transform(resid, full)
+    for r in range(2):
+        torch.testing.assert_close(lens.transform(resid[r:r + 1], full[r:r + 1]), whole[r:r + 1], rtol=0, atol=0)
+    torch.testing.assert_close(whole[0], resid[0] @ lens.jacobians[0].T, rtol=1e-6, atol=1e-6)

@@ -249,10 +249,11 @@ class JacobianLens:
             return False
         return True
 
-    def affine(self, rows: Sequence[Row], d_model: int) -> tuple[Tensor, None]:
+    def affine(self, rows: Sequence[Row], d_model: int, n_layers: Optional[int] = None) -> tuple[Tensor, None]:
         """``(J_l - I per row [rows, d, d], None)``: the residual form of ``h @ J_l.T`` (zeros for the final
-        row). ``rows[-1]`` is the model's final row, as every entry point passes a row selection."""
-        n_layers = rows[-1].layer + 1
+        row). The model's depth is ``n_layers`` when given, else ``rows[-1]`` is the model's final row, as every
+        entry point passes a row selection."""
+        n_layers = n_layers or rows[-1].layer + 1
         core_lenses.check_fits(self.made_for, d_model, n_layers)
         self._check_depth(n_layers)
         weight = torch.zeros(len(rows), d_model, d_model)
@@ -270,7 +271,8 @@ class JacobianLens:
         if resid.shape[-1] != self.d_model:
             raise LensValueError(f"residual vectors have width {resid.shape[-1]}, but this Jacobian lens was fitted "
                                  f"for d_model={self.d_model}: the activations come from another model")
-        return core_lenses.apply_affine(resid, *self.affine(rows, resid.shape[-1]))
+        # Any rows, in any number (a causal check maps one row): the depth is the fitted model's when recorded.
+        return core_lenses.apply_affine(resid, *self.affine(rows, resid.shape[-1], self.made_for.get("n_layers")))
 
     def transport(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_model"]:
         """``J_layer h`` in float32: block ``layer``'s output in the last block's output basis."""

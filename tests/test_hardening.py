@@ -206,6 +206,9 @@ def test_half_precision_model_is_decoded_as_float32_would(dtype, smollm2_hf):
     rounding; and the lens equals, bit for bit, the lens of those residuals and weights upcast to float32."""
     model, tokenizer = smollm2_hf
     half_hf = copy.deepcopy(model).to(dtype)
+    from lens_plugins.core import verification
+
+    verification.resolve(half_hf)  # the check at first use runs its own 5-token forward: not one to capture
     rows, handles = captured_residuals(half_hf)
     try:
         result = lpn.run_logit_lens(lpn.wrap_model(half_hf, tokenizer), HALF_PROMPTS[0], top_k=5,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import lens_plugins as lp
-from lens_plugins.backends.transformer_lens.reader import decoder_for, output_scale
+from lens_plugins.backends.transformer_lens.reader import output_scale
+from lens_plugins.backends.transformer_lens.verification import decoder_for
 from lens_plugins.core.errors import LensError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -67,3 +68,51 @@ def test_the_bridge_check_names_what_it_verified_and_what_it_refused():
     assert rows["llama"]["tl"] == "verified"
     assert rows["bert"]["tl"].startswith("refused: this bridge's model decodes through a prediction head")
     assert rows["biogpt"]["tl"] == "no adapter"
+
+
+def test_a_final_norm_convention_the_class_name_hides_is_fitted_at_first_use():
+    """VaultGemma's final norm multiplies by ``1 + w`` under a class name (``VaultGemmaRMSNorm``) that does not
+    say so: read as ``w`` the lens's last row decodes to other log-probs. The first-use verification fits the
+    convention from the norm's recorded input and output, and the lens then reproduces the model."""
+    from lens_plugins.backends.transformer_lens.reader import build_decoder
+
+    bridge, reference = bridge_and_reference("vaultgemma", "VaultGemmaForCausalLM")
+    _, cache = bridge.run_with_cache(TOKENS, names_filter=lp.transformer_lens.hook_filter(bridge))
+    last = cache[f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"]
+    unfitted = build_decoder(bridge)
+    assert (unfitted.unembed(unfitted.normalize(last)).log_softmax(-1) - reference).abs().max() > 1e-2
+    result = cache.lens.logit_lens(tokens=TOKENS, top_k=3)
+    assert (result.top_logprobs[-1] - reference.topk(3, dim=-1).values).abs().max() <= 1e-4
+
+
+def test_a_bridge_whose_decoder_is_not_the_models_is_refused_before_any_lens_runs():
+    """ModernBERT's decoder applies a prediction head the bridge's ``ln_final`` / ``W_U`` leave out: every
+    lens on it would be silently wrong, so the first use refuses it, naming the row and the mismatch."""
+    from lens_plugins.core.errors import UnknownArchitectureError
+
+    bridge, _ = bridge_and_reference("modernbert-decoder", "ModernBertDecoderForCausalLM")
+    _, cache = bridge.run_with_cache(TOKENS, names_filter=lp.transformer_lens.hook_filter(bridge))
+    with pytest.raises(UnknownArchitectureError, match=r"row '1_post' decoded differs from the model's own logits by "):
+        cache.lens.logit_lens(tokens=TOKENS)
+    with pytest.raises(UnknownArchitectureError, match="ModernBertDecoderForCausalLM cannot be lensed"):
+        cache.lens.attribution(5)  # every verb: they all decode through the verified decoder
+
+
+def test_sublayer_rows_are_refused_where_the_bridge_hooks_do_not_add_up():
+    """Falcon-H1's bridge: the residual rows and logits verify, but input + ``hook_attn_out`` is not
+    ``hook_resid_mid``, so sublayer rows, ``resid_mid`` rows and attribution would be wrong: they are refused
+    with the reason, while the residual lens still runs and reproduces the model."""
+    from lens_plugins.core.errors import LensNotImplementedError
+
+    bridge, reference = bridge_and_reference("falcon_h1", "FalconH1ForCausalLM")
+    _, cache = bridge.run_with_cache(TOKENS)
+    attn_out = [cache[f"blocks.{i}.hook_attn_out"] for i in range(bridge.cfg.n_layers)]
+    pre, mid = cache["blocks.0.hook_resid_pre"], cache["blocks.0.hook_resid_mid"]
+    assert (pre + attn_out[0] - mid).abs().max() > 1e-3  # the premise: the hooks really do not add up
+    for call in (lambda: cache.lens.logit_lens(tokens=TOKENS, sublayers=True),
+                 lambda: cache.lens.logit_lens(tokens=TOKENS, resid_mid=True),
+                 lambda: cache.lens.attribution(5, by="component")):
+        with pytest.raises(LensNotImplementedError, match=r"input \+ attention write is not its hook_resid_mid"):
+            call()
+    result = cache.lens.logit_lens(tokens=TOKENS, top_k=3)
+    assert (result.top_logprobs[-1] - reference.topk(3, dim=-1).values).abs().max() <= 1e-4

@@ -216,33 +216,21 @@ def tiny_tokenizer(vocab):
 
 def bridge_check(model_type, class_name, model):
     """The TransformerLens column: ``model`` booted as a ``TransformerBridge`` (TransformerLens's adapter for
-    ``class_name``) and read through this package's TransformerLens backend, checked as the nnsight path is.
-
-    The reference is the Hugging Face model's own forward on the same tokens, taken before booting:
-    every residual row (``embed``, ``i_pre``) against ``output_hidden_states``, the last row (``<L-1>_post``)
-    against the last hidden state (before or after the final norm); the last row decoded by
-    ``decoder_for(bridge)`` against the model's logits; the sublayer rows (``i_attn``, ``i_mlp`` and
-    ``i_attn_out``, ``i_mlp_out``) adding up block by block; and the per-head writes that direct logit
-    attribution splits (``cache_parts``) summing to each attention write. Returns ``verified``, ``verified``
-    with what sublayers or heads refused, or what failed: the adapter, the bridge's forward, or the
+    ``class_name``) and checked by the TransformerLens backend's own first-use verification
+    (``lens_plugins.backends.transformer_lens.verification``), the check every lens on a bridge runs first:
+    every residual row against the wrapped model's ``output_hidden_states``, the last row decoded by
+    ``decoder_for(bridge)`` against the model's logits (a final norm convention fitted where the norm's class
+    does not tell it), the sublayer hooks adding up block by block, and the per-head writes direct logit
+    attribution splits (``cache_parts``) summing to each attention write. Returns ``verified`` (with what was
+    fitted, or what sublayers or heads refused), or what failed: the adapter, the bridge's forward, or the
     mismatch."""
     import importlib
 
     from transformer_lens.model_bridge import TransformerBridge
 
-    from lens_plugins.core import verification
-
-    tl = importlib.import_module("lens_plugins.backends.transformer_lens.reader")
+    tl_verification = importlib.import_module("lens_plugins.backends.transformer_lens.verification")
     tl_attribution = importlib.import_module("lens_plugins.backends.transformer_lens.attribution")
-    tol = verification.tolerance(model)
     vocab = model.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(min(3, vocab - 1), vocab, (1, verification.TOKENS), generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            reference = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    except Exception as error:
-        return f"forward failed: the model's own forward ({type(error).__name__}: {first_line(error, 160)})"
-    hidden, logits = reference.hidden_states, reference.logits
     model.config.architectures = [class_name]  # as a checkpoint's config names it: the adapter is chosen by it
     # TransformerLens 4.3 boots a multimodal adapter by running `pip install torchvision` into this interpreter's
     # environment when torchvision is missing (helpers._ensure_torchvision): never here. The processor it would
@@ -254,94 +242,24 @@ def bridge_check(model_type, class_name, model):
                                                      tokenizer=tiny_tokenizer(vocab)).eval()
     except Exception as error:
         return f"adapter failed: {type(error).__name__}: {first_line(error, 200)}"
-    keep = [tl.hook_filter(bridge), tl.hook_filter(None, sublayers=True),
-            tl.hook_filter(None, sublayers="outputs", attribution=True)]
-    try:
-        with torch.no_grad():
-            own_logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in keep[0] or any(
-                k(name) for k in keep[1:]))
-    except Exception as error:
-        return f"forward failed: the bridge's forward ({type(error).__name__}: {first_line(error, 200)})"
-    n = bridge.cfg.n_layers
-    try:
-        stack, labels = tl.residual_stack(cache)
-    except Exception as error:
-        return f"refused: {type(error).__name__}: {first_line(error, 200)}"
-    if hidden is None or len(hidden) != n + 1:
-        return f"refused: the bridge has {n} blocks and the model returns {None if hidden is None else len(hidden)} hidden states"
-    try:
-        decoder = tl.decoder_for(bridge)
-    except Exception as error:  # the backend refuses the bridge before any lens runs
-        return f"refused: {first_line(error, 200)}"
-    for i in range(n):
-        error = verification.mismatch(stack[i], hidden[i])
-        if error > tol:
-            return f"refused: row {labels[i]!r} differs from output_hidden_states[{i}] {verification.by(error, stack[i], hidden[i])}"
-    last = stack[-1]
-    with torch.no_grad():
-        normed = decoder.normalize(last)
-        error = min(verification.mismatch(last, hidden[n]), verification.mismatch(normed, hidden[n]))
-        if error > tol:
-            return (f"refused: row {labels[-1]!r} (or its final norm) differs from output_hidden_states[{n}] "
-                    f"{verification.by(error, last, hidden[n])}")
-        ours = decoder.unembed(normed)
-    error = verification.mismatch(ours, logits)
-    if error > tol:
-        own = verification.mismatch(own_logits, logits)
-        whose = ("the bridge's own logits differ too" if own > tol else "the bridge's own logits match")
-        return (f"refused: row {labels[-1]!r} decoded by decoder_for(bridge) differs from the model's logits "
-                f"{verification.by(error, ours, logits)} ({whose})")
+    verdict = tl_verification.verify(bridge)
+    refused = verdict["refused"]
+    if refused:
+        if "the verification forward failed" in refused:
+            return f"forward failed: the bridge's forward {first_line(refused.split('failed ', 1)[1], 200)}"
+        reason = refused.split(": ", 1)[1].split(". Its rows or decoder")[0]  # the remedy every refusal ends with
+        return f"refused: {first_line(reason, 200)}"
     notes = []
-    sublayers = bridge_sublayers(cache, n, tl.is_parallel(bridge), tol)
-    if sublayers:
-        notes.append(f"sublayers: {sublayers}")
+    if verdict["norm"]:
+        notes.append("final norm fitted ({norm_kind}{one_plus}, eps {norm_eps:g})".format(
+            one_plus=", 1 + w" if verdict["norm"]["norm_one_plus"] else "", **verdict["norm"]))
+    if verdict["sublayers"]:
+        notes.append(f"sublayers: {verdict['sublayers']}")
     else:
-        heads = bridge_heads(cache, n, tl_attribution, tol)
+        heads = tl_verification.heads_problem(bridge, tl_attribution.cache_parts)
         if heads:
             notes.append(f"heads: {heads}")
     return "; ".join(["verified"] + notes)
-
-
-def bridge_sublayers(cache, n, parallel, tol):
-    """``None`` if the bridge's sublayer hooks add up block by block (input + attention write = residual
-    between them, + MLP write = output; parallel blocks: input + both writes = output), else what did not."""
-    from lens_plugins.core import verification
-
-    for layer in range(n):
-        names = [f"blocks.{layer}.{hook}" for hook in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out",
-                                                       "hook_resid_post") + (() if parallel else ("hook_resid_mid",))]
-        missing = [name for name in names if name not in cache.cache_dict]
-        if missing:
-            return f"the bridge has no {missing[0]!r}"
-        pre, attn, mlp, post = (cache[name] for name in names[:4])
-        sums = [(pre + attn + mlp, post, "input + attention write + MLP write", "output")] if parallel else [
-            (pre + attn, cache[names[4]], "input + attention write", "hook_resid_mid"),
-            (cache[names[4]] + mlp, post, "hook_resid_mid + MLP write", "output")]
-        for ours, theirs, what, against in sums:
-            error = verification.mismatch(ours, theirs)
-            if error > tol:
-                return f"block {layer}: {what} is not its {against} (differs {verification.by(error, ours, theirs)})"
-    return None
-
-
-def bridge_heads(cache, n, tl_attribution, tol):
-    """``None`` if the per-head writes direct logit attribution reads (``cache_parts``: ``hook_z`` through
-    ``W_O``, plus the output bias, through a sandwich norm) sum to every attention write at every position,
-    else what did not."""
-    from lens_plugins.core import verification
-
-    for position in range(verification.TOKENS):
-        try:
-            parts = tl_attribution.cache_parts(cache, position)
-        except Exception as error:
-            return f"{type(error).__name__}: {first_line(error, 200)}"
-        heads = parts["heads"].sum(2) + parts["head_bias"]
-        for layer in range(n):
-            error = verification.mismatch(heads[:, layer], parts["attn"][:, layer])
-            if error > tol:
-                return (f"block {layer}: the heads (hook_z through W_O) do not add up to hook_attn_out "
-                        f"(differ {verification.by(error, heads[:, layer], parts['attn'][:, layer])})")
-    return None
 
 
 def families():
@@ -410,14 +328,19 @@ def render(rows):
         "",
         f"**TransformerLens bridge: {len(tl_verified)} of {len(tl_built)} families verified** "
         f"({len(tl_adapter)} families have a TransformerLens {tl_version} adapter, {len(tl_built)} of them built "
-        f"here; {sum(r['tl'] == 'verified' for r in rows)} with sublayer rows and direct logit attribution by "
-        "head as well). The same tiny model is booted as a `TransformerBridge` and read through this package's "
-        "TransformerLens backend: every residual row against `output_hidden_states`, the last row decoded by "
-        "`decoder_for(bridge)` against the model's logits, the sublayer hooks (`hook_resid_mid`, `hook_attn_out`, "
-        "`hook_mlp_out`) adding up block by block, and the per-head writes of direct logit attribution "
-        "(`hook_z` through `W_O`) summing to each attention write. The `TL bridge` column gives the verdict, or "
-        "what failed: the adapter (`adapter failed`), the bridge's own forward (`forward failed`), or the "
-        "mismatch (`refused`); `no adapter` where TransformerLens has none for the class.",
+        f"here; {sum(r['tl'].startswith('verified') and 'sublayers:' not in r['tl'] and 'heads:' not in r['tl'] for r in rows)} "
+        "with sublayer rows and direct logit attribution by head as well). The same tiny model is booted as a "
+        "`TransformerBridge` and checked by the verification the TransformerLens backend runs on first use "
+        "(`lens_plugins.backends.transformer_lens.verification`, before any lens reads a model of that class): "
+        "every residual row against the wrapped model's `output_hidden_states`, the last row decoded by "
+        "`decoder_for(bridge)` against the model's logits (a final norm's `w` or `1 + w` convention fitted where "
+        "its class name does not tell), the sublayer hooks (`hook_resid_mid`, `hook_attn_out`, `hook_mlp_out`) "
+        "adding up block by block, and the per-head writes of direct logit attribution (`hook_z` through `W_O`) "
+        "summing to each attention write. A bridge that fails the first two is refused; one that fails the "
+        "sublayer or head check has only sublayer rows or attribution refused, with the reason. The `TL bridge` "
+        "column gives the verdict, or what failed: the adapter (`adapter failed`), the bridge's own forward "
+        "(`forward failed`), or the mismatch (`refused`); `no adapter` where TransformerLens has none for the "
+        "class.",
         "",
         "| family | class | kind | nnsight | TL bridge | sublayers | DLA by head | verdict or reason refused |",
         "|---|---|---|---|---|---|---|---|",

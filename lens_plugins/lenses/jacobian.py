@@ -518,7 +518,7 @@ def decoder_of(model):
     except LensTypeError:
         backend = "hf"
     if backend == "transformer_lens":
-        from lens_plugins.backends.transformer_lens.reader import decoder_for
+        from lens_plugins.backends.transformer_lens.verification import decoder_for
 
         return decoder_for(model)
     return decoder_tensors(hf_model(model))

@@ -25,8 +25,8 @@ from lens_plugins.backends.transformer_lens.lens import logit_lens, run_logit_le
 from lens_plugins.backends.transformer_lens.patchscope import run_patchscope
 from lens_plugins.backends.transformer_lens.causal_checks import run_ablation
 from lens_plugins.backends.transformer_lens.substitution import run_substitution
+from lens_plugins.backends.transformer_lens.verification import decoder_for
 from lens_plugins.backends.transformer_lens.reader import (
-    decoder_for,
     hook_filter,
     hook_name,
     reader,

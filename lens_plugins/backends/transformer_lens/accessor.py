@@ -12,7 +12,8 @@ from torch import Tensor
 from lens_plugins.backends.transformer_lens.attention import attention
 from lens_plugins.backends.transformer_lens.attribution import attribution, logit_diff
 from lens_plugins.backends.transformer_lens.lens import logit_lens
-from lens_plugins.backends.transformer_lens.reader import Sublayers, decoder_for, residual_stack
+from lens_plugins.backends.transformer_lens.reader import Sublayers, residual_stack
+from lens_plugins.backends.transformer_lens.verification import decoder_for
 from lens_plugins.decoder import Decoder
 
 

@@ -21,6 +21,7 @@ from lens_plugins.backends._common import (
     prompt_ids,
 )
 from lens_plugins.backends.transformer_lens import reader as tla
+from lens_plugins.backends.transformer_lens.verification import decoder_for
 from lens_plugins.core import activation_patching as core
 from lens_plugins.core.pipeline import check_decoder
 from lens_plugins.core.rows import Row
@@ -41,7 +42,7 @@ from lens_plugins.typecheck import typechecked
 class _Runner(Runner):
     def __init__(self, model, request, lens, vocab_chunk, token_chunk):
         self.model, self.request, self.lens = model, request, lens
-        self.decoder = tla.decoder_for(model)
+        self.decoder = decoder_for(model)
         check_decoder(self.decoder)
         self.final = Row(model.cfg.n_layers - 1, "post").label
         self.chunks = (vocab_chunk, token_chunk)

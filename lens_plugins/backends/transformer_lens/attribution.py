@@ -15,7 +15,6 @@ from lens_plugins.backends.transformer_lens.reader import (
     at,
     attribution_hooks,
     cache_model,
-    decoder_for,
     detached,
     has_pos_embed,
     hook_filter,
@@ -24,6 +23,7 @@ from lens_plugins.backends.transformer_lens.reader import (
     require,
     prompt_inputs,
 )
+from lens_plugins.backends.transformer_lens.verification import decoder_for, require_heads
 from lens_plugins.core import dla, pipeline
 from lens_plugins.core.architectures import norm_params
 from lens_plugins.core.request import resolve_positions
@@ -154,7 +154,8 @@ def attribution(
         LensValueError: a target that is not one token, a padding position, non-finite residual parts.
     """
     model = cache_model(cache)
-    decoder = decoder_for(model)
+    decoder = decoder_for(model, sublayers=True)
+    require_heads(model, cache_parts)
     check_view(by)
     neurons = by == "neuron"
     dla.check_neurons(neuron_spec(model) if neurons else None, top_neurons, effects)
@@ -203,7 +204,7 @@ def logit_diff(
         LensValueError: a target that is not one token, or a padding position.
     """
     model, every, read, (batch, seq) = lens_rows(cache, resid_mid, sublayers)
-    decoder = decoder_for(model)
+    decoder = decoder_for(model, sublayers=bool(resid_mid or sublayers))
     target_ids, target_names = token_set(model.tokenizer, target, decoder.d_vocab)
     distractor_ids, distractor_names = token_set(model.tokenizer, distractor, decoder.d_vocab, "distractor")
     chosen = select(every, layers)

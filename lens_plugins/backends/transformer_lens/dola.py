@@ -8,7 +8,8 @@ from typing import Optional, Union
 import torch
 
 from lens_plugins.backends._common import check_token_ids, eval_mode, one_at_a_time
-from lens_plugins.backends.transformer_lens.reader import decoder_for, hook_name, prompt_tokens
+from lens_plugins.backends.transformer_lens.reader import hook_name, prompt_tokens
+from lens_plugins.backends.transformer_lens.verification import decoder_for
 from lens_plugins.core import dola as core_dola
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.methods.dola import DolaOutput, output

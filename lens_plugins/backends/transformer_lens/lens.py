@@ -14,12 +14,12 @@ from lens_plugins.backends._common import Prompt, check_context, context_length,
 from lens_plugins.backends.transformer_lens.reader import (
     Sublayers,
     check_tokens_match_embed,
-    decoder_for,
     hook_filter,
     lens_rows,
     recover_tokens,
     prompt_inputs,
 )
+from lens_plugins.backends.transformer_lens.verification import decoder_for
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.reductions import DEFAULT_LENS as DEFAULT_LENS_REDUCTIONS
 from lens_plugins.methods.lens import DEFAULT_TOKEN_CHUNK, DEFAULT_TOP_K, DEFAULT_VOCAB_CHUNK, TokenSets, run_lens
@@ -90,6 +90,7 @@ def logit_lens(
             residuals, or a model in training mode.
     """
     model, every, read, (batch, seq) = lens_rows(cache, resid_mid, sublayers)
+    decoder = decoder_for(model, sublayers=bool(resid_mid or sublayers))  # verified first: refused before any check
     check_context(seq, context_length(model))
     if tokens is None:
         tokens = recover_tokens(cache)
@@ -101,7 +102,7 @@ def logit_lens(
 
         check_raw(model)
     return run_lens(
-        read, every, layers, tokens.to(torch.long).cpu(), model.tokenizer, decoder_for(model),
+        read, every, layers, tokens.to(torch.long).cpu(), model.tokenizer, decoder,
         attention_mask=None if attention_mask is None else attention_mask.to(torch.long).cpu(),
         positions=positions, top_k=top_k, targets=targets, token_sets=token_sets, reductions=reductions,
         lens=lens, vocab_chunk=vocab_chunk, token_chunk=token_chunk, precision=precision, auto_tokens=auto_tokens,

@@ -20,6 +20,7 @@ from torch import Tensor
 from lens_plugins import tokens as token_utils
 from lens_plugins.backends._common import check_context, check_prompts, context_length, eval_mode, one_at_a_time, prompt_ids
 from lens_plugins.backends.transformer_lens import reader as tla
+from lens_plugins.backends.transformer_lens.verification import decoder_for
 from lens_plugins.core.errors import LensValueError
 from lens_plugins.core.pipeline import check_decoder
 from lens_plugins.core.patching import patch_row, readout_stack, sites_of, write_rows
@@ -36,7 +37,7 @@ class _Runner(TargetRunner):
         self.model = model
         self.request = request
         self.tokens = target_tokens
-        self.decoder = tla.decoder_for(model)
+        self.decoder = decoder_for(model)
         check_decoder(self.decoder)  # as nnsight's read-out does: a non-finite decoder is refused, named
         self.final_hook = tla.hook_name(Row(model.cfg.n_layers - 1, "post"))
         self.chunks = (vocab_chunk, token_chunk)

@@ -106,11 +106,14 @@ def has_pos_embed(model) -> bool:
     return getattr(model.cfg, "positional_embedding_type", "standard") == "standard"
 
 
-def decoder_for(model) -> Decoder:
-    """The decoder of a ``HookedTransformer`` or ``TransformerBridge``, in raw or compatibility mode.
+def build_decoder(model, norm: Optional[dict] = None) -> Decoder:
+    """The decoder of a ``HookedTransformer`` or ``TransformerBridge``, in raw or compatibility mode, as
+    read off the model (unchecked: ``verification.decoder_for`` is what the verbs call).
 
     Norm parameters are read from the live ``ln_final`` (folded models carry none), so a bridge whose
     layer norms were folded into ``W_U`` decodes through the folded weights exactly as the model does.
+    ``norm`` (``{"norm_kind", "norm_one_plus", "norm_eps"}``, fitted by the verification) overrides what the
+    norm's class name says, for a bridge norm whose convention the name does not tell (VaultGemma's ``1 + w``).
     """
     cfg = model.cfg
     normalization = getattr(cfg, "normalization_type", None)
@@ -128,7 +131,9 @@ def decoder_for(model) -> Decoder:
     ln_final = getattr(model, "ln_final", None)
     original = getattr(ln_final, "_original_component", None)
     if original is not None:  # TransformerBridge: the wrapped Hugging Face norm
-        kind, weight, bias, eps = detached(norm_params(original))
+        fitted = {} if norm is None else {"kind": norm["norm_kind"], "one_plus": norm["norm_one_plus"],
+                                          "eps": norm["norm_eps"]}
+        kind, weight, bias, eps = detached(norm_params(original, **fitted))
     elif ln_final is not None and normalization in ("LN", "RMS"):  # HookedTransformer LayerNorm / RMSNorm
         weight = ln_final.w.detach()
         bias = getattr(ln_final, "b", None)
@@ -397,5 +402,5 @@ def prompt_tokens(model, text: Union[str, torch.Tensor], max_new_tokens: int,
     return tokens
 
 __all__ = ["Sublayers", "ATTRIBUTION_SUFFIXES", "hook_filter", "is_parallel", "hook_name", "attribution_hooks",
-    "has_pos_embed", "decoder_for", "output_scale", "detached", "row_plan", "reader", "fix_hint", "residual_stack", "require",
+    "has_pos_embed", "build_decoder", "output_scale", "detached", "row_plan", "reader", "fix_hint", "residual_stack", "require",
     "recover_tokens", "check_tokens_match_embed", "lens_rows", "cache_model", "at", "hf_tokenizer", "tokenize", "prompt_inputs", "prompt_tokens"]

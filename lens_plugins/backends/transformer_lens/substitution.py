@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lens_plugins.backends._common import eval_mode, one_at_a_time
 from lens_plugins.backends.transformer_lens import reader as tla
+from lens_plugins.backends.transformer_lens.verification import decoder_for
 from lens_plugins.core.rows import Row
 from lens_plugins.core.substitution import READ_SITES, WRITE_HOOKS, final_top1_and_kl, shortcut
 from lens_plugins.typecheck import typechecked
@@ -25,6 +26,7 @@ def run_substitution(model, tokens: Int[Tensor, "1 seq"], plan: list[tuple[int, 
     """``{"top1": [1 + m, seq] (copy 0 clean), "kl": [m, seq] KL(final clean || final substituted)}`` of
     ``model`` on ``tokens``, copy ``i + 1`` with sublayer ``plan[i] = (layer, "attn" | "mlp")``'s contribution
     replaced by ``x @ weight[i].T + bias[i]`` of its input residual ``x``, every position but the first."""
+    decoder_for(model, sublayers=True)  # a model whose sublayer hooks do not add up is refused first
     parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
     inputs = {}
     hooks = []

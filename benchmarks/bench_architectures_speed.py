@@ -1,8 +1,9 @@
 """Did structure discovery and verification at first use (issue 28) slow the one-call lens on SmolLM2?
 
 The one-call lens (``lp.nnsight.run_logit_lens`` and ``lp.transformer_lens.run_logit_lens`` on the prompt
-below) in a fresh process per measurement, model loaded untimed: the **first call** (on nnsight it includes
-the verification forward of ``core.verification``, once per model class) and the **steady state** (median of
+below) in a fresh process per measurement, model loaded untimed: the **first call** (it includes the
+verification forward at first use, once per model class: ``core.verification`` on nnsight,
+``backends/transformer_lens/verification.py`` on TransformerLens) and the **steady state** (median of
 three later calls). Each round runs both trees, this one and ``--old`` (a checkout of the commit before
 discovery and verification were merged), alternating which goes first; the figures are medians over rounds.
 
@@ -66,6 +67,11 @@ def main():
                 runs[tree, backend].append(result)
                 print(f"round {round_} {backend:16s} {tree}: first {result['first']:.3f} s, steady "
                       f"{result['steady']:.3f} s, top-1 {result['top1']}", file=sys.stderr, flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cpu import cpu_description
+
+    print(f"# {cpu_description()}; torch threads as set by the environment (OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS')}), load average at the end {os.getloadavg()}")
     print(f"prompt {PROMPT!r}, {args.rounds} rounds, {time.time() - started:.0f} s in all")
     for backend in args.backends:
         for what in ("first", "steady"):

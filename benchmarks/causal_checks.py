@@ -1,23 +1,28 @@
-"""Causal checks of three lenses on SmolLM2-135M (Belrose et al. 2023): the causal basis of the logit lens, a
-least-squares tuned lens (``fit_shortcuts``: closed form, not KL-trained) and a Jacobian lens (fitted here on
-a few prompts) at one residual row, then the subspace-ablation experiment: mean-ablate each basis, and ``k``
+"""Causal checks of lenses on SmolLM2-135M (Belrose et al. 2023): the causal basis of the logit lens, a
+least-squares tuned lens (``fit_shortcuts``: closed form, not KL-trained), with ``--tuned-steps N`` a tuned lens
+KL-trained as Belrose et al. train it (``TunedLens.train``, from the least-squares start, on the training part
+only), and a Jacobian lens (fitted here on a few prompts) at one residual row, then the subspace-ablation experiment: mean-ablate each basis, and ``k``
 random orthonormal directions as the control, at that row in the model (nnsight trace), and compare the
 effect on the model's final distribution with the effect on the lens's own prediction.
 
 The built-in corpus's documents are split 60/40 (seeded): the lenses and the bases are fitted on the first
 part, the ablation runs on ``--prompts`` windows of the second.
 
-Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/causal_checks.py [--row 15_pre --k 4 --steps 15]``
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/causal_checks.py [--row 15_pre --k 4 --steps 15]
+[--tuned-steps 48]``
 """
 
 import argparse
 import random
 import time
 
+import torch
+
 from lens_plugins.backends import nnsight as lpn
 from lens_plugins.core.rows import Row
 from lens_plugins.lenses.affine import LogitLens
 from lens_plugins.lenses.jacobian import JacobianLens
+from lens_plugins.lenses.tuned import TunedLens
 from lens_plugins.methods import causal_checks as cc
 from lens_plugins.methods.early_exit import fit_shortcuts
 from lens_plugins.models import default_model_dir, load_hf_model
@@ -33,6 +38,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--jacobian-prompts", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tuned-steps", type=int, default=0,
+                        help="also a KL-trained tuned lens: this many steps of one 128-token block (0: none)")
     parser.add_argument("--html", default=None)
     args = parser.parse_args()
     start = time.time()
@@ -53,7 +60,15 @@ def main() -> None:
     texts = [" ".join(d.split())[:300] for d in train_docs[:args.jacobian_prompts]]
     jacobian = JacobianLens.fit(model, texts, source_layers=[layer], max_seq_len=32, progress=False)
     print(f"Jacobian lens (block {layer}) on {args.jacobian_prompts} prompts: {time.time() - t0:.0f} s", flush=True)
-    lenses = {"logit lens": LogitLens(), "tuned lens (least squares)": shortcut, "Jacobian lens": jacobian}
+    lenses = {"logit lens": LogitLens(), "tuned lens (least squares)": shortcut}
+    if args.tuned_steps:
+        t0 = time.time()
+        trained = TunedLens.train(model, train_docs, seq_len=128, init="shortcut", shortcut_blocks=8,
+                                  steps=args.tuned_steps, matmul_dtype=torch.bfloat16, seed=args.seed)
+        lenses[f"tuned lens (KL, {args.tuned_steps} steps)"] = trained
+        print(f"tuned lens, least-squares start then {args.tuned_steps} KL steps on the training part: "
+              f"{time.time() - t0:.0f} s", flush=True)
+    lenses["Jacobian lens"] = jacobian
     bases = {}
     for name, lens in lenses.items():
         t0 = time.time()

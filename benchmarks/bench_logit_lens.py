@@ -143,7 +143,8 @@ def run(approach: str, n_tokens: int, steady: bool) -> dict:
         start = time.perf_counter()
         fn()
         second = time.perf_counter() - start
-    return {"approach": approach, "tokens": n_tokens, "first": first, "steady": second, "peak_mb": peak}
+    return {"approach": approach, "tokens": n_tokens, "first": first, "steady": second, "peak_mb": peak,
+            "threads": torch.get_num_threads(), "load": round(os.getloadavg()[0], 2)}
 
 
 def measure(approaches, n_tokens, rounds, steady):
@@ -161,14 +162,24 @@ def measure(approaches, n_tokens, rounds, steady):
 
 
 def summarise(results):
-    """Median first call, steady state and peak per approach, and their ratios to the floor's."""
+    """Median first call, steady state and peak per approach, and their ratios to the floor's (with the
+    load average each measurement saw)."""
     med = {}
     for approach, runs in results.items():
         steady = [r["steady"] for r in runs if r["steady"] is not None]
         med[approach] = {"first": statistics.median(r["first"] for r in runs),
                          "steady": statistics.median(steady) if steady else None,
-                         "peak_mb": statistics.median(r["peak_mb"] for r in runs), "n": len(runs)}
+                         "peak_mb": statistics.median(r["peak_mb"] for r in runs), "n": len(runs),
+                         "loads": [r.get("load", 0.0) for r in runs]}
     return med
+
+
+def isa() -> str:
+    """The instruction-set caps in force (``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``,
+    ``ONEDNN_MAX_CPU_ISA``: how another CPU of the kind is emulated), or "native"."""
+    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+            if k in os.environ]
+    return ", ".join(caps) or "native instruction set"
 
 
 def rounds_from_log(path):
@@ -247,9 +258,11 @@ def main() -> None:
         by_tokens[n] = summarise(measure(fits, n, args.rounds, not args.no_steady))
     import torch
 
+    loads = [load for med in by_tokens.values() for m in med.values() for load in m["loads"]]
     print(f"SmolLM2-135M, {ROWS} rows, top-5 + entropy + KL both ways + 2 ranks; {cpu_model()}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.rounds} fresh-process "
-          "rounds (peak: VmHWM rise over the first call)")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {isa()}; medians of {args.rounds} "
+          f"fresh-process rounds (peak: VmHWM rise over the first call); 1-minute load average during the "
+          f"measurements {min(loads, default=0):.1f}-{max(loads, default=0):.1f}")
     print(table(by_tokens, args.markdown, skipped))
     print(json.dumps(by_tokens))
 

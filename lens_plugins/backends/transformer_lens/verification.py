@@ -106,18 +106,32 @@ def probe(model, names):
         return model.run_with_cache(probe_ids(model), names_filter=names)
 
 
-def reference(model):
-    """The wrapped Hugging Face model's hidden states and logits on the probe tokens (``None`` for a model
-    with none, or whose forward does not take token ids alone)."""
+def probe_with_reference(model, names):
+    """``(own logits, cache, (hidden states, logits) or None)``: the probe, with the wrapped Hugging Face
+    model's own ``output_hidden_states`` and logits as the reference. A bridge runs the wrapped model inside
+    its forward, so one forward gives both (its output caught by a hook); a forward that does not pass
+    ``output_hidden_states`` on costs a second one; ``None`` for a model with no wrapped model, or one whose
+    forward does not take token ids alone."""
     hf = getattr(model, "original_model", None)
     if not isinstance(hf, torch.nn.Module):
-        return None
+        return (*probe(model, names), None)
+    caught = []
+    handle = hf.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        with torch.no_grad():
+            own, cache = model.run_with_cache(probe_ids(model), names_filter=names, output_hidden_states=True)
+    except TypeError:  # the bridge's forward does not take the argument: the probe alone, then the reference
+        own, cache = probe(model, names)
+    finally:
+        handle.remove()
+    if caught and getattr(caught[-1], "hidden_states", None) is not None:
+        return own, cache, (caught[-1].hidden_states, getattr(caught[-1], "logits", None))
     try:
         with torch.no_grad():
             out = hf(input_ids=probe_ids(model), output_hidden_states=True, use_cache=False)
     except Exception:  # a wrapped model that needs more than token ids: the bridge's own numbers are the check
-        return None
-    return getattr(out, "hidden_states", None), getattr(out, "logits", None)
+        return own, cache, None
+    return own, cache, (getattr(out, "hidden_states", None), getattr(out, "logits", None))
 
 
 def verify(model) -> dict:
@@ -130,8 +144,7 @@ def verify(model) -> dict:
     sublayer_names = hook_filter(None, sublayers="outputs")
     keep = set(hook_filter(model)) | {"ln_final.hook_in", "ln_final.hook_out"}
     try:
-        own, cache = probe(model, lambda hook: hook in keep or sublayer_names(hook))
-        ref = reference(model)
+        own, cache, ref = probe_with_reference(model, lambda hook: hook in keep or sublayer_names(hook))
     except Exception as error:  # the model's forward did not fit the probe
         verdict["refused"] = (f"{name}: the verification forward failed ({type(error).__name__}: "
                               f"{str(error)[:300]})")

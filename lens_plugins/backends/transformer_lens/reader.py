@@ -29,6 +29,7 @@ from lens_plugins.backends._common import (
     prompt_ids,
 )
 from lens_plugins.core.architectures import norm_params
+from lens_plugins.core.verification import EPS_FIELDS
 from lens_plugins.core.errors import LensKeyError, LensTypeError, LensValueError
 from lens_plugins.core.rows import Row, plan
 from lens_plugins.decoder import Decoder
@@ -131,8 +132,10 @@ def build_decoder(model, norm: Optional[dict] = None) -> Decoder:
     ln_final = getattr(model, "ln_final", None)
     original = getattr(ln_final, "_original_component", None)
     if original is not None:  # TransformerBridge: the wrapped Hugging Face norm
+        # the fitted convention is the class's; the eps is this model's own where its norm holds one
+        own_eps = next((getattr(original, f) for f in EPS_FIELDS if isinstance(getattr(original, f, None), float)), None)
         fitted = {} if norm is None else {"kind": norm["norm_kind"], "one_plus": norm["norm_one_plus"],
-                                          "eps": norm["norm_eps"]}
+                                          "eps": norm["norm_eps"] if own_eps is None else own_eps}
         kind, weight, bias, eps = detached(norm_params(original, **fitted))
     elif ln_final is not None and normalization in ("LN", "RMS"):  # HookedTransformer LayerNorm / RMSNorm
         weight = ln_final.w.detach()

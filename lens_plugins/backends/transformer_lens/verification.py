@@ -27,6 +27,7 @@ import threading
 
 import torch
 
+from lens_plugins.backends._common import model_lock
 from lens_plugins.backends.transformer_lens.reader import (
     build_decoder,
     hook_filter,
@@ -39,7 +40,7 @@ from lens_plugins.core.errors import LensError, LensKeyError, UnknownArchitectur
 from lens_plugins.decoder import Decoder
 
 VERDICTS = {}
-_LOCK = threading.Lock()  # two threads' first calls run one probe, not two interleaved
+_LOCK = threading.Lock()  # two threads' first calls on one class run one probe, not two
 
 
 def decoder_for(model, sublayers: bool = False) -> Decoder:
@@ -58,7 +59,7 @@ def require_heads(model, split) -> None:
     """Refuse direct logit attribution by head when the per-head writes ``split(cache, position)`` (the
     attribution verb's ``cache_parts``) do not sum to the attention write on the probe; checked once."""
     verdict = verdict_of(model)
-    with _LOCK:
+    with model_lock(model), _LOCK:
         if "heads" not in verdict:
             was = model.training
             model.eval()
@@ -71,8 +72,13 @@ def require_heads(model, split) -> None:
 
 
 def verdict_of(model) -> dict:
+    """The model class's verdict, from ``VERDICTS`` or from a probe now. The probe holds the model's lock
+    (the one every one-call verb holds: its hooks are the model's, so another thread's forward must not run
+    beside it) and then ``_LOCK``, in that order everywhere."""
     key = verdict_key(model)
-    with _LOCK:
+    if key in VERDICTS:
+        return VERDICTS[key]
+    with model_lock(model), _LOCK:
         if key not in VERDICTS:
             was = model.training  # the probe is the model's prediction: no dropout, whatever mode it is in
             model.eval()

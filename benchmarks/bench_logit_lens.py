@@ -170,7 +170,7 @@ def summarise(results):
         med[approach] = {"first": statistics.median(r["first"] for r in runs),
                          "steady": statistics.median(steady) if steady else None,
                          "peak_mb": statistics.median(r["peak_mb"] for r in runs), "n": len(runs),
-                         "loads": [r.get("load", 0.0) for r in runs]}
+                         "loads": [r["load"] for r in runs if "load" in r]}  # a log from before loads were kept has none
     return med
 
 

@@ -20,7 +20,7 @@ def test_a_stopped_run_gives_its_medians_and_ratios(tmp_path):
     log = tmp_path / "stderr.log"
     log.write_text("\n".join(lines) + "\n")
     medians = bench.rounds_from_log(log)
-    assert medians[256]["floor"] == {"first": 4.4, "steady": 3.2, "peak_mb": 610.0, "n": 3}
+    assert medians[256]["floor"] == {"first": 4.4, "steady": 3.2, "peak_mb": 610.0, "n": 3, "loads": []}
     assert medians[256]["lens_plugins"]["first"] == 3.3
     row = next(line for line in bench.table(medians, True, {}).splitlines() if line.startswith("| lens_plugins,"))
     assert f"{3.3 / 4.4:.2f}x, {2.2 / 3.2:.2f}x" in row and "+40 MB" in row  # medians 650 and 610 MB

@@ -251,3 +251,43 @@ def test_top_k_from_the_largest_groups_equals_the_full_top_k(vocab_chunk):
     resid, decoder, targets = random_case(rows=3, tokens=20, d=16, vocab=2000, seed=29)
     out = decoder.statistics(resid, targets, top_k=5, vocab_chunk=vocab_chunk, token_chunk=7)
     check_against_reference(out, full_reference(resid, decoder, 5, targets))
+
+
+def test_the_thread_policy_changes_no_number_and_restores_the_threads(monkeypatch):
+    """A tile's matmul and its reductions each run with the caller's threads or with one, whichever the call
+    measures faster (``_ThreadChoice``): safe only because both give bitwise the same result with any number
+    of threads. Both settings forced from the first tile give identical results for every reduction, the
+    adaptive policy tries both, and the caller's thread count is back after the call and after an error."""
+    resid, decoder, targets = random_case(rows=5, tokens=40, d=32, vocab=6000, seed=3)
+    every = list(readout.REDUCTIONS)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        original = readout._ThreadChoice.begin
+
+        def spy(self):
+            original(self)
+            seen.append(torch.get_num_threads())
+
+        monkeypatch.setattr(readout._ThreadChoice, "begin", spy)
+        adaptive = readout.lens_statistics(resid, decoder, 5, targets, vocab_chunk=256, reductions=every)
+        assert {1, 2} <= set(seen)  # both settings were measured on this call's tiles
+        assert torch.get_num_threads() == 2
+        forced = {}
+        for threads in (1, 2):
+            monkeypatch.setattr(readout._ThreadChoice, "begin",
+                                lambda self, t=threads: (setattr(self, "current", t), torch.set_num_threads(t)))
+            forced[threads] = readout.lens_statistics(resid, decoder, 5, targets, vocab_chunk=256, reductions=every)
+            assert torch.get_num_threads() == 2
+        for name in forced[1]:
+            for other in (forced[2], adaptive):
+                assert torch.equal(forced[1][name].nan_to_num(), other[name].nan_to_num()), name
+        monkeypatch.setattr(readout._ThreadChoice, "begin",
+                            lambda self: (setattr(self, "current", 1), torch.set_num_threads(1)))
+        monkeypatch.setattr(readout, "_merge_top_k", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            readout.lens_statistics(resid, decoder, 5, targets, vocab_chunk=256)
+        assert torch.get_num_threads() == 2  # put back although the tile failed with one thread set
+    finally:
+        torch.set_num_threads(before)

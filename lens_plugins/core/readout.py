@@ -24,6 +24,7 @@ the KL divergences and the final top-1 refer to; ranks are ``1 + #{v != t : l_v 
 """
 
 import platform
+import time
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -229,15 +230,18 @@ def lens_statistics(
     unembedding = Unembedding(W_U, b_U, decoder.softcap, precision)
     blocks = []
     previous_tf32 = _allow_tf32(precision == "tf32")
+    threads = (_ThreadChoice(device), _ThreadChoice(device))  # the matmuls', the reductions': see the class
     try:
         scratch = _Scratch(device)  # every buffer is allocated next to W_U, once for all blocks
         for n0 in range(0, tokens, token_chunk):
             n1 = min(n0 + token_chunk, tokens)
             normed = decoder.normalize(resid[:, n0:n1])
             blocks.append(_lens_block(normed, unembedding, min(top_k, W_U.shape[1]), target_ids[n0:n1],
-                                      vocab_chunk, want, scratch))
+                                      vocab_chunk, want, scratch, threads))
     finally:
         _allow_tf32(previous_tf32)
+        for choice in threads:  # an error mid-tile must not leave the process at one thread
+            choice.restore()
     return {name: torch.cat([b[name] for b in blocks], dim=0 if name == "final_top1" else 1) for name in blocks[0]}
 
 
@@ -384,9 +388,9 @@ class _Tiles:
     kept, ``[n, vocab]``: each tile copies its chunk of them instead of computing it again, so the final top-1
     is bitwise the argmax of the final row the pass reads."""
 
-    def __init__(self, normed, unembedding, vocab_chunk, final_first, scratch):
+    def __init__(self, normed, unembedding, vocab_chunk, final_first, scratch, threads):
         self.rows, self.n, d = normed.shape
-        self.scratch = scratch
+        self.scratch, self.threads = scratch, threads
         self.unembedding, self.vocab_chunk, self.vocab = unembedding, vocab_chunk, unembedding.W_U.shape[1]
         self.width = min(vocab_chunk, self.vocab)
         self.all = unembedding.operand(normed[:-1].reshape(-1, d) if final_first else normed.reshape(-1, d))
@@ -394,8 +398,14 @@ class _Tiles:
         if final_first:
             self.final = scratch.flat("final", self.n * self.vocab)
             final = unembedding.operand(normed[-1])
-            for v0, w, chunk in self.chunks():
+            for v0, w, chunk in self.chunks():  # a thirtieth of the work, in smaller matmuls: not timed
                 unembedding.logits(final, chunk, self._final_chunk(v0, w))
+
+    def _logits(self, a, chunk, out):
+        """One matmul, with as many threads as ``threads`` (a ``_ThreadChoice``) finds fastest now."""
+        self.threads.begin()
+        self.unembedding.logits(a, chunk, out)
+        self.threads.end(out.numel())
 
     def _final_chunk(self, v0, w):
         """The kept final-row logits of columns ``v0 : v0 + w``, contiguous ``[n, w]``."""
@@ -411,9 +421,9 @@ class _Tiles:
         for v0, w, chunk in self.chunks():
             tile = self.scratch.view("tile", self.rows, self.n, w)
             if self.final is None:
-                self.unembedding.logits(self.all, chunk, tile.view(-1, w))
+                self._logits(self.all, chunk, tile.view(-1, w))
             else:
-                self.unembedding.logits(self.all, chunk, tile[:-1].view(-1, w))
+                self._logits(self.all, chunk, tile[:-1].view(-1, w))
                 tile[-1].copy_(self._final_chunk(v0, w))
             yield v0, tile
 
@@ -458,7 +468,7 @@ def _expectations(want):
     return terms
 
 
-def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch):
+def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch, threads):
     """All requested reductions for one block of tokens ``normed [rows, n, d_model]`` (already through the
     final norm): one pass over the vocabulary, after the final row's logits when the final top-1's ranks are
     wanted (every row's count needs its threshold from the start), and before the second pass that
@@ -479,7 +489,7 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch):
     relative error from 2.3e-5 to 8e-6 (``tests/test_readout_float64.py``).
     """
     rows, n, _ = normed.shape
-    tiles = _Tiles(normed, unembedding, vocab_chunk, "final_top1" in want, scratch)
+    tiles = _Tiles(normed, unembedding, vocab_chunk, "final_top1" in want, scratch, threads[0])
     device = normed.device
     columns = [target_ids.long()]
     final_top1 = None
@@ -498,7 +508,9 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch):
     top_vals = torch.full((rows * n, k), float("-inf"), device=device)
     top_ids = torch.zeros(rows * n, k, dtype=torch.long, device=device)
 
+    reduce = threads[1]
     for v0, tile in tiles:
+        reduce.begin()
         group = _group_size(tile.shape[-1])
         group_max = tile.view(rows * n, -1, group).amax(-1) if group else None  # [vectors, groups]
         tile_max = tile.amax(-1) if group is None else group_max.amax(-1).view(rows, n)
@@ -515,6 +527,7 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch):
             dot = torch.mul(p[a], tile[b], out=scratch.view("product", *shape))
             sums[name].add(kept[a], weight[a] * dot.sum(-1))
         m = m_new
+        reduce.end(tile.numel())
 
     s = s.value()
     sums = {name: total.value() for name, total in sums.items()}
@@ -550,6 +563,66 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch):
     if "targets" in want:
         out.update(target_logprobs=logprobs[..., first:], target_ranks=ranks[..., first:])
     return out
+
+
+class _ThreadChoice:
+    """How many threads a kind of per-tile work (the matmul, or the few dozen elementwise reductions after
+    it) runs with on a CPU: the caller's ``torch.get_num_threads()`` or one, whichever this call measures
+    faster per element.
+
+    Every pass ends in an OpenMP barrier. When every thread has a core that is cheap; when another process
+    keeps one of two cores busy, each barrier waits for a descheduled thread: on SmolLM2 at 256 tokens, with
+    another process on one of two cores, a tile's reductions took 75-115 ms with two threads against 16 ms with
+    one, and the lens 1.4x the floor where one thread gave 0.7x; the matmul, one large kernel, suffered less
+    (5.3 s against 4.7 s). Both settings are tried on the first tiles and the faster is used from then on (a
+    moving average of seconds per element); the other is tried again after ``RETRY`` tiles, then after twice
+    as many each time it is still slower, so that a change in load is noticed at little cost. Every reduction
+    and the matmul give bitwise the same result with any number of threads (``tests/test_readout.py`` holds
+    it), so the choice changes speed, never a number. A GPU, or a caller with one thread, is left alone."""
+
+    RETRY = 8
+
+    def __init__(self, device):
+        self.many = torch.get_num_threads() if device.type == "cpu" else 1
+        self.cost = {}
+        self.tiles, self.interval, self.next_retry = 0, self.RETRY, self.RETRY
+        self.current, self.retrying, self.start = None, False, 0.0
+
+    def begin(self):
+        if self.many == 1:
+            return
+        options = (self.many, 1)
+        untried = [t for t in options if t not in self.cost]
+        self.tiles += 1
+        self.retrying = not untried and self.tiles >= self.next_retry
+        if untried:
+            choice = untried[0]
+        else:
+            best = min(options, key=lambda t: self.cost[t])
+            choice = (options[1] if best == options[0] else options[0]) if self.retrying else best
+        self.current = choice
+        torch.set_num_threads(choice)
+        self.start = time.perf_counter()
+
+    def end(self, elements):
+        if self.current is None:
+            return
+        per_element = (time.perf_counter() - self.start) / max(elements, 1)
+        torch.set_num_threads(self.many)  # whatever runs next runs with the caller's threads
+        old = self.cost.get(self.current)
+        if self.retrying:  # what this setting costs under the load of now, not of the first tiles
+            self.cost[self.current] = per_element
+            other = self.cost[self.many if self.current == 1 else 1]
+            self.interval = self.interval * 2 if per_element > other else self.RETRY
+            self.next_retry = self.tiles + self.interval
+        else:
+            self.cost[self.current] = per_element if old is None else 0.5 * (old + per_element)
+        self.current = None
+
+    def restore(self):
+        if self.current is not None:
+            torch.set_num_threads(self.many)
+            self.current = None
 
 
 class _RunningSum:

@@ -4,11 +4,13 @@
 package on a TransformerLens cache and in an nnsight trace, TransformerLens's own tool), once per
 configuration: the instruction sets this machine's CPU has, and those of the other CPUs of the kind emulated
 (``ATEN_CPU_CAPABILITY=avx2`` with ``MKL_ENABLE_INSTRUCTIONS=AVX2`` and ``ONEDNN_MAX_CPU_ISA=AVX2``: an AVX2-only
-EPYC; ``ATEN_CPU_CAPABILITY=default``: no vector extensions in ATen's own kernels), each with 1 and 2 threads.
-Every figure is a median of fresh processes, alternating; each line names the CPU, the threads and the load
-average the measurements saw, since on a shared machine that decides the ratios as much as the code does.
+EPYC; ``ATEN_CPU_CAPABILITY=default``: no vector extensions in ATen's own kernels), with 1 and 2 threads, and
+with 2 threads while another process keeps one core busy (``busy``: a spinning Python process started for the
+cell and stopped after it, the shared machine the issue measured on, made reproducible). Every figure is a
+median of fresh processes, alternating; each line names the CPU, the threads and the load average the
+measurements saw, since on a shared machine that decides the ratios as much as the code does.
 
-    python benchmarks/bench_cpu_robustness.py [--rounds 3] [--tokens 256] > benchmarks/results_<date>_cpu_robustness.log
+    python benchmarks/bench_cpu_robustness.py [--rounds 3] [--tokens 256] [--cells native:1 native:2 native:2:busy ...]
 """
 
 import argparse
@@ -31,29 +33,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--cells", nargs="+", default=[f"{c}:{t}" for c in ("native", "avx2") for t in
+                                                         ("1", "2", "2:busy")],
+                        help="instruction sets (native, avx2, default) : threads [: busy]")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     from bench_logit_lens import cpu_model
 
     print(f"# {cpu_model()}; {args.tokens} tokens; medians of {args.rounds} fresh-process rounds per figure")
-    print("| instruction sets | threads | floor: first call | lens_plugins, TL cache (x floor) | lens_plugins, "
-          "nnsight (x floor) | TransformerLens tool (x floor) | load average |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for config in args.configs:
-        for threads in args.threads:
-            env = {k: v for k, v in os.environ.items() if k not in CONFIGS["avx2"]}
-            env.update(CONFIGS[config], OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print("| instruction sets | threads | another process on a core | floor: first call | lens_plugins, TL cache "
+          "(x floor) | lens_plugins, nnsight (x floor) | TransformerLens tool (x floor) | load average |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+    for cell in args.cells:
+        config, threads, *busy = cell.split(":")
+        env = {k: v for k, v in os.environ.items() if k not in CONFIGS["avx2"]}
+        env.update(CONFIGS[config], OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
             out = subprocess.run([sys.executable, str(HERE / "bench_logit_lens.py"), "--tokens", str(args.tokens),
                                   "--rounds", str(args.rounds), "--no-steady", "--approaches", *APPROACHES],
                                  env=env, capture_output=True, text=True, check=True)
-            med = json.loads(out.stdout.strip().splitlines()[-1])[str(args.tokens)]
-            floor = med["floor"]["first"]
-            loads = [load for m in med.values() for load in m["loads"]]
-            ratios = [f"{med[a]['first'] / floor:.2f}x" for a in APPROACHES[1:]]
-            print(f"| {config} | {threads} | {floor:.2f} s | " + " | ".join(ratios) +
-                  f" | {min(loads):.1f}-{max(loads):.1f} |", flush=True)
+        finally:
+            if spinner is not None:
+                spinner.kill()
+                spinner.wait()
+        med = json.loads(out.stdout.strip().splitlines()[-1])[str(args.tokens)]
+        floor = med["floor"]["first"]
+        loads = [load for m in med.values() for load in m["loads"]]
+        ratios = [f"{med[a]['first'] / floor:.2f}x" for a in APPROACHES[1:]]
+        print(f"| {config} | {threads} | {'yes' if busy else 'no'} | {floor:.2f} s | " + " | ".join(ratios) +
+              f" | {min(loads):.1f}-{max(loads):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

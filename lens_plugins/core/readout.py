@@ -230,7 +230,8 @@ def lens_statistics(
     unembedding = Unembedding(W_U, b_U, decoder.softcap, precision)
     blocks = []
     previous_tf32 = _allow_tf32(precision == "tf32")
-    threads = (_ThreadChoice(device), _ThreadChoice(device))  # the matmuls', the reductions': see the class
+    # the tiles' matmuls, the final row's (a thirtieth of the work, in smaller matmuls), the reductions: see the class
+    threads = tuple(_ThreadChoice(device) for _ in range(3))
     try:
         scratch = _Scratch(device)  # every buffer is allocated next to W_U, once for all blocks
         for n0 in range(0, tokens, token_chunk):
@@ -390,7 +391,8 @@ class _Tiles:
 
     def __init__(self, normed, unembedding, vocab_chunk, final_first, scratch, threads):
         self.rows, self.n, d = normed.shape
-        self.scratch, self.threads = scratch, threads
+        self.scratch = scratch
+        self.threads, final_threads = threads  # ``_ThreadChoice``s: the tiles' matmuls, the final row's smaller ones
         self.unembedding, self.vocab_chunk, self.vocab = unembedding, vocab_chunk, unembedding.W_U.shape[1]
         self.width = min(vocab_chunk, self.vocab)
         self.all = unembedding.operand(normed[:-1].reshape(-1, d) if final_first else normed.reshape(-1, d))
@@ -398,14 +400,11 @@ class _Tiles:
         if final_first:
             self.final = scratch.flat("final", self.n * self.vocab)
             final = unembedding.operand(normed[-1])
-            for v0, w, chunk in self.chunks():  # a thirtieth of the work, in smaller matmuls: not timed
-                unembedding.logits(final, chunk, self._final_chunk(v0, w))
-
-    def _logits(self, a, chunk, out):
-        """One matmul, with as many threads as ``threads`` (a ``_ThreadChoice``) finds fastest now."""
-        self.threads.begin()
-        self.unembedding.logits(a, chunk, out)
-        self.threads.end(out.numel())
+            for v0, w, chunk in self.chunks():
+                out = self._final_chunk(v0, w)
+                final_threads.begin()
+                unembedding.logits(final, chunk, out)
+                final_threads.end(out.numel())
 
     def _final_chunk(self, v0, w):
         """The kept final-row logits of columns ``v0 : v0 + w``, contiguous ``[n, w]``."""
@@ -420,11 +419,13 @@ class _Tiles:
         """``(v0, tile)`` for every vocabulary chunk; ``tile`` is a view of one reused buffer."""
         for v0, w, chunk in self.chunks():
             tile = self.scratch.view("tile", self.rows, self.n, w)
+            self.threads.begin()  # the tile's matmul and the copy of its final row, with the faster thread count
             if self.final is None:
-                self._logits(self.all, chunk, tile.view(-1, w))
+                self.unembedding.logits(self.all, chunk, tile.view(-1, w))
             else:
-                self._logits(self.all, chunk, tile[:-1].view(-1, w))
+                self.unembedding.logits(self.all, chunk, tile[:-1].view(-1, w))
                 tile[-1].copy_(self._final_chunk(v0, w))
+            self.threads.end(tile.numel())
             yield v0, tile
 
     def final_argmax(self):
@@ -474,22 +475,22 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch, 
     wanted (every row's count needs its threshold from the start), and before the second pass that
     Jensen-Shannon and total variation need.
 
-    Each tile goes through one fused softmax (row by row, while the row is in cache), which gives the tile's
-    own distribution ``p``; its normaliser is ``1 / max p`` (the max's own term is ``exp(0) = 1``). The
-    running sums are kept relative to a running max, as an online softmax does: a tile enters them weighted
-    by its normaliser times ``exp(tile max - running max)``, so each expectation is one dot product of ``p``
-    with a row of logits per tile. The reference rows (final, input) are rows of the same tiles, so a row
+    Each tile gives ``p``, its own distribution up to a factor: ``exp(l - tile max)``, or where the fused softmax
+    kernel is faster (``_fused_softmax_faster``) the softmax, whose normaliser is ``1 / max p`` (the max's own
+    term is ``exp(0) = 1``). The running sums are kept relative to a running max, as an online softmax does: a
+    tile enters them weighted by that factor times ``exp(tile max - running max)``, so each expectation is one
+    dot product of ``p`` with a row of logits per tile. The reference rows (final, input) are rows of the same tiles, so a row
     compared with itself gives divergences of exactly zero.
 
     Accuracy: an expectation ``E_p[l]`` is near the log-partition (25 to 180 nats on SmolLM2) while the entropy
     and KLs are differences of such sums, so each relative error in a sum is multiplied by ``|lse|`` in the
-    result. Hence the normaliser ``s`` sums the ``p`` as softmax rounded them (``sum p`` is 1 only to ~6e-7), and
+    result. Hence the normaliser ``s`` sums the ``p`` as rounded (a softmax's ``sum p`` is 1 only to ~6e-7), and
     every sum across tiles is compensated (``_RunningSum``): on SmolLM2 the readout's own entropy error fell
     from 6.9e-5 to 2.4e-5 nats (the latter where ``lse`` is 158, 1.5 float32 ulps) and KL(final || row)'s
     relative error from 2.3e-5 to 8e-6 (``tests/test_readout_float64.py``).
     """
     rows, n, _ = normed.shape
-    tiles = _Tiles(normed, unembedding, vocab_chunk, "final_top1" in want, scratch, threads[0])
+    tiles = _Tiles(normed, unembedding, vocab_chunk, "final_top1" in want, scratch, threads[:2])
     device = normed.device
     columns = [target_ids.long()]
     final_top1 = None
@@ -508,7 +509,8 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch, 
     top_vals = torch.full((rows * n, k), float("-inf"), device=device)
     top_ids = torch.zeros(rows * n, k, dtype=torch.long, device=device)
 
-    reduce = threads[1]
+    reduce = threads[2]
+    fused_softmax = _fused_softmax_faster(device)
     for v0, tile in tiles:
         reduce.begin()
         group = _group_size(tile.shape[-1])
@@ -517,11 +519,15 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch, 
         _count_above(tile, tile_max, thresholds, own_columns.get(v0), counts, scratch.view("product", *tile.shape))
         if "top_k" in want:
             _merge_top_k(tile.view(rows * n, -1), tile_max.view(-1), group_max, v0, top_vals, top_ids)
-        p = torch.softmax(tile, -1, out=scratch.view("p", *tile.shape))
         m_new = torch.maximum(m, tile_max)
         kept = torch.exp(m - m_new)  # rescales what was summed so far to the new max
-        weight = torch.exp(tile_max - m_new) / _peak(p, group_max)  # softmax's own normaliser, relative to m_new
-        s.add(kept, weight * p.sum(-1))  # the p as rounded: their sum, not 1, is what the dot products weigh
+        weight = torch.exp(tile_max - m_new)  # the tile's max relative to m_new
+        if fused_softmax:
+            p = torch.softmax(tile, -1, out=scratch.view("p", *tile.shape))
+            weight = weight / p.amax(-1)  # softmax's normaliser 1 / max p
+        else:  # p = exp(l - tile max): its max is exactly 1, no normaliser to recover
+            p = torch.sub(tile, tile_max.unsqueeze(-1), out=scratch.view("p", *tile.shape)).exp_()
+        s.add(kept, weight * p.sum(-1))  # the p as rounded: their sum is what the dot products weigh
         for name, (a, b) in terms.items():
             shape = torch.broadcast_shapes(p[a].shape, tile[b].shape)
             dot = torch.mul(p[a], tile[b], out=scratch.view("product", *shape))
@@ -565,10 +571,20 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch, 
     return out
 
 
+def _fused_softmax_faster(device):
+    """Whether a tile's ``p`` comes from ``torch.softmax`` rather than ``exp(l - tile max)``. ATen's CPU softmax
+    has its own faster exponential only where it is built for AVX-512; elsewhere the separate subtraction and
+    ``exp`` are faster: per SmolLM2 tile (31 x 128 x 512) on one thread, 1.3 ms against 2.1 ms with AVX-512,
+    2.8 ms against 2.0 ms with AVX2 only and 11.3 ms against 2.2 ms without vector extensions
+    (``ATEN_CPU_CAPABILITY``, as ``benchmarks/bench_cpu_robustness.py`` emulates the other CPUs). On a GPU the
+    fused kernel is one pass instead of two."""
+    return device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 class _ThreadChoice:
-    """How many threads a kind of per-tile work (the matmul, or the few dozen elementwise reductions after
-    it) runs with on a CPU: the caller's ``torch.get_num_threads()`` or one, whichever this call measures
-    faster per element.
+    """How many threads a kind of per-tile work (the tile's matmul, the final row's smaller matmuls, or the
+    few dozen elementwise reductions after the matmul) runs with on a CPU: the caller's
+    ``torch.get_num_threads()`` or one, whichever this call measures faster per element.
 
     Every pass ends in an OpenMP barrier. When every thread has a core that is cheap; when another process
     keeps one of two cores busy, each barrier waits for a descheduled thread: on SmolLM2 at 256 tokens, with
@@ -646,17 +662,6 @@ class _RunningSum:
 
     def value(self):
         return self.total + self.error
-
-
-def _peak(p, group_max):
-    """``max p`` over each vector of a softmax tile ``p [rows, n, width]``: ``1 / Z'``, the reciprocal of the
-    normaliser softmax divided by (the max's own term is ``exp(0) = 1``). With ``group_max [vectors, groups]``
-    only the group holding the tile's max logit is read, a sixteenth of the tile or less."""
-    if group_max is None:
-        return p.amax(-1)
-    vectors, groups = group_max.shape
-    best = group_max.argmax(-1)
-    return p.view(vectors, groups, -1)[torch.arange(vectors, device=p.device), best].amax(-1).view(p.shape[:-1])
 
 
 def _divergence_pass(tiles, lse, want):

@@ -74,11 +74,15 @@ def check_against_reference(out, ref, atol=2e-5):
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
 @pytest.mark.parametrize("softcap", [None, 7.0])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch_matmul"])
-def test_streamed_statistics_equal_full_vocabulary_closed_forms(norm, softcap, onednn, monkeypatch):
-    """Through either matmul a CPU may use: oneDNN (the default on x86) and ``torch.matmul`` (elsewhere)."""
+@pytest.mark.parametrize("fused", [True, False], ids=["softmax", "exp"])
+def test_streamed_statistics_equal_full_vocabulary_closed_forms(norm, softcap, onednn, fused, monkeypatch):
+    """Through either matmul a CPU may use: oneDNN (the default on x86) and ``torch.matmul`` (elsewhere), and
+    either way of computing a tile's probabilities: the softmax (AVX-512 CPUs, GPUs) and ``exp(l - tile max)``
+    (other CPUs, ``readout._fused_softmax_faster``), whichever this machine would pick."""
     if onednn and not readout.onednn_matmul(torch.device("cpu")):
         pytest.skip("no oneDNN matmul on this machine")
     monkeypatch.setattr(readout, "onednn_matmul", lambda device: onednn)
+    monkeypatch.setattr(readout, "_fused_softmax_faster", lambda device: fused)
     resid, decoder, targets = random_case(norm=norm, softcap=softcap)
     assert readout.Unembedding(decoder.W_U, None, None, "float32").onednn == onednn
     out = decoder.statistics(resid, targets, top_k=4, vocab_chunk=64, token_chunk=4)
@@ -97,7 +101,9 @@ def test_result_does_not_depend_on_chunk_sizes(vocab_chunk, token_chunk):
             assert torch.equal(chunked[name], value), name
 
 
-def test_final_row_against_itself_is_exactly_zero_and_rank_one():
+@pytest.mark.parametrize("fused", [True, False], ids=["softmax", "exp"])
+def test_final_row_against_itself_is_exactly_zero_and_rank_one(fused, monkeypatch):
+    monkeypatch.setattr(readout, "_fused_softmax_faster", lambda device: fused)
     resid, decoder, targets = random_case(seed=5)
     out = decoder.statistics(resid, targets, top_k=3, vocab_chunk=37, token_chunk=4)
     assert torch.equal(out["kl_final_row"][-1], torch.zeros(resid.shape[1]))

@@ -56,9 +56,13 @@ def readout_errors(resid, decoder, **chunks):
     return kl_relative, entropy
 
 
-def test_sums_over_many_tiles_keep_float32_accuracy():
+@pytest.mark.parametrize("fused", [True, False], ids=["softmax", "exp"])
+def test_sums_over_many_tiles_keep_float32_accuracy(fused, monkeypatch):
     """128 tiles of 256 columns, logits near 40 with a spread of ~10 nats (a late layer's scale): the
-    accumulated expectations lose no more than float32 rounding of the result."""
+    accumulated expectations lose no more than float32 rounding of the result, with the tiles' probabilities
+    from the softmax or from ``exp(l - tile max)`` (``readout._fused_softmax_faster``: which one depends on the
+    CPU)."""
+    monkeypatch.setattr(readout, "_fused_softmax_faster", lambda device: fused)
     g = torch.Generator().manual_seed(0)
     d, vocab = 64, 32768
     W_U = torch.randn(d, vocab, generator=g) * 0.6

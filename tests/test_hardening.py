@@ -464,6 +464,41 @@ def test_training_mode_is_switched_off_for_the_call_with_a_warning(backend, smol
     assert torch.equal(bits(trained.entropy), bits(evaluated.entropy))
 
 
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_the_first_use_probe_runs_in_eval_mode_and_leaves_every_modules_flag_as_it_was(backend, smollm2_tokenizer,
+                                                                                      monkeypatch):
+    """The verification probe is the model's prediction (no dropout); afterwards each submodule has its own
+    flag back, a mixed state included, and a model in eval mode throughout is never put through ``train()``."""
+    from lens_plugins.backends.transformer_lens import verification as tl_verification
+    from lens_plugins.core import verification as core_verification
+
+    if backend == "transformer_lens":
+        model = tiny_bridge("gpt2", smollm2_tokenizer)
+        checks, first_use = tl_verification, tl_verification.decoder_for
+    else:
+        model = tiny_model("gpt2")
+        checks, first_use = core_verification, core_verification.resolve
+    modules = list(model.modules())
+    dropout = next(m for m in modules if isinstance(m, torch.nn.Dropout))
+    dropout.train()  # a model in eval mode with one submodule left training
+    before = [m.training for m in modules]
+    assert any(before) and not model.training
+    seen = []  # every module's flag whenever the (wrapped) Hugging Face model's forward runs: the probe's
+    getattr(model, "original_model", model).register_forward_pre_hook(lambda module, args: seen.append([m.training for m in modules]))
+    monkeypatch.setattr(checks, "VERDICTS", {})
+    first_use(model)
+    assert seen and not any(seen[-1])  # every module in eval mode during the probe
+    assert [m.training for m in modules] == before
+
+    dropout.eval()
+    calls = []
+    monkeypatch.setattr(model, "train", lambda mode=True: calls.append(mode) or model)
+    training = core_verification.eval_for_probe(model)
+    core_verification.restore_modes(model, training)
+    assert training == set() and calls == []
+
+
 ONE_CALL_VERBS = {
     "logit_lens": lambda m: lpn.run_logit_lens(m, "in it is the"),
     "logit_diff": lambda m: lpn.run_logit_diff(m, "in it is the", " the", " it"),

@@ -528,9 +528,9 @@ def _lens_block(normed, unembedding, k, target_ids, vocab_chunk, want, scratch, 
         else:  # p = exp(l - tile max): its max is exactly 1, no normaliser to recover
             p = torch.sub(tile, tile_max.unsqueeze(-1), out=scratch.view("p", *tile.shape)).exp_()
         s.add(kept, weight * p.sum(-1))  # the p as rounded: their sum is what the dot products weigh
-        for name, (a, b) in terms.items():
-            shape = torch.broadcast_shapes(p[a].shape, tile[b].shape)
-            dot = torch.mul(p[a], tile[b], out=scratch.view("product", *shape))
+        for name, (a, b) in terms.items():  # one side may be a single row (broadcast); the shape by hand:
+            pa, lb = p[a], tile[b]            # ``torch.broadcast_shapes`` is Python, 12-30 us a call
+            dot = torch.mul(pa, lb, out=scratch.view("product", max(len(pa), len(lb)), n, tile.shape[-1]))
             sums[name].add(kept[a], weight[a] * dot.sum(-1))
         m = m_new
         reduce.end(tile.numel())

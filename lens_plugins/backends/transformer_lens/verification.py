@@ -61,12 +61,11 @@ def require_heads(model, split) -> None:
     verdict = verdict_of(model)
     with model_lock(model), _LOCK:
         if "heads" not in verdict:
-            was = model.training
-            model.eval()
+            training = core_verification.eval_for_probe(model)
             try:
                 verdict["heads"] = heads_problem(model, split)
             finally:
-                model.train(was)
+                core_verification.restore_modes(model, training)
     dla.check_supported({"heads_refused": verdict["heads"], "o_proj": True,
                          "sublayers_refused": verdict["sublayers"]})
 
@@ -80,12 +79,11 @@ def verdict_of(model) -> dict:
         return VERDICTS[key]
     with model_lock(model), _LOCK:
         if key not in VERDICTS:
-            was = model.training  # the probe is the model's prediction: no dropout, whatever mode it is in
-            model.eval()
+            training = core_verification.eval_for_probe(model)
             try:
                 VERDICTS[key] = verify(model)
             finally:
-                model.train(was)
+                core_verification.restore_modes(model, training)
         return VERDICTS[key]
 
 

@@ -79,7 +79,7 @@ def test_streamed_statistics_equal_full_vocabulary_closed_forms(norm, softcap, o
     """Through either matmul a CPU may use: oneDNN (the default on x86) and ``torch.matmul`` (elsewhere), and
     either way of computing a tile's probabilities: the softmax (AVX-512 CPUs, GPUs) and ``exp(l - tile max)``
     (other CPUs, ``readout._fused_softmax_faster``), whichever this machine would pick."""
-    if onednn and not readout.onednn_matmul(torch.device("cpu")):
+    if onednn and not readout._onednn_available(torch.device("cpu")):
         pytest.skip("no oneDNN matmul on this machine")
     monkeypatch.setattr(readout, "onednn_matmul", lambda device: onednn)
     monkeypatch.setattr(readout, "_fused_softmax_faster", lambda device: fused)
@@ -198,18 +198,23 @@ def test_default_tiles_stack_rows_and_tokens_and_give_the_chunked_result():
             assert torch.equal(auto[name], value), name
 
 
-def test_exact_float32_tiles_go_through_onednn_on_an_x86_cpu():
-    """The CPU speed the README reports is oneDNN's: a torch that renamed or dropped the op would silently fall
-    back to MKL (tiles up to 1.2x slower on AVX-512), so x86 machines assert the choice. Only exact float32 takes
-    it, on a CPU; a ``[d_model, vocab]`` W_U's chunks are handed over as contiguous rows (a strided view of
-    them runs three orders of magnitude slower)."""
+def test_exact_float32_tiles_go_through_onednn_on_an_x86_cpu_with_avx512(monkeypatch):
+    """The CPU speed the README reports on AVX-512 machines is oneDNN's: a torch that renamed or dropped the op
+    would silently fall back to MKL (tiles up to 1.2x slower there), so x86 machines assert the op exists and
+    the choice follows ATen's instruction sets (MKL where only AVX2 is used: 1.07x faster on one thread of an
+    AVX2-only EPYC). Only exact float32 takes oneDNN, on a CPU; a ``[d_model, vocab]`` W_U's chunks are handed
+    over as contiguous rows (a strided view of them runs three orders of magnitude slower)."""
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
-        assert readout.onednn_matmul(torch.device("cpu"))
+        assert readout._onednn_available(torch.device("cpu"))
+        avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        assert readout.onednn_matmul(torch.device("cpu")) == avx512
     assert not readout.onednn_matmul(torch.device("meta"))
     W_U = torch.randn(16, 100)  # contiguous [d_model, vocab], as TransformerLens's HookedTransformer holds it
     assert not readout.Unembedding(W_U, None, None, "bf16x3").onednn
-    unembedding = readout.Unembedding(W_U, None, None, "float32")
-    if unembedding.onednn:
+    if readout._onednn_available(torch.device("cpu")):
+        monkeypatch.setattr(readout, "onednn_matmul", lambda device: True)  # the layout, whichever CPU this is
+        unembedding = readout.Unembedding(W_U, None, None, "float32")
+        assert unembedding.onednn
         rows, _, _ = unembedding.chunk(10, 42)
         assert rows.is_contiguous() and torch.equal(rows, W_U[:, 10:42].T)
 
@@ -295,5 +300,65 @@ def test_the_thread_policy_changes_no_number_and_restores_the_threads(monkeypatc
         with pytest.raises(ZeroDivisionError):
             readout.lens_statistics(resid, decoder, 5, targets, vocab_chunk=256)
         assert torch.get_num_threads() == 2  # put back although the tile failed with one thread set
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_token_blocks_on_two_workers_give_every_number_of_one_thread_and_restore_the_threads(monkeypatch):
+    """With two threads and several token blocks, blocks run two at a time, each in its own Python thread on
+    one OpenMP thread (``_map_blocks``). Every reduction is bitwise what one thread gives, both workers really
+    computed blocks, the grad mode reaches the workers, and the caller's thread count is back after the call
+    and after an error raised in a worker (which reaches the caller). Under a torch mode (per thread, so a
+    worker would miss it) every block runs in the caller's thread."""
+    import threading
+
+    resid, decoder, targets = random_case(rows=5, tokens=40, d=32, vocab=3000, seed=5)
+    every = list(readout.REDUCTIONS)
+    before = torch.get_num_threads()
+    original = readout._lens_block
+    seen = []
+
+    def spy(*args):
+        seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled()))
+        return original(*args)
+
+    monkeypatch.setattr(readout, "_lens_block", spy)
+    try:
+        torch.set_num_threads(1)
+        alone = readout.lens_statistics(resid, decoder, 5, targets, vocab_chunk=256, token_chunk=6, reductions=every)
+        assert len(seen) == 7 and len({ident for ident, *_ in seen}) == 1
+        torch.set_num_threads(2)
+        seen.clear()
+        with torch.no_grad():
+            shared = readout.lens_statistics(resid, decoder, 5, targets, vocab_chunk=256, token_chunk=6,
+                                             reductions=every)
+        assert torch.get_num_threads() == 2
+        assert len(seen) == 7 and len({ident for ident, *_ in seen}) == 2  # both workers decoded blocks
+        assert {(threads, grad) for _, threads, grad in seen} == {(1, False)}
+        for name in alone:
+            assert torch.equal(alone[name].nan_to_num(), shared[name].nan_to_num()), name
+
+        calls = []
+
+        def fails_on_the_third(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise ZeroDivisionError("block 3")
+            return original(*args)
+
+        monkeypatch.setattr(readout, "_lens_block", fails_on_the_third)
+        with pytest.raises(ZeroDivisionError, match="block 3"):
+            readout.lens_statistics(resid, decoder, 5, targets, vocab_chunk=256, token_chunk=6)
+        assert torch.get_num_threads() == 2
+
+        class Mode(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        monkeypatch.setattr(readout, "_lens_block", spy)
+        seen.clear()
+        with Mode():
+            readout.lens_statistics(resid, decoder, 5, targets, vocab_chunk=256, token_chunk=6)
+        assert {ident for ident, *_ in seen} == {threading.get_ident()}
     finally:
         torch.set_num_threads(before)

@@ -58,6 +58,10 @@ PRECISIONS = ("float32", "tf32", "bf16x3")
 # kept over the whole vocabulary (``_Tiles``): at most ``*_KEPT_LOGITS`` floats.
 CPU_TILE_VECTORS, CPU_TILE_ELEMENTS, CPU_MAX_VOCAB_CHUNK, CPU_KEPT_LOGITS = 4096, 2**21, 1024, 2**23
 GPU_TILE_ELEMENTS, GPU_VOCAB_CHUNK, GPU_KEPT_LOGITS = 2**27, 16384, 2**27
+# Token blocks decoded at once on a CPU with several threads (``_map_blocks``). Two: each holds its own buffers
+# (three tiles and its final-row logits, about 60 MB), and two blocks' tiles already fill a 32 MB cache; more,
+# on a machine with more cores, would need a measurement this project's two-core machines cannot make.
+CPU_BLOCK_WORKERS = 2
 MAX_VOCAB_CHUNK = 2**24  # a tile's rank counts are float32 sums of ones: exact up to here
 
 
@@ -228,22 +232,84 @@ def lens_statistics(
     if b_U is not None and not bool(b_U.any()):
         b_U = None  # TransformerLens gives every model a b_U, mostly zeros: adding them is a pass per tile for nothing
     unembedding = Unembedding(W_U, b_U, decoder.softcap, precision)
-    blocks = []
+    k = min(top_k, W_U.shape[1])
+
+    def block(n0, scratch, threads):
+        n1 = min(n0 + token_chunk, tokens)
+        normed = decoder.normalize(resid[:, n0:n1])
+        return _lens_block(normed, unembedding, k, target_ids[n0:n1], vocab_chunk, want, scratch, threads)
+
     previous_tf32 = _allow_tf32(precision == "tf32")
-    # the tiles' matmuls, the final row's (a thirtieth of the work, in smaller matmuls), the reductions: see the class
-    threads = tuple(_ThreadChoice(device) for _ in range(3))
     try:
-        scratch = _Scratch(device)  # every buffer is allocated next to W_U, once for all blocks
-        for n0 in range(0, tokens, token_chunk):
-            n1 = min(n0 + token_chunk, tokens)
-            normed = decoder.normalize(resid[:, n0:n1])
-            blocks.append(_lens_block(normed, unembedding, min(top_k, W_U.shape[1]), target_ids[n0:n1],
-                                      vocab_chunk, want, scratch, threads))
+        blocks = _map_blocks(block, list(range(0, tokens, token_chunk)), device)
     finally:
         _allow_tf32(previous_tf32)
-        for choice in threads:  # an error mid-tile must not leave the process at one thread
-            choice.restore()
     return {name: torch.cat([b[name] for b in blocks], dim=0 if name == "final_top1" else 1) for name in blocks[0]}
+
+
+def _map_blocks(block, starts, device):
+    """``[block(n0, scratch, threads) for n0 in starts]``: on a CPU with several threads and several token
+    blocks, up to ``CPU_BLOCK_WORKERS`` blocks at a time, each in its own Python thread with its own buffers
+    and an equal share of the caller's threads (one each, with two); otherwise one block after another with
+    all of them.
+
+    Why: a tile is a few dozen passes and each multi-threaded pass ends in an OpenMP barrier. When another
+    process keeps one of two cores busy, every barrier waits for a descheduled thread; two blocks each on one
+    thread share no barrier, so each runs whenever the scheduler gives it a core (SmolLM2, 256 tokens, AVX2, a
+    spinning process on one of two cores: ... s against ... s with the per-tile thread choice alone). A block's
+    numbers do not depend on which thread computes it, nor on how many threads its passes use
+    (``tests/test_readout.py``), so this changes speed, never a number. Blocks are handed out in order from a
+    shared counter (no worker idles while another holds two), and each result lands in its own slot.
+    Not on a GPU (one stream; the tiles are already large), and not while a torch mode (a fake-tensor or tracing
+    mode) is active: modes are per thread, and a worker would not see it."""
+    many = torch.get_num_threads() if device.type == "cpu" else 1
+    workers = min(len(starts), many, CPU_BLOCK_WORKERS)
+    if workers > 1 and (torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+                        or torch.overrides._get_current_function_mode_stack()):
+        workers = 1
+    results = [None] * len(starts)
+    if workers == 1:
+        # the tiles' matmuls, the final row's (a thirtieth of the work, in smaller matmuls), the reductions
+        threads = tuple(_ThreadChoice(device) for _ in range(3))
+        try:
+            scratch = _Scratch(device)  # every buffer is allocated next to W_U, once for all blocks
+            for i, n0 in enumerate(starts):
+                results[i] = block(n0, scratch, threads)
+        finally:
+            for choice in threads:  # an error mid-tile must not leave the process at one thread
+                choice.restore()
+        return results
+    import threading  # here, not at the top: only a CPU with several threads ever starts one
+
+    lock, errors, pending = threading.Lock(), [], iter(range(len(starts)))
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # both are per thread
+
+    def work():
+        scratch, threads = _Scratch(device), tuple(_ThreadChoice(device, adapt=False) for _ in range(3))
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                while not errors:
+                    with lock:
+                        i = next(pending, None)
+                    if i is None:
+                        return
+                    results[i] = block(starts[i], scratch, threads)
+        except BaseException as error:  # re-raised in the caller's thread, which the others stop for
+            errors.append(error)
+
+    torch.set_num_threads(many // workers)
+    try:
+        others = [threading.Thread(target=work, daemon=True) for _ in range(workers - 1)]
+        for thread in others:
+            thread.start()
+        work()  # the caller's thread is a worker too
+        for thread in others:
+            thread.join()
+    finally:
+        torch.set_num_threads(many)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def check_precision(precision, device):
@@ -290,10 +356,17 @@ def _bf16_matmul(a, b):
 
 def onednn_matmul(device):
     """Whether exact float32 tiles on ``device`` go through oneDNN's matmul rather than ``torch.matmul`` (MKL):
-    on an x86 CPU with a oneDNN build. For the lens's tiles of a ``W_U`` held as ``lm_head.weight`` rows, oneDNN
-    took 0.83x-0.94x of MKL's time on this project's AVX-512 machines (AMD EPYC; three runs on a shared host) and
-    the same time where only AVX2 is used (``benchmarks/bench_matmul.py``, which also checks both against
-    float64). Both accumulate in float32: the choice moves logits by float32 rounding only."""
+    on an x86 CPU with a oneDNN build whose ATen kernels use AVX-512. For the lens's tiles of a ``W_U`` held as
+    ``lm_head.weight`` rows, oneDNN took 0.83x-0.94x of MKL's time on this project's AVX-512 machines (AMD EPYC;
+    three runs on a shared host), but 1.07x-1.08x on one thread of an AVX2-only EPYC (0.98x on two), where the
+    readout's token blocks run one thread each (``_map_blocks``); emulating AVX2 on an AVX-512 machine had shown
+    them level (``benchmarks/bench_matmul.py``, which also checks both against float64). Both accumulate in
+    float32: the choice moves logits by float32 rounding only."""
+    return _onednn_available(device) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _onednn_available(device):
+    """Whether oneDNN's float32 matmul can be called for ``device`` at all (an x86 CPU, a oneDNN build)."""
     return (device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
@@ -594,12 +667,13 @@ class _ThreadChoice:
     moving average of seconds per element); the other is tried again after ``RETRY`` tiles, then after twice
     as many each time it is still slower, so that a change in load is noticed at little cost. Every reduction
     and the matmul give bitwise the same result with any number of threads (``tests/test_readout.py`` holds
-    it), so the choice changes speed, never a number. A GPU, or a caller with one thread, is left alone."""
+    it), so the choice changes speed, never a number. A GPU, a caller with one thread, or a worker of
+    ``_map_blocks`` (``adapt=False``: the workers share the process's thread count) is left alone."""
 
     RETRY = 8
 
-    def __init__(self, device):
-        self.many = torch.get_num_threads() if device.type == "cpu" else 1
+    def __init__(self, device, adapt=True):
+        self.many = torch.get_num_threads() if device.type == "cpu" and adapt else 1
         self.cost = {}
         self.tiles, self.interval, self.next_retry = 0, self.RETRY, self.RETRY
         self.current, self.retrying, self.start = None, False, 0.0

@@ -59,7 +59,7 @@ PRECISIONS = ("float32", "tf32", "bf16x3")
 CPU_TILE_VECTORS, CPU_TILE_ELEMENTS, CPU_MAX_VOCAB_CHUNK, CPU_KEPT_LOGITS = 4096, 2**21, 1024, 2**23
 GPU_TILE_ELEMENTS, GPU_VOCAB_CHUNK, GPU_KEPT_LOGITS = 2**27, 16384, 2**27
 # Token blocks decoded at once on a CPU with several threads (``_map_blocks``). Two: each holds its own buffers
-# (three tiles and its final-row logits, about 60 MB), and two blocks' tiles already fill a 32 MB cache; more,
+# (three tiles and its final-row logits, about 50 MB on SmolLM2), and two blocks' tiles already fill a 32 MB cache; more,
 # on a machine with more cores, would need a measurement this project's two-core machines cannot make.
 CPU_BLOCK_WORKERS = 2
 MAX_VOCAB_CHUNK = 2**24  # a tile's rank counts are float32 sums of ones: exact up to here
@@ -255,13 +255,15 @@ def _map_blocks(block, starts, device):
 
     Why: a tile is a few dozen passes and each multi-threaded pass ends in an OpenMP barrier. When another
     process keeps one of two cores busy, every barrier waits for a descheduled thread; two blocks each on one
-    thread share no barrier, so each runs whenever the scheduler gives it a core (SmolLM2, 256 tokens, AVX2, a
-    spinning process on one of two cores: ... s against ... s with the per-tile thread choice alone). A block's
-    numbers do not depend on which thread computes it, nor on how many threads its passes use
-    (``tests/test_readout.py``), so this changes speed, never a number. Blocks are handed out in order from a
-    shared counter (no worker idles while another holds two), and each result lands in its own slot.
-    Not on a GPU (one stream; the tiles are already large), and not while a torch mode (a fake-tensor or tracing
-    mode) is active: modes are per thread, and a worker would not see it."""
+    thread share no barrier, so each runs whenever the scheduler gives it a core. The readout alone on SmolLM2 at
+    256 tokens, an AVX2-only EPYC, two threads, one process, alternating: 6.50 s against 9.84 s with one block at
+    a time and the per-tile thread choice while a spinning process holds one of the two cores, 3.86 s against
+    3.93 s on a quiet machine, and 17.1 s against 18.9 s at 1,024 tokens (``bench_readout_old_new.py``; log
+    ``benchmarks/results_2026-12-03_block_workers.log``). A block's numbers do not depend on which thread
+    computes it, nor on how many threads its passes use (``tests/test_readout.py``), so this changes speed, never
+    a number. Blocks are handed out in order from a shared counter (no worker idles while another holds two), and
+    each result lands in its own slot. Not on a GPU (one stream; the tiles are already large), and not while a
+    torch mode (a fake-tensor or tracing mode) is active: modes are per thread, and a worker would not see it."""
     many = torch.get_num_threads() if device.type == "cpu" else 1
     workers = min(len(starts), many, CPU_BLOCK_WORKERS)
     if workers > 1 and (torch.utils._python_dispatch._get_current_dispatch_mode_stack()

@@ -17,8 +17,7 @@ SCRIPT = ROOT / "benchmarks" / "bench_matmul.py"
 SMALL = ["--vectors", "96", "--width", "64", "--d-model", "128", "--vocab", "1000", "--repeats", "1"]
 
 
-NO_ONEDNN = pytest.mark.skipif(not readout._onednn_available(torch.device("cpu")),
-                               reason="oneDNN's matmul exists on x86 CPUs only")
+NO_ONEDNN = pytest.mark.skipif(not readout.onednn_matmul(torch.device("cpu")), reason="oneDNN is used on x86 CPUs only")
 
 
 @pytest.mark.parametrize("library", ["mkl", pytest.param("onednn", marks=NO_ONEDNN)])

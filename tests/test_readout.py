@@ -79,7 +79,7 @@ def test_streamed_statistics_equal_full_vocabulary_closed_forms(norm, softcap, o
     """Through either matmul a CPU may use: oneDNN (the default on x86) and ``torch.matmul`` (elsewhere), and
     either way of computing a tile's probabilities: the softmax (AVX-512 CPUs, GPUs) and ``exp(l - tile max)``
     (other CPUs, ``readout._fused_softmax_faster``), whichever this machine would pick."""
-    if onednn and not readout._onednn_available(torch.device("cpu")):
+    if onednn and not readout.onednn_matmul(torch.device("cpu")):
         pytest.skip("no oneDNN matmul on this machine")
     monkeypatch.setattr(readout, "onednn_matmul", lambda device: onednn)
     monkeypatch.setattr(readout, "_fused_softmax_faster", lambda device: fused)
@@ -198,23 +198,18 @@ def test_default_tiles_stack_rows_and_tokens_and_give_the_chunked_result():
             assert torch.equal(auto[name], value), name
 
 
-def test_exact_float32_tiles_go_through_onednn_on_an_x86_cpu_with_avx512(monkeypatch):
-    """The CPU speed the README reports on AVX-512 machines is oneDNN's: a torch that renamed or dropped the op
-    would silently fall back to MKL (tiles up to 1.2x slower there), so x86 machines assert the op exists and
-    the choice follows ATen's instruction sets (MKL where only AVX2 is used: 1.07x faster on one thread of an
-    AVX2-only EPYC). Only exact float32 takes oneDNN, on a CPU; a ``[d_model, vocab]`` W_U's chunks are handed
-    over as contiguous rows (a strided view of them runs three orders of magnitude slower)."""
+def test_exact_float32_tiles_go_through_onednn_on_an_x86_cpu():
+    """The CPU speed the README reports is oneDNN's: a torch that renamed or dropped the op would silently fall
+    back to MKL (tiles up to 1.2x slower on AVX-512), so x86 machines assert the choice. Only exact float32 takes
+    it, on a CPU; a ``[d_model, vocab]`` W_U's chunks are handed over as contiguous rows (a strided view of
+    them runs three orders of magnitude slower)."""
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
-        assert readout._onednn_available(torch.device("cpu"))
-        avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-        assert readout.onednn_matmul(torch.device("cpu")) == avx512
+        assert readout.onednn_matmul(torch.device("cpu"))
     assert not readout.onednn_matmul(torch.device("meta"))
     W_U = torch.randn(16, 100)  # contiguous [d_model, vocab], as TransformerLens's HookedTransformer holds it
     assert not readout.Unembedding(W_U, None, None, "bf16x3").onednn
-    if readout._onednn_available(torch.device("cpu")):
-        monkeypatch.setattr(readout, "onednn_matmul", lambda device: True)  # the layout, whichever CPU this is
-        unembedding = readout.Unembedding(W_U, None, None, "float32")
-        assert unembedding.onednn
+    unembedding = readout.Unembedding(W_U, None, None, "float32")
+    if unembedding.onednn:
         rows, _, _ = unembedding.chunk(10, 42)
         assert rows.is_contiguous() and torch.equal(rows, W_U[:, 10:42].T)
 
@@ -262,6 +257,30 @@ def test_top_k_from_the_largest_groups_equals_the_full_top_k(vocab_chunk):
     resid, decoder, targets = random_case(rows=3, tokens=20, d=16, vocab=2000, seed=29)
     out = decoder.statistics(resid, targets, top_k=5, vocab_chunk=vocab_chunk, token_chunk=7)
     check_against_reference(out, full_reference(resid, decoder, 5, targets))
+
+
+@pytest.mark.parametrize("vectors", [1, 7, 14, 200, 3968])
+def test_the_tile_matmul_gives_the_same_bits_with_one_thread_and_two(vectors):
+    """The thread choice (``_ThreadChoice``) and the two-block workers (``_map_blocks``) are free to run a tile's
+    matmul on one thread or two only because its product is bitwise the same either way. That holds for
+    oneDNN (the x86 choice) but not for MKL: on an AVX2-only EPYC MKL's product of 7 rows differed in the last
+    bits between one thread and two, so the same call could give different floats from run to run. Few rows
+    are a short prompt's final row; 3,968 a 256-token block of SmolLM2 (``W_U`` held as ``lm_head.weight``)."""
+    g = torch.Generator().manual_seed(vectors)
+    W_U = torch.randn(4096, 576, generator=g).T  # [d_model, vocab], a view of [vocab, d_model] rows
+    unembedding = readout.Unembedding(W_U, None, None, "float32")
+    a = unembedding.operand(torch.randn(vectors, 576, generator=g))
+    before = torch.get_num_threads()
+    try:
+        products = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            products.append([unembedding.logits(a, unembedding.chunk(v0, v0 + 1024), torch.empty(vectors, 1024))
+                             for v0 in (0, 2048)])
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*products):
+        assert torch.equal(one, two)
 
 
 def test_the_thread_policy_changes_no_number_and_restores_the_threads(monkeypatch):

@@ -59,8 +59,8 @@ PRECISIONS = ("float32", "tf32", "bf16x3")
 CPU_TILE_VECTORS, CPU_TILE_ELEMENTS, CPU_MAX_VOCAB_CHUNK, CPU_KEPT_LOGITS = 4096, 2**21, 1024, 2**23
 GPU_TILE_ELEMENTS, GPU_VOCAB_CHUNK, GPU_KEPT_LOGITS = 2**27, 16384, 2**27
 # Token blocks decoded at once on a CPU with several threads (``_map_blocks``). Two: each holds its own buffers
-# (three tiles and its final-row logits, about 50 MB on SmolLM2), and two blocks' tiles already fill a 32 MB cache; more,
-# on a machine with more cores, would need a measurement this project's two-core machines cannot make.
+# (three tiles and its final-row logits, about 50 MB on SmolLM2), and two blocks' tiles already fill a 32 MB
+# cache; more, on a machine with more cores, would need a measurement this project's two-core machines cannot make.
 CPU_BLOCK_WORKERS = 2
 MAX_VOCAB_CHUNK = 2**24  # a tile's rank counts are float32 sums of ones: exact up to here
 
@@ -358,17 +358,14 @@ def _bf16_matmul(a, b):
 
 def onednn_matmul(device):
     """Whether exact float32 tiles on ``device`` go through oneDNN's matmul rather than ``torch.matmul`` (MKL):
-    on an x86 CPU with a oneDNN build whose ATen kernels use AVX-512. For the lens's tiles of a ``W_U`` held as
-    ``lm_head.weight`` rows, oneDNN took 0.83x-0.94x of MKL's time on this project's AVX-512 machines (AMD EPYC;
-    three runs on a shared host), but 1.07x-1.08x on one thread of an AVX2-only EPYC (0.98x on two), where the
-    readout's token blocks run one thread each (``_map_blocks``); emulating AVX2 on an AVX-512 machine had shown
-    them level (``benchmarks/bench_matmul.py``, which also checks both against float64). Both accumulate in
-    float32: the choice moves logits by float32 rounding only."""
-    return _onednn_available(device) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-def _onednn_available(device):
-    """Whether oneDNN's float32 matmul can be called for ``device`` at all (an x86 CPU, a oneDNN build)."""
+    on an x86 CPU with a oneDNN build. For the lens's tiles of a ``W_U`` held as ``lm_head.weight`` rows, oneDNN
+    took 0.83x-0.94x of MKL's time on this project's AVX-512 machines (AMD EPYC; three runs on a shared host).
+    On one thread of an AVX2-only EPYC MKL was the faster (oneDNN 1.07x-1.08x its time, 0.98x on two threads;
+    ``benchmarks/bench_matmul.py``, which also checks both against float64), but MKL's product of a few rows
+    (7 of them, as a short prompt's final row gives) differs in the last bits between one thread and two, where
+    oneDNN's does not: the readout picks its threads per tile by timing (``_ThreadChoice``) and per block
+    (``_map_blocks``), so with MKL the same call could return different floats from run to run. Both accumulate
+    in float32: the choice moves logits by float32 rounding only."""
     return (device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 

@@ -256,10 +256,10 @@ def _map_blocks(block, starts, device):
     Why: a tile is a few dozen passes and each multi-threaded pass ends in an OpenMP barrier. When another
     process keeps one of two cores busy, every barrier waits for a descheduled thread; two blocks each on one
     thread share no barrier, so each runs whenever the scheduler gives it a core. The readout alone on SmolLM2 at
-    256 tokens, an AVX2-only EPYC, two threads, one process, alternating: 6.50 s against 9.84 s with one block at
-    a time and the per-tile thread choice while a spinning process holds one of the two cores, 3.86 s against
-    3.93 s on a quiet machine, and 17.1 s against 18.9 s at 1,024 tokens (``bench_readout_old_new.py``; log
-    ``benchmarks/results_2026-12-03_block_workers.log``). A block's numbers do not depend on which thread
+    256 tokens, an AVX2-only EPYC, two threads, one process, alternating: 6.56 s against 9.15 s with one block at
+    a time and the per-tile thread choice while a spinning process holds one of the two cores, 4.44 s against
+    4.84 s on a quiet machine (``bench_readout_old_new.py``; log ``benchmarks/results_2026-12-03_block_workers.log``,
+    which also holds a first run with MKL tiles: 0.66x, 0.98x, and 0.91x at 1,024 tokens). A block's numbers do not depend on which thread
     computes it, nor on how many threads its passes use (``tests/test_readout.py``), so this changes speed, never
     a number. Blocks are handed out in order from a shared counter (no worker idles while another holds two), and
     each result lands in its own slot. Not on a GPU (one stream; the tiles are already large), and not while a
